@@ -1,0 +1,57 @@
+//! Adam (with bias correction, as torch.optim.Adam) over the flat parameter buffer, followed by
+//! the decoder's unit-norm renormalisation (SPEC "Decoder constraint").
+
+use rayon::prelude::*;
+
+#[derive(Clone, Copy, Debug)]
+pub struct AdamHyper {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// 1-based step number (for bias correction).
+    pub t: u64,
+}
+
+const CHUNK: usize = 1 << 14;
+
+/// `p -= lr * m_hat / (sqrt(v_hat) + eps)` for every element.
+pub fn adam_step(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: AdamHyper) {
+    let bc1 = 1.0 - (h.beta1 as f64).powf(h.t as f64);
+    let bc2 = 1.0 - (h.beta2 as f64).powf(h.t as f64);
+    // Fold the bias corrections into one step size and a rescaled epsilon:
+    // lr * (m/bc1) / (sqrt(v/bc2) + eps) = (lr*sqrt(bc2)/bc1) * m / (sqrt(v) + eps*sqrt(bc2)).
+    let step = (h.lr as f64 * bc2.sqrt() / bc1) as f32;
+    let eps = (h.eps as f64 * bc2.sqrt()) as f32;
+    let (b1, b2) = (h.beta1, h.beta2);
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .for_each(|((p, g), (m, v))| {
+            for i in 0..p.len() {
+                let gi = g[i];
+                let mi = b1 * m[i] + (1.0 - b1) * gi;
+                let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
+                m[i] = mi;
+                v[i] = vi;
+                p[i] -= step * mi / (vi.sqrt() + eps);
+            }
+        });
+}
+
+/// Renormalise every row of `w` (F x d) to unit L2 norm.
+pub fn renormalize_rows(w: &mut [f32], d: usize) {
+    w.par_chunks_mut(d).for_each(crate::model::init::normalize);
+}
+
+/// Remove from `g` its component along `w`: `g <- g - (g.w / w.w) w`.
+pub fn project_out(g: &mut [f32], w: &[f32]) {
+    let gw: f32 = super::backward::dot(g, w);
+    let ww: f32 = super::backward::dot(w, w);
+    if ww > 0.0 {
+        let c = gw / ww;
+        for (gi, wi) in g.iter_mut().zip(w) {
+            *gi -= c * wi;
+        }
+    }
+}

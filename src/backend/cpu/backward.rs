@@ -1,0 +1,127 @@
+//! Sparse backward pass (SPEC "Backward"). Only kept entries carry gradient, so every product
+//! here costs nnz * d: no B x F x d work.
+
+use crate::sparse::{LatentView, SparseCodes};
+use rayon::prelude::*;
+
+/// `dZ[e] = G_b . W_dec_i` for every kept entry e = (b, i) (CSR order).
+pub fn code_grads(codes: &SparseCodes, g: &[f32], w_dec: &[f32], d: usize) -> Vec<f32> {
+    let mut dz = vec![0f32; codes.nnz()];
+    // Split the output by rows so each task owns its entries.
+    let mut slices: Vec<&mut [f32]> = Vec::with_capacity(codes.rows);
+    let mut rest = dz.as_mut_slice();
+    for b in 0..codes.rows {
+        let n = codes.row_ptr[b + 1] - codes.row_ptr[b];
+        let (head, tail) = rest.split_at_mut(n);
+        slices.push(head);
+        rest = tail;
+    }
+    slices.into_par_iter().enumerate().for_each(|(b, out)| {
+        let gb = &g[b * d..(b + 1) * d];
+        let (ix, _) = codes.row(b);
+        for (o, &i) in out.iter_mut().zip(ix) {
+            let w = &w_dec[i as usize * d..(i as usize + 1) * d];
+            *o = dot(gb, w);
+        }
+    });
+    dz
+}
+
+/// One group of kept entries that contributes to the latent-row gradients:
+/// `dW_dec_i += sum z * G_b`, `dW_enc_i += sum dpre * xc_b`, `db_enc_i += sum dpre`.
+pub struct Contribution<'a> {
+    pub codes: &'a SparseCodes,
+    pub view: &'a LatentView,
+    /// Per entry (CSR order): dL/dpre.
+    pub dpre: &'a [f32],
+    /// B x d: the gradient w.r.t. this group's reconstruction.
+    pub g: &'a [f32],
+}
+
+/// Fill the rows of `dw_enc`, `db_enc`, `dw_dec` (dense F x d buffers, overwritten) from the
+/// contributions; `xc` is the centred input. Rows of latents with no entry are zeroed.
+/// `extra` runs on each touched row afterwards (L1 terms, aligned map, projection).
+pub fn latent_row_grads<E>(
+    groups: &[Contribution<'_>],
+    xc: &[f32],
+    d: usize,
+    dw_enc: &mut [f32],
+    db_enc: &mut [f32],
+    dw_dec: &mut [f32],
+    extra: E,
+) where
+    E: Fn(usize, bool, &mut [f32], &mut [f32]) + Sync,
+{
+    dw_enc
+        .par_chunks_mut(d)
+        .zip(dw_dec.par_chunks_mut(d))
+        .zip(db_enc.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, ((ge, gd), gb))| {
+            ge.fill(0.0);
+            gd.fill(0.0);
+            let mut bsum = 0f32;
+            let mut touched = false;
+            for grp in groups {
+                for e in grp.view.entries(i) {
+                    touched = true;
+                    let b = grp.view.tok[e] as usize;
+                    let p = grp.view.pos[e] as usize;
+                    let z = grp.codes.val[p];
+                    let dp = grp.dpre[p];
+                    let gr = &grp.g[b * d..(b + 1) * d];
+                    let xr = &xc[b * d..(b + 1) * d];
+                    for j in 0..d {
+                        gd[j] += z * gr[j];
+                        ge[j] += dp * xr[j];
+                    }
+                    bsum += dp;
+                }
+            }
+            *gb = bsum;
+            extra(i, touched, ge, gd);
+        });
+}
+
+/// `db_dec = sum_b G_b - W_enc^T db_enc` (b_dec is subtracted from the input too).
+pub fn b_dec_grad(g_col_sums: &[f64], w_enc: &[f32], db_enc: &[f32], d: usize) -> Vec<f32> {
+    let parts: Vec<Vec<f64>> = w_enc
+        .par_chunks(d * 256)
+        .zip(db_enc.par_chunks(256))
+        .map(|(w, s)| {
+            let mut acc = vec![0f64; d];
+            for (row, &c) in w.chunks(d).zip(s) {
+                if c != 0.0 {
+                    for j in 0..d {
+                        acc[j] += c as f64 * row[j] as f64;
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut out: Vec<f64> = g_col_sums.to_vec();
+    for p in parts {
+        for j in 0..d {
+            out[j] -= p[j];
+        }
+    }
+    out.into_iter().map(|v| v as f32).collect()
+}
+
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorise without reassociating.
+    let mut acc = [0f32; 8];
+    let n = a.len() / 8 * 8;
+    for (ca, cb) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for j in n..a.len() {
+        s += a[j] * b[j];
+    }
+    s
+}

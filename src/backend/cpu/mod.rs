@@ -1,0 +1,340 @@
+//! CPU backend: the reference every other backend is compared against, and a fast trainer.
+//!
+//! One step = the encoder GEMM (faer) + sparse work proportional to nnz * d + a dense Adam pass.
+
+pub mod adam;
+pub mod aux;
+pub mod backward;
+pub mod forward;
+pub mod gemm;
+
+use super::{Backend, Inference, InferMode, StepStats};
+use crate::config::{AuxKind, BudgetKind, SparsifierKind, ThresholdMode, TrainConfig};
+use crate::data::Batch;
+use crate::model::{aligned, Params, TrainState};
+use crate::sparse::SparseCodes;
+use crate::sparsify::{self, budget, threshold, Selection};
+use anyhow::{ensure, Result};
+use backward::Contribution;
+
+pub struct CpuBackend {
+    cfg: TrainConfig,
+    state: TrainState,
+    /// Reused buffers (a step allocates nothing of size B x F).
+    ws: Workspace,
+}
+
+#[derive(Default)]
+struct Workspace {
+    xc: Vec<f32>,
+    pre: Vec<f32>,
+    x_hat: Vec<f32>,
+    w_enc_eff: Vec<f32>,
+    grad: Option<Params>,
+}
+
+/// Everything the forward pass produced that the backward pass and the statistics need.
+pub struct Forward {
+    pub codes: SparseCodes,
+    pub rows: usize,
+}
+
+impl CpuBackend {
+    pub fn new(cfg: TrainConfig, state: TrainState) -> Result<Self> {
+        ensure!(state.shape().d_sae == cfg.d_sae, "state has d_sae {} but the config says {}", state.shape().d_sae, cfg.d_sae);
+        Ok(Self { cfg, state, ws: Workspace::default() })
+    }
+
+    pub fn state_ref(&self) -> &TrainState {
+        &self.state
+    }
+
+    /// The encoder actually applied: W_enc, or A + alpha W_dec under aligned training.
+    fn refresh_encoder(&mut self) {
+        if self.cfg.aligned {
+            let p = self.state.params.parts();
+            self.ws.w_enc_eff.resize(p.w_enc.len(), 0.0);
+            aligned::effective_encoder(p.w_enc, p.w_dec, p.shape.d_in, &mut self.ws.w_enc_eff);
+        }
+    }
+
+    fn encoder(&self) -> &[f32] {
+        if self.cfg.aligned {
+            &self.ws.w_enc_eff
+        } else {
+            self.state.params.w_enc()
+        }
+    }
+
+    /// `pre = (x - b_dec) W_enc^T + b_enc` into the workspace (also fills `xc`).
+    fn encode(&mut self, x: &[f32], rows: usize) {
+        self.refresh_encoder();
+        let shape = self.state.shape();
+        let (d, f) = (shape.d_in, shape.d_sae);
+        let mut xc = std::mem::take(&mut self.ws.xc);
+        let mut pre = std::mem::take(&mut self.ws.pre);
+        xc.resize(rows * d, 0.0);
+        pre.resize(rows * f, 0.0);
+        forward::center(x, self.state.params.b_dec(), &mut xc);
+        gemm::encode(&xc, self.encoder(), self.state.params.b_enc(), rows, d, &mut pre);
+        self.ws.xc = xc;
+        self.ws.pre = pre;
+    }
+
+    /// Per-latent budgets for feature choice at batch size `rows`.
+    fn budgets(&self, rows: usize) -> Vec<usize> {
+        let c = &self.cfg;
+        match c.budget {
+            BudgetKind::Uniform => vec![c.wta_m(rows); c.d_sae],
+            BudgetKind::Zipf => budget::zipf_budgets(&self.state.density, rows, c.k, c.zipf_alpha, c.zipf_beta, c.m_max_for(rows)),
+        }
+    }
+
+    /// The training sparsifier applied to the workspace's `pre`.
+    fn select_training(&self, rows: usize) -> SparseCodes {
+        let c = &self.cfg;
+        let f = c.d_sae;
+        let pre = &self.ws.pre;
+        match c.sparsifier {
+            SparsifierKind::Topk => sparsify::select(pre, rows, f, &Selection::TopK { k: c.k }),
+            SparsifierKind::Batchtopk | SparsifierKind::MutualChoice => {
+                sparsify::select(pre, rows, f, &Selection::BatchTopK { k: c.k })
+            }
+            SparsifierKind::Wta => {
+                let m = self.budgets(rows);
+                sparsify::select(pre, rows, f, &Selection::Wta { m: &m })
+            }
+            SparsifierKind::Hybrid => {
+                let m = self.budgets(rows);
+                sparsify::select(pre, rows, f, &Selection::Hybrid { m: &m, k_max: c.hybrid_k_max() })
+            }
+            SparsifierKind::Relu => sparsify::select(pre, rows, f, &Selection::Relu),
+            SparsifierKind::Jumprelu => sparsify::select(pre, rows, f, &Selection::JumpRelu { theta: &self.state.theta }),
+        }
+    }
+
+    /// Latents eligible for the aux loss at this step (ascending).
+    fn aux_candidates(&self, rows: usize) -> Vec<u32> {
+        let c = &self.cfg;
+        match c.aux_kind() {
+            AuxKind::None => vec![],
+            AuxKind::AuxK => {
+                let w = c.dead_window_tokens();
+                (0..c.d_sae as u32).filter(|&i| self.state.since_fired[i as usize] >= w).collect()
+            }
+            AuxKind::AuxZipf => {
+                if self.state.step == 0 {
+                    return vec![]; // no density measured yet
+                }
+                let dying = budget::dying_latents(&self.state.density, rows, c.k, c.zipf_alpha, c.zipf_beta);
+                (0..c.d_sae as u32).filter(|&i| dying[i as usize]).collect()
+            }
+        }
+    }
+
+    /// Update dead-latent counters, running densities and inference thresholds after a step.
+    fn update_tracking(&mut self, codes: &SparseCodes, rows: usize) {
+        let counts = codes.col_counts();
+        let decay = self.cfg.density_decay as f32;
+        for (i, &c) in counts.iter().enumerate() {
+            let s = &mut self.state;
+            s.since_fired[i] = if c > 0 { 0 } else { s.since_fired[i] + rows as u64 };
+            s.density[i] = decay * s.density[i] + (1.0 - decay) * (c as f32 / rows as f32);
+        }
+        let c = &self.cfg;
+        if !c.sparsifier.batch_dependent() || self.state.step < c.threshold_start_step() {
+            return;
+        }
+        let tdecay = c.threshold_decay as f32;
+        let per_latent = c.sparsifier.per_column() && c.threshold_mode == ThresholdMode::PerLatent;
+        let s = &mut self.state;
+        if per_latent {
+            for (i, t) in threshold::per_latent_min(codes).into_iter().enumerate() {
+                if let Some(t) = t {
+                    threshold::ema_update(&mut s.theta[i], &mut s.theta_set[i], t, tdecay);
+                }
+            }
+        } else if let Some(t) = threshold::batch_min(codes) {
+            // One scalar, stored repeated: every entry follows the same recursion.
+            for i in 0..s.theta.len() {
+                threshold::ema_update(&mut s.theta[i], &mut s.theta_set[i], t, tdecay);
+            }
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn step(&mut self, batch: &Batch, lr: f32) -> Result<StepStats> {
+        let shape = self.state.shape();
+        let (d, f) = (shape.d_in, shape.d_sae);
+        ensure!(batch.d_in == d, "batch width {} does not match d_in {}", batch.d_in, d);
+        let rows = batch.rows;
+        ensure!(rows > 0, "empty batch");
+        let x = batch.to_f32();
+        let cfg = self.cfg.clone();
+
+        // ---- forward ----
+        self.encode(&x, rows);
+        let codes = self.select_training(rows);
+        let mut x_hat = std::mem::take(&mut self.ws.x_hat);
+        x_hat.resize(rows * d, 0.0);
+        forward::decode(&codes, self.state.params.w_dec(), Some(self.state.params.b_dec()), d, &mut x_hat);
+        let stats = forward::residual_stats(&x, &x_hat, d);
+        let rec_loss = stats.sse / rows as f64;
+
+        // residual R = x_hat - x; G = dL_rec/dx_hat = (2/B) R
+        let residual: Vec<f32> = x_hat.iter().zip(x.iter()).map(|(h, x)| h - x).collect();
+        let scale = 2.0 / rows as f32;
+        let g: Vec<f32> = residual.iter().map(|r| scale * r).collect();
+
+        // ---- main-path code gradients ----
+        let w_dec = self.state.params.w_dec();
+        let mut dpre = backward::code_grads(&codes, &g, w_dec, d);
+        let mut l1_loss = 0.0;
+        let dec_norms: Vec<f32> = if cfg.sparsifier == SparsifierKind::Relu {
+            w_dec.chunks(d).map(|w| backward::dot(w, w).sqrt()).collect()
+        } else {
+            vec![]
+        };
+        let lambda = cfg.l1_coeff as f32 / rows as f32;
+        if cfg.sparsifier == SparsifierKind::Relu {
+            for (e, (&i, &z)) in codes.idx.iter().zip(&codes.val).enumerate() {
+                let n = dec_norms[i as usize];
+                l1_loss += (lambda * z * n) as f64;
+                dpre[e] += lambda * n;
+            }
+        }
+
+        // ---- aux loss ----
+        let candidates = self.aux_candidates(rows);
+        let mut aux_loss = 0.0;
+        let aux = if !candidates.is_empty() {
+            let k_aux = cfg.k_aux_for(d);
+            let aux_codes = aux::select_aux(&self.ws.pre, rows, f, &candidates, k_aux);
+            if aux_codes.nnz() > 0 {
+                let mut e_hat = vec![0f32; rows * d];
+                forward::decode(&aux_codes, w_dec, None, d, &mut e_hat);
+                let (loss, g_aux) = aux::aux_loss_and_grad(&residual, &e_hat, d, cfg.aux_alpha as f32);
+                aux_loss = loss;
+                let dpre_aux = backward::code_grads(&aux_codes, &g_aux, w_dec, d);
+                Some((aux_codes, g_aux, dpre_aux))
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+
+        // ---- latent-row gradients ----
+        let mut grad = self.ws.grad.take().unwrap_or_else(|| Params::zeros(shape));
+        let view = codes.by_latent();
+        let aux_view = aux.as_ref().map(|(c, _, _)| c.by_latent());
+        let mut groups = vec![Contribution { codes: &codes, view: &view, dpre: &dpre, g: &g }];
+        if let (Some((ac, ag, ad)), Some(av)) = (&aux, &aux_view) {
+            groups.push(Contribution { codes: ac, view: av, dpre: ad, g: ag });
+        }
+        let col_sums = forward::column_sums(&g, d);
+        {
+            let params = self.state.params.parts();
+            let l1_sums: Vec<f32> = if cfg.sparsifier == SparsifierKind::Relu {
+                let mut s = vec![0f32; f];
+                for (&i, &z) in codes.idx.iter().zip(&codes.val) {
+                    s[i as usize] += z;
+                }
+                s
+            } else {
+                vec![]
+            };
+            let gp = grad.parts_mut();
+            let (a_all, w_all) = (params.w_enc, params.w_dec);
+            let is_aligned = cfg.aligned;
+            let is_relu = cfg.sparsifier == SparsifierKind::Relu;
+            backward::latent_row_grads(&groups, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec, |i, touched, ge, gd| {
+                if !touched {
+                    return;
+                }
+                let w = &w_all[i * d..(i + 1) * d];
+                if is_relu && dec_norms[i] > 0.0 {
+                    // d/dw of lambda * (sum_b z_bi) ||w||
+                    let c = lambda * l1_sums[i] / dec_norms[i];
+                    for j in 0..d {
+                        gd[j] += c * w[j];
+                    }
+                }
+                if is_aligned {
+                    let a = &a_all[i * d..(i + 1) * d];
+                    let g_eff = ge.to_vec();
+                    aligned::backprop_row(a, w, &g_eff, ge, gd);
+                }
+                adam::project_out(gd, w);
+            });
+            let db_dec = backward::b_dec_grad(&col_sums, self.encoder_slice(), gp.b_enc, d);
+            gp.b_dec.copy_from_slice(&db_dec);
+        }
+
+        // ---- optimiser ----
+        let t = self.state.step + 1;
+        let h = adam::AdamHyper {
+            lr,
+            beta1: cfg.adam_beta1 as f32,
+            beta2: cfg.adam_beta2 as f32,
+            eps: cfg.adam_eps as f32,
+            t,
+        };
+        {
+            let s = &mut self.state;
+            adam::adam_step(&mut s.params.data, &grad.data, &mut s.adam_m.data, &mut s.adam_v.data, h);
+            adam::renormalize_rows(s.params.parts_mut().w_dec, d);
+        }
+        self.ws.grad = Some(grad);
+        self.ws.x_hat = x_hat;
+
+        let dead = candidates.len();
+        self.update_tracking(&codes, rows);
+        self.state.step = t;
+
+        let l0 = codes.nnz() as f64 / rows as f64;
+        Ok(StepStats {
+            loss: rec_loss + aux_loss + l1_loss,
+            rec_loss,
+            aux_loss,
+            l1_loss,
+            l0,
+            mse: rec_loss / d as f64,
+            ev: if stats.total_var > 0.0 { 1.0 - stats.sse / stats.total_var } else { 0.0 },
+            dead,
+        })
+    }
+
+    fn infer(&mut self, batch: &Batch, mode: InferMode) -> Result<Inference> {
+        let shape = self.state.shape();
+        let (d, f) = (shape.d_in, shape.d_sae);
+        ensure!(batch.d_in == d, "batch width {} does not match d_in {}", batch.d_in, d);
+        let rows = batch.rows;
+        let x = batch.to_f32();
+        self.encode(&x, rows);
+        let codes = if mode == InferMode::Exported && self.cfg.sparsifier.batch_dependent() {
+            sparsify::select(&self.ws.pre, rows, f, &Selection::JumpRelu { theta: &self.state.theta })
+        } else {
+            self.select_training(rows)
+        };
+        let mut x_hat = vec![0f32; rows * d];
+        forward::decode(&codes, self.state.params.w_dec(), Some(self.state.params.b_dec()), d, &mut x_hat);
+        Ok(Inference { codes, x_hat })
+    }
+
+    fn state(&self) -> Result<TrainState> {
+        Ok(self.state.clone())
+    }
+}
+
+impl CpuBackend {
+    /// The encoder used in the forward pass (borrow-friendly twin of `encoder`).
+    fn encoder_slice(&self) -> &[f32] {
+        self.encoder()
+    }
+}

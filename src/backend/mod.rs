@@ -1,0 +1,91 @@
+//! The backend boundary. A backend owns the parameters, the optimiser state and everything a
+//! training step touches; the training loop hands it batches and a learning rate and reads back
+//! statistics, never raw buffers.
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::config::{BackendChoice, TrainConfig};
+use crate::data::Batch;
+use crate::model::TrainState;
+use crate::sparse::SparseCodes;
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+/// What one training step measured on its batch.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct StepStats {
+    /// Total loss L = L_rec + L_aux (+ L1).
+    pub loss: f64,
+    /// (1/B) sum_b ||x_b - x_hat_b||^2
+    pub rec_loss: f64,
+    pub aux_loss: f64,
+    pub l1_loss: f64,
+    /// Mean nonzeros per token.
+    pub l0: f64,
+    /// mean_b ||x_b - x_hat_b||^2 / d
+    pub mse: f64,
+    /// 1 - NMSE on this batch.
+    pub ev: f64,
+    /// Latents counted dead (aux_k) or dying (aux_zipf) at this step.
+    pub dead: usize,
+}
+
+/// How codes are chosen at inference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InferMode {
+    /// The training sparsifier on this batch (batch-dependent ones see this batch).
+    Training,
+    /// The exported sparsifier: JumpReLU(theta) for batch-dependent sparsifiers, else the training one.
+    Exported,
+}
+
+/// Codes and reconstruction for one batch, without any update.
+pub struct Inference {
+    pub codes: SparseCodes,
+    /// B x d reconstruction.
+    pub x_hat: Vec<f32>,
+}
+
+pub trait Backend {
+    /// e.g. "cpu (2 threads)" or "cuda: NVIDIA H100 80GB HBM3 (sm_90)".
+    fn name(&self) -> String;
+    /// One optimiser step on `batch` at learning rate `lr`.
+    fn step(&mut self, batch: &Batch, lr: f32) -> Result<StepStats>;
+    /// Encode and decode `batch` with the current parameters.
+    fn infer(&mut self, batch: &Batch, mode: InferMode) -> Result<Inference>;
+    /// A host copy of the full training state (for checkpoints and exports).
+    fn state(&self) -> Result<TrainState>;
+}
+
+/// Build the backend the config asks for; `auto` picks CUDA when a device is usable.
+/// Returns the backend and a sentence saying what was chosen and why.
+pub fn create(cfg: &TrainConfig, state: TrainState) -> Result<(Box<dyn Backend>, String)> {
+    match cfg.backend {
+        BackendChoice::Cpu => {
+            let b = cpu::CpuBackend::new(cfg.clone(), state)?;
+            let why = format!("backend: {} (requested)", b.name());
+            Ok((Box::new(b), why))
+        }
+        BackendChoice::Cuda => match cuda::probe() {
+            Ok(_) => {
+                let b = cuda::create(cfg, state)?;
+                let why = format!("backend: {} (requested)", b.name());
+                Ok((b, why))
+            }
+            Err(e) => bail!("--backend cuda: no usable CUDA device: {e}"),
+        },
+        BackendChoice::Auto => match cuda::probe() {
+            Ok(_) => {
+                let b = cuda::create(cfg, state)?;
+                let why = format!("backend: {} (auto: CUDA device found)", b.name());
+                Ok((b, why))
+            }
+            Err(e) => {
+                let b = cpu::CpuBackend::new(cfg.clone(), state)?;
+                let why = format!("backend: {} (auto: {e})", b.name());
+                Ok((Box::new(b), why))
+            }
+        },
+    }
+}

@@ -1,0 +1,478 @@
+//! Training configuration: every option is a CLI flag and a key of the TOML/JSON config file.
+//!
+//! Resolution order: built-in defaults < `--config FILE` < flags given on the command line.
+//! The resolved config is saved with the run (`config.json`) and is what `--resume` reads back.
+
+use anyhow::{bail, Context, Result};
+use clap::{ArgMatches, Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Which selection rule turns `act = ReLU(pre)` into the sparse code (SPEC "Sparsifiers").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum SparsifierKind {
+    /// Per token, the k largest activations (Gao et al. 2024).
+    Topk,
+    /// The k*B largest activations of the whole batch (Bussmann et al. 2024).
+    Batchtopk,
+    /// Same selection as batchtopk; trained with aux_zipf by default (Ayonrinde).
+    MutualChoice,
+    /// Winner-takes-all / feature choice: per latent, the m_j largest of its B values.
+    #[value(alias = "feature_choice", alias = "feature-choice")]
+    #[serde(alias = "feature_choice")]
+    Wta,
+    /// Every positive activation, with an L1 penalty weighted by decoder norms.
+    Relu,
+    /// WTA first, then at most `k_max` survivors per token.
+    Hybrid,
+    /// Inference only: act > theta.
+    Jumprelu,
+}
+
+impl SparsifierKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Topk => "topk",
+            Self::Batchtopk => "batchtopk",
+            Self::MutualChoice => "mutual_choice",
+            Self::Wta => "wta",
+            Self::Relu => "relu",
+            Self::Hybrid => "hybrid",
+            Self::Jumprelu => "jumprelu",
+        }
+    }
+    /// Sparsifiers whose selection depends on the whole batch: at inference they are replaced by
+    /// JumpReLU with the EMA threshold.
+    pub fn batch_dependent(self) -> bool {
+        matches!(self, Self::Batchtopk | Self::MutualChoice | Self::Wta | Self::Hybrid)
+    }
+    pub fn per_column(self) -> bool {
+        matches!(self, Self::Wta | Self::Hybrid)
+    }
+}
+
+/// Per-latent budgets for feature choice (`wta`, `hybrid`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetKind {
+    /// m_j = max(1, floor(B * rate)) for every latent.
+    Uniform,
+    /// Zipf budgets by running-density rank (MC/FC paper, Algorithm 1).
+    Zipf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum AuxKind {
+    None,
+    /// Gao et al.: reconstruct the residual from dead latents.
+    AuxK,
+    /// MC/FC paper: the same with "dying" latents.
+    AuxZipf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ThresholdMode {
+    /// One theta per latent (default: keeps each latent's firing rate near its budget).
+    PerLatent,
+    /// One scalar theta (the WTA paper's choice: min over latents).
+    Global,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BDecInit {
+    Mean,
+    GeometricMedian,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendChoice {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Precision of the encoder product on GPUs (the CPU backend always uses f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    F32,
+    Tf32,
+    Bf16,
+}
+
+/// Every training option. Field names are the config-file keys; flags are the same names in
+/// kebab case (`--d-sae`, `--lr`, ...).
+#[derive(Clone, Debug, Serialize, Deserialize, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    // ---- model ----
+    /// Selection rule.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().sparsifier)]
+    pub sparsifier: SparsifierKind,
+    /// Number of latents (d_sae).
+    #[arg(long, default_value_t = TrainConfig::default().d_sae)]
+    pub d_sae: usize,
+    /// Input width; taken from the data when not given (must match it when given).
+    #[arg(long)]
+    pub d_in: Option<usize>,
+    /// Active latents per token (topk, batchtopk, mutual_choice; Zipf budget total for wta).
+    #[arg(long, default_value_t = TrainConfig::default().k)]
+    pub k: usize,
+    /// WTA sparsity rate: each latent keeps m = max(1, floor(B*rate)) tokens. Default k/d_sae.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Feature-choice budget rule.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().budget)]
+    pub budget: BudgetKind,
+    #[arg(long, default_value_t = TrainConfig::default().zipf_alpha)]
+    pub zipf_alpha: f64,
+    #[arg(long, default_value_t = TrainConfig::default().zipf_beta)]
+    pub zipf_beta: f64,
+    /// Largest per-latent budget under Zipf budgets (default: the batch size).
+    #[arg(long)]
+    pub m_max: Option<usize>,
+    /// Hybrid: at most this many WTA survivors per token (default 2k).
+    #[arg(long)]
+    pub k_max: Option<usize>,
+    /// ReLU sparsifier: L1 coefficient (penalty lambda * sum_i z_i ||W_dec_i||, mean over tokens).
+    #[arg(long, default_value_t = TrainConfig::default().l1_coeff)]
+    pub l1_coeff: f64,
+    /// Aligned training: constrain W_enc_i . W_dec_i = 1.
+    #[arg(long, default_value_t = false)]
+    pub aligned: bool,
+    /// Decoder bias initialisation from the first batch.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().b_dec_init)]
+    pub b_dec_init: BDecInit,
+
+    // ---- auxiliary loss ----
+    /// Auxiliary loss (default: aux_k, or aux_zipf for mutual_choice; none for relu).
+    #[arg(long, value_enum)]
+    pub aux: Option<AuxKind>,
+    /// Latents used by the aux loss per token (default d_in/2).
+    #[arg(long)]
+    pub k_aux: Option<usize>,
+    #[arg(long, default_value_t = TrainConfig::default().aux_alpha)]
+    pub aux_alpha: f64,
+    /// Tokens without firing after which a latent is dead (default min(10M, total tokens / 10)).
+    #[arg(long)]
+    pub dead_window: Option<u64>,
+
+    // ---- thresholds ----
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().threshold_mode)]
+    pub threshold_mode: ThresholdMode,
+    /// Step from which the inference threshold EMA runs (default min(1000, steps/10)).
+    #[arg(long)]
+    pub threshold_start: Option<u64>,
+    #[arg(long, default_value_t = TrainConfig::default().threshold_decay)]
+    pub threshold_decay: f64,
+
+    // ---- optimisation ----
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// Training steps (one batch each). Overridden by --tokens.
+    #[arg(long, default_value_t = TrainConfig::default().steps)]
+    pub steps: u64,
+    /// Total training tokens; sets steps = tokens / batch_size.
+    #[arg(long)]
+    pub tokens: Option<u64>,
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    pub lr: f64,
+    /// Linear warm-up steps (default min(1000, steps/10)).
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// Fraction of steps at the end over which the learning rate decays linearly to 0.
+    #[arg(long, default_value_t = TrainConfig::default().decay_frac)]
+    pub decay_frac: f64,
+    #[arg(long, default_value_t = TrainConfig::default().adam_beta1)]
+    pub adam_beta1: f64,
+    #[arg(long, default_value_t = TrainConfig::default().adam_beta2)]
+    pub adam_beta2: f64,
+    #[arg(long, default_value_t = TrainConfig::default().adam_eps)]
+    pub adam_eps: f64,
+    /// Decay of the per-latent running density (used by Zipf budgets and aux_zipf).
+    #[arg(long, default_value_t = TrainConfig::default().density_decay)]
+    pub density_decay: f64,
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    pub seed: u64,
+
+    // ---- data ----
+    /// Activation shards (file, directory or glob). Default: the built-in synthetic data.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Tensor name inside safetensors shards.
+    #[arg(long)]
+    pub tensor: Option<String>,
+    /// Token-level shuffle buffer (rows).
+    #[arg(long, default_value_t = TrainConfig::default().shuffle_buffer)]
+    pub shuffle_buffer: usize,
+    /// Held-out tokens for evaluation (never trained on).
+    #[arg(long, default_value_t = TrainConfig::default().eval_tokens)]
+    pub eval_tokens: usize,
+    /// Scale inputs so that E||x||^2 = d_in (SAELens' expected_average_only_in).
+    #[arg(long, default_value_t = TrainConfig::default().normalize)]
+    pub normalize: bool,
+    /// Exclude rows whose norm exceeds this multiple of the median norm (0 disables).
+    #[arg(long, default_value_t = TrainConfig::default().max_norm_multiple)]
+    pub max_norm_multiple: f64,
+    /// Batches prefetched on the reader thread.
+    #[arg(long, default_value_t = TrainConfig::default().prefetch)]
+    pub prefetch: usize,
+    /// Synthetic data: number of ground-truth features.
+    #[arg(long, default_value_t = TrainConfig::default().synth_features)]
+    pub synth_features: usize,
+    /// Synthetic data: input width when --d-in is not given.
+    #[arg(long, default_value_t = TrainConfig::default().synth_d_in)]
+    pub synth_d_in: usize,
+    /// Synthetic data: expected active features per token.
+    #[arg(long, default_value_t = TrainConfig::default().synth_active)]
+    pub synth_active: f64,
+    /// Synthetic data: Zipf exponent of feature frequencies.
+    #[arg(long, default_value_t = TrainConfig::default().synth_zipf)]
+    pub synth_zipf: f64,
+    /// Synthetic data: standard deviation of the Gaussian noise per coordinate.
+    #[arg(long, default_value_t = TrainConfig::default().synth_noise)]
+    pub synth_noise: f64,
+
+    // ---- run ----
+    /// Output directory of the run.
+    #[arg(long, default_value = "runs/default")]
+    pub out: PathBuf,
+    /// Log a metrics line every this many steps.
+    #[arg(long, default_value_t = TrainConfig::default().log_every)]
+    pub log_every: u64,
+    /// Held-out evaluation every this many steps (0: only at the end).
+    #[arg(long, default_value_t = TrainConfig::default().eval_every)]
+    pub eval_every: u64,
+    /// Save a resumable checkpoint every this many steps (0: only at the end).
+    #[arg(long, default_value_t = TrainConfig::default().checkpoint_every)]
+    pub checkpoint_every: u64,
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().backend)]
+    pub backend: BackendChoice,
+    /// Encoder-product precision on CUDA.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().precision)]
+    pub precision: Precision,
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bar (metrics are still written).
+    #[arg(long, default_value_t = false)]
+    pub quiet: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            sparsifier: SparsifierKind::Wta,
+            d_sae: 1024,
+            d_in: None,
+            k: 8,
+            rate: None,
+            budget: BudgetKind::Uniform,
+            zipf_alpha: 1.0,
+            zipf_beta: 6.8,
+            m_max: None,
+            k_max: None,
+            l1_coeff: 0.05,
+            aligned: false,
+            b_dec_init: BDecInit::GeometricMedian,
+            aux: None,
+            k_aux: None,
+            aux_alpha: 1.0 / 32.0,
+            dead_window: None,
+            threshold_mode: ThresholdMode::PerLatent,
+            threshold_start: None,
+            threshold_decay: 0.999,
+            batch_size: 1024,
+            steps: 3000,
+            tokens: None,
+            lr: 1e-3,
+            warmup_steps: None,
+            decay_frac: 0.2,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            density_decay: 0.99,
+            seed: 0,
+            data: None,
+            tensor: None,
+            shuffle_buffer: 65_536,
+            eval_tokens: 8192,
+            normalize: false,
+            max_norm_multiple: 10.0,
+            prefetch: 4,
+            synth_features: 512,
+            synth_d_in: 128,
+            synth_active: 6.0,
+            synth_zipf: 1.0,
+            synth_noise: 0.01,
+            out: PathBuf::from("runs/default"),
+            log_every: 50,
+            eval_every: 500,
+            checkpoint_every: 0,
+            backend: BackendChoice::Auto,
+            precision: Precision::F32,
+            threads: None,
+            quiet: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Merge defaults, an optional config file and the flags actually given on the command line.
+    pub fn resolve(cli: &TrainConfig, matches: &ArgMatches, file: Option<&Path>) -> Result<Self> {
+        let Some(path) = file else { return Ok(cli.clone()) };
+        let mut base = serde_json::to_value(Self::load(path)?)?;
+        let given = serde_json::to_value(cli)?;
+        for id in matches.ids() {
+            let id = id.as_str();
+            if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                if let Some(v) = given.get(id) {
+                    base[id] = v.clone();
+                }
+            }
+        }
+        Ok(serde_json::from_value(base)?)
+    }
+
+    /// Read a config file (`.toml` or `.json`); unknown keys are an error that names them.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let is_json = path.extension().is_some_and(|e| e == "json");
+        if is_json {
+            serde_json::from_str(&text).with_context(|| format!("config file {}", path.display()))
+        } else {
+            toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+        }
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        match self.tokens {
+            Some(t) => (t / self.batch_size.max(1) as u64).max(1),
+            None => self.steps,
+        }
+    }
+    pub fn warmup(&self) -> u64 {
+        self.warmup_steps.unwrap_or_else(|| 1000.min(self.total_steps() / 10))
+    }
+    pub fn threshold_start_step(&self) -> u64 {
+        self.threshold_start.unwrap_or_else(|| 1000.min(self.total_steps() / 10))
+    }
+    /// WTA rate: given, or k/d_sae so that the expected L0 equals k.
+    pub fn wta_rate(&self) -> f64 {
+        self.rate.unwrap_or(self.k as f64 / self.d_sae as f64)
+    }
+    /// Uniform WTA budget per latent for a batch of `b` tokens.
+    pub fn wta_m(&self, b: usize) -> usize {
+        ((b as f64 * self.wta_rate()).floor() as usize).max(1)
+    }
+    pub fn hybrid_k_max(&self) -> usize {
+        self.k_max.unwrap_or(2 * self.k)
+    }
+    pub fn aux_kind(&self) -> AuxKind {
+        self.aux.unwrap_or(match self.sparsifier {
+            SparsifierKind::Relu | SparsifierKind::Jumprelu => AuxKind::None,
+            SparsifierKind::MutualChoice => AuxKind::AuxZipf,
+            _ => AuxKind::AuxK,
+        })
+    }
+    pub fn k_aux_for(&self, d_in: usize) -> usize {
+        self.k_aux.unwrap_or((d_in / 2).max(1))
+    }
+    pub fn dead_window_tokens(&self) -> u64 {
+        self.dead_window.unwrap_or_else(|| {
+            let total = self.total_steps() * self.batch_size as u64;
+            10_000_000u64.min(total / 10).max(self.batch_size as u64)
+        })
+    }
+    pub fn m_max_for(&self, b: usize) -> usize {
+        self.m_max.unwrap_or(b).min(b).max(1)
+    }
+
+    /// Check every setting before any work starts; errors name the option.
+    pub fn validate(&self) -> Result<()> {
+        if self.d_sae < 1 {
+            bail!("invalid --d-sae {}: the dictionary needs at least one latent", self.d_sae);
+        }
+        if self.batch_size == 0 {
+            bail!("invalid --batch-size 0: a batch needs at least one token");
+        }
+        if let Some(0) = self.d_in {
+            bail!("invalid --d-in 0: inputs need at least one dimension");
+        }
+        let uses_k = matches!(
+            self.sparsifier,
+            SparsifierKind::Topk | SparsifierKind::Batchtopk | SparsifierKind::MutualChoice
+        ) || (self.per_column_zipf());
+        if uses_k && self.k == 0 {
+            bail!("invalid --k 0: {} keeps k > 0 latents per token", self.sparsifier.name());
+        }
+        if uses_k && self.k > self.d_sae {
+            bail!("invalid --k {}: larger than --d-sae {}", self.k, self.d_sae);
+        }
+        if self.sparsifier.per_column() {
+            let rate = self.wta_rate();
+            if !(rate > 0.0 && rate <= 1.0) {
+                bail!("invalid --rate {rate}: the WTA rate must be in (0, 1]");
+            }
+        }
+        if self.sparsifier == SparsifierKind::Hybrid && self.hybrid_k_max() == 0 {
+            bail!("invalid --k-max 0: hybrid keeps at least one latent per token");
+        }
+        if self.sparsifier == SparsifierKind::Jumprelu {
+            bail!("invalid --sparsifier jumprelu: jumprelu is the inference form of the batch-dependent sparsifiers, not a training rule (train batchtopk, mutual_choice or wta; the checkpoint loads as JumpReLU)");
+        }
+        if self.total_steps() == 0 {
+            bail!("invalid --steps 0: training needs at least one step");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("invalid --lr {}: must be positive", self.lr);
+        }
+        if !(0.0..=1.0).contains(&self.decay_frac) {
+            bail!("invalid --decay-frac {}: must be in [0, 1]", self.decay_frac);
+        }
+        for (name, v) in [("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("invalid {name} {v}: must be in [0, 1)");
+            }
+        }
+        if !(self.threshold_decay >= 0.0 && self.threshold_decay < 1.0) {
+            bail!("invalid --threshold-decay {}: must be in [0, 1)", self.threshold_decay);
+        }
+        if !(self.density_decay >= 0.0 && self.density_decay < 1.0) {
+            bail!("invalid --density-decay {}: must be in [0, 1)", self.density_decay);
+        }
+        if self.l1_coeff < 0.0 {
+            bail!("invalid --l1-coeff {}: must be >= 0", self.l1_coeff);
+        }
+        if let Some(0) = self.k_aux {
+            bail!("invalid --k-aux 0: the aux loss needs at least one latent per token");
+        }
+        if self.zipf_alpha <= 0.0 || self.zipf_beta < 0.0 {
+            bail!("invalid --zipf-alpha/--zipf-beta: alpha must be > 0 and beta >= 0");
+        }
+        if self.data.is_none() {
+            if self.synth_features == 0 || self.synth_d_in == 0 {
+                bail!("invalid --synth-features/--synth-d-in: must be >= 1");
+            }
+            if let Some(d) = self.d_in {
+                if d != self.synth_d_in {
+                    bail!("invalid --d-in {d}: the synthetic data has width --synth-d-in {}", self.synth_d_in);
+                }
+            }
+        }
+        if self.log_every == 0 {
+            bail!("invalid --log-every 0: must be >= 1");
+        }
+        Ok(())
+    }
+
+    fn per_column_zipf(&self) -> bool {
+        self.sparsifier.per_column() && self.budget == BudgetKind::Zipf
+    }
+}

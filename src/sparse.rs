@@ -1,0 +1,122 @@
+//! Compact sparse codes: the kept entries of `Z` in CSR order (per token), and the
+//! per-latent (CSC) view the backward pass uses to build decoder/encoder row gradients.
+
+use rayon::prelude::*;
+
+/// Kept entries of a B x F code, grouped by token (row). Within a row, latent indices are
+/// ascending. `val` holds the kept activation (always > 0).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SparseCodes {
+    pub rows: usize,
+    pub cols: usize,
+    /// `row_ptr[b]..row_ptr[b+1]` are the entries of token b.
+    pub row_ptr: Vec<usize>,
+    pub idx: Vec<u32>,
+    pub val: Vec<f32>,
+}
+
+impl SparseCodes {
+    pub fn empty(rows: usize, cols: usize) -> Self {
+        Self { rows, cols, row_ptr: vec![0; rows + 1], idx: vec![], val: vec![] }
+    }
+    pub fn nnz(&self) -> usize {
+        self.idx.len()
+    }
+    pub fn row(&self, b: usize) -> (&[u32], &[f32]) {
+        let r = self.row_ptr[b]..self.row_ptr[b + 1];
+        (&self.idx[r.clone()], &self.val[r])
+    }
+
+    /// Build from per-row lists of (latent, value); each list is sorted by latent here.
+    pub fn from_rows(cols: usize, mut rows: Vec<Vec<(u32, f32)>>) -> Self {
+        rows.par_iter_mut().for_each(|r| r.sort_unstable_by_key(|e| e.0));
+        let mut row_ptr = Vec::with_capacity(rows.len() + 1);
+        row_ptr.push(0);
+        let mut n = 0;
+        for r in &rows {
+            n += r.len();
+            row_ptr.push(n);
+        }
+        let mut idx = Vec::with_capacity(n);
+        let mut val = Vec::with_capacity(n);
+        for r in &rows {
+            for &(i, v) in r {
+                idx.push(i);
+                val.push(v);
+            }
+        }
+        Self { rows: rows.len(), cols, row_ptr, idx, val }
+    }
+
+    /// Build from a dense boolean mask over `pre` (B x F): kept entries take their `pre` value.
+    pub fn from_mask(pre: &[f32], rows: usize, cols: usize, keep: impl Fn(usize, usize) -> bool + Sync) -> Self {
+        let lists: Vec<Vec<(u32, f32)>> = (0..rows)
+            .into_par_iter()
+            .map(|b| {
+                let r = &pre[b * cols..(b + 1) * cols];
+                (0..cols).filter(|&i| keep(b, i)).map(|i| (i as u32, r[i])).collect()
+            })
+            .collect();
+        Self::from_rows(cols, lists)
+    }
+
+    /// Dense B x F matrix (tests and small tools only).
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for b in 0..self.rows {
+            let (ix, vs) = self.row(b);
+            for (&i, &v) in ix.iter().zip(vs) {
+                out[b * self.cols + i as usize] = v;
+            }
+        }
+        out
+    }
+
+    /// Number of kept entries per latent.
+    pub fn col_counts(&self) -> Vec<u32> {
+        let mut c = vec![0u32; self.cols];
+        for &i in &self.idx {
+            c[i as usize] += 1;
+        }
+        c
+    }
+
+    /// Per-latent view: for latent i, `col_ptr[i]..col_ptr[i+1]` index into `tok`/`pos`, where
+    /// `tok` is the token and `pos` the entry's position in `idx`/`val`. Tokens ascend.
+    pub fn by_latent(&self) -> LatentView {
+        let counts = self.col_counts();
+        let mut col_ptr = Vec::with_capacity(self.cols + 1);
+        col_ptr.push(0usize);
+        let mut acc = 0usize;
+        for c in &counts {
+            acc += *c as usize;
+            col_ptr.push(acc);
+        }
+        let mut fill = col_ptr[..self.cols].to_vec();
+        let mut tok = vec![0u32; self.nnz()];
+        let mut pos = vec![0u32; self.nnz()];
+        for b in 0..self.rows {
+            for p in self.row_ptr[b]..self.row_ptr[b + 1] {
+                let i = self.idx[p] as usize;
+                tok[fill[i]] = b as u32;
+                pos[fill[i]] = p as u32;
+                fill[i] += 1;
+            }
+        }
+        LatentView { col_ptr, tok, pos }
+    }
+}
+
+/// CSC companion of [`SparseCodes`].
+#[derive(Clone, Debug, Default)]
+pub struct LatentView {
+    pub col_ptr: Vec<usize>,
+    pub tok: Vec<u32>,
+    pub pos: Vec<u32>,
+}
+
+impl LatentView {
+    pub fn entries(&self, i: usize) -> std::ops::Range<usize> {
+        self.col_ptr[i]..self.col_ptr[i + 1]
+    }
+}

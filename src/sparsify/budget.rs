@@ -1,0 +1,42 @@
+//! Feature-choice budgets: uniform (WTA paper) and Zipf (MC/FC paper, Algorithm 1), and the
+//! "dying latent" rule of aux_zipf.
+
+/// Latent order by running density, most frequent first (ties: lower index first).
+pub fn density_ranks(density: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..density.len()).collect();
+    order.sort_by(|&a, &b| density[b].partial_cmp(&density[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    order
+}
+
+/// Zipf budgets: with latents ranked by running density (rank 1 = most frequent),
+/// `N = B*k / sum_{i=1..F} (i+beta)^-alpha`, `m_(i) = min(floor(N / (i+beta)^alpha), m_max)`.
+pub fn zipf_budgets(density: &[f32], batch: usize, k: usize, alpha: f64, beta: f64, m_max: usize) -> Vec<usize> {
+    let f = density.len();
+    let z: f64 = (1..=f).map(|i| (i as f64 + beta).powf(-alpha)).sum();
+    let n = (batch * k) as f64 / z;
+    let mut m = vec![0usize; f];
+    for (r, &latent) in density_ranks(density).iter().enumerate() {
+        let i = (r + 1) as f64;
+        m[latent] = ((n / (i + beta).powf(alpha)).floor() as usize).min(m_max);
+    }
+    m
+}
+
+/// Zipf-predicted firing density of each latent (its budget divided by the batch).
+pub fn zipf_predicted_density(density: &[f32], batch: usize, k: usize, alpha: f64, beta: f64) -> Vec<f32> {
+    zipf_budgets(density, batch, k, alpha, beta, usize::MAX).iter().map(|&m| m as f32 / batch as f32).collect()
+}
+
+/// aux_zipf's dying latents: bottom quarter by running density AND density < 0.6 x the Zipf
+/// prediction for its rank.
+pub fn dying_latents(density: &[f32], batch: usize, k: usize, alpha: f64, beta: f64) -> Vec<bool> {
+    let f = density.len();
+    let order = density_ranks(density);
+    let predicted = zipf_predicted_density(density, batch, k, alpha, beta);
+    let mut dying = vec![false; f];
+    let bottom_start = f - f / 4;
+    for &latent in &order[bottom_start..] {
+        dying[latent] = density[latent] < 0.6 * predicted[latent];
+    }
+    dying
+}
