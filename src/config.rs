@@ -341,8 +341,8 @@ impl TrainConfig {
 
     /// Read a config file (`.toml` or `.json`); unknown keys are an error that names them.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         let is_json = path.extension().is_some_and(|e| e == "json");
         if is_json {
             serde_json::from_str(&text).with_context(|| format!("config file {}", path.display()))
@@ -405,10 +405,9 @@ impl TrainConfig {
         if let Some(0) = self.d_in {
             bail!("invalid --d-in 0: inputs need at least one dimension");
         }
-        let uses_k = matches!(
-            self.sparsifier,
-            SparsifierKind::Topk | SparsifierKind::Batchtopk | SparsifierKind::MutualChoice
-        ) || (self.per_column_zipf());
+        let uses_k =
+            matches!(self.sparsifier, SparsifierKind::Topk | SparsifierKind::Batchtopk | SparsifierKind::MutualChoice)
+                || (self.per_column_zipf());
         if uses_k && self.k == 0 {
             bail!("invalid --k 0: {} keeps k > 0 latents per token", self.sparsifier.name());
         }

@@ -7,15 +7,13 @@ use rayon::prelude::*;
 
 /// Compute the effective encoder from A and W_dec (both F x d, row-major).
 pub fn effective_encoder(a: &[f32], w_dec: &[f32], d: usize, out: &mut [f32]) {
-    out.par_chunks_mut(d)
-        .zip(a.par_chunks(d).zip(w_dec.par_chunks(d)))
-        .for_each(|(o, (ai, wi))| {
-            let (aw, ww) = dot2(ai, wi);
-            let alpha = if ww > 0.0 { (1.0 - aw) / ww } else { 0.0 };
-            for j in 0..d {
-                o[j] = ai[j] + alpha * wi[j];
-            }
-        });
+    out.par_chunks_mut(d).zip(a.par_chunks(d).zip(w_dec.par_chunks(d))).for_each(|(o, (ai, wi))| {
+        let (aw, ww) = dot2(ai, wi);
+        let alpha = if ww > 0.0 { (1.0 - aw) / ww } else { 0.0 };
+        for j in 0..d {
+            o[j] = ai[j] + alpha * wi[j];
+        }
+    });
 }
 
 /// Pull a gradient `g` w.r.t. the effective encoder row back to A and W_dec.

@@ -52,12 +52,8 @@ pub fn latent_row_grads<E>(
 ) where
     E: Fn(usize, bool, &mut [f32], &mut [f32]) + Sync,
 {
-    dw_enc
-        .par_chunks_mut(d)
-        .zip(dw_dec.par_chunks_mut(d))
-        .zip(db_enc.par_iter_mut())
-        .enumerate()
-        .for_each(|(i, ((ge, gd), gb))| {
+    dw_enc.par_chunks_mut(d).zip(dw_dec.par_chunks_mut(d)).zip(db_enc.par_iter_mut()).enumerate().for_each(
+        |(i, ((ge, gd), gb))| {
             ge.fill(0.0);
             gd.fill(0.0);
             let mut bsum = 0f32;
@@ -80,7 +76,8 @@ pub fn latent_row_grads<E>(
             }
             *gb = bsum;
             extra(i, touched, ge, gd);
-        });
+        },
+    );
 }
 
 /// `db_dec = sum_b G_b - W_enc^T db_enc` (b_dec is subtracted from the input too).

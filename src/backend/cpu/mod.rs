@@ -8,7 +8,7 @@ pub mod backward;
 pub mod forward;
 pub mod gemm;
 
-use super::{Backend, Inference, InferMode, StepStats};
+use super::{Backend, InferMode, Inference, StepStats};
 use crate::config::{AuxKind, BudgetKind, SparsifierKind, ThresholdMode, TrainConfig};
 use crate::data::Batch;
 use crate::model::{aligned, Params, TrainState};
@@ -41,7 +41,12 @@ pub struct Forward {
 
 impl CpuBackend {
     pub fn new(cfg: TrainConfig, state: TrainState) -> Result<Self> {
-        ensure!(state.shape().d_sae == cfg.d_sae, "state has d_sae {} but the config says {}", state.shape().d_sae, cfg.d_sae);
+        ensure!(
+            state.shape().d_sae == cfg.d_sae,
+            "state has d_sae {} but the config says {}",
+            state.shape().d_sae,
+            cfg.d_sae
+        );
         Ok(Self { cfg, state, ws: Workspace::default() })
     }
 
@@ -86,7 +91,9 @@ impl CpuBackend {
         let c = &self.cfg;
         match c.budget {
             BudgetKind::Uniform => vec![c.wta_m(rows); c.d_sae],
-            BudgetKind::Zipf => budget::zipf_budgets(&self.state.density, rows, c.k, c.zipf_alpha, c.zipf_beta, c.m_max_for(rows)),
+            BudgetKind::Zipf => {
+                budget::zipf_budgets(&self.state.density, rows, c.k, c.zipf_alpha, c.zipf_beta, c.m_max_for(rows))
+            }
         }
     }
 
@@ -109,7 +116,9 @@ impl CpuBackend {
                 sparsify::select(pre, rows, f, &Selection::Hybrid { m: &m, k_max: c.hybrid_k_max() })
             }
             SparsifierKind::Relu => sparsify::select(pre, rows, f, &Selection::Relu),
-            SparsifierKind::Jumprelu => sparsify::select(pre, rows, f, &Selection::JumpRelu { theta: &self.state.theta }),
+            SparsifierKind::Jumprelu => {
+                sparsify::select(pre, rows, f, &Selection::JumpRelu { theta: &self.state.theta })
+            }
         }
     }
 
