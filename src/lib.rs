@@ -1,10 +1,15 @@
 //! saetrain: sparse autoencoders on language-model activations.
 //!
-//! `../shared/SPEC.md` (copied to `docs/SPEC.md`) is the contract every backend follows.
+//! `docs/SPEC.md` is the contract every backend follows.
 
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod data;
+pub mod eval;
+pub mod export;
 pub mod model;
 pub mod sparse;
 pub mod sparsify;
+pub mod train;
+pub mod util;

@@ -78,3 +78,21 @@ pub trait BatchSource: Send {
     /// One line describing the data, for logs and the run summary.
     fn describe(&self) -> String;
 }
+
+/// The source a config asks for: the synthetic generator by default, else activation shards.
+pub fn open_source(cfg: &crate::config::TrainConfig) -> Result<Box<dyn BatchSource>> {
+    match &cfg.data {
+        None => {
+            let spec = synthetic::SynthSpec {
+                d_in: cfg.d_in.unwrap_or(cfg.synth_d_in),
+                n_features: cfg.synth_features,
+                mean_active: cfg.synth_active,
+                zipf: cfg.synth_zipf,
+                noise: cfg.synth_noise,
+                seed: cfg.seed,
+            };
+            Ok(Box::new(synthetic::Synthetic::new(spec, cfg.batch_size)?))
+        }
+        Some(p) => anyhow::bail!("--data {}: the shard reader is not in this build yet", p.display()),
+    }
+}

@@ -80,7 +80,7 @@ impl Synthetic {
             let seed = self.spec.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream;
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(index);
-            rng.set_word_pos((c as u128) << 20);
+            rng.set_word_pos((c as u128) << 32);
             self.fill_chunk(&mut rng, chunk);
         });
         Batch::from_f32(rows, d, x)

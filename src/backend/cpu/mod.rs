@@ -178,28 +178,74 @@ impl Backend for CpuBackend {
     }
 
     fn step(&mut self, batch: &Batch, lr: f32) -> Result<StepStats> {
+        ensure!(
+            batch.d_in == self.state.shape().d_in,
+            "batch width {} does not match d_in {}",
+            batch.d_in,
+            self.state.shape().d_in
+        );
+        let x = batch.to_f32();
+        let pass = self.gradients(&x, batch.rows, true)?;
+        self.apply(pass.grad, &pass.codes, batch.rows, lr);
+        Ok(pass.stats)
+    }
+
+    fn infer(&mut self, batch: &Batch, mode: InferMode) -> Result<Inference> {
         let shape = self.state.shape();
         let (d, f) = (shape.d_in, shape.d_sae);
         ensure!(batch.d_in == d, "batch width {} does not match d_in {}", batch.d_in, d);
         let rows = batch.rows;
-        ensure!(rows > 0, "empty batch");
         let x = batch.to_f32();
+        self.encode(&x, rows);
+        let codes = if mode == InferMode::Exported && self.cfg.sparsifier.batch_dependent() {
+            sparsify::select(&self.ws.pre, rows, f, &Selection::JumpRelu { theta: &self.state.theta })
+        } else {
+            self.select_training(rows)
+        };
+        let mut x_hat = vec![0f32; rows * d];
+        forward::decode(&codes, self.state.params.w_dec(), Some(self.state.params.b_dec()), d, &mut x_hat);
+        Ok(Inference { codes, x_hat })
+    }
+
+    fn state(&self) -> Result<TrainState> {
+        Ok(self.state.clone())
+    }
+}
+
+/// The result of a forward + backward pass, before the optimiser touches anything.
+pub struct GradientPass {
+    pub stats: StepStats,
+    /// Gradient of the total loss w.r.t. the trainable parameters (A under aligned training).
+    pub grad: Params,
+    pub codes: SparseCodes,
+    /// Latents that were aux-loss candidates at this step.
+    pub aux_candidates: usize,
+}
+
+impl CpuBackend {
+    /// Forward and sparse backward on `x` (rows x d). With `project`, each decoder gradient row
+    /// has its component along the row removed (SPEC "Decoder constraint"); the raw gradient
+    /// is what finite differences check.
+    pub fn gradients(&mut self, x: &[f32], rows: usize, project: bool) -> Result<GradientPass> {
+        let shape = self.state.shape();
+        let (d, f) = (shape.d_in, shape.d_sae);
+        ensure!(x.len() == rows * d, "batch has {} values, expected {} x {}", x.len(), rows, d);
+        ensure!(rows > 0, "empty batch");
         let cfg = self.cfg.clone();
 
         // ---- forward ----
-        self.encode(&x, rows);
+        self.encode(x, rows);
         let codes = self.select_training(rows);
         let mut x_hat = std::mem::take(&mut self.ws.x_hat);
         x_hat.resize(rows * d, 0.0);
         forward::decode(&codes, self.state.params.w_dec(), Some(self.state.params.b_dec()), d, &mut x_hat);
-        let stats = forward::residual_stats(&x, &x_hat, d);
+        let stats = forward::residual_stats(x, &x_hat, d);
         let rec_loss = stats.sse / rows as f64;
 
         // residual R = x_hat - x; G = dL_rec/dx_hat = (2/B) R
         let residual: Vec<f32> = x_hat.iter().zip(x.iter()).map(|(h, x)| h - x).collect();
         let scale = 2.0 / rows as f32;
         let g: Vec<f32> = residual.iter().map(|r| scale * r).collect();
-
         // ---- main-path code gradients ----
         let w_dec = self.state.params.w_dec();
         let mut dpre = backward::code_grads(&codes, &g, w_dec, d);
@@ -279,13 +325,34 @@ impl Backend for CpuBackend {
                     let g_eff = ge.to_vec();
                     aligned::backprop_row(a, w, &g_eff, ge, gd);
                 }
-                adam::project_out(gd, w);
+                if project {
+                    adam::project_out(gd, w);
+                }
             });
             let db_dec = backward::b_dec_grad(&col_sums, self.encoder_slice(), gp.b_enc, d);
             gp.b_dec.copy_from_slice(&db_dec);
         }
 
-        // ---- optimiser ----
+        self.ws.x_hat = x_hat;
+        let l0 = codes.nnz() as f64 / rows as f64;
+        let stats = StepStats {
+            loss: rec_loss + aux_loss + l1_loss,
+            rec_loss,
+            aux_loss,
+            l1_loss,
+            l0,
+            mse: rec_loss / d as f64,
+            ev: if stats.total_var > 0.0 { 1.0 - stats.sse / stats.total_var } else { 0.0 },
+            dead: candidates.len(),
+        };
+        Ok(GradientPass { stats, grad, codes, aux_candidates: candidates.len() })
+    }
+
+    /// Adam step with `grad` (already projected), decoder renormalisation, then the dead-latent,
+    /// density and threshold bookkeeping for the batch's `codes`.
+    pub fn apply(&mut self, grad: Params, codes: &SparseCodes, rows: usize, lr: f32) {
+        let cfg = &self.cfg;
+        let d = self.state.shape().d_in;
         let t = self.state.step + 1;
         let h = adam::AdamHyper {
             lr,
@@ -294,50 +361,12 @@ impl Backend for CpuBackend {
             eps: cfg.adam_eps as f32,
             t,
         };
-        {
-            let s = &mut self.state;
-            adam::adam_step(&mut s.params.data, &grad.data, &mut s.adam_m.data, &mut s.adam_v.data, h);
-            adam::renormalize_rows(s.params.parts_mut().w_dec, d);
-        }
+        let s = &mut self.state;
+        adam::adam_step(&mut s.params.data, &grad.data, &mut s.adam_m.data, &mut s.adam_v.data, h);
+        adam::renormalize_rows(s.params.parts_mut().w_dec, d);
         self.ws.grad = Some(grad);
-        self.ws.x_hat = x_hat;
-
-        let dead = candidates.len();
-        self.update_tracking(&codes, rows);
+        self.update_tracking(codes, rows);
         self.state.step = t;
-
-        let l0 = codes.nnz() as f64 / rows as f64;
-        Ok(StepStats {
-            loss: rec_loss + aux_loss + l1_loss,
-            rec_loss,
-            aux_loss,
-            l1_loss,
-            l0,
-            mse: rec_loss / d as f64,
-            ev: if stats.total_var > 0.0 { 1.0 - stats.sse / stats.total_var } else { 0.0 },
-            dead,
-        })
-    }
-
-    fn infer(&mut self, batch: &Batch, mode: InferMode) -> Result<Inference> {
-        let shape = self.state.shape();
-        let (d, f) = (shape.d_in, shape.d_sae);
-        ensure!(batch.d_in == d, "batch width {} does not match d_in {}", batch.d_in, d);
-        let rows = batch.rows;
-        let x = batch.to_f32();
-        self.encode(&x, rows);
-        let codes = if mode == InferMode::Exported && self.cfg.sparsifier.batch_dependent() {
-            sparsify::select(&self.ws.pre, rows, f, &Selection::JumpRelu { theta: &self.state.theta })
-        } else {
-            self.select_training(rows)
-        };
-        let mut x_hat = vec![0f32; rows * d];
-        forward::decode(&codes, self.state.params.w_dec(), Some(self.state.params.b_dec()), d, &mut x_hat);
-        Ok(Inference { codes, x_hat })
-    }
-
-    fn state(&self) -> Result<TrainState> {
-        Ok(self.state.clone())
     }
 }
 

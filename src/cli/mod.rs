@@ -1,0 +1,30 @@
+//! The `sae` command line.
+
+pub mod train_cmd;
+
+use anyhow::Result;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "sae", version, about = "Train, evaluate and benchmark sparse autoencoders on LM activations")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train an SAE (default: a WTA SAE on built-in synthetic data).
+    Train(train_cmd::TrainArgs),
+}
+
+pub fn main() -> Result<()> {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    match cli.command {
+        Command::Train(args) => {
+            let sub = matches.subcommand_matches("train").expect("train subcommand matched");
+            train_cmd::run(args, sub)
+        }
+    }
+}

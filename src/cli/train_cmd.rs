@@ -1,0 +1,57 @@
+//! `sae train`: resolve the config (defaults < --config file < flags), train, print the summary.
+
+use crate::config::TrainConfig;
+use crate::train::{self, Summary};
+use anyhow::{Context, Result};
+use clap::{ArgMatches, Args};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// TOML or JSON file with any of the options below (flags given here override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in this directory from its last checkpoint.
+    #[arg(long, conflicts_with = "config")]
+    pub resume: Option<PathBuf>,
+    #[command(flatten)]
+    pub cfg: TrainConfig,
+}
+
+pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
+    let cfg = TrainConfig::resolve(&args.cfg, matches, args.config.as_deref())?;
+    init_threads(cfg.threads)?;
+    let summary = train::run(cfg, args.resume.as_deref())?;
+    print_summary(&summary);
+    Ok(())
+}
+
+/// Size rayon's global pool once (the CPU backend and the GEMM share it).
+pub fn init_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot size the thread pool")?;
+    }
+    Ok(())
+}
+
+pub fn print_summary(s: &Summary) {
+    let e = &s.eval;
+    println!("run: {}", s.out.display());
+    println!("backend: {}   data: {}", s.backend, s.data);
+    println!(
+        "trained {} steps, {} tokens in {:.1} s ({:.0} tokens/s)",
+        s.steps, s.tokens, s.seconds, s.tokens_per_second
+    );
+    println!("held-out ({} tokens, exported sparsifier):", e.tokens);
+    println!("  L0            {:>10.2}", e.l0);
+    println!("  MSE           {:>10.5}", e.mse);
+    println!("  EV            {:>10.4}", e.explained_variance);
+    println!("  alive         {:>10.4}   dead {}", e.frac_alive, e.dead);
+    let t = &s.eval_training_sparsifier;
+    println!("  (training sparsifier: L0 {:.2}, EV {:.4}, alive {:.4})", t.l0, t.explained_variance, t.frac_alive);
+    if let Some(r) = &s.recovery {
+        println!("ground truth ({} features):", r.n_true);
+        println!("  MMCS          {:>10.4}", r.mmcs);
+        println!("  recovered>0.9 {:>10.4}", r.frac_above_0_9);
+    }
+}

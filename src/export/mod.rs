@@ -1,0 +1,3 @@
+//! Checkpoint formats other tools read.
+
+pub mod saelens;

@@ -1,0 +1,127 @@
+//! SAELens layout: `cfg.json` + `sae_weights.safetensors` with `W_enc [d_in, d_sae]`, `b_enc`,
+//! `W_dec [d_sae, d_in]`, `b_dec` and, for sparsifiers exported as JumpReLU, `threshold [d_sae]`.
+//!
+//! Input normalisation (scale s applied to raw activations during training) is folded in, so
+//! the files work on raw activations: `W_enc' = s W_enc`, `W_dec' = W_dec / s`, `b_dec' = b_dec / s`.
+
+use crate::config::{SparsifierKind, TrainConfig};
+use crate::model::Params;
+use crate::util::atomic::{write_atomic, write_json_atomic};
+use anyhow::{Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::json;
+use std::path::Path;
+
+pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
+pub const CFG_FILE: &str = "cfg.json";
+
+/// Inference-time weights in the SPEC's orientation (W_enc F x d), normalisation folded in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExportedSae {
+    pub d_in: usize,
+    pub d_sae: usize,
+    /// F x d
+    pub w_enc: Vec<f32>,
+    pub b_enc: Vec<f32>,
+    /// F x d
+    pub w_dec: Vec<f32>,
+    pub b_dec: Vec<f32>,
+    /// Per-latent JumpReLU threshold (None: no threshold applies).
+    pub threshold: Option<Vec<f32>>,
+    /// SAELens architecture name: "jumprelu", "topk" or "standard".
+    pub architecture: String,
+    pub k: Option<usize>,
+}
+
+impl ExportedSae {
+    /// From training state: `w_enc_eff` is the encoder actually applied (A + alpha W_dec under
+    /// aligned training), `theta` the EMA thresholds, `scale` the input scale.
+    pub fn from_training(cfg: &TrainConfig, p: &Params, w_enc_eff: &[f32], theta: &[f32], scale: f32) -> Self {
+        let s = p.parts();
+        let (d, f) = (s.shape.d_in, s.shape.d_sae);
+        let (architecture, threshold, k) = match cfg.sparsifier {
+            k if k.batch_dependent() => ("jumprelu", Some(theta.to_vec()), None),
+            SparsifierKind::Topk => ("topk", None, Some(cfg.k)),
+            _ => ("standard", None, None),
+        };
+        Self {
+            d_in: d,
+            d_sae: f,
+            w_enc: w_enc_eff.iter().map(|v| v * scale).collect(),
+            b_enc: s.b_enc.to_vec(),
+            w_dec: s.w_dec.iter().map(|v| v / scale).collect(),
+            b_dec: s.b_dec.iter().map(|v| v / scale).collect(),
+            threshold,
+            architecture: architecture.to_string(),
+            k,
+        }
+    }
+
+    /// Write `cfg.json` and `sae_weights.safetensors` into `dir` (each atomically; weights first).
+    pub fn save(&self, dir: &Path, cfg: &TrainConfig, metadata: serde_json::Value) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let (d, f) = (self.d_in, self.d_sae);
+        let w_enc_t = transpose(&self.w_enc, f, d); // d x F
+        let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
+            ("W_enc", vec![d, f], &w_enc_t),
+            ("b_enc", vec![f], &self.b_enc),
+            ("W_dec", vec![f, d], &self.w_dec),
+            ("b_dec", vec![d], &self.b_dec),
+        ];
+        if let Some(t) = &self.threshold {
+            tensors.push(("threshold", vec![f], t));
+        }
+        let bytes = serialize_f32(&tensors)?;
+        write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+        let mut c = json!({
+            "architecture": self.architecture,
+            "d_in": d,
+            "d_sae": f,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": true,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": metadata,
+            "saetrain": {
+                "sparsifier": cfg.sparsifier.name(),
+                "k": cfg.k,
+                "aligned": cfg.aligned,
+            },
+        });
+        if let Some(k) = self.k {
+            c["k"] = json!(k);
+        }
+        write_json_atomic(&dir.join(CFG_FILE), &c)
+    }
+}
+
+/// Row-major transpose of an r x c matrix.
+pub fn transpose(m: &[f32], r: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            out[j * r + i] = m[i * c + j];
+        }
+    }
+    out
+}
+
+/// Serialise named f32 tensors to safetensors bytes.
+pub fn serialize_f32(tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<Vec<u8>> {
+    serialize_f32_with_metadata(tensors, None)
+}
+
+pub fn serialize_f32_with_metadata(
+    tensors: &[(&str, Vec<usize>, &[f32])],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let bytes: &[u8] = bytemuck::cast_slice(data);
+            Ok((name.to_string(), TensorView::new(Dtype::F32, shape.clone(), bytes)?))
+        })
+        .collect::<Result<_>>()?;
+    Ok(safetensors::serialize(views, metadata)?)
+}

@@ -1,0 +1,268 @@
+//! The training loop: data -> backend steps -> metrics, checkpoints and the final summary.
+
+pub mod checkpoint;
+pub mod schedule;
+
+use crate::backend::{self, Backend, InferMode, StepStats};
+use crate::config::TrainConfig;
+use crate::data::{self, BatchSource};
+use crate::eval::core::{core_metrics, CoreMetrics};
+use crate::eval::recovery::{recovery, Recovery};
+use crate::export::saelens::ExportedSae;
+use crate::model::{aligned, init, Shape, TrainState};
+use crate::util::atomic::write_json_atomic;
+use anyhow::{bail, Context, Result};
+use checkpoint::StateMeta;
+use indicatif::{ProgressBar, ProgressStyle};
+use schedule::Schedule;
+use serde::Serialize;
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// Final numbers of a run (also written to `summary.json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    pub backend: String,
+    pub data: String,
+    /// Held-out metrics with the exported (inference) sparsifier.
+    pub eval: CoreMetrics,
+    /// Held-out metrics with the training sparsifier, for comparison.
+    pub eval_training_sparsifier: CoreMetrics,
+    pub recovery: Option<Recovery>,
+    pub out: PathBuf,
+}
+
+/// Train from scratch (`resume = None`) or continue the run in `resume`.
+pub fn run(cfg: TrainConfig, resume: Option<&Path>) -> Result<Summary> {
+    let mut cfg = match resume {
+        Some(dir) => {
+            let c = TrainConfig::load(&dir.join(CONFIG_FILE))
+                .with_context(|| format!("--resume {}: not a run directory", dir.display()))?;
+            TrainConfig { out: dir.to_path_buf(), quiet: cfg.quiet, threads: cfg.threads, ..c }
+        }
+        None => cfg,
+    };
+    cfg.validate()?;
+    let mut source = data::open_source(&cfg)?;
+    let d_in = source.d_in();
+    if let Some(d) = cfg.d_in {
+        if d != d_in {
+            bail!("invalid --d-in {d}: the data has width {d_in}");
+        }
+    }
+    cfg.d_in = Some(d_in);
+    let out = cfg.out.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create output directory {}", out.display()))?;
+
+    let total = cfg.total_steps();
+    let (state, mut tokens, first_batch) = match resume {
+        Some(dir) => {
+            let (state, meta) = checkpoint::load(dir)?;
+            source.seek(&meta.position)?;
+            truncate_metrics(&out.join(METRICS_FILE), meta.step)?;
+            (state, meta.tokens, None)
+        }
+        None => {
+            write_json_atomic(&out.join(CONFIG_FILE), &cfg)?;
+            let _ = std::fs::remove_file(out.join(METRICS_FILE));
+            let first = source.next_batch()?;
+            let mut params = init::tied(Shape::new(d_in, cfg.d_sae), cfg.seed, cfg.aligned);
+            let b_dec = init::b_dec_from_batch(&first.to_f32(), d_in, cfg.b_dec_init);
+            params.parts_mut().b_dec.copy_from_slice(&b_dec);
+            (TrainState::new(params), 0u64, Some(first))
+        }
+    };
+    let start_step = state.step;
+    let (mut backend, why) = backend::create(&cfg, state)?;
+    let eval_set = source.eval_batches(cfg.eval_tokens)?;
+    let sched = Schedule { lr: cfg.lr, warmup: cfg.warmup(), total, decay_frac: cfg.decay_frac };
+
+    if !cfg.quiet {
+        eprintln!("{why}");
+        eprintln!("data: {}", source.describe());
+        eprintln!(
+            "sae: {} d_in={} d_sae={} batch={} steps={} -> {}",
+            cfg.sparsifier.name(),
+            d_in,
+            cfg.d_sae,
+            cfg.batch_size,
+            total,
+            out.display()
+        );
+    }
+    let bar = progress_bar(&cfg, total, start_step);
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out.join(METRICS_FILE))
+        .with_context(|| format!("cannot open {}", out.join(METRICS_FILE).display()))?;
+
+    let t0 = Instant::now();
+    let mut window = Window::default();
+    let mut pending = first_batch;
+    for step in start_step..total {
+        let batch = match pending.take() {
+            Some(b) => b,
+            None => source.next_batch()?,
+        };
+        let lr = sched.at(step);
+        let stats = backend.step(&batch, lr as f32)?;
+        if !stats.loss.is_finite() {
+            bail!("loss became {} at step {step}: lower --lr or check the data", stats.loss);
+        }
+        tokens += batch.rows as u64;
+        window.add(&stats);
+        let done = step + 1;
+        if done % cfg.log_every == 0 || done == total {
+            let mut line =
+                window.mean(done, tokens, lr, t0.elapsed().as_secs_f64(), tokens_since(start_step, &cfg, done));
+            line["data"] = serde_json::to_value(source.stats())?;
+            if cfg.eval_every > 0 && (done % cfg.eval_every == 0) && done != total {
+                let m = core_metrics(backend.as_mut(), &eval_set, InferMode::Exported)?;
+                line["eval"] = serde_json::to_value(&m)?;
+            }
+            writeln!(metrics, "{line}")?;
+            bar.set_position(done);
+            bar.set_message(format!(
+                "loss {:.4} L0 {:.1} EV {:.3} dead {}",
+                line["loss"].as_f64().unwrap_or(0.0),
+                line["l0"].as_f64().unwrap_or(0.0),
+                line["ev"].as_f64().unwrap_or(0.0),
+                stats.dead
+            ));
+            window = Window::default();
+        }
+        if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 && done != total {
+            save_all(&cfg, backend.as_ref(), source.as_ref(), &out, tokens)?;
+        }
+    }
+    bar.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    save_all(&cfg, backend.as_ref(), source.as_ref(), &out, tokens)?;
+
+    let eval = core_metrics(backend.as_mut(), &eval_set, InferMode::Exported)?;
+    let eval_training_sparsifier = core_metrics(backend.as_mut(), &eval_set, InferMode::Training)?;
+    let state = backend.state()?;
+    let recovery = source.ground_truth().map(|gt| recovery(gt, state.params.w_dec(), d_in));
+    let trained = (total - start_step) * cfg.batch_size as u64;
+    let summary = Summary {
+        steps: total,
+        tokens,
+        seconds,
+        tokens_per_second: trained as f64 / seconds.max(1e-9),
+        backend: backend.name(),
+        data: source.describe(),
+        eval,
+        eval_training_sparsifier,
+        recovery,
+        out: out.clone(),
+    };
+    write_json_atomic(&out.join(SUMMARY_FILE), &summary)?;
+    Ok(summary)
+}
+
+fn tokens_since(start_step: u64, cfg: &TrainConfig, done: u64) -> u64 {
+    (done - start_step) * cfg.batch_size as u64
+}
+
+/// Trainer state (for --resume) and the SAELens checkpoint.
+fn save_all(cfg: &TrainConfig, backend: &dyn Backend, source: &dyn BatchSource, out: &Path, tokens: u64) -> Result<()> {
+    let state = backend.state()?;
+    let shape = state.shape();
+    let meta = StateMeta {
+        step: state.step,
+        d_in: shape.d_in,
+        d_sae: shape.d_sae,
+        position: source.position(),
+        input_scale: source.input_scale(),
+        tokens,
+    };
+    checkpoint::save(out, &state, &meta)?;
+    let w_enc_eff = effective_encoder(cfg, &state);
+    let sae = ExportedSae::from_training(cfg, &state.params, &w_enc_eff, &state.theta, source.input_scale());
+    let md = json!({
+        "dataset_path": cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
+        "trained_tokens": tokens,
+        "input_scale_folded": source.input_scale(),
+    });
+    sae.save(out, cfg, md)
+}
+
+/// The encoder actually applied (A + alpha W_dec under aligned training).
+pub fn effective_encoder(cfg: &TrainConfig, state: &TrainState) -> Vec<f32> {
+    let p = state.params.parts();
+    if cfg.aligned {
+        let mut out = vec![0f32; p.w_enc.len()];
+        aligned::effective_encoder(p.w_enc, p.w_dec, p.shape.d_in, &mut out);
+        out
+    } else {
+        p.w_enc.to_vec()
+    }
+}
+
+/// Keep only the metric lines of steps <= `step` (a resumed run rewrites what follows).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::util::atomic::write_atomic(path, kept.as_bytes())
+}
+
+fn progress_bar(cfg: &TrainConfig, total: u64, start: u64) -> ProgressBar {
+    if cfg.quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta}) {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(start);
+    bar
+}
+
+/// Running means of step statistics between two log lines.
+#[derive(Default)]
+struct Window {
+    n: f64,
+    sums: [f64; 7],
+    dead: usize,
+}
+
+impl Window {
+    fn add(&mut self, s: &StepStats) {
+        self.n += 1.0;
+        for (acc, v) in self.sums.iter_mut().zip([s.loss, s.rec_loss, s.aux_loss, s.l1_loss, s.l0, s.mse, s.ev]) {
+            *acc += v;
+        }
+        self.dead = s.dead;
+    }
+    fn mean(&self, step: u64, tokens: u64, lr: f64, elapsed: f64, trained: u64) -> serde_json::Value {
+        let m = |i: usize| self.sums[i] / self.n.max(1.0);
+        json!({
+            "step": step, "tokens": tokens, "lr": lr,
+            "loss": m(0), "rec_loss": m(1), "aux_loss": m(2), "l1_loss": m(3),
+            "l0": m(4), "mse": m(5), "ev": m(6), "dead": self.dead,
+            "elapsed_s": elapsed, "tokens_per_s": trained as f64 / elapsed.max(1e-9),
+        })
+    }
+}
