@@ -124,7 +124,7 @@ pub struct TrainConfig {
     #[arg(long, default_value_t = TrainConfig::default().k)]
     pub k: usize,
     /// WTA sparsity rate: each latent keeps m = max(1, floor(B*rate)) tokens. Default k/d_sae.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub rate: Option<f64>,
     /// Feature-choice budget rule.
     #[arg(long, value_enum, default_value_t = TrainConfig::default().budget)]

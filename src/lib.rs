@@ -3,6 +3,7 @@
 //! `docs/SPEC.md` is the contract every backend follows.
 
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;

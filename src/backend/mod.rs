@@ -56,6 +56,26 @@ pub trait Backend {
     fn infer(&mut self, batch: &Batch, mode: InferMode) -> Result<Inference>;
     /// A host copy of the full training state (for checkpoints and exports).
     fn state(&self) -> Result<TrainState>;
+    /// Seconds spent per phase since the last call (and reset), for `sae bench step`.
+    fn take_phase_times(&mut self) -> PhaseTimes {
+        PhaseTimes::default()
+    }
+}
+
+/// Wall time per phase of the training step, summed over steps.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct PhaseTimes {
+    pub encode: f64,
+    pub select: f64,
+    pub decode: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+}
+
+impl PhaseTimes {
+    pub fn total(&self) -> f64 {
+        self.encode + self.select + self.decode + self.backward + self.optimizer
+    }
 }
 
 /// Build the backend the config asks for; `auto` picks CUDA when a device is usable.

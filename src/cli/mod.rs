@@ -1,5 +1,6 @@
 //! The `sae` command line.
 
+pub mod bench_cmd;
 pub mod train_cmd;
 
 use anyhow::Result;
@@ -16,6 +17,9 @@ pub struct Cli {
 pub enum Command {
     /// Train an SAE (default: a WTA SAE on built-in synthetic data).
     Train(train_cmd::TrainArgs),
+    /// Benchmarks: a training step split into phases, or every sparsifier's selection.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -26,5 +30,6 @@ pub fn main() -> Result<()> {
             let sub = matches.subcommand_matches("train").expect("train subcommand matched");
             train_cmd::run(args, sub)
         }
+        Command::Bench(args) => bench_cmd::run(args),
     }
 }

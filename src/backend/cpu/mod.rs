@@ -8,7 +8,8 @@ pub mod backward;
 pub mod forward;
 pub mod gemm;
 
-use super::{Backend, InferMode, Inference, StepStats};
+use super::{Backend, InferMode, Inference, PhaseTimes, StepStats};
+use std::time::Instant;
 use crate::config::{AuxKind, BudgetKind, SparsifierKind, ThresholdMode, TrainConfig};
 use crate::data::Batch;
 use crate::model::{aligned, Params, TrainState};
@@ -22,6 +23,7 @@ pub struct CpuBackend {
     state: TrainState,
     /// Reused buffers (a step allocates nothing of size B x F).
     ws: Workspace,
+    times: PhaseTimes,
 }
 
 #[derive(Default)]
@@ -47,7 +49,7 @@ impl CpuBackend {
             state.shape().d_sae,
             cfg.d_sae
         );
-        Ok(Self { cfg, state, ws: Workspace::default() })
+        Ok(Self { cfg, state, ws: Workspace::default(), times: PhaseTimes::default() })
     }
 
     pub fn state_ref(&self) -> &TrainState {
@@ -132,8 +134,11 @@ impl CpuBackend {
                 (0..c.d_sae as u32).filter(|&i| self.state.since_fired[i as usize] >= w).collect()
             }
             AuxKind::AuxZipf => {
-                if self.state.step == 0 {
-                    return vec![]; // no density measured yet
+                // The running density needs ~1/(1-decay) steps before "dying" means anything;
+                // before that every latent would look dying and aux would swamp the step.
+                let warm = (1.0 / (1.0 - c.density_decay)).ceil() as u64;
+                if self.state.step < warm {
+                    return vec![];
                 }
                 let dying = budget::dying_latents(&self.state.density, rows, c.k, c.zipf_alpha, c.zipf_beta);
                 (0..c.d_sae as u32).filter(|&i| dying[i as usize]).collect()
@@ -210,6 +215,10 @@ impl Backend for CpuBackend {
     fn state(&self) -> Result<TrainState> {
         Ok(self.state.clone())
     }
+
+    fn take_phase_times(&mut self) -> PhaseTimes {
+        std::mem::take(&mut self.times)
+    }
 }
 
 /// The result of a forward + backward pass, before the optimiser touches anything.
@@ -234,8 +243,11 @@ impl CpuBackend {
         let cfg = self.cfg.clone();
 
         // ---- forward ----
+        let t0 = Instant::now();
         self.encode(x, rows);
+        let t1 = Instant::now();
         let codes = self.select_training(rows);
+        let t2 = Instant::now();
         let mut x_hat = std::mem::take(&mut self.ws.x_hat);
         x_hat.resize(rows * d, 0.0);
         forward::decode(&codes, self.state.params.w_dec(), Some(self.state.params.b_dec()), d, &mut x_hat);
@@ -246,6 +258,7 @@ impl CpuBackend {
         let residual: Vec<f32> = x_hat.iter().zip(x.iter()).map(|(h, x)| h - x).collect();
         let scale = 2.0 / rows as f32;
         let g: Vec<f32> = residual.iter().map(|r| scale * r).collect();
+        let t3 = Instant::now();
         // ---- main-path code gradients ----
         let w_dec = self.state.params.w_dec();
         let mut dpre = backward::code_grads(&codes, &g, w_dec, d);
@@ -334,6 +347,11 @@ impl CpuBackend {
         }
 
         self.ws.x_hat = x_hat;
+        let t4 = Instant::now();
+        self.times.encode += (t1 - t0).as_secs_f64();
+        self.times.select += (t2 - t1).as_secs_f64();
+        self.times.decode += (t3 - t2).as_secs_f64();
+        self.times.backward += (t4 - t3).as_secs_f64();
         let l0 = codes.nnz() as f64 / rows as f64;
         let stats = StepStats {
             loss: rec_loss + aux_loss + l1_loss,
@@ -351,6 +369,7 @@ impl CpuBackend {
     /// Adam step with `grad` (already projected), decoder renormalisation, then the dead-latent,
     /// density and threshold bookkeeping for the batch's `codes`.
     pub fn apply(&mut self, grad: Params, codes: &SparseCodes, rows: usize, lr: f32) {
+        let started = Instant::now();
         let cfg = &self.cfg;
         let d = self.state.shape().d_in;
         let t = self.state.step + 1;
@@ -367,6 +386,7 @@ impl CpuBackend {
         self.ws.grad = Some(grad);
         self.update_tracking(codes, rows);
         self.state.step = t;
+        self.times.optimizer += started.elapsed().as_secs_f64();
     }
 }
 

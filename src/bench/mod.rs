@@ -1,0 +1,231 @@
+//! Benchmarks behind `sae bench` (the criterion benches in `benches/` reuse these builders).
+//!
+//! Every number is reported next to a physical reference: the step time as a multiple of the
+//! encoder GEMM alone (the floor: everything else should be cheap), the GEMM as GFLOP/s, and
+//! selection as GB/s of `pre` scanned and a fraction of the measured memory read bandwidth.
+
+use crate::backend::cpu::{gemm, CpuBackend};
+use crate::backend::{Backend, PhaseTimes};
+use crate::config::{SparsifierKind, TrainConfig};
+use crate::data::synthetic::{SynthSpec, Synthetic};
+use crate::data::{Batch, BatchSource};
+use crate::model::{init, Shape, TrainState};
+use crate::sparsify::{self, Selection};
+use anyhow::Result;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::time::Instant;
+
+/// The training sparsifiers, in report order.
+pub const ALL_SPARSIFIERS: [SparsifierKind; 6] = [
+    SparsifierKind::Topk,
+    SparsifierKind::Batchtopk,
+    SparsifierKind::MutualChoice,
+    SparsifierKind::Wta,
+    SparsifierKind::Hybrid,
+    SparsifierKind::Relu,
+];
+
+/// A training config for the bench shape (rate = k/d_sae for feature choice).
+pub fn bench_config(kind: SparsifierKind, d_in: usize, d_sae: usize, batch: usize, k: usize) -> TrainConfig {
+    TrainConfig {
+        sparsifier: kind,
+        d_in: Some(d_in),
+        d_sae,
+        batch_size: batch,
+        k,
+        rate: Some(k as f64 / d_sae as f64),
+        steps: 1_000_000,
+        ..TrainConfig::default()
+    }
+}
+
+/// A CPU backend at the bench shape with tied init, and a source of realistic batches.
+pub fn bench_setup(cfg: &TrainConfig) -> Result<(CpuBackend, Synthetic)> {
+    let d_in = cfg.d_in.expect("bench config sets d_in");
+    let spec = SynthSpec { d_in, n_features: 4 * d_in, mean_active: 20.0, zipf: 1.0, noise: 0.01, seed: 7 };
+    let mut source = Synthetic::new(spec, cfg.batch_size)?;
+    let first = source.next_batch()?;
+    let mut params = init::tied(Shape::new(d_in, cfg.d_sae), 1, cfg.aligned);
+    let b_dec = init::mean_rows(&first.to_f32(), d_in);
+    params.parts_mut().b_dec.copy_from_slice(&b_dec);
+    Ok((CpuBackend::new(cfg.clone(), TrainState::new(params))?, source))
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepRow {
+    pub sparsifier: String,
+    pub step_ms: f64,
+    pub tokens_per_s: f64,
+    pub gemm_ms: f64,
+    /// step time / encoder GEMM time (target < 1.3).
+    pub step_over_gemm: f64,
+    /// Per-phase milliseconds per step.
+    pub phases_ms: PhaseTimes,
+    pub l0: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    pub d_in: usize,
+    pub d_sae: usize,
+    pub batch: usize,
+    pub k: usize,
+    pub threads: usize,
+    pub gemm_ms: f64,
+    pub gemm_gflops: f64,
+    pub rows: Vec<StepRow>,
+}
+
+/// Time the encoder product alone: `pre = (x - b_dec) W^T + b_enc`, best of `reps`.
+pub fn time_gemm(d_in: usize, d_sae: usize, batch: usize, reps: usize) -> f64 {
+    let x = random(batch * d_in, 1);
+    let w = random(d_sae * d_in, 2);
+    let bias = vec![0.01f32; d_sae];
+    let mut pre = vec![0f32; batch * d_sae];
+    gemm::encode(&x, &w, &bias, batch, d_in, &mut pre);
+    (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            gemm::encode(&x, &w, &bias, batch, d_in, &mut pre);
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Time whole training steps per sparsifier (after one warm-up step), split into phases.
+pub fn bench_step(
+    kinds: &[SparsifierKind],
+    d_in: usize,
+    d_sae: usize,
+    batch: usize,
+    k: usize,
+    steps: usize,
+) -> Result<StepReport> {
+    let gemm_s = time_gemm(d_in, d_sae, batch, 3);
+    let flops = 2.0 * batch as f64 * d_in as f64 * d_sae as f64;
+    let mut rows = vec![];
+    for &kind in kinds {
+        let cfg = bench_config(kind, d_in, d_sae, batch, k);
+        let (mut be, mut src) = bench_setup(&cfg)?;
+        let batches: Vec<Batch> = (0..steps + 1).map(|_| src.next_batch()).collect::<Result<_>>()?;
+        be.step(&batches[0], 1e-4)?;
+        be.take_phase_times();
+        let t = Instant::now();
+        let mut l0 = 0.0;
+        for b in &batches[1..] {
+            l0 += be.step(b, 1e-4)?.l0;
+        }
+        let per_step = t.elapsed().as_secs_f64() / steps as f64;
+        let p = be.take_phase_times();
+        let ms = |v: f64| v * 1e3 / steps as f64;
+        rows.push(StepRow {
+            sparsifier: kind.name().to_string(),
+            step_ms: per_step * 1e3,
+            tokens_per_s: batch as f64 / per_step,
+            gemm_ms: gemm_s * 1e3,
+            step_over_gemm: per_step / gemm_s,
+            phases_ms: PhaseTimes {
+                encode: ms(p.encode),
+                select: ms(p.select),
+                decode: ms(p.decode),
+                backward: ms(p.backward),
+                optimizer: ms(p.optimizer),
+            },
+            l0: l0 / steps as f64,
+        });
+    }
+    Ok(StepReport {
+        d_in,
+        d_sae,
+        batch,
+        k,
+        threads: rayon::current_num_threads(),
+        gemm_ms: gemm_s * 1e3,
+        gemm_gflops: flops / gemm_s / 1e9,
+        rows,
+    })
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SelectRow {
+    pub backend: String,
+    pub sparsifier: String,
+    pub batch: usize,
+    pub d_sae: usize,
+    pub k: usize,
+    pub ms: f64,
+    /// Bytes of `pre` scanned per second.
+    pub gb_per_s: f64,
+    /// gb_per_s / measured memory read bandwidth.
+    pub frac_bandwidth: f64,
+}
+
+/// Measured memory read bandwidth (GB/s): parallel sum over a buffer far larger than cache.
+pub fn read_bandwidth() -> f64 {
+    let buf = vec![1.0f32; 64 << 20]; // 256 MB
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: f32 = buf.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum();
+        std::hint::black_box(s);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (buf.len() * 4) as f64 / best / 1e9
+}
+
+/// Time every sparsifier's selection on the CPU over a grid of shapes.
+pub fn bench_sparsifiers(batches: &[usize], d_saes: &[usize], ks: &[usize], reps: usize) -> Vec<SelectRow> {
+    let bw = read_bandwidth();
+    let mut rows = vec![];
+    for &b in batches {
+        for &f in d_saes {
+            let pre = random(b * f, (b * 31 + f) as u64);
+            for &k in ks {
+                let m = vec![((b * k) as f64 / f as f64).floor().max(1.0) as usize; f];
+                let theta = vec![1.5f32; f];
+                let sels: Vec<(&str, Selection)> = vec![
+                    ("topk", Selection::TopK { k }),
+                    ("batchtopk", Selection::BatchTopK { k }),
+                    ("wta", Selection::Wta { m: &m }),
+                    ("hybrid", Selection::Hybrid { m: &m, k_max: 2 * k }),
+                    ("relu", Selection::Relu),
+                    ("jumprelu", Selection::JumpRelu { theta: &theta }),
+                ];
+                for (name, sel) in sels {
+                    if k > 1 && matches!(name, "relu" | "jumprelu") && k != ks[0] {
+                        continue; // k does not change them
+                    }
+                    let t = (0..reps.max(1))
+                        .map(|_| {
+                            let t = Instant::now();
+                            std::hint::black_box(sparsify::select(&pre, b, f, &sel));
+                            t.elapsed().as_secs_f64()
+                        })
+                        .fold(f64::INFINITY, f64::min);
+                    let gbps = (b * f * 4) as f64 / t / 1e9;
+                    rows.push(SelectRow {
+                        backend: "cpu".into(),
+                        sparsifier: name.into(),
+                        batch: b,
+                        d_sae: f,
+                        k,
+                        ms: t * 1e3,
+                        gb_per_s: gbps,
+                        frac_bandwidth: gbps / bw,
+                    });
+                }
+            }
+        }
+    }
+    rows
+}
+
+/// Fixed-seed standard normal values.
+pub fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| StandardNormal.sample(&mut rng)).collect()
+}

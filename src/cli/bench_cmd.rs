@@ -1,0 +1,123 @@
+//! `sae bench step | sparsifiers`: tables on stdout, JSON with `--json FILE`.
+
+use crate::bench::{self, ALL_SPARSIFIERS};
+use crate::config::SparsifierKind;
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchArgs {
+    /// A training step per sparsifier, split into phases, against the encoder GEMM alone.
+    Step(StepArgs),
+    /// Selection alone for every sparsifier over a grid of shapes.
+    Sparsifiers(SparsifierArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StepArgs {
+    #[arg(long, default_value_t = 576)]
+    pub d_in: usize,
+    #[arg(long, default_value_t = 4608)]
+    pub d_sae: usize,
+    #[arg(long, default_value_t = 4096)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 32)]
+    pub k: usize,
+    /// Timed steps per sparsifier (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Only these sparsifiers (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub sparsifier: Vec<SparsifierKind>,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct SparsifierArgs {
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1024, 4096])]
+    pub batch: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4096, 16384])]
+    pub d_sae: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_values_t = vec![32, 128])]
+    pub k: Vec<usize>,
+    /// The full grid: batch 1024..16384, d_sae 4096..65536 (needs ~4 GB for the largest pre).
+    #[arg(long)]
+    pub full: bool,
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args {
+        BenchArgs::Step(a) => {
+            super::train_cmd::init_threads(a.threads)?;
+            let kinds = if a.sparsifier.is_empty() { ALL_SPARSIFIERS.to_vec() } else { a.sparsifier.clone() };
+            let r = bench::bench_step(&kinds, a.d_in, a.d_sae, a.batch, a.k, a.steps)?;
+            println!(
+                "cpu step bench: d_in={} d_sae={} batch={} k={} threads={}; encoder GEMM {:.1} ms = {:.0} GFLOP/s",
+                r.d_in, r.d_sae, r.batch, r.k, r.threads, r.gemm_ms, r.gemm_gflops
+            );
+            println!(
+                "{:<14} {:>9} {:>11} {:>9} {:>8} | {:>7} {:>7} {:>7} {:>8} {:>7} (ms/step)",
+                "sparsifier", "step ms", "tokens/s", "step/GEMM", "L0", "encode", "select", "decode", "backward", "adam"
+            );
+            for row in &r.rows {
+                let p = &row.phases_ms;
+                println!(
+                    "{:<14} {:>9.1} {:>11.0} {:>9.2} {:>8.1} | {:>7.1} {:>7.1} {:>7.1} {:>8.1} {:>7.1}",
+                    row.sparsifier,
+                    row.step_ms,
+                    row.tokens_per_s,
+                    row.step_over_gemm,
+                    row.l0,
+                    p.encode,
+                    p.select,
+                    p.decode,
+                    p.backward,
+                    p.optimizer
+                );
+            }
+            if let Some(path) = a.json {
+                crate::util::atomic::write_json_atomic(&path, &r)?;
+            }
+        }
+        BenchArgs::Sparsifiers(a) => {
+            super::train_cmd::init_threads(a.threads)?;
+            let (batches, d_saes) = if a.full {
+                (vec![1024, 4096, 16384], vec![4096, 16384, 65536])
+            } else {
+                (a.batch.clone(), a.d_sae.clone())
+            };
+            let rows = bench::bench_sparsifiers(&batches, &d_saes, &a.k, a.reps);
+            println!(
+                "{:<8} {:<12} {:>6} {:>7} {:>5} {:>9} {:>8} {:>8}",
+                "backend", "sparsifier", "batch", "d_sae", "k", "ms", "GB/s", "of BW"
+            );
+            for r in &rows {
+                println!(
+                    "{:<8} {:<12} {:>6} {:>7} {:>5} {:>9.2} {:>8.2} {:>7.0}%",
+                    r.backend,
+                    r.sparsifier,
+                    r.batch,
+                    r.d_sae,
+                    r.k,
+                    r.ms,
+                    r.gb_per_s,
+                    100.0 * r.frac_bandwidth
+                );
+            }
+            if let Some(path) = a.json {
+                crate::util::atomic::write_json_atomic(&path, &rows)?;
+            }
+        }
+    }
+    Ok(())
+}

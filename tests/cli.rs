@@ -1,0 +1,159 @@
+//! The `sae` binary end to end: option validation, config files, run-directory layout.
+
+use safetensors::SafeTensors;
+use std::path::Path;
+use std::process::Command;
+
+fn sae(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sae")).args(args).output().expect("run sae")
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A small, fast training run's flags.
+const TINY: &[&str] = &[
+    "--synth-d-in",
+    "24",
+    "--synth-features",
+    "40",
+    "--d-sae",
+    "48",
+    "--batch-size",
+    "64",
+    "--steps",
+    "30",
+    "--eval-tokens",
+    "128",
+    "--log-every",
+    "10",
+    "--quiet",
+    "--threads",
+    "1",
+];
+
+fn train(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut a = vec!["train", "--out", out.to_str().unwrap()];
+    a.extend_from_slice(TINY);
+    a.extend_from_slice(extra);
+    sae(&a)
+}
+
+#[test]
+fn invalid_settings_fail_before_training_and_name_the_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--sparsifier", "topk", "--k", "0"], "--k"),
+        (&["--sparsifier", "topk", "--k", "49"], "--k"),
+        (&["--sparsifier", "wta", "--rate", "0"], "--rate"),
+        (&["--sparsifier", "wta", "--rate", "1.5"], "--rate"),
+        (&["--sparsifier", "wta", "--rate", "-0.1"], "--rate"),
+        (&["--batch-size", "0"], "--batch-size"),
+        (&["--d-sae", "0"], "--d-sae"),
+        (&["--sparsifier", "nonsense"], "--sparsifier"),
+        (&["--sparsifier", "jumprelu"], "--sparsifier"),
+        (&["--steps", "0"], "--steps"),
+        (&["--lr", "0"], "--lr"),
+        (&["--d-in", "25"], "--d-in"),
+    ];
+    for (i, (flags, option)) in cases.iter().enumerate() {
+        let out = dir.path().join(format!("run{i}"));
+        let o = train(&out, flags);
+        assert!(!o.status.success(), "{flags:?} should fail");
+        let e = stderr(&o);
+        assert!(e.contains(option), "{flags:?}: error should name {option}: {e}");
+        assert!(!out.join("sae_weights.safetensors").exists(), "{flags:?} left a checkpoint");
+    }
+}
+
+#[test]
+fn default_run_layout_and_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = train(&out, &[]);
+    assert!(o.status.success(), "train failed: {}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    for key in ["L0", "MSE", "EV", "alive", "dead", "MMCS", "recovered>0.9"] {
+        assert!(stdout.contains(key), "summary lacks {key}: {stdout}");
+    }
+    // SAELens layout: W_enc [d_in, d_sae], W_dec [d_sae, d_in], threshold for wta (JumpReLU).
+    let bytes = std::fs::read(out.join("sae_weights.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("W_enc").unwrap().shape(), &[24, 48]);
+    assert_eq!(st.tensor("W_dec").unwrap().shape(), &[48, 24]);
+    assert_eq!(st.tensor("b_enc").unwrap().shape(), &[48]);
+    assert_eq!(st.tensor("b_dec").unwrap().shape(), &[24]);
+    assert_eq!(st.tensor("threshold").unwrap().shape(), &[48]);
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("cfg.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architecture"], "jumprelu");
+    assert_eq!(cfg["d_in"], 24);
+    assert_eq!(cfg["d_sae"], 48);
+    // metrics: one line per logging step.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![10, 20, 30]);
+    // the resolved config is saved, and no temporary file is left behind.
+    let resolved: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(resolved["d_sae"], 48);
+    assert_eq!(resolved["d_in"], 24);
+    assert_eq!(resolved["sparsifier"], "wta");
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.ends_with(".tmp"), "temporary file left: {name}");
+    }
+}
+
+#[test]
+fn topk_exports_as_saelens_topk_without_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = train(&out, &["--sparsifier", "topk", "--k", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("cfg.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architecture"], "topk");
+    assert_eq!(cfg["k"], 4);
+    let bytes = std::fs::read(out.join("sae_weights.safetensors")).unwrap();
+    assert!(SafeTensors::deserialize(&bytes).unwrap().tensor("threshold").is_err());
+}
+
+#[test]
+fn config_file_is_read_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml_path = dir.path().join("c.toml");
+    std::fs::write(&toml_path, "sparsifier = \"batchtopk\"\nk = 3\nd_sae = 40\nlr = 0.002\n").unwrap();
+    let out = dir.path().join("run");
+    let mut a = vec!["train", "--config", toml_path.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    a.extend_from_slice(TINY);
+    // TINY passes --d-sae 48 on the command line: it must win over the file's 40.
+    let o = sae(&a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let resolved: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(resolved["sparsifier"], "batchtopk");
+    assert_eq!(resolved["k"], 3);
+    assert_eq!(resolved["d_sae"], 48);
+    assert_eq!(resolved["lr"], 0.002);
+
+    let json_path = dir.path().join("c.json");
+    std::fs::write(&json_path, r#"{"sparsifier": "topk", "k": 0}"#).unwrap();
+    let o = sae(&["train", "--config", json_path.to_str().unwrap(), "--out", dir.path().join("r2").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--k"), "{}", stderr(&o));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "sparsifer = \"topk\"\n").unwrap();
+    let o = sae(&["train", "--config", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("bad.toml") && e.contains("sparsifer"), "error should name file and key: {e}");
+}
+
+#[test]
+fn resume_of_missing_run_is_a_clear_error() {
+    let o = sae(&["train", "--resume", "/nonexistent/run"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("/nonexistent/run"), "{}", stderr(&o));
+}
