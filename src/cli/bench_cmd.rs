@@ -67,7 +67,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
             println!(
                 "{:<14} {:>9} {:>11} {:>9} {:>8} | {:>7} {:>7} {:>7} {:>8} {:>7} (ms/step)",
-                "sparsifier", "step ms", "tokens/s", "step/GEMM", "L0", "encode", "select", "decode", "backward", "adam"
+                "sparsifier",
+                "step ms",
+                "tokens/s",
+                "step/GEMM",
+                "L0",
+                "encode",
+                "select",
+                "decode",
+                "backward",
+                "adam"
             );
             for row in &r.rows {
                 let p = &row.phases_ms;

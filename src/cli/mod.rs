@@ -16,7 +16,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train an SAE (default: a WTA SAE on built-in synthetic data).
-    Train(train_cmd::TrainArgs),
+    Train(Box<train_cmd::TrainArgs>),
     /// Benchmarks: a training step split into phases, or every sparsifier's selection.
     #[command(subcommand)]
     Bench(bench_cmd::BenchArgs),
@@ -28,7 +28,7 @@ pub fn main() -> Result<()> {
     match cli.command {
         Command::Train(args) => {
             let sub = matches.subcommand_matches("train").expect("train subcommand matched");
-            train_cmd::run(args, sub)
+            train_cmd::run(*args, sub)
         }
         Command::Bench(args) => bench_cmd::run(args),
     }

@@ -14,7 +14,7 @@ pub fn select_aux(pre: &[f32], rows: usize, cols: usize, candidates: &[u32], k_a
         .map(|b| {
             let r = &pre[b * cols..(b + 1) * cols];
             let mut cand: Vec<(f32, u32)> =
-                candidates.iter().filter_map(|&i| (r[i as usize] > 0.0).then(|| (r[i as usize], i))).collect();
+                candidates.iter().filter(|&&i| r[i as usize] > 0.0).map(|&i| (r[i as usize], i)).collect();
             if cand.len() > k_aux {
                 cand.select_nth_unstable_by(k_aux - 1, |a, b| {
                     b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1))

@@ -1,6 +1,7 @@
 //! Sparse backward pass (SPEC "Backward"). Only kept entries carry gradient, so every product
 //! here costs nnz * d: no B x F x d work.
 
+use super::forward::axpy;
 use crate::sparse::{LatentView, SparseCodes};
 use rayon::prelude::*;
 
@@ -65,12 +66,8 @@ pub fn latent_row_grads<E>(
                     let p = grp.view.pos[e] as usize;
                     let z = grp.codes.val[p];
                     let dp = grp.dpre[p];
-                    let gr = &grp.g[b * d..(b + 1) * d];
-                    let xr = &xc[b * d..(b + 1) * d];
-                    for j in 0..d {
-                        gd[j] += z * gr[j];
-                        ge[j] += dp * xr[j];
-                    }
+                    axpy(gd, z, &grp.g[b * d..(b + 1) * d]);
+                    axpy(ge, dp, &xc[b * d..(b + 1) * d]);
                     bsum += dp;
                 }
             }

@@ -9,7 +9,6 @@ pub mod forward;
 pub mod gemm;
 
 use super::{Backend, InferMode, Inference, PhaseTimes, StepStats};
-use std::time::Instant;
 use crate::config::{AuxKind, BudgetKind, SparsifierKind, ThresholdMode, TrainConfig};
 use crate::data::Batch;
 use crate::model::{aligned, Params, TrainState};
@@ -17,6 +16,8 @@ use crate::sparse::SparseCodes;
 use crate::sparsify::{self, budget, threshold, Selection};
 use anyhow::{ensure, Result};
 use backward::Contribution;
+use rayon::prelude::*;
+use std::time::Instant;
 
 pub struct CpuBackend {
     cfg: TrainConfig,
@@ -32,6 +33,8 @@ struct Workspace {
     pre: Vec<f32>,
     x_hat: Vec<f32>,
     w_enc_eff: Vec<f32>,
+    residual: Vec<f32>,
+    g: Vec<f32>,
     grad: Option<Params>,
 }
 
@@ -255,9 +258,17 @@ impl CpuBackend {
         let rec_loss = stats.sse / rows as f64;
 
         // residual R = x_hat - x; G = dL_rec/dx_hat = (2/B) R
-        let residual: Vec<f32> = x_hat.iter().zip(x.iter()).map(|(h, x)| h - x).collect();
         let scale = 2.0 / rows as f32;
-        let g: Vec<f32> = residual.iter().map(|r| scale * r).collect();
+        let mut residual = std::mem::take(&mut self.ws.residual);
+        let mut g = std::mem::take(&mut self.ws.g);
+        residual.resize(rows * d, 0.0);
+        g.resize(rows * d, 0.0);
+        residual.par_iter_mut().zip(g.par_iter_mut()).zip(x_hat.par_iter().zip(x.par_iter())).for_each(
+            |((r, g), (h, x))| {
+                *r = h - x;
+                *g = scale * *r;
+            },
+        );
         let t3 = Instant::now();
         // ---- main-path code gradients ----
         let w_dec = self.state.params.w_dec();
@@ -347,6 +358,8 @@ impl CpuBackend {
         }
 
         self.ws.x_hat = x_hat;
+        self.ws.residual = residual;
+        self.ws.g = g;
         let t4 = Instant::now();
         self.times.encode += (t1 - t0).as_secs_f64();
         self.times.select += (t2 - t1).as_secs_f64();
@@ -381,8 +394,12 @@ impl CpuBackend {
             t,
         };
         let s = &mut self.state;
-        adam::adam_step(&mut s.params.data, &grad.data, &mut s.adam_m.data, &mut s.adam_v.data, h);
-        adam::renormalize_rows(s.params.parts_mut().w_dec, d);
+        // [W_enc | b_enc] and b_dec plainly; W_dec rows fused with their renormalisation.
+        let [_, _, dec0, dec1, _] = s.params.shape.offsets();
+        let (p, g, m, v) = (&mut s.params.data, &grad.data, &mut s.adam_m.data, &mut s.adam_v.data);
+        adam::adam_step(&mut p[..dec0], &g[..dec0], &mut m[..dec0], &mut v[..dec0], h);
+        adam::adam_step_renorm_rows(&mut p[dec0..dec1], &g[dec0..dec1], &mut m[dec0..dec1], &mut v[dec0..dec1], d, h);
+        adam::adam_step(&mut p[dec1..], &g[dec1..], &mut m[dec1..], &mut v[dec1..], h);
         self.ws.grad = Some(grad);
         self.update_tracking(codes, rows);
         self.state.step = t;
