@@ -110,3 +110,82 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         *y += a * x;
     }
 }
+
+/// Decode, residual and code gradients in one pass per token, so each kept decoder row is
+/// fetched once and reused from cache: `x_hat_b = b_dec + sum_e z_e W_dec_i`, `r_b = x_hat_b - x_b`,
+/// `g_b = scale * r_b`, `dz_e = g_b . W_dec_i` (CSR order). Returns per-chunk residual sums
+/// (sum ||r||^2, sum cos(x, x_hat)) in a fixed order.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_residual_grads(
+    codes: &SparseCodes,
+    w_dec: &[f32],
+    b_dec: &[f32],
+    x: &[f32],
+    scale: f32,
+    x_hat: &mut [f32],
+    residual: &mut [f32],
+    g: &mut [f32],
+    dz: &mut [f32],
+) -> (f64, f64) {
+    let d = b_dec.len();
+    // Split dz by row chunks so each task owns its entries.
+    let n_chunks = codes.rows.div_ceil(ROW_CHUNK);
+    let mut dz_parts: Vec<&mut [f32]> = Vec::with_capacity(n_chunks);
+    let mut rest = dz;
+    for c in 0..n_chunks {
+        let (b0, b1) = (c * ROW_CHUNK, ((c + 1) * ROW_CHUNK).min(codes.rows));
+        let (head, tail) = rest.split_at_mut(codes.row_ptr[b1] - codes.row_ptr[b0]);
+        dz_parts.push(head);
+        rest = tail;
+    }
+    let sums: Vec<(f64, f64)> = x_hat
+        .par_chunks_mut(d * ROW_CHUNK)
+        .zip(residual.par_chunks_mut(d * ROW_CHUNK))
+        .zip(g.par_chunks_mut(d * ROW_CHUNK))
+        .zip(dz_parts.into_par_iter())
+        .enumerate()
+        .map(|(c, (((xh, rs), gs), dzc))| {
+            let mut acc = (0f64, 0f64);
+            let mut off = 0;
+            for (r, ((h, res), gr)) in xh.chunks_mut(d).zip(rs.chunks_mut(d)).zip(gs.chunks_mut(d)).enumerate() {
+                let b = c * ROW_CHUNK + r;
+                let xb = &x[b * d..(b + 1) * d];
+                let (ix, vs) = codes.row(b);
+                h.copy_from_slice(b_dec);
+                for (&i, &v) in ix.iter().zip(vs) {
+                    axpy(h, v, &w_dec[i as usize * d..(i as usize + 1) * d]);
+                }
+                let (mut se, mut xx, mut hh, mut xh_) = (0f64, 0f64, 0f64, 0f64);
+                for j in 0..d {
+                    let rj = h[j] - xb[j];
+                    res[j] = rj;
+                    gr[j] = scale * rj;
+                    se += (rj as f64) * (rj as f64);
+                    xx += (xb[j] as f64) * (xb[j] as f64);
+                    hh += (h[j] as f64) * (h[j] as f64);
+                    xh_ += (xb[j] as f64) * (h[j] as f64);
+                }
+                acc.0 += se;
+                let den = (xx * hh).sqrt();
+                acc.1 += if den > 0.0 { xh_ / den } else { 0.0 };
+                for &i in ix {
+                    dzc[off] = super::backward::dot(gr, &w_dec[i as usize * d..(i as usize + 1) * d]);
+                    off += 1;
+                }
+            }
+            acc
+        })
+        .collect();
+    sums.iter().fold((0.0, 0.0), |a, s| (a.0 + s.0, a.1 + s.1))
+}
+
+/// sum_b ||x_b - mean(X)||^2 (two passes, stable for inputs with a large mean).
+pub fn total_variance(x: &[f32], d: usize) -> f64 {
+    let rows = (x.len() / d).max(1);
+    let mean: Vec<f64> = column_sums(x, d).into_iter().map(|s| s / rows as f64).collect();
+    let parts: Vec<f64> = x
+        .par_chunks(d * ROW_CHUNK)
+        .map(|c| c.chunks(d).map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>()).sum())
+        .collect();
+    parts.iter().sum()
+}

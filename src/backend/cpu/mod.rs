@@ -16,7 +16,6 @@ use crate::sparse::SparseCodes;
 use crate::sparsify::{self, budget, threshold, Selection};
 use anyhow::{ensure, Result};
 use backward::Contribution;
-use rayon::prelude::*;
 use std::time::Instant;
 
 pub struct CpuBackend {
@@ -252,27 +251,31 @@ impl CpuBackend {
         let codes = self.select_training(rows);
         let t2 = Instant::now();
         let mut x_hat = std::mem::take(&mut self.ws.x_hat);
-        x_hat.resize(rows * d, 0.0);
-        forward::decode(&codes, self.state.params.w_dec(), Some(self.state.params.b_dec()), d, &mut x_hat);
-        let stats = forward::residual_stats(x, &x_hat, d);
-        let rec_loss = stats.sse / rows as f64;
-
-        // residual R = x_hat - x; G = dL_rec/dx_hat = (2/B) R
-        let scale = 2.0 / rows as f32;
         let mut residual = std::mem::take(&mut self.ws.residual);
         let mut g = std::mem::take(&mut self.ws.g);
+        x_hat.resize(rows * d, 0.0);
         residual.resize(rows * d, 0.0);
         g.resize(rows * d, 0.0);
-        residual.par_iter_mut().zip(g.par_iter_mut()).zip(x_hat.par_iter().zip(x.par_iter())).for_each(
-            |((r, g), (h, x))| {
-                *r = h - x;
-                *g = scale * *r;
-            },
+        // residual R = x_hat - x; G = dL_rec/dx_hat = (2/B) R; dZ = G W_dec^T at kept entries.
+        let scale = 2.0 / rows as f32;
+        let mut dpre = vec![0f32; codes.nnz()];
+        let (sse, _cos) = forward::decode_residual_grads(
+            &codes,
+            self.state.params.w_dec(),
+            self.state.params.b_dec(),
+            x,
+            scale,
+            &mut x_hat,
+            &mut residual,
+            &mut g,
+            &mut dpre,
         );
+        let total_var = forward::total_variance(x, d);
+        let rec_loss = sse / rows as f64;
         let t3 = Instant::now();
-        // ---- main-path code gradients ----
+
+        // ---- main-path extras (L1) ----
         let w_dec = self.state.params.w_dec();
-        let mut dpre = backward::code_grads(&codes, &g, w_dec, d);
         let mut l1_loss = 0.0;
         let dec_norms: Vec<f32> = if cfg.sparsifier == SparsifierKind::Relu {
             w_dec.chunks(d).map(|w| backward::dot(w, w).sqrt()).collect()
@@ -373,7 +376,7 @@ impl CpuBackend {
             l1_loss,
             l0,
             mse: rec_loss / d as f64,
-            ev: if stats.total_var > 0.0 { 1.0 - stats.sse / stats.total_var } else { 0.0 },
+            ev: if total_var > 0.0 { 1.0 - sse / total_var } else { 0.0 },
             dead: candidates.len(),
         };
         Ok(GradientPass { stats, grad, codes, aux_candidates: candidates.len() })
