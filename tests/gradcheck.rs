@@ -35,6 +35,7 @@ fn cfg(sparsifier: SparsifierKind, d: usize, f: usize, k: usize) -> TrainConfig 
         sparsifier,
         d_sae: f,
         d_in: Some(d),
+        synth_d_in: d,
         k,
         aux: Some(AuxKind::None),
         quiet: true,
@@ -239,8 +240,6 @@ fn zero_fixed(g: &mut RefParams, cfg: &LossConfig) {
 
 struct Prepared {
     c: Case,
-    params: Params,
-    x32: Vec<f32>,
     p: RefParams,
     x: Vec<f64>,
     lc: LossConfig,
@@ -266,7 +265,7 @@ fn prepare(c: &Case, seed: u64, project: bool) -> Prepared {
         assert!(aux.is_some(), "{}: the aux loss should be active", c.name);
         assert_eq!(pass.aux_candidates, c.dead.len(), "{}: aux candidates", c.name);
     }
-    Prepared { c: c.clone(), params, x32, p, x, lc, mask, aux, pass }
+    Prepared { c: c.clone(), p, x, lc, mask, aux, pass }
 }
 
 impl Prepared {
