@@ -349,9 +349,12 @@ fn cpu_gradient_matches_reference() {
 
         // Loss terms agree too, and the codes hold the reference pre-activations.
         let s = &pr.pass.stats;
-        for (what, got, want) in
-            [("loss", s.loss, value.total), ("rec", s.rec_loss, value.rec), ("aux", s.aux_loss, value.aux), ("l1", s.l1_loss, value.l1)]
-        {
+        for (what, got, want) in [
+            ("loss", s.loss, value.total),
+            ("rec", s.rec_loss, value.rec),
+            ("aux", s.aux_loss, value.aux),
+            ("l1", s.l1_loss, value.l1),
+        ] {
             assert!((got - want).abs() <= 1e-5 * want.abs().max(1e-3), "{}: {what} {got} vs reference {want}", c.name);
         }
         let fw = r::forward(&pr.p, &pr.lc, &pr.x, c.rows, &pr.mask);
@@ -368,7 +371,10 @@ fn cpu_gradient_matches_reference() {
 /// `gradients(.., project = true)` removes each decoder row's component along the row.
 #[test]
 fn cpu_projected_gradient_matches_reference() {
-    for c in cases().iter().filter(|c| ["topk", "relu+l1 aligned", "batchtopk+aux_k aligned", "wta uniform"].contains(&c.name)) {
+    for c in cases()
+        .iter()
+        .filter(|c| ["topk", "relu+l1 aligned", "batchtopk+aux_k aligned", "wta uniform"].contains(&c.name))
+    {
         let pr = prepare(c, 300, true);
         let (_, mut g) = pr.reference();
         r::project_decoder(&mut g, &pr.p);
@@ -430,8 +436,18 @@ fn cpu_steps_match_reference_adam() {
             let st = be.state().unwrap();
             let what = format!("(c) {} step {t}", c.name);
             let e = assert_close(&format!("{what}: params"), &RefParams::from_params(&st.params), &p, 1e-5);
-            let em = assert_close(&format!("{what}: adam m"), &RefParams::from_params(&st.adam_m), &RefParams::from_flat(d, f, &m), 1e-4);
-            let ev = assert_close(&format!("{what}: adam v"), &RefParams::from_params(&st.adam_v), &RefParams::from_flat(d, f, &v), 1e-4);
+            let em = assert_close(
+                &format!("{what}: adam m"),
+                &RefParams::from_params(&st.adam_m),
+                &RefParams::from_flat(d, f, &m),
+                1e-4,
+            );
+            let ev = assert_close(
+                &format!("{what}: adam v"),
+                &RefParams::from_params(&st.adam_v),
+                &RefParams::from_flat(d, f, &v),
+                1e-4,
+            );
             if t == steps {
                 eprintln!("(c) {:<26} params: {} | m: {} | v: {}", c.name, fmt_errs(&e), fmt_errs(&em), fmt_errs(&ev));
             }
@@ -440,7 +456,11 @@ fn cpu_steps_match_reference_adam() {
             for i in 0..f {
                 assert_eq!(st.theta_set[i], theta[i].is_some(), "{what}: theta_set[{i}]");
                 if let Some(th) = theta[i] {
-                    assert!((st.theta[i] as f64 - th).abs() <= 1e-5 * th.abs().max(1e-3), "{what}: theta[{i}] {} vs {th}", st.theta[i]);
+                    assert!(
+                        (st.theta[i] as f64 - th).abs() <= 1e-5 * th.abs().max(1e-3),
+                        "{what}: theta[{i}] {} vs {th}",
+                        st.theta[i]
+                    );
                 }
             }
             for k in 0..f {
