@@ -416,9 +416,9 @@ fn cpu_steps_match_reference_adam() {
             r::train_step(&mut p, &g, &mut m, &mut v, t, h);
 
             // Bookkeeping: dead counters and the threshold EMA.
-            for i in 0..f {
+            for (i, s) in since.iter_mut().enumerate() {
                 let fired = (0..rows).any(|b| mask.get(b, i));
-                since[i] = if fired { 0 } else { since[i] + rows as u64 };
+                *s = if fired { 0 } else { *s + rows as u64 };
             }
             if c.cfg.sparsifier.batch_dependent() {
                 let d = c.cfg.threshold_decay;
@@ -453,9 +453,9 @@ fn cpu_steps_match_reference_adam() {
             }
             assert_eq!(st.since_fired, since, "{what}: dead-latent counters");
             assert_eq!(st.step, t);
-            for i in 0..f {
-                assert_eq!(st.theta_set[i], theta[i].is_some(), "{what}: theta_set[{i}]");
-                if let Some(th) = theta[i] {
+            for (i, th) in theta.iter().enumerate() {
+                assert_eq!(st.theta_set[i], th.is_some(), "{what}: theta_set[{i}]");
+                if let Some(th) = *th {
                     assert!(
                         (st.theta[i] as f64 - th).abs() <= 1e-5 * th.abs().max(1e-3),
                         "{what}: theta[{i}] {} vs {th}",

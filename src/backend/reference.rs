@@ -7,6 +7,9 @@
 //! an Adam step, the decoder renormalisation and the threshold EMA, so that a whole training step
 //! of a fast backend can be compared with it. Finite differences of [`loss`] check [`loss_and_grad`].
 
+// Index loops on purpose: they read like the SPEC's sums.
+#![allow(clippy::needless_range_loop)]
+
 use crate::model::{Params, Shape};
 
 /// Parameters (or a gradient) in f64, in the SPEC's shapes. Under aligned training `w_enc`
