@@ -28,6 +28,8 @@ struct Case {
     rows: usize,
     /// Latents marked dead (since_fired = dead window) before the pass.
     dead: Vec<usize>,
+    /// Start from step 5 with varied running densities (so that aux_zipf has dying latents).
+    densities: bool,
 }
 
 fn cfg(sparsifier: SparsifierKind, d: usize, f: usize, k: usize) -> TrainConfig {
@@ -44,7 +46,7 @@ fn cfg(sparsifier: SparsifierKind, d: usize, f: usize, k: usize) -> TrainConfig 
 }
 
 fn case(name: &'static str, sparsifier: SparsifierKind, rows: usize, d: usize, f: usize, k: usize) -> Case {
-    Case { name, cfg: cfg(sparsifier, d, f, k), rows, dead: vec![] }
+    Case { name, cfg: cfg(sparsifier, d, f, k), rows, dead: vec![], densities: false }
 }
 
 /// Every third latent dead, aux_k on.
@@ -96,6 +98,10 @@ fn cases() -> Vec<Case> {
     v.push(aligned(case("topk aligned", Topk, B, D, F, K)));
     v.push(aligned(case("relu+l1 aligned", Relu, B, D, F, K)));
     v.push(aligned(with_aux(case("batchtopk+aux_k aligned", Batchtopk, B, D, F, K))));
+    let mut c = case("mutual_choice+aux_zipf", MutualChoice, B, D, F, K);
+    c.cfg.aux = None; // the default for mutual_choice: aux_zipf
+    c.densities = true;
+    v.push(c);
     for c in &mut v {
         c.cfg.validate().unwrap_or_else(|e| panic!("{}: invalid test config: {e}", c.name));
     }
@@ -143,6 +149,14 @@ fn backend(c: &Case, params: Params) -> CpuBackend {
     for &i in &c.dead {
         state.since_fired[i] = c.cfg.dead_window_tokens();
     }
+    if c.densities {
+        state.step = 5;
+        let f = c.cfg.d_sae;
+        for (i, dn) in state.density.iter_mut().enumerate() {
+            let u = ((i * 37) % f) as f32 / f as f32;
+            *dn = 0.005 + 0.3 * u * u;
+        }
+    }
     CpuBackend::new(c.cfg.clone(), state).unwrap()
 }
 
@@ -159,14 +173,39 @@ fn loss_cfg(c: &TrainConfig) -> LossConfig {
     }
 }
 
+/// aux_zipf's "dying" latents (SPEC): bottom quarter by running density AND density below
+/// 0.6 x the Zipf prediction for the rank (the rank's budget m_(i) over the batch size).
+fn dying(density: &[f32], batch: usize, k: usize, alpha: f64, beta: f64) -> Vec<bool> {
+    let f = density.len();
+    let mut order: Vec<usize> = (0..f).collect();
+    order.sort_by(|&a, &b| density[b].partial_cmp(&density[a]).unwrap().then(a.cmp(&b)));
+    let z: f64 = (1..=f).map(|i| (i as f64 + beta).powf(-alpha)).sum();
+    let n = (batch * k) as f64 / z;
+    let mut out = vec![false; f];
+    for (r, &i) in order.iter().enumerate() {
+        let rank = r + 1;
+        let predicted = (n / (rank as f64 + beta).powf(alpha)).floor() / batch as f64;
+        out[i] = rank > f - f / 4 && (density[i] as f64) < 0.6 * predicted;
+    }
+    out
+}
+
+/// Where the aux candidates come from: dead counters (aux_k) or densities (aux_zipf).
+struct Tracking<'a> {
+    since: &'a [u64],
+    density: &'a [f32],
+    step: u64,
+}
+
 /// The aux set the SPEC prescribes, selected independently in f64 from the reference `pre`;
 /// None when there are no candidates or none of them is positive (no aux term then).
-fn aux_mask(c: &TrainConfig, p: &RefParams, x: &[f64], rows: usize, mask: &Mask, since: &[u64]) -> Option<Mask> {
-    if c.aux_kind() != AuxKind::AuxK {
-        return None;
-    }
-    let w = c.dead_window_tokens();
-    let cand: Vec<bool> = since.iter().map(|&s| s >= w).collect();
+fn aux_mask(c: &TrainConfig, p: &RefParams, x: &[f64], rows: usize, mask: &Mask, tr: &Tracking) -> Option<Mask> {
+    let cand: Vec<bool> = match c.aux_kind() {
+        AuxKind::None => return None,
+        AuxKind::AuxK => tr.since.iter().map(|&s| s >= c.dead_window_tokens()).collect(),
+        AuxKind::AuxZipf if tr.step == 0 => return None,
+        AuxKind::AuxZipf => dying(tr.density, rows, c.k, c.zipf_alpha, c.zipf_beta),
+    };
     let fw = r::forward(p, &loss_cfg(c), x, rows, mask);
     let m = r::select_aux(&fw.pre, rows, p.f, &cand, c.k_aux_for(p.d));
     (m.count() > 0).then_some(m)
@@ -253,17 +292,24 @@ fn prepare(c: &Case, seed: u64, project: bool) -> Prepared {
     let params = random_params(d, c.cfg.d_sae, c.cfg.aligned, seed);
     let x32 = random_x(c.rows, d, seed);
     let mut be = backend(c, params.clone());
-    let since = be.state_ref().since_fired.clone();
+    let st = be.state_ref().clone();
+    let tr = Tracking { since: &st.since_fired, density: &st.density, step: st.step };
     let pass = be.gradients(&x32, c.rows, project).unwrap();
     let p = RefParams::from_params(&params);
     let x = widen(&x32);
     let lc = loss_cfg(&c.cfg);
     let mask = mask_of(&pass.codes);
     assert!(mask.count() > 0, "{}: empty kept set", c.name);
-    let aux = aux_mask(&c.cfg, &p, &x, c.rows, &mask, &since);
+    let aux = aux_mask(&c.cfg, &p, &x, c.rows, &mask, &tr);
     if !c.dead.is_empty() {
         assert!(aux.is_some(), "{}: the aux loss should be active", c.name);
         assert_eq!(pass.aux_candidates, c.dead.len(), "{}: aux candidates", c.name);
+    }
+    if c.densities {
+        assert!(aux.is_some(), "{}: the aux loss should be active", c.name);
+        let n = dying(&st.density, c.rows, c.cfg.k, c.cfg.zipf_alpha, c.cfg.zipf_beta).iter().filter(|&&x| x).count();
+        assert!(n > 0 && n < c.cfg.d_sae / 4, "{}: {n} dying latents", c.name);
+        assert_eq!(pass.aux_candidates, n, "{}: aux candidates", c.name);
     }
     Prepared { c: c.clone(), p, x, lc, mask, aux, pass }
 }
@@ -402,6 +448,8 @@ fn cpu_steps_match_reference_adam() {
         let len = p.flat().len();
         let (mut m, mut v) = (vec![0.0; len], vec![0.0; len]);
         let mut since = be.state_ref().since_fired.clone();
+        let mut density: Vec<f64> = be.state_ref().density.iter().map(|&v| v as f64).collect();
+        let step0 = be.state_ref().step;
         let mut theta: Vec<Option<f64>> = vec![None; f];
         for t in 1..=steps {
             let x32 = random_x(rows, d, 1000 * t + n as u64);
@@ -409,16 +457,23 @@ fn cpu_steps_match_reference_adam() {
             // The kept set the backend will use (gradients() leaves the state untouched).
             let codes = be.gradients(&x32, rows, true).unwrap().codes;
             let mask = mask_of(&codes);
-            let aux = aux_mask(&c.cfg, &p, &x, rows, &mask, &since);
+            let st = be.state_ref().clone();
+            let tr = Tracking { since: &since, density: &st.density, step: st.step };
+            let aux = aux_mask(&c.cfg, &p, &x, rows, &mask, &tr);
+            if c.densities {
+                assert!(aux.is_some(), "{}: aux_zipf should be active", c.name);
+            }
             let (_, g) = r::loss_and_grad(&p, &lc, &x, rows, &mask, aux.as_ref());
             let fw = r::forward(&p, &lc, &x, rows, &mask);
             be.step(&Batch::from_f32(rows, d, x32), h.lr as f32).unwrap();
-            r::train_step(&mut p, &g, &mut m, &mut v, t, h);
+            r::train_step(&mut p, &g, &mut m, &mut v, step0 + t, h);
 
             // Bookkeeping: dead counters and the threshold EMA.
-            for (i, s) in since.iter_mut().enumerate() {
-                let fired = (0..rows).any(|b| mask.get(b, i));
-                *s = if fired { 0 } else { *s + rows as u64 };
+            for (i, (s, dn)) in since.iter_mut().zip(density.iter_mut()).enumerate() {
+                let fired = (0..rows).filter(|&b| mask.get(b, i)).count();
+                *s = if fired > 0 { 0 } else { *s + rows as u64 };
+                let decay = c.cfg.density_decay;
+                *dn = decay * *dn + (1.0 - decay) * fired as f64 / rows as f64;
             }
             if c.cfg.sparsifier.batch_dependent() {
                 let d = c.cfg.threshold_decay;
@@ -452,7 +507,9 @@ fn cpu_steps_match_reference_adam() {
                 eprintln!("(c) {:<26} params: {} | m: {} | v: {}", c.name, fmt_errs(&e), fmt_errs(&em), fmt_errs(&ev));
             }
             assert_eq!(st.since_fired, since, "{what}: dead-latent counters");
-            assert_eq!(st.step, t);
+            assert_eq!(st.step, step0 + t);
+            let dens: Vec<f64> = st.density.iter().map(|&v| v as f64).collect();
+            assert!(rel_err(&dens, &density) < 1e-5, "{what}: running densities");
             for (i, th) in theta.iter().enumerate() {
                 assert_eq!(st.theta_set[i], th.is_some(), "{what}: theta_set[{i}]");
                 if let Some(th) = *th {
