@@ -4,6 +4,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod reference;
 
 use crate::config::{BackendChoice, TrainConfig};
 use crate::data::Batch;
