@@ -168,8 +168,10 @@ pub struct TrainConfig {
     /// Step from which the inference threshold EMA runs (default min(1000, steps/10)).
     #[arg(long)]
     pub threshold_start: Option<u64>,
-    #[arg(long, default_value_t = TrainConfig::default().threshold_decay)]
-    pub threshold_decay: f64,
+    /// EMA decay of the inference threshold (default 0.999; shorter runs use 1 - 10/steps
+    /// after threshold_start, at least 0.9, so early minima do not linger in theta).
+    #[arg(long)]
+    pub threshold_decay: Option<f64>,
 
     // ---- optimisation ----
     #[arg(long, default_value_t = TrainConfig::default().batch_size)]
@@ -286,7 +288,7 @@ impl Default for TrainConfig {
             dead_window: None,
             threshold_mode: ThresholdMode::PerLatent,
             threshold_start: None,
-            threshold_decay: 0.999,
+            threshold_decay: None,
             batch_size: 1024,
             steps: 3000,
             tokens: None,
@@ -359,6 +361,14 @@ impl TrainConfig {
     }
     pub fn warmup(&self) -> u64 {
         self.warmup_steps.unwrap_or_else(|| 1000.min(self.total_steps() / 10))
+    }
+    /// The threshold EMA decay in force: given, else 0.999 for runs with >= 10k steps of EMA
+    /// and 1 - 10/remaining (>= 0.9) for shorter ones.
+    pub fn threshold_decay_value(&self) -> f64 {
+        self.threshold_decay.unwrap_or_else(|| {
+            let remaining = self.total_steps().saturating_sub(self.threshold_start_step()).max(1);
+            (1.0 - 10.0 / remaining as f64).clamp(0.9, 0.999)
+        })
     }
     pub fn threshold_start_step(&self) -> u64 {
         self.threshold_start.unwrap_or_else(|| 1000.min(self.total_steps() / 10))
@@ -440,8 +450,9 @@ impl TrainConfig {
                 bail!("invalid {name} {v}: must be in [0, 1)");
             }
         }
-        if !(self.threshold_decay >= 0.0 && self.threshold_decay < 1.0) {
-            bail!("invalid --threshold-decay {}: must be in [0, 1)", self.threshold_decay);
+        let td = self.threshold_decay_value();
+        if !(0.0..1.0).contains(&td) {
+            bail!("invalid --threshold-decay {td}: must be in [0, 1)");
         }
         if !(self.density_decay >= 0.0 && self.density_decay < 1.0) {
             bail!("invalid --density-decay {}: must be in [0, 1)", self.density_decay);

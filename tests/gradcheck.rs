@@ -152,9 +152,12 @@ fn backend(c: &Case, params: Params) -> CpuBackend {
     if c.densities {
         state.step = 5;
         let f = c.cfg.d_sae;
+        // Stored densities carry the EMA's start-up bias (1 - decay^step); these are the
+        // bias-corrected values the aux_zipf rule sees.
+        let bias = 1.0 - (c.cfg.density_decay as f32).powi(5);
         for (i, dn) in state.density.iter_mut().enumerate() {
             let u = ((i * 37) % f) as f32 / f as f32;
-            *dn = 0.005 + 0.3 * u * u;
+            *dn = (0.005 + 0.3 * u * u) * bias;
         }
     }
     CpuBackend::new(c.cfg.clone(), state).unwrap()
@@ -190,6 +193,12 @@ fn dying(density: &[f32], batch: usize, k: usize, alpha: f64, beta: f64) -> Vec<
     out
 }
 
+/// The running density with its EMA bias removed (as Adam's moments): density / (1 - decay^step).
+fn corrected(density: &[f32], step: u64, decay: f64) -> Vec<f32> {
+    let c = 1.0 - (decay as f32).powi(step as i32);
+    density.iter().map(|d| d / c).collect()
+}
+
 /// Where the aux candidates come from: dead counters (aux_k) or densities (aux_zipf).
 struct Tracking<'a> {
     since: &'a [u64],
@@ -204,7 +213,9 @@ fn aux_mask(c: &TrainConfig, p: &RefParams, x: &[f64], rows: usize, mask: &Mask,
         AuxKind::None => return None,
         AuxKind::AuxK => tr.since.iter().map(|&s| s >= c.dead_window_tokens()).collect(),
         AuxKind::AuxZipf if tr.step == 0 => return None,
-        AuxKind::AuxZipf => dying(tr.density, rows, c.k, c.zipf_alpha, c.zipf_beta),
+        AuxKind::AuxZipf => {
+            dying(&corrected(tr.density, tr.step, c.density_decay), rows, c.k, c.zipf_alpha, c.zipf_beta)
+        }
     };
     let fw = r::forward(p, &loss_cfg(c), x, rows, mask);
     let m = r::select_aux(&fw.pre, rows, p.f, &cand, c.k_aux_for(p.d));
@@ -307,7 +318,8 @@ fn prepare(c: &Case, seed: u64, project: bool) -> Prepared {
     }
     if c.densities {
         assert!(aux.is_some(), "{}: the aux loss should be active", c.name);
-        let n = dying(&st.density, c.rows, c.cfg.k, c.cfg.zipf_alpha, c.cfg.zipf_beta).iter().filter(|&&x| x).count();
+        let dens = corrected(&st.density, st.step, c.cfg.density_decay);
+        let n = dying(&dens, c.rows, c.cfg.k, c.cfg.zipf_alpha, c.cfg.zipf_beta).iter().filter(|&&x| x).count();
         assert!(n > 0 && n < c.cfg.d_sae / 4, "{}: {n} dying latents", c.name);
         assert_eq!(pass.aux_candidates, n, "{}: aux candidates", c.name);
     }
@@ -437,7 +449,7 @@ fn cpu_steps_match_reference_adam() {
     for (n, c) in cases().iter().enumerate() {
         let mut cf = c.cfg.clone();
         cf.threshold_start = Some(0);
-        cf.threshold_decay = 0.9;
+        cf.threshold_decay = Some(0.9);
         let c = Case { cfg: cf, ..c.clone() };
         let (d, f, rows) = (c.cfg.d_in.unwrap(), c.cfg.d_sae, c.rows);
         let params = random_params(d, f, c.cfg.aligned, 400 + n as u64);
@@ -476,7 +488,7 @@ fn cpu_steps_match_reference_adam() {
                 *dn = decay * *dn + (1.0 - decay) * fired as f64 / rows as f64;
             }
             if c.cfg.sparsifier.batch_dependent() {
-                let d = c.cfg.threshold_decay;
+                let d = c.cfg.threshold_decay_value();
                 if c.cfg.sparsifier.per_column() {
                     for (i, tm) in r::per_latent_min(&fw, &mask).into_iter().enumerate() {
                         if let Some(tm) = tm {

@@ -59,7 +59,7 @@ fn resume_is_bitwise_identical_to_an_uninterrupted_run() {
             warmup_steps: Some(5),
             decay_frac: 0.02,
             threshold_start: Some(5),
-            threshold_decay: 0.9,
+            threshold_decay: Some(0.9),
             dead_window: Some(512),
             eval_tokens: 512,
             d_sae: 96, // some latents die, so aux_k is active
@@ -160,7 +160,7 @@ fn every_sparsifier_learns() {
 fn batchtopk_thresholds_give_l0_near_k() {
     for (steps, decay) in [(300, 0.99), (3000, 0.999)] {
         let tmp = tempfile::tempdir().unwrap();
-        let cfg = TrainConfig { steps, threshold_decay: decay, ..base(tmp.path(), SparsifierKind::Batchtopk) };
+        let cfg = TrainConfig { steps, threshold_decay: Some(decay), ..base(tmp.path(), SparsifierKind::Batchtopk) };
         let (s, _) = train(tmp.path(), cfg.clone());
         let l0 = s.eval.l0;
         let k = cfg.k as f64;

@@ -28,7 +28,7 @@ pub struct StepStats {
     pub mse: f64,
     /// 1 - NMSE on this batch.
     pub ev: f64,
-    /// Latents counted dead (aux_k) or dying (aux_zipf) at this step.
+    /// Latents that have not fired for `dead_window` tokens (before this step's update).
     pub dead: usize,
 }
 

@@ -40,3 +40,12 @@ pub fn dying_latents(density: &[f32], batch: usize, k: usize, alpha: f64, beta: 
     }
     dying
 }
+
+/// A running density EMA (started at 0) with its bias removed: `density / (1 - decay^step)`.
+pub fn bias_corrected(density: &[f32], step: u64, decay: f64) -> Vec<f32> {
+    let c = 1.0 - (decay as f32).powi(step.min(i32::MAX as u64) as i32);
+    if c <= 0.0 {
+        return density.to_vec();
+    }
+    density.iter().map(|d| d / c).collect()
+}

@@ -136,16 +136,22 @@ impl CpuBackend {
                 (0..c.d_sae as u32).filter(|&i| self.state.since_fired[i as usize] >= w).collect()
             }
             AuxKind::AuxZipf => {
-                // The running density needs ~1/(1-decay) steps before "dying" means anything;
-                // before that every latent would look dying and aux would swamp the step.
-                let warm = (1.0 / (1.0 - c.density_decay)).ceil() as u64;
-                if self.state.step < warm {
-                    return vec![];
+                if self.state.step == 0 {
+                    return vec![]; // no density measured yet
                 }
-                let dying = budget::dying_latents(&self.state.density, rows, c.k, c.zipf_alpha, c.zipf_beta);
+                // The EMA starts at 0: remove its bias (as Adam does for its moments) so that
+                // "density < 0.6 x the Zipf prediction" compares like with like from step 1.
+                let density = budget::bias_corrected(&self.state.density, self.state.step, c.density_decay);
+                let dying = budget::dying_latents(&density, rows, c.k, c.zipf_alpha, c.zipf_beta);
                 (0..c.d_sae as u32).filter(|&i| dying[i as usize]).collect()
             }
         }
+    }
+
+    /// Latents that have not fired for `dead_window` tokens (whatever the aux loss is).
+    fn dead_count(&self) -> usize {
+        let w = self.cfg.dead_window_tokens();
+        self.state.since_fired.iter().filter(|&&s| s >= w).count()
     }
 
     /// Update dead-latent counters, running densities and inference thresholds after a step.
@@ -161,7 +167,7 @@ impl CpuBackend {
         if !c.sparsifier.batch_dependent() || self.state.step < c.threshold_start_step() {
             return;
         }
-        let tdecay = c.threshold_decay as f32;
+        let tdecay = c.threshold_decay_value() as f32;
         let per_latent = c.sparsifier.per_column() && c.threshold_mode == ThresholdMode::PerLatent;
         let s = &mut self.state;
         if per_latent {
@@ -377,7 +383,7 @@ impl CpuBackend {
             l0,
             mse: rec_loss / d as f64,
             ev: if total_var > 0.0 { 1.0 - sse / total_var } else { 0.0 },
-            dead: candidates.len(),
+            dead: self.dead_count(),
         };
         Ok(GradientPass { stats, grad, codes, aux_candidates: candidates.len() })
     }
