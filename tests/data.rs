@@ -699,3 +699,65 @@ fn synth_recovers_ground_truth_directions() {
     assert_eq!(s.ground_truth().unwrap(), gen.ground_truth().unwrap());
     s.next_batch().unwrap();
 }
+
+// ---------------------------------------------------------------- memory (run by hand)
+
+fn status_kb(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Peak RSS while streaming one epoch of SAE_RSS_GB (default 0.5) GB of f16 shards (d_in 1024)
+/// with the default shuffle window and prefetch:
+/// `SAE_RSS_GB=4 cargo test --release --test data stream_rss -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn stream_rss() {
+    use std::io::Write;
+    let gb: f64 = std::env::var("SAE_RSS_GB").ok().and_then(|v| v.parse().ok()).unwrap_or(0.5);
+    let d = 1024;
+    let shard_rows = 131_072; // 256 MiB per f16 shard
+    let n_shards = ((gb * 1e9) / (shard_rows * d * 2) as f64).ceil() as usize;
+    let t = tempfile::tempdir().unwrap();
+    let pattern: Vec<u8> = encode(
+        Dtype::Float16,
+        &(0..1024 * d).map(|i| ((i * 2_654_435_761usize) % 1000) as f32 / 500.0 - 1.0).collect::<Vec<_>>(),
+    );
+    for s in 0..n_shards {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(t.path().join(format!("a{s:03}.npy"))).unwrap());
+        f.write_all(&saetrain::data::format::npy_header(Dtype::Float16, shard_rows, d)).unwrap();
+        for _ in 0..shard_rows / 1024 {
+            f.write_all(&pattern).unwrap();
+        }
+    }
+    drop(pattern);
+    let _ = std::fs::write("/proc/self/clear_refs", "5"); // reset VmHWM
+    let before = status_kb("VmHWM:");
+    let o = ShardOptions { batch_size: 4096, ..Default::default() };
+    let mut s = ShardSource::open(t.path(), o).unwrap();
+    let batches = s.train_rows() / 4096;
+    let t0 = std::time::Instant::now();
+    let mut acc = 0f32;
+    for _ in 0..batches {
+        let b = s.next_batch().unwrap();
+        acc += b.to_f32()[0];
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let bytes = (batches * 4096 * d * 2) as f64;
+    println!(
+        "streamed {:.2} GB of f16 shards ({} shards, {} rows) in {secs:.2} s: {:.2} GB/s read, {:.0} rows/s; \
+         VmHWM before {} MB, after {} MB; VmRSS {} MB (checksum {acc})",
+        bytes / 1e9,
+        n_shards,
+        batches * 4096,
+        bytes / 1e9 / secs,
+        (batches * 4096) as f64 / secs,
+        before / 1024,
+        status_kb("VmHWM:") / 1024,
+        status_kb("VmRSS:") / 1024
+    );
+}

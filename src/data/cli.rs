@@ -149,23 +149,13 @@ pub fn inspect(path: &Path, tensor: Option<&str>, sample: Option<usize>) -> Resu
         None => ds.shards.iter().enumerate().flat_map(|(s, sh)| (0..sh.rows).map(move |r| (s, r))).collect(),
     };
     // (norm or NaN, non-finite values) per row.
-    let per: Vec<(f64, u64)> = picks
-        .par_chunks(4096)
-        .flat_map_iter(|c| {
-            let mut row = vec![0f32; ds.d_in];
-            c.iter()
-                .map(|&(s, r)| {
-                    let sh = &ds.shards[s];
-                    super::format::convert_to_f32(sh.dtype, sh.bytes(r, 1), &mut row);
-                    let bad = row.iter().filter(|v| !v.is_finite()).count() as u64;
-                    let sq: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
-                    (if bad > 0 { f64::NAN } else { sq.sqrt() }, bad)
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    for sh in &ds.shards {
-        sh.dont_need_all();
+    // Groups of rows, releasing the mapped pages after each so RSS stays small on large data.
+    let mut per: Vec<(f64, u64)> = Vec::with_capacity(picks.len());
+    for group in picks.chunks(32_768) {
+        per.extend(scan_rows(&ds, group));
+        for sh in &ds.shards {
+            sh.dont_need_all();
+        }
     }
     let norms: Vec<f64> = per.iter().map(|p| p.0).filter(|x| !x.is_nan()).collect();
     let med = median(&norms);
@@ -227,4 +217,22 @@ pub fn synth(out: &Path, spec: &SynthSpec, tokens: usize, dtype: Dtype, shard_to
     };
     m.save(&out.join(MANIFEST))?;
     Ok(m)
+}
+
+/// (norm, or NaN when non-finite; non-finite values) of each (shard, row).
+fn scan_rows(ds: &Dataset, rows: &[(usize, usize)]) -> Vec<(f64, u64)> {
+    rows.par_chunks(1024)
+        .flat_map_iter(|c| {
+            let mut row = vec![0f32; ds.d_in];
+            c.iter()
+                .map(|&(s, r)| {
+                    let sh = &ds.shards[s];
+                    super::format::convert_to_f32(sh.dtype, sh.bytes(r, 1), &mut row);
+                    let bad = row.iter().filter(|v| !v.is_finite()).count() as u64;
+                    let sq: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+                    (if bad > 0 { f64::NAN } else { sq.sqrt() }, bad)
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }

@@ -247,17 +247,38 @@ pub fn sample_norms(ds: &Dataset, n: usize) -> (Vec<f64>, usize) {
         let (s, r) = ds.locate(g);
         row.clear();
         ds.shards[s].push_row_f32(r, &mut row);
-        let sq: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+        let sq = sum_sq(&row);
         if sq.is_finite() {
             norms.push(sq.sqrt());
         } else {
             bad += 1;
+        }
+        // Each touched row maps its neighbours too (kernel fault-around): release them often so
+        // the sample does not pull the whole data set into the resident set.
+        if i % 256 == 255 {
+            ds.shards[s].dont_need_all();
         }
     }
     for s in &ds.shards {
         s.dont_need_all();
     }
     (norms, bad)
+}
+
+/// Sum of squares in f64 (vectorisable); NaN/Inf when the row holds a non-finite value.
+pub fn sum_sq(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for k in 0..8 {
+            acc[k] += c[k] as f64 * c[k] as f64;
+        }
+    }
+    let mut s: f64 = acc.iter().sum();
+    for &v in it.remainder() {
+        s += v as f64 * v as f64;
+    }
+    s
 }
 
 pub fn median(v: &[f64]) -> f64 {
@@ -633,15 +654,9 @@ impl Stream {
                 let bytes = sh.bytes(r, 1);
                 self.row.resize(d, 0.0);
                 convert_to_f32(sh.dtype, bytes, &mut self.row);
-                let mut sq = 0f64;
-                let mut nonfinite = 0u64;
-                for &v in &self.row {
-                    if v.is_finite() {
-                        sq += v as f64 * v as f64;
-                    } else {
-                        nonfinite += 1;
-                    }
-                }
+                let sq = sum_sq(&self.row);
+                let nonfinite =
+                    if sq.is_finite() { 0 } else { self.row.iter().filter(|v| !v.is_finite()).count() as u64 };
                 if nonfinite > 0 {
                     self.pos.nonfinite_values += nonfinite;
                     bad = true;
@@ -861,11 +876,8 @@ impl BatchSource for ShardSource {
                     break 'outer;
                 }
                 convert_to_f32(sh.dtype, sh.bytes(r, 1), &mut row);
-                if row.iter().any(|v| !v.is_finite()) {
-                    continue;
-                }
-                let sq: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
-                if sq > c.max_sq {
+                let sq = sum_sq(&row);
+                if !sq.is_finite() || sq > c.max_sq {
                     continue;
                 }
                 rows.extend(row.iter().map(|&v| v * c.scale));
