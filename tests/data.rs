@@ -178,7 +178,9 @@ fn check_roundtrip(p: &Path, x: &[f32], rows: usize, d: usize, dt: Dtype) {
     let mut s = ShardSource::open(p, o).unwrap();
     let b = s.next_batch().unwrap();
     match (dt, &b.data) {
-        (Dtype::Float32, BatchData::F32(_)) | (Dtype::Float16, BatchData::F16(_)) | (Dtype::Bfloat16, BatchData::Bf16(_)) => {}
+        (Dtype::Float32, BatchData::F32(_))
+        | (Dtype::Float16, BatchData::F16(_))
+        | (Dtype::Bfloat16, BatchData::Bf16(_)) => {}
         other => panic!("keep_half gave {:?} for {dt}", std::mem::discriminant(other.1)),
     }
     assert_eq!(b.rows * b.d_in, 8 * d);
@@ -248,7 +250,14 @@ fn bad_files_have_clear_errors() {
     std::fs::write(&p, b"PK\x03\x04 this is a zip file, not npy").unwrap();
     assert_err(&p, o(), &["magic.npy", "magic"]);
     let p = dir.join("header.npy");
-    std::fs::write(&p, npy_raw(1, "<f4", false, "(16 4)", &payload).iter().map(|&c| if c == b',' { b';' } else { c }).collect::<Vec<_>>()).unwrap();
+    std::fs::write(
+        &p,
+        npy_raw(1, "<f4", false, "(16 4)", &payload)
+            .iter()
+            .map(|&c| if c == b',' { b';' } else { c })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
     assert_err(&p, o(), &["header.npy", "header"]);
     let p = dir.join("version.npy");
     let mut v = npy_raw(1, "<f4", false, "(16, 4)", &payload);

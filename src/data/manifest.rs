@@ -58,7 +58,8 @@ fn default_version() -> u32 {
 impl Manifest {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let m: Manifest = serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))?;
+        let m: Manifest =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))?;
         if let Some(t) = m.total_rows {
             let s: usize = m.shards.iter().map(|s| s.rows).sum();
             if t != s {

@@ -400,7 +400,7 @@ fn shuffle<T>(v: &mut [T], rng: &mut ChaCha8Rng) {
 }
 
 const TAG_SHARDS: u64 = 0x5348_4152_4453;
-const TAG_WINDOW: u64 = 0x57_494E_444F_57;
+const TAG_WINDOW: u64 = 0x5749_4E44_4F57;
 
 impl Core {
     fn new(ds: Dataset, opts: ShardOptions) -> Result<Self> {
@@ -548,6 +548,9 @@ pub struct StreamPos {
     pub seed: u64,
 }
 
+/// A loaded window: row references (shard, row) in emission order, and its segments.
+type Window = (Vec<(u32, usize)>, Vec<Seg>);
+
 /// The row stream (runs on the reader thread).
 struct Stream {
     core: Arc<Core>,
@@ -557,7 +560,7 @@ struct Stream {
     /// Start row (within the epoch order) of each chunk.
     order_start: Vec<usize>,
     /// Loaded window: row references (shard, row) in emission order, and its segments.
-    win: Option<(Vec<(u32, usize)>, Vec<Seg>)>,
+    win: Option<Window>,
     row: Vec<f32>,
 }
 
@@ -595,7 +598,8 @@ impl Stream {
             i += 1;
         }
         if c.window > 1 {
-            let mut rng = ChaCha8Rng::seed_from_u64(mix(c.opts.seed, self.pos.epoch, TAG_WINDOW ^ self.pos.window << 16));
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(mix(c.opts.seed, self.pos.epoch, TAG_WINDOW ^ self.pos.window << 16));
             shuffle(&mut refs, &mut rng);
         }
         for s in &segs {
@@ -844,8 +848,8 @@ impl BatchSource for ShardSource {
         serde_json::to_value(&self.pos).expect("position serialises")
     }
     fn seek(&mut self, position: &serde_json::Value) -> Result<()> {
-        let p: StreamPos = serde_json::from_value(position.clone())
-            .map_err(|e| anyhow!("invalid data position {position}: {e}"))?;
+        let p: StreamPos =
+            serde_json::from_value(position.clone()).map_err(|e| anyhow!("invalid data position {position}: {e}"))?;
         if p.train_rows != self.core.train_rows || p.seed != self.core.opts.seed {
             bail!(
                 "the saved data position belongs to other data or another seed ({} training rows, seed {}; now {} rows, seed {})",

@@ -45,7 +45,7 @@ impl Synthetic {
         if spec.d_in == 0 || spec.n_features == 0 {
             bail!("synthetic data needs d_in >= 1 and n_features >= 1");
         }
-        if !(spec.mean_active > 0.0) {
+        if spec.mean_active.is_nan() || spec.mean_active <= 0.0 {
             bail!("invalid --synth-active {}: must be > 0", spec.mean_active);
         }
         let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0xD1C7_0000);
