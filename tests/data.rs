@@ -746,14 +746,27 @@ fn stream_rss() {
     drop(pattern);
     let _ = std::fs::write("/proc/self/clear_refs", "5"); // reset VmHWM
     let before = status_kb("VmHWM:");
+    if std::env::var("SAE_RSS_TRACE").is_ok() {
+        let ds = saetrain::data::Dataset::open(t.path(), None).unwrap();
+        println!("dataset open: hwm {} MB", status_kb("VmHWM:") / 1024);
+        let n: usize = std::env::var("SAE_SAMPLE_N").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+        saetrain::data::shards::sample_norms(&ds, n);
+        println!("sampled: hwm {} MB", status_kb("VmHWM:") / 1024);
+    }
     let o = ShardOptions { batch_size: 4096, ..Default::default() };
     let mut s = ShardSource::open(t.path(), o).unwrap();
     let batches = s.train_rows() / 4096;
+    if std::env::var("SAE_RSS_TRACE").is_ok() {
+        println!("after open: hwm {} MB, file {} MB", status_kb("VmHWM:") / 1024, status_kb("RssFile:") / 1024);
+    }
     let t0 = std::time::Instant::now();
     let mut acc = 0f32;
-    for _ in 0..batches {
+    for _i in 0..batches {
         let b = s.next_batch().unwrap();
         acc += b.to_f32()[0];
+        if std::env::var("SAE_RSS_TRACE").is_ok() && _i % 40 == 0 {
+            println!("batch {_i}: anon {} MB file {} MB", status_kb("RssAnon:") / 1024, status_kb("RssFile:") / 1024);
+        }
     }
     let secs = t0.elapsed().as_secs_f64();
     let bytes = (batches * 4096 * d * 2) as f64;

@@ -151,7 +151,9 @@ pub fn inspect(path: &Path, tensor: Option<&str>, sample: Option<usize>) -> Resu
     // (norm or NaN, non-finite values) per row.
     // Groups of rows, releasing the mapped pages after each so RSS stays small on large data.
     let mut per: Vec<(f64, u64)> = Vec::with_capacity(picks.len());
-    for group in picks.chunks(32_768) {
+    // Sampled rows are far apart and each maps a neighbourhood: release after few of them.
+    let group = if sample.is_some() { 64 } else { 16_384 };
+    for group in picks.chunks(group) {
         per.extend(scan_rows(&ds, group));
         for sh in &ds.shards {
             sh.dont_need_all();

@@ -165,12 +165,15 @@ impl Shard {
     }
 }
 
-/// Pages fully inside `[a, b)`, clamped to `len`.
+/// Page range covering `[a, b)` widened to 2 MiB boundaries, clamped to `len`: a read fault maps
+/// the pages around the faulting one too (fault-around, and whole large folios of the page cache
+/// on recent kernels), and those must be released with it. Releasing a page that is still in use
+/// only costs a minor fault later.
 fn page_range(a: usize, b: usize, len: usize) -> (usize, usize) {
-    const PAGE: usize = 4096;
-    let a = a.div_ceil(PAGE) * PAGE;
-    let b = if b >= len { len } else { b / PAGE * PAGE };
-    (a.min(len), b)
+    const AROUND: usize = 2 << 20;
+    let a = a / AROUND * AROUND;
+    let b = b.div_ceil(AROUND) * AROUND;
+    (a.min(len), b.min(len))
 }
 
 /// Convert little-endian elements of `dtype` to f32 (`out.len()` elements).

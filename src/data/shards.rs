@@ -253,11 +253,9 @@ pub fn sample_norms(ds: &Dataset, n: usize) -> (Vec<f64>, usize) {
         } else {
             bad += 1;
         }
-        // Each touched row maps its neighbours too (kernel fault-around): release them often so
-        // the sample does not pull the whole data set into the resident set.
-        if i % 256 == 255 {
-            ds.shards[s].dont_need_all();
-        }
+        // A read maps the row's neighbourhood too (up to megabytes with large folios): release
+        // it at once so the sample does not pull the whole data set into the resident set.
+        ds.shards[s].dont_need(r, 1);
     }
     for s in &ds.shards {
         s.dont_need_all();
