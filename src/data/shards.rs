@@ -637,7 +637,8 @@ impl Stream {
         let max_skips = c.train_rows / bsz + 2;
         let mut skips = 0;
         loop {
-            let mut f32s: Vec<f32> = Vec::with_capacity(if half { 0 } else { bsz * d });
+            // Zeroed allocation: fresh pages from the OS, no memset; rows are written in place.
+            let mut f32s: Vec<f32> = if half { vec![] } else { vec![0f32; bsz * d] };
             let mut raw: Vec<u16> = Vec::with_capacity(if half { bsz * d } else { 0 });
             let mut bad = false;
             let mut rows = 0;
@@ -654,21 +655,31 @@ impl Stream {
                 let (s, r) = self.next_row();
                 let sh = &c.ds.shards[s as usize];
                 let bytes = sh.bytes(r, 1);
-                self.row.resize(d, 0.0);
-                convert_to_f32(sh.dtype, bytes, &mut self.row);
-                let sq = sum_sq(&self.row);
-                let nonfinite =
-                    if sq.is_finite() { 0 } else { self.row.iter().filter(|v| !v.is_finite()).count() as u64 };
-                if nonfinite > 0 {
+                // f32 batches: convert straight into the batch; half batches: into the scratch row.
+                let st = rows * d;
+                let row: &mut [f32] = if half {
+                    self.row.resize(d, 0.0);
+                    &mut self.row
+                } else {
+                    &mut f32s[st..st + d]
+                };
+                convert_to_f32(sh.dtype, bytes, row);
+                let sq = sum_sq(row);
+                let nonfinite = if sq.is_finite() { 0 } else { row.iter().filter(|v| !v.is_finite()).count() as u64 };
+                let keep = if nonfinite > 0 {
                     self.pos.nonfinite_values += nonfinite;
                     bad = true;
+                    rows += 1;
+                    false
                 } else if sq > c.max_sq {
                     self.pos.excluded_large_norm_rows += 1;
+                    false
+                } else {
+                    rows += 1;
+                    !bad // once bad, the batch is discarded: keep consuming its rows only
+                };
+                if !keep {
                     continue;
-                }
-                rows += 1;
-                if bad {
-                    continue; // the batch is discarded; keep consuming its rows
                 }
                 if half {
                     if c.scale == 1.0 {
@@ -678,10 +689,8 @@ impl Stream {
                     } else {
                         raw.extend(self.row.iter().map(|&v| half::bf16::from_f32(v * c.scale).to_bits()));
                     }
-                } else if c.scale == 1.0 {
-                    f32s.extend_from_slice(&self.row);
-                } else {
-                    f32s.extend(self.row.iter().map(|&v| v * c.scale));
+                } else if c.scale != 1.0 {
+                    f32s[st..st + d].iter_mut().for_each(|v| *v *= c.scale);
                 }
             }
             if bad {
