@@ -528,8 +528,6 @@ fn normalisation_scales_to_d_in() {
     assert!((ms / d as f64 - 1.0).abs() < 0.02, "E||sx||^2 = {ms}, d_in = {d}");
     // Eval rows are scaled the same way; unnormalised source has scale 1.
     let e = s.eval_batches(100).unwrap();
-    let raw = &x[..d];
-    let _ = raw;
     assert!(e[0].to_f32().iter().all(|v| *v < 17.0 * sc + 1e-3));
     o.normalize = false;
     assert_eq!(ShardSource::open(&p, o).unwrap().input_scale(), 1.0);
@@ -706,6 +704,27 @@ fn synth_recovers_ground_truth_directions() {
     assert_eq!(want, got);
     let mut s = ShardSource::open(t.path(), opts(16)).unwrap();
     assert_eq!(s.ground_truth().unwrap(), gen.ground_truth().unwrap());
+    s.next_batch().unwrap();
+}
+
+#[test]
+fn data_subcommands_parse_and_run() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: cli::DataArgs,
+    }
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("syn");
+    let o = out.to_str().unwrap();
+    let args = ["sae", "synth", "--out", o, "--tokens", "700", "--d-in", "12", "--features", "30", "--dtype", "bf16"];
+    cli::run(Cli::parse_from(args).cmd).unwrap();
+    cli::run(Cli::parse_from(["sae", "inspect", o, "--full"]).cmd).unwrap();
+    let r = cli::inspect(&out, None, Some(100)).unwrap();
+    assert_eq!((r.rows, r.d_in, r.dtype.as_str(), r.scanned_rows), (700, 12, "bfloat16", 100));
+    let mut s = ShardSource::open(&out, opts(50)).unwrap();
+    assert_eq!(s.ground_truth().unwrap().len(), 30 * 12);
     s.next_batch().unwrap();
 }
 
