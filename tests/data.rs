@@ -474,6 +474,27 @@ fn eval_split_never_trained_on() {
 }
 
 #[test]
+fn eval_block_across_shard_boundary() {
+    let t = tempfile::tempdir().unwrap();
+    let d = 2;
+    write_npy(&t.path().join("a.npy"), Dtype::Float32, 200, d, &ident_rows(0, 200, d));
+    write_npy(&t.path().join("b.npy"), Dtype::Float32, 400, d, &ident_rows(200, 400, d));
+    let mut o = opts(10);
+    o.eval_tokens = 300; // blocks 0..256 (crosses into b.npy) and 406..450
+    let mut s = ShardSource::open(t.path(), o).unwrap();
+    let ev: Vec<usize> = s.eval_batches(300).unwrap().iter().flat_map(ids).collect();
+    let want: Vec<usize> = (0..256).chain(406..450).collect();
+    assert_eq!(ev, want);
+    let train: HashSet<usize> = (0..60).flat_map(|_| ids(&s.next_batch().unwrap())).collect();
+    let want: HashSet<usize> = (256..406).chain(450..600).collect();
+    assert_eq!(train, want);
+    // Too little data for one batch.
+    let mut o = opts(601);
+    o.eval_tokens = 0;
+    assert_err(t.path(), o, &["fewer than one batch"]);
+}
+
+#[test]
 fn eval_blocks_spread_over_large_data() {
     let t = tempfile::tempdir().unwrap();
     let d = 4;

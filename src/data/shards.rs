@@ -420,6 +420,9 @@ impl Core {
         }
         let n = ds.total_rows();
         let e = opts.eval_tokens;
+        if n < opts.batch_size {
+            bail!("{}: only {n} rows, fewer than one batch of --batch-size {}", ds.spec.display(), opts.batch_size);
+        }
         if e > n / 2 || n - e < opts.batch_size {
             bail!(
                 "--eval-tokens {e} is too large for {} ({n} rows): the held-out split may take at most half \
