@@ -64,14 +64,15 @@ class NpyWriter:
 DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2"}
 
 
-def tensor_bytes(t, dtype_name):
+def to_numpy(t, dtype_name):
+    """A tensor on the CPU in the stored dtype, as a numpy array (bfloat16 as its raw int16 words)."""
     import torch
 
     tt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
-    t = t.detach().to("cpu", tt).contiguous()
+    t = t.detach().to(device="cpu", dtype=tt).contiguous()
     if dtype_name == "bfloat16":
         t = t.view(torch.int16)  # numpy has no bfloat16: write the raw 2-byte words
-    return t.numpy().tobytes()
+    return t.numpy()
 
 
 class ByteTokenizer:
@@ -192,13 +193,13 @@ def main(argv=None):
             ids = torch.tensor(batch, dtype=torch.long, device=device)
             with torch.no_grad():
                 out = model(input_ids=ids, output_hidden_states=True)
-            h = out.hidden_states[hs_index][:, 1:, :]  # BOS position excluded
+            h = to_numpy(out.hidden_states[hs_index][:, 1:, :], args.dtype)  # BOS position excluded
             for w in range(len(batch)):
                 if acts is None or acts.rows >= windows_per_shard * per_window:
                     if acts is not None:
                         close_shard()
                     acts, toks = open_shard()
-                acts.write(tensor_bytes(h[w], args.dtype), per_window)
+                acts.write(h[w].tobytes(), per_window)
                 toks.write(torch.tensor(batch[w], dtype=torch.int32).numpy().tobytes(), 1)
                 total += per_window
             batch = []
