@@ -1,7 +1,15 @@
 //! Batch sources. The trainer only sees [`BatchSource`]: the synthetic generator (the default)
 //! and the activation-shard reader both implement it.
 
+pub mod cli;
+pub mod format;
+pub mod manifest;
+pub mod shards;
 pub mod synthetic;
+
+pub use format::Dtype;
+pub use manifest::Manifest;
+pub use shards::{Dataset, ShardOptions, ShardSource};
 
 use anyhow::Result;
 use std::borrow::Cow;
@@ -79,8 +87,15 @@ pub trait BatchSource: Send {
     fn describe(&self) -> String;
 }
 
-/// The source a config asks for: the synthetic generator by default, else activation shards.
+/// The trainer's constructor: the built-in synthetic data when `cfg.data` is None, else the
+/// activation-shard reader (f32 batches).
 pub fn open_source(cfg: &crate::config::TrainConfig) -> Result<Box<dyn BatchSource>> {
+    open_source_with(cfg, false)
+}
+
+/// As [`open_source`]; `keep_half`: half-precision shards are returned as F16/Bf16 batches
+/// (for a consumer that converts on the device) instead of f32.
+pub fn open_source_with(cfg: &crate::config::TrainConfig, keep_half: bool) -> Result<Box<dyn BatchSource>> {
     match &cfg.data {
         None => {
             let spec = synthetic::SynthSpec {
@@ -93,6 +108,6 @@ pub fn open_source(cfg: &crate::config::TrainConfig) -> Result<Box<dyn BatchSour
             };
             Ok(Box::new(synthetic::Synthetic::new(spec, cfg.batch_size)?))
         }
-        Some(p) => anyhow::bail!("--data {}: the shard reader is not in this build yet", p.display()),
+        Some(path) => Ok(Box::new(ShardSource::open(path, ShardOptions::from_config(cfg, keep_half))?)),
     }
 }

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Harvest residual-stream activations of a Hugging Face causal LM into npy shards + manifest.json
+that `sae train --data DIR` reads.
+
+Text is tokenised, concatenated and cut into windows of --context-length tokens, each starting with
+the BOS token (or the tokenizer's EOS when it has no BOS, as GPT-2). The activation at the first
+position of every window is NOT saved (Gao et al. 2024: the BOS/attention-sink position has a huge
+norm and says nothing about the text), so each window gives context_length - 1 rows.
+
+Hook points: `resid_pre` of block L (the input of block L = hidden_states[L], SAELens
+`blocks.L.hook_resid_pre`) or `resid_post` of block L (= hidden_states[L + 1]).
+
+Output directory:
+  acts_00000.npy ...          (rows, d_model) float32 / float16 / bfloat16 (bfloat16 written as '<V2')
+  tokens/windows_00000.npy    (windows, context_length) int32: the token windows of that shard, BOS
+                              included; activation row i of the shard is window i // (ctx-1),
+                              position 1 + i % (ctx-1). Enough to evaluate CE loss with x replaced.
+  manifest.json               model, layer, hook, d_in, dtype, per-shard files and rows, ...
+
+Example:
+  python scripts/harvest.py --model HuggingFaceTB/SmolLM2-135M --layer 15 --text corpus.txt \\
+      --out data/smollm2-l15 --context-length 128 --batch-size 32 --dtype float16 --max-tokens 10000000
+"""
+
+import argparse
+import glob
+import json
+import os
+import struct
+import sys
+
+NPY_HEADER_BYTES = 128  # fixed, so that the header can be rewritten with the final row count
+
+
+def npy_header(descr, shape, total=NPY_HEADER_BYTES):
+    d = "{'descr': '%s', 'fortran_order': False, 'shape': (%s), }" % (
+        descr,
+        ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else ""),
+    )
+    pad = total - 10 - len(d) - 1
+    if pad < 0:
+        raise ValueError("npy header too long")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", total - 10) + d.encode("latin1") + b" " * pad + b"\n"
+
+
+class NpyWriter:
+    """Append rows to an npy file; the header is rewritten with the final shape on close."""
+
+    def __init__(self, path, descr, width):
+        self.path, self.descr, self.width, self.rows = path, descr, width, 0
+        self.f = open(path, "wb")
+        self.f.write(npy_header(descr, (0, width) if width else (0,)))
+
+    def write(self, raw_bytes, rows):
+        self.f.write(raw_bytes)
+        self.rows += rows
+
+    def close(self):
+        self.f.seek(0)
+        self.f.write(npy_header(self.descr, (self.rows, self.width) if self.width else (self.rows,)))
+        self.f.close()
+
+
+DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2"}
+
+
+def to_numpy(t, dtype_name):
+    """A tensor on the CPU in the stored dtype, as a numpy array (bfloat16 as its raw int16 words)."""
+    import torch
+
+    tt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
+    t = t.detach().to(device="cpu", dtype=tt).contiguous()
+    if dtype_name == "bfloat16":
+        t = t.view(torch.int16)  # numpy has no bfloat16: write the raw 2-byte words
+    return t.numpy()
+
+
+class ByteTokenizer:
+    """Offline test tokenizer: byte b -> id b + 1, BOS = 0 (`--tokenizer bytes`)."""
+
+    bos_token_id = 0
+    eos_token_id = 0
+    name_or_path = "bytes"
+
+    def encode(self, text):
+        return [b + 1 for b in text.encode("utf-8")]
+
+
+def load_texts(patterns):
+    files = []
+    for p in patterns:
+        hits = sorted(glob.glob(p))
+        if not hits:
+            sys.exit(f"error: --text {p}: no such file")
+        files += hits
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            yield f, fh.read()
+
+
+def windows(tokenizer, texts, ctx, max_windows):
+    """Yield windows of ctx token ids: [BOS] + ctx-1 tokens of the concatenated texts."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        sys.exit("error: the tokenizer has neither a BOS nor an EOS token")
+    buf, n = [], 0
+    for _, text in texts:
+        ids = tokenizer.encode(text) if isinstance(tokenizer, ByteTokenizer) else tokenizer(text)["input_ids"]
+        if ids and ids[0] == bos:
+            ids = ids[1:]
+        buf.extend(ids)
+        buf.append(bos if tokenizer.eos_token_id is None else tokenizer.eos_token_id)
+        while len(buf) >= ctx - 1:
+            yield [bos] + buf[: ctx - 1]
+            buf = buf[ctx - 1 :]
+            n += 1
+            if max_windows and n >= max_windows:
+                return
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="Hugging Face model id or local directory")
+    ap.add_argument("--layer", type=int, required=True, help="block index L")
+    ap.add_argument("--hook", choices=["resid_pre", "resid_post"], default="resid_pre")
+    ap.add_argument("--text", nargs="+", required=True, help="UTF-8 text file(s) or globs")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer id/dir (default: the model's); 'bytes' for tests")
+    ap.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    ap.add_argument("--context-length", type=int, default=128)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="stored dtype")
+    ap.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    ap.add_argument("--shard-tokens", type=int, default=1 << 20, help="rows per shard (rounded to windows)")
+    ap.add_argument("--max-tokens", type=int, default=0, help="stop after this many rows (0: all text)")
+    ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.context_length < 2:
+        sys.exit("error: --context-length must be >= 2 (the first position is not saved)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.model_dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=mdt).to(device).eval()
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= args.layer < n_layers:
+        sys.exit(f"error: --layer {args.layer}: the model has blocks 0..{n_layers - 1}")
+    hs_index = args.layer if args.hook == "resid_pre" else args.layer + 1
+    if args.tokenizer == "bytes":
+        tok = ByteTokenizer()
+    else:
+        tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    d_model = model.config.hidden_size
+    ctx = args.context_length
+    per_window = ctx - 1
+    windows_per_shard = max(1, args.shard_tokens // per_window)
+    max_windows = -(-args.max_tokens // per_window) if args.max_tokens else 0
+
+    os.makedirs(os.path.join(args.out, "tokens"), exist_ok=True)
+    descr = DTYPES[args.dtype]
+    shards, acts, toks = [], None, None
+
+    def open_shard():
+        i = len(shards)
+        name, tname = f"acts_{i:05d}.npy", f"tokens/windows_{i:05d}.npy"
+        shards.append({"file": name, "rows": 0, "tokens_file": tname})
+        return NpyWriter(os.path.join(args.out, name), descr, d_model), NpyWriter(
+            os.path.join(args.out, tname), "<i4", ctx
+        )
+
+    def close_shard():
+        acts.close()
+        toks.close()
+        shards[-1]["rows"] = acts.rows
+
+    text_files = []
+
+    def texts():
+        for f, t in load_texts(args.text):
+            text_files.append(f)
+            yield f, t
+
+    batch, total = [], 0
+    it = windows(tok, texts(), ctx, max_windows)
+    done = False
+    while not done:
+        try:
+            batch.append(next(it))
+        except StopIteration:
+            done = True
+        if batch and (len(batch) == args.batch_size or done):
+            ids = torch.tensor(batch, dtype=torch.long, device=device)
+            with torch.no_grad():
+                out = model(input_ids=ids, output_hidden_states=True)
+            h = to_numpy(out.hidden_states[hs_index][:, 1:, :], args.dtype)  # BOS position excluded
+            for w in range(len(batch)):
+                if acts is None or acts.rows >= windows_per_shard * per_window:
+                    if acts is not None:
+                        close_shard()
+                    acts, toks = open_shard()
+                acts.write(h[w].tobytes(), per_window)
+                toks.write(torch.tensor(batch[w], dtype=torch.int32).numpy().tobytes(), 1)
+                total += per_window
+            batch = []
+            print(f"\r{total} rows, {len(shards)} shard(s)", end="", file=sys.stderr, flush=True)
+    if acts is None:
+        sys.exit("error: the text gave no full window; add text or lower --context-length")
+    close_shard()
+    print(file=sys.stderr)
+
+    manifest = {
+        "format": "saetrain-activations",
+        "version": 1,
+        "model": args.model,
+        "layer": args.layer,
+        "hook": f"blocks.{args.layer}.hook_{args.hook}",
+        "d_in": d_model,
+        "dtype": args.dtype,
+        "shards": shards,
+        "total_rows": total,
+        "normalization": "none: raw residual stream (sae train --normalize scales it)",
+        "extra": {
+            "context_length": ctx,
+            "bos_excluded": True,
+            "rows_per_window": per_window,
+            "tokenizer": getattr(tok, "name_or_path", None),
+            "model_dtype": args.model_dtype,
+            "text_files": text_files,
+            "hidden_states_index": hs_index,
+        },
+    }
+    with open(os.path.join(args.out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    print(f"wrote {total} rows x {d_model} ({args.dtype}) in {len(shards)} shard(s) to {args.out}", file=sys.stderr)
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Test scripts/harvest.py on a tiny random GPT-2 built locally (no downloads).
+
+Runs only when torch and transformers are importable; otherwise prints
+"skipped: torch/transformers not installed" and exits 0.  `python scripts/test_harvest.py`
+"""
+
+import json
+import os
+import struct
+import sys
+import tempfile
+
+try:
+    import torch
+    import transformers  # noqa: F401
+except ImportError:
+    print("skipped: torch/transformers not installed")
+    sys.exit(0)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harvest  # noqa: E402
+
+
+def read_npy(path):
+    """(descr, shape, raw bytes) of an npy file, parsed by hand."""
+    with open(path, "rb") as f:
+        b = f.read()
+    assert b[:6] == b"\x93NUMPY", path
+    n = struct.unpack("<H", b[8:10])[0]
+    header = eval(b[10 : 10 + n].decode("latin1"))  # noqa: S307 - our own file
+    assert header["fortran_order"] is False
+    return header["descr"], header["shape"], b[10 + n :]
+
+
+def main():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=3, n_head=2)
+    model = GPT2LMHeadModel(cfg).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        mdir = os.path.join(tmp, "model")
+        model.save_pretrained(mdir)
+        text = os.path.join(tmp, "text.txt")
+        with open(text, "w") as f:
+            f.write("The quick brown fox jumps over the lazy dog. " * 40)
+        for dtype, size, tdt in [("float32", 4, torch.float32), ("float16", 2, torch.float16), ("bfloat16", 2, torch.bfloat16)]:
+            out = os.path.join(tmp, "acts_" + dtype)
+            m = harvest.main(
+                ["--model", mdir, "--tokenizer", "bytes", "--layer", "1", "--text", text, "--out", out,
+                 "--context-length", "16", "--batch-size", "4", "--dtype", dtype, "--shard-tokens", "100",
+                 "--device", "cpu"]
+            )
+            with open(os.path.join(out, "manifest.json")) as f:
+                man = json.load(f)
+            assert man == json.loads(json.dumps(m))
+            assert man["d_in"] == 32 and man["dtype"] == dtype and man["hook"] == "blocks.1.hook_resid_pre"
+            assert sum(s["rows"] for s in man["shards"]) == man["total_rows"] > 0
+            assert all(s["rows"] % 15 == 0 and s["rows"] <= 100 for s in man["shards"])
+            descr, shape, raw = read_npy(os.path.join(out, man["shards"][0]["file"]))
+            assert descr == harvest.DTYPES[dtype] and shape == (man["shards"][0]["rows"], 32)
+            assert len(raw) == shape[0] * 32 * size
+            tdescr, tshape, traw = read_npy(os.path.join(out, man["shards"][0]["tokens_file"]))
+            assert tdescr == "<i4" and tshape == (shape[0] // 15, 16)
+            window = torch.frombuffer(bytearray(traw), dtype=torch.int32).view(tshape)[0].long()
+            assert window[0].item() == 0  # BOS
+            # Rows 0..14 are hidden_states[1] of window 0 at positions 1..15.
+            with torch.no_grad():
+                want = model(input_ids=window[None], output_hidden_states=True).hidden_states[1][0, 1:]
+            if dtype == "bfloat16":
+                got = torch.frombuffer(bytearray(raw), dtype=torch.int16).view(-1, 32)[:15].view(torch.bfloat16)
+            else:
+                got = torch.frombuffer(bytearray(raw), dtype=tdt).view(-1, 32)[:15]
+            # batched vs single-window forward may differ by rounding
+            assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2), dtype
+        print("ok: harvest writes shards, token windows and manifest (float32, float16, bfloat16)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+//! `sae data inspect` and `sae data synth`.
+
+use super::format::{write_npy, Dtype};
+use super::manifest::{Manifest, ManifestShard, GROUND_TRUTH, MANIFEST};
+use super::shards::{median, Dataset};
+use super::synthetic::{SynthSpec, Synthetic};
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum DataArgs {
+    /// Validate a dataset and summarise it: shards, rows, d_in, dtype, bytes, norms, NaN/Inf,
+    /// massive activations (rows over 10x the median norm). On a sample unless --full.
+    Inspect {
+        /// A shard file, a directory of shards, or a glob ("dir/acts_*.npy").
+        path: PathBuf,
+        /// Scan every row instead of a sample of 10,000.
+        #[arg(long, default_value_t = false)]
+        full: bool,
+        /// Tensor name inside safetensors shards.
+        #[arg(long)]
+        tensor: Option<String>,
+        /// Rows sampled when --full is not given.
+        #[arg(long, default_value_t = 10_000)]
+        sample: usize,
+    },
+    /// Write the synthetic superposition data as npy shards + manifest.json + ground_truth.npy.
+    Synth {
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// Rows (tokens) in total.
+        #[arg(long)]
+        tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        d_in: usize,
+        /// Ground-truth features.
+        #[arg(long, default_value_t = 512)]
+        features: usize,
+        /// Expected active features per token.
+        #[arg(long, default_value_t = 6.0)]
+        active: f64,
+        /// Zipf exponent of feature frequencies.
+        #[arg(long, default_value_t = 1.0)]
+        zipf: f64,
+        /// Gaussian noise std per coordinate.
+        #[arg(long, default_value_t = 0.01)]
+        noise: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// float32 (f32), float16 (f16) or bfloat16 (bf16).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Rows per shard.
+        #[arg(long, default_value_t = 65_536)]
+        shard_tokens: usize,
+    },
+}
+
+pub fn run(args: DataArgs) -> Result<()> {
+    match args {
+        DataArgs::Inspect { path, full, tensor, sample } => {
+            let r = inspect(&path, tensor.as_deref(), if full { None } else { Some(sample) })?;
+            print!("{}", r.render());
+            Ok(())
+        }
+        DataArgs::Synth { out, tokens, d_in, features, active, zipf, noise, seed, dtype, shard_tokens } => {
+            let spec = SynthSpec { d_in, n_features: features, mean_active: active, zipf, noise, seed };
+            let m = synth(&out, &spec, tokens, Dtype::parse(&dtype)?, shard_tokens)?;
+            println!(
+                "wrote {} rows x d_in {} ({}) in {} shard(s), {} and {} to {}",
+                tokens,
+                d_in,
+                m.dtype,
+                m.shards.len(),
+                MANIFEST,
+                GROUND_TRUTH,
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Summary of a dataset.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct InspectReport {
+    pub path: String,
+    /// (file, rows, bytes)
+    pub shards: Vec<(String, usize, u64)>,
+    pub rows: usize,
+    pub d_in: usize,
+    pub dtype: String,
+    pub bytes: u64,
+    pub manifest: Option<String>,
+    /// Rows scanned (all with --full).
+    pub scanned_rows: usize,
+    pub full: bool,
+    pub mean_norm: f64,
+    pub median_norm: f64,
+    pub max_norm: f64,
+    pub nonfinite_values: u64,
+    pub nonfinite_rows: u64,
+    pub rows_over_10x_median: u64,
+}
+
+impl InspectReport {
+    pub fn render(&self) -> String {
+        let mut s = format!("dataset {}\n", self.path);
+        if let Some(m) = &self.manifest {
+            s += &format!("manifest {m} (checked)\n");
+        }
+        for (f, r, b) in &self.shards {
+            s += &format!("  {f}: {r} rows, {b} bytes\n");
+        }
+        s += &format!(
+            "shards {}, rows {}, d_in {}, dtype {}, bytes {} ({:.3} GB)\n",
+            self.shards.len(),
+            self.rows,
+            self.d_in,
+            self.dtype,
+            self.bytes,
+            self.bytes as f64 / 1e9
+        );
+        let how = if self.full { "all rows".to_string() } else { format!("sample of {} rows", self.scanned_rows) };
+        s += &format!(
+            "norms ({how}): mean {:.4}, median {:.4}, max {:.4}\nnon-finite: {} values in {} rows\nrows over 10x median norm: {}\n",
+            self.mean_norm,
+            self.median_norm,
+            self.max_norm,
+            self.nonfinite_values,
+            self.nonfinite_rows,
+            self.rows_over_10x_median
+        );
+        s
+    }
+}
+
+/// Validate and summarise; `sample`: rows to scan, evenly spread (None: every row).
+pub fn inspect(path: &Path, tensor: Option<&str>, sample: Option<usize>) -> Result<InspectReport> {
+    let ds = Dataset::open(path, tensor)?;
+    let total = ds.total_rows();
+    let picks: Vec<(usize, usize)> = match sample {
+        Some(n) => {
+            let n = n.clamp(1, total);
+            (0..n).map(|i| ds.locate((i as u128 * total as u128 / n as u128) as usize)).collect()
+        }
+        None => ds.shards.iter().enumerate().flat_map(|(s, sh)| (0..sh.rows).map(move |r| (s, r))).collect(),
+    };
+    // (norm or NaN, non-finite values) per row.
+    // Groups of rows, releasing the mapped pages after each so RSS stays small on large data.
+    let mut per: Vec<(f64, u64)> = Vec::with_capacity(picks.len());
+    // Sampled rows are far apart and each maps a neighbourhood: release after few of them.
+    let group = if sample.is_some() { 64 } else { 16_384 };
+    for group in picks.chunks(group) {
+        per.extend(scan_rows(&ds, group));
+        for sh in &ds.shards {
+            sh.dont_need_all();
+        }
+    }
+    let norms: Vec<f64> = per.iter().map(|p| p.0).filter(|x| !x.is_nan()).collect();
+    let med = median(&norms);
+    Ok(InspectReport {
+        path: path.display().to_string(),
+        shards: ds.shards.iter().map(|s| (s.path.display().to_string(), s.rows, s.data_bytes())).collect(),
+        rows: total,
+        d_in: ds.d_in,
+        dtype: ds.dtype.to_string(),
+        bytes: ds.total_bytes(),
+        manifest: ds.manifest.as_ref().map(|m| m.0.display().to_string()),
+        scanned_rows: picks.len(),
+        full: sample.is_none(),
+        mean_norm: norms.iter().sum::<f64>() / norms.len().max(1) as f64,
+        median_norm: med,
+        max_norm: norms.iter().copied().fold(0.0, f64::max),
+        nonfinite_values: per.iter().map(|p| p.1).sum(),
+        nonfinite_rows: per.iter().filter(|p| p.1 > 0).count() as u64,
+        rows_over_10x_median: norms.iter().filter(|&&x| x > 10.0 * med).count() as u64,
+    })
+}
+
+/// Write the synthetic data set to `out`: `acts_NNNNN.npy` shards (shard i = batch i of the
+/// synthetic training stream with `shard_tokens` rows), `ground_truth.npy` (features x d_in, f32)
+/// and `manifest.json`.
+pub fn synth(out: &Path, spec: &SynthSpec, tokens: usize, dtype: Dtype, shard_tokens: usize) -> Result<Manifest> {
+    if tokens == 0 || shard_tokens == 0 {
+        bail!("--tokens and --shard-tokens must be >= 1");
+    }
+    let gen = Synthetic::new(spec.clone(), shard_tokens)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut shards = vec![];
+    let mut left = tokens;
+    let mut i = 0u64;
+    while left > 0 {
+        let rows = left.min(shard_tokens);
+        let b = gen.generate(0, i, rows);
+        let name = format!("acts_{i:05}.npy");
+        write_npy(&out.join(&name), dtype, rows, spec.d_in, &b.to_f32())?;
+        shards.push(ManifestShard { file: name, rows, tokens_file: None });
+        left -= rows;
+        i += 1;
+    }
+    use super::BatchSource;
+    let gt = gen.ground_truth().expect("synthetic data has ground truth");
+    write_npy(&out.join(GROUND_TRUTH), Dtype::Float32, spec.n_features, spec.d_in, gt)?;
+    let m = Manifest {
+        format: "saetrain-activations".into(),
+        version: 1,
+        model: Some("synthetic".into()),
+        layer: None,
+        hook: None,
+        d_in: spec.d_in,
+        dtype,
+        shards,
+        total_rows: Some(tokens),
+        normalization: Some("none: synthetic superposition data as generated".into()),
+        extra: Some(serde_json::json!({ "synthetic": spec, "ground_truth": GROUND_TRUTH })),
+    };
+    m.save(&out.join(MANIFEST))?;
+    Ok(m)
+}
+
+/// (norm, or NaN when non-finite; non-finite values) of each (shard, row).
+fn scan_rows(ds: &Dataset, rows: &[(usize, usize)]) -> Vec<(f64, u64)> {
+    rows.par_chunks(1024)
+        .flat_map_iter(|c| {
+            let mut row = vec![0f32; ds.d_in];
+            c.iter()
+                .map(|&(s, r)| {
+                    let sh = &ds.shards[s];
+                    super::format::convert_to_f32(sh.dtype, sh.bytes(r, 1), &mut row);
+                    let bad = row.iter().filter(|v| !v.is_finite()).count() as u64;
+                    let sq: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+                    (if bad > 0 { f64::NAN } else { sq.sqrt() }, bad)
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}

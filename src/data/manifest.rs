@@ -1,0 +1,95 @@
+//! `manifest.json`: what a directory of activation shards holds. Written by `scripts/harvest.py`
+//! and `sae data synth`; optional for users. When present it is checked against the files.
+
+use super::format::{Dtype, Shard};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub const MANIFEST: &str = "manifest.json";
+pub const GROUND_TRUTH: &str = "ground_truth.npy";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ManifestShard {
+    /// File name relative to the manifest's directory.
+    pub file: String,
+    pub rows: usize,
+    /// Token ids of these rows (int32 npy, same row order), when the harvester saved them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// Always "saetrain-activations".
+    #[serde(default = "default_format")]
+    pub format: String,
+    #[serde(default = "default_version")]
+    pub version: u32,
+    /// Source model (Hugging Face id), or "synthetic".
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub layer: Option<i64>,
+    /// Hook name, e.g. `blocks.15.hook_resid_pre`.
+    #[serde(default)]
+    pub hook: Option<String>,
+    pub d_in: usize,
+    /// float32 | float16 | bfloat16
+    pub dtype: Dtype,
+    pub shards: Vec<ManifestShard>,
+    #[serde(default)]
+    pub total_rows: Option<usize>,
+    /// How the stored values were scaled (e.g. "none: raw residual stream").
+    #[serde(default)]
+    pub normalization: Option<String>,
+    /// Anything else (context length, dataset, synthetic spec, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<serde_json::Value>,
+}
+
+fn default_format() -> String {
+    "saetrain-activations".into()
+}
+fn default_version() -> u32 {
+    1
+}
+
+impl Manifest {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let m: Manifest =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))?;
+        if let Some(t) = m.total_rows {
+            let s: usize = m.shards.iter().map(|s| s.rows).sum();
+            if t != s {
+                bail!("{}: field total_rows = {t} but the shards' rows sum to {s}", path.display());
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Check an opened shard against its entry (file name = the shard's name).
+    pub fn check(&self, manifest_path: &Path, shard: &Shard) -> Result<()> {
+        let name = shard.path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let mp = manifest_path.display();
+        let Some(entry) = self.shards.iter().find(|s| s.file == name) else {
+            bail!("{}: not listed in {mp} (field shards)", shard.path.display());
+        };
+        if shard.d_in != self.d_in {
+            bail!("{}: d_in {} but {mp} says d_in = {}", shard.path.display(), shard.d_in, self.d_in);
+        }
+        if shard.dtype != self.dtype {
+            bail!("{}: dtype {} but {mp} says dtype = {}", shard.path.display(), shard.dtype, self.dtype);
+        }
+        if shard.rows != entry.rows {
+            bail!("{}: {} rows but {mp} says rows = {} for this shard", shard.path.display(), shard.rows, entry.rows);
+        }
+        Ok(())
+    }
+}
