@@ -17,6 +17,9 @@ pub struct Cli {
 pub enum Command {
     /// Train an SAE (default: a WTA SAE on built-in synthetic data).
     Train(Box<train_cmd::TrainArgs>),
+    /// Activation shards: inspect them, or write the synthetic dataset to disk.
+    #[command(subcommand)]
+    Data(crate::data::cli::DataArgs),
     /// Benchmarks: a training step split into phases, or every sparsifier's selection.
     #[command(subcommand)]
     Bench(bench_cmd::BenchArgs),
@@ -31,5 +34,6 @@ pub fn main() -> Result<()> {
             train_cmd::run(*args, sub)
         }
         Command::Bench(args) => bench_cmd::run(args),
+        Command::Data(args) => crate::data::cli::run(args),
     }
 }
