@@ -41,7 +41,15 @@ fn find_file(dir: &Path, name: &str, depth: usize) -> Option<PathBuf> {
 #[test]
 fn kernel_names_are_found() {
     let names = device::kernel_names();
-    for must in ["sel_line_radix", "sel_mask_fill", "decode_rows", "code_grads", "latent_grads", "adam_dec_rows", "gemm_bias_relu"] {
+    for must in [
+        "sel_line_radix",
+        "sel_mask_fill",
+        "decode_rows",
+        "code_grads",
+        "latent_grads",
+        "adam_dec_rows",
+        "gemm_bias_relu",
+    ] {
         assert!(names.iter().any(|n| n == must), "{must} missing from {names:?}");
     }
     let mut sorted = names.clone();

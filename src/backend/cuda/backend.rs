@@ -65,8 +65,15 @@ impl DevCodes {
     fn reserve(&mut self, dev: &Dev, nnz: usize) -> Result<()> {
         if nnz > self.cap {
             let cap = nnz + nnz / 4;
-            for b in [&mut self.idx, &mut self.val, &mut self.dpre, &mut self.tok_a, &mut self.pos_a, &mut self.tok, &mut self.pos]
-            {
+            for b in [
+                &mut self.idx,
+                &mut self.val,
+                &mut self.dpre,
+                &mut self.tok_a,
+                &mut self.pos_a,
+                &mut self.tok,
+                &mut self.pos,
+            ] {
                 *b = dev.alloc(4 * cap)?;
             }
             self.cap = cap;
@@ -178,11 +185,31 @@ pub fn select(dev: &Dev, ws: &mut Ws, f: usize, rule: &Rule, into_aux: bool) -> 
     let (r32, f32_) = (rows as u32, f as u32);
     let row_lines = L::per_line(rows, f);
     let col_lines = L::per_line(f, rows);
-    let radix = |lines: L::Launch, transposed: i32, k: u32, kbuf: KArg, cmask: KArg, ft: KArg, fc: KArg, thr: &DevBuf, cut: &DevBuf| {
+    let radix = |lines: L::Launch,
+                 transposed: i32,
+                 k: u32,
+                 kbuf: KArg,
+                 cmask: KArg,
+                 ft: KArg,
+                 fc: KArg,
+                 thr: &DevBuf,
+                 cut: &DevBuf| {
         dev.launch(
             "sel_line_radix",
             lines,
-            &[(&ws.pre).into(), r32.into(), f32_.into(), transposed.into(), k.into(), kbuf, cmask, ft, fc, thr.into(), cut.into()],
+            &[
+                (&ws.pre).into(),
+                r32.into(),
+                f32_.into(),
+                transposed.into(),
+                k.into(),
+                kbuf,
+                cmask,
+                ft,
+                fc,
+                thr.into(),
+                cut.into(),
+            ],
         )
     };
     // (mode, theta, T, C, cmask, fT, fc) of the final mask.
@@ -202,10 +229,22 @@ pub fn select(dev: &Dev, ws: &mut Ws, f: usize, rule: &Rule, into_aux: bool) -> 
             ws.hist.zero()?;
             let n = (rows * f) as u64;
             for shift in [24u32, 16, 8, 0] {
-                dev.launch("sel_batch_hist", L::batch_hist(n), &[(&ws.pre).into(), n.into(), (&ws.bstate).into(), (&ws.hist).into(), shift.into()])?;
-                dev.launch("sel_batch_pick", L::single_thread(), &[(&ws.bstate).into(), (&ws.hist).into(), shift.into()])?;
+                dev.launch(
+                    "sel_batch_hist",
+                    L::batch_hist(n),
+                    &[(&ws.pre).into(), n.into(), (&ws.bstate).into(), (&ws.hist).into(), shift.into()],
+                )?;
+                dev.launch(
+                    "sel_batch_pick",
+                    L::single_thread(),
+                    &[(&ws.bstate).into(), (&ws.hist).into(), shift.into()],
+                )?;
             }
-            dev.launch("sel_row_eq_count", row_lines, &[(&ws.pre).into(), f32_.into(), (&ws.bstate).into(), (&ws.eq_r).into()])?;
+            dev.launch(
+                "sel_row_eq_count",
+                row_lines,
+                &[(&ws.pre).into(), f32_.into(), (&ws.bstate).into(), (&ws.eq_r).into()],
+            )?;
             dev.launch(
                 "sel_batch_split",
                 L::single_thread(),
@@ -214,7 +253,14 @@ pub fn select(dev: &Dev, ws: &mut Ws, f: usize, rule: &Rule, into_aux: bool) -> 
             dev.launch(
                 "sel_row_ties",
                 row_lines,
-                &[(&ws.pre).into(), r32.into(), f32_.into(), (&ws.thr_r).into(), (&ws.need_r).into(), (&ws.cut_r).into()],
+                &[
+                    (&ws.pre).into(),
+                    r32.into(),
+                    f32_.into(),
+                    (&ws.thr_r).into(),
+                    (&ws.need_r).into(),
+                    (&ws.cut_r).into(),
+                ],
             )?;
             (1, NULL, (&ws.thr_r).into(), (&ws.cut_r).into(), NULL, NULL, NULL)
         }
@@ -279,12 +325,25 @@ fn build_csc(dev: &Dev, codes: &DevCodes, rows: usize, f: usize) -> Result<()> {
     dev.launch(
         "csc_fill",
         L::per_line(rows, 64),
-        &[(&codes.row_ptr).into(), (&codes.idx).into(), (&codes.col_ptr).into(), (&codes.cursor).into(), (&codes.tok_a).into(), (&codes.pos_a).into()],
+        &[
+            (&codes.row_ptr).into(),
+            (&codes.idx).into(),
+            (&codes.col_ptr).into(),
+            (&codes.cursor).into(),
+            (&codes.tok_a).into(),
+            (&codes.pos_a).into(),
+        ],
     )?;
     dev.launch(
         "csc_sort",
         L::per_line(f, 64),
-        &[(&codes.col_ptr).into(), (&codes.tok_a).into(), (&codes.pos_a).into(), (&codes.tok).into(), (&codes.pos).into()],
+        &[
+            (&codes.col_ptr).into(),
+            (&codes.tok_a).into(),
+            (&codes.pos_a).into(),
+            (&codes.tok).into(),
+            (&codes.pos).into(),
+        ],
     )
 }
 
@@ -343,7 +402,9 @@ impl CudaBackend {
         let c = &self.cfg;
         let m = match c.budget {
             BudgetKind::Uniform => vec![c.wta_m(rows); c.d_sae],
-            BudgetKind::Zipf => budget::zipf_budgets(&self.density, rows, c.k, c.zipf_alpha, c.zipf_beta, c.m_max_for(rows)),
+            BudgetKind::Zipf => {
+                budget::zipf_budgets(&self.density, rows, c.k, c.zipf_alpha, c.zipf_beta, c.m_max_for(rows))
+            }
         };
         m.into_iter().map(|v| v.min(u32::MAX as usize) as u32).collect()
     }
@@ -394,11 +455,19 @@ impl CudaBackend {
                 BatchData::F32(v) => ws.x.upload(v)?,
                 BatchData::F16(v) => {
                     ws.x_raw.upload(v)?;
-                    dev.launch("convert_f16_to_f32", L::elementwise(n), &[(&ws.x_raw).into(), (&ws.x).into(), n.into()])?;
+                    dev.launch(
+                        "convert_f16_to_f32",
+                        L::elementwise(n),
+                        &[(&ws.x_raw).into(), (&ws.x).into(), n.into()],
+                    )?;
                 }
                 BatchData::Bf16(v) => {
                     ws.x_raw.upload(v)?;
-                    dev.launch("convert_bf16_to_f32", L::elementwise(n), &[(&ws.x_raw).into(), (&ws.x).into(), n.into()])?;
+                    dev.launch(
+                        "convert_bf16_to_f32",
+                        L::elementwise(n),
+                        &[(&ws.x_raw).into(), (&ws.x).into(), n.into()],
+                    )?;
                 }
             }
         }
@@ -430,7 +499,15 @@ impl CudaBackend {
             None => dev.launch(
                 "gemm_bias_relu",
                 L::gemm_fallback(rows, f),
-                &[(&ws.xc).into(), w, b_enc, (&ws.pre).into(), (rows as u32).into(), (f as u32).into(), (d as u32).into()],
+                &[
+                    (&ws.xc).into(),
+                    w,
+                    b_enc,
+                    (&ws.pre).into(),
+                    (rows as u32).into(),
+                    (f as u32).into(),
+                    (d as u32).into(),
+                ],
             )?,
         }
         Ok(())
@@ -466,9 +543,24 @@ impl CudaBackend {
 /// pre (rows x f, row-major) = xc (rows x d) * W^T through cuBLAS; in column-major terms
 /// pre^T (f x rows) = op_T(W as d x f) * xc^T (d x rows).
 #[allow(clippy::too_many_arguments)]
-fn gemm_cublas(dev: &Dev, h: bsys::cublasHandle_t, prec: Precision, ws: &Ws, w: u64, rows: usize, f: usize, d: usize) -> Result<()> {
+fn gemm_cublas(
+    dev: &Dev,
+    h: bsys::cublasHandle_t,
+    prec: Precision,
+    ws: &Ws,
+    w: u64,
+    rows: usize,
+    f: usize,
+    d: usize,
+) -> Result<()> {
     use bsys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
     use bsys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
+    if prec == Precision::Bf16 {
+        // bf16 copies of both operands; f32 accumulation in cuBLAS.
+        let (nw, nx) = ((f * d) as u64, (rows * d) as u64);
+        dev.launch("convert_f32_to_bf16", L::elementwise(nw), &[KArg::Ptr(w), (&ws.w_bf16).into(), nw.into()])?;
+        dev.launch("convert_f32_to_bf16", L::elementwise(nx), &[(&ws.xc).into(), (&ws.xc_bf16).into(), nx.into()])?;
+    }
     let (m, n, k) = (f as i32, rows as i32, d as i32);
     let (alpha, beta) = (1.0f32, 0.0f32);
     let ap = &alpha as *const f32 as *const std::ffi::c_void;
@@ -476,23 +568,64 @@ fn gemm_cublas(dev: &Dev, h: bsys::cublasHandle_t, prec: Precision, ws: &Ws, w: 
     let pre = ws.pre.ptr() as *mut std::ffi::c_void;
     let r = unsafe {
         match prec {
-            Precision::F32 => blas::sgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, w as *const f32, k, ws.xc.ptr() as *const f32, k, &beta, pre as *mut f32, m),
-            Precision::Tf32 => blas::gemm_ex(
-                h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, ap, w as *const _, CUDA_R_32F, k, ws.xc.ptr() as *const _, CUDA_R_32F, k, bp, pre, CUDA_R_32F, m,
-                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32, bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            Precision::F32 => blas::sgemm(
+                h,
+                CUBLAS_OP_T,
+                CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                &alpha,
+                w as *const f32,
+                k,
+                ws.xc.ptr() as *const f32,
+                k,
+                &beta,
+                pre as *mut f32,
+                m,
             ),
-            Precision::Bf16 => {
-                let nw = (f * d) as u64;
-                let nx = (rows * d) as u64;
-                dev.launch("convert_f32_to_bf16", L::elementwise(nw), &[KArg::Ptr(w), (&ws.w_bf16).into(), nw.into()])
-                    .map_err(|_| bsys::cublasStatus_t::CUBLAS_STATUS_EXECUTION_FAILED.result().unwrap_err())?;
-                dev.launch("convert_f32_to_bf16", L::elementwise(nx), &[(&ws.xc).into(), (&ws.xc_bf16).into(), nx.into()])
-                    .map_err(|_| bsys::cublasStatus_t::CUBLAS_STATUS_EXECUTION_FAILED.result().unwrap_err())?;
-                blas::gemm_ex(
-                    h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, ap, ws.w_bf16.ptr() as *const _, CUDA_R_16BF, k, ws.xc_bf16.ptr() as *const _, CUDA_R_16BF, k, bp, pre, CUDA_R_32F, m,
-                    bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-                )
-            }
+            Precision::Tf32 => blas::gemm_ex(
+                h,
+                CUBLAS_OP_T,
+                CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                ap,
+                w as *const _,
+                CUDA_R_32F,
+                k,
+                ws.xc.ptr() as *const _,
+                CUDA_R_32F,
+                k,
+                bp,
+                pre,
+                CUDA_R_32F,
+                m,
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            ),
+            Precision::Bf16 => blas::gemm_ex(
+                h,
+                CUBLAS_OP_T,
+                CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                ap,
+                ws.w_bf16.ptr() as *const _,
+                CUDA_R_16BF,
+                k,
+                ws.xc_bf16.ptr() as *const _,
+                CUDA_R_16BF,
+                k,
+                bp,
+                pre,
+                CUDA_R_32F,
+                m,
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            ),
         }
     };
     r.map_err(|e| anyhow!("cuBLAS encoder product ({prec:?}) failed: {e:?}"))
@@ -533,7 +666,15 @@ impl Backend for CudaBackend {
         dev.launch(
             "decode_rows",
             L::per_line(rows, d),
-            &[(&ws.main.row_ptr).into(), (&ws.main.idx).into(), (&ws.main.val).into(), w_dec, at::<f32>(&self.params, o_bdec), d32.into(), (&ws.x_hat).into()],
+            &[
+                (&ws.main.row_ptr).into(),
+                (&ws.main.idx).into(),
+                (&ws.main.val).into(),
+                w_dec,
+                at::<f32>(&self.params, o_bdec),
+                d32.into(),
+                (&ws.x_hat).into(),
+            ],
         )?;
         dev.launch("col_sums", L::per_column(d), &[(&ws.x).into(), r32.into(), d32.into(), (&ws.colsum_x).into()])?;
         dev.launch(
@@ -554,7 +695,14 @@ impl Backend for CudaBackend {
         dev.launch(
             "code_grads",
             L::per_line(rows, 128),
-            &[(&ws.main.row_ptr).into(), (&ws.main.idx).into(), (&ws.g).into(), w_dec, d32.into(), (&ws.main.dpre).into()],
+            &[
+                (&ws.main.row_ptr).into(),
+                (&ws.main.idx).into(),
+                (&ws.g).into(),
+                w_dec,
+                d32.into(),
+                (&ws.main.dpre).into(),
+            ],
         )?;
         let is_relu = cfg.sparsifier == SparsifierKind::Relu;
         let lambda = cfg.l1_coeff as f32 / rows as f32;
@@ -564,7 +712,16 @@ impl Backend for CudaBackend {
             dev.launch(
                 "l1_terms",
                 L::elementwise(nnz as u64),
-                &[(&ws.main.idx).into(), (&ws.main.val).into(), nnz.into(), (&ws.norms).into(), lambda.into(), (&ws.main.dpre).into(), (&ws.l1_sums).into(), at::<f64>(&ws.acc, 3)],
+                &[
+                    (&ws.main.idx).into(),
+                    (&ws.main.val).into(),
+                    nnz.into(),
+                    (&ws.norms).into(),
+                    lambda.into(),
+                    (&ws.main.dpre).into(),
+                    (&ws.l1_sums).into(),
+                    at::<f64>(&ws.acc, 3),
+                ],
             )?;
         }
 
@@ -580,13 +737,32 @@ impl Backend for CudaBackend {
                 dev.launch(
                     "decode_rows",
                     L::per_line(rows, d),
-                    &[(&ws.aux.row_ptr).into(), (&ws.aux.idx).into(), (&ws.aux.val).into(), w_dec, NULL, d32.into(), (&ws.e_hat).into()],
+                    &[
+                        (&ws.aux.row_ptr).into(),
+                        (&ws.aux.idx).into(),
+                        (&ws.aux.val).into(),
+                        w_dec,
+                        NULL,
+                        d32.into(),
+                        (&ws.e_hat).into(),
+                    ],
                 )?;
-                dev.launch("col_sums", L::per_column(d), &[(&ws.resid).into(), r32.into(), d32.into(), (&ws.colsum_r).into()])?;
+                dev.launch(
+                    "col_sums",
+                    L::per_column(d),
+                    &[(&ws.resid).into(), r32.into(), d32.into(), (&ws.colsum_r).into()],
+                )?;
                 dev.launch(
                     "aux_sums",
                     L::per_line(rows, d),
-                    &[(&ws.resid).into(), (&ws.e_hat).into(), (&ws.colsum_r).into(), r32.into(), d32.into(), at::<f64>(&ws.acc, 4)],
+                    &[
+                        (&ws.resid).into(),
+                        (&ws.e_hat).into(),
+                        (&ws.colsum_r).into(),
+                        r32.into(),
+                        d32.into(),
+                        at::<f64>(&ws.acc, 4),
+                    ],
                 )?;
                 let mut nd = [0f64; 2];
                 ws.acc.download_at(4, &mut nd)?;
@@ -596,12 +772,23 @@ impl Backend for CudaBackend {
                 } else {
                     aux_loss = cfg.aux_alpha * num / den;
                     let c = (2.0 * cfg.aux_alpha / den) as f32;
-                    dev.launch("aux_grad", L::elementwise(bd), &[(&ws.resid).into(), (&ws.e_hat).into(), c.into(), bd.into(), (&ws.g_aux).into()])?;
+                    dev.launch(
+                        "aux_grad",
+                        L::elementwise(bd),
+                        &[(&ws.resid).into(), (&ws.e_hat).into(), c.into(), bd.into(), (&ws.g_aux).into()],
+                    )?;
                 }
                 dev.launch(
                     "code_grads",
                     L::per_line(rows, 128),
-                    &[(&ws.aux.row_ptr).into(), (&ws.aux.idx).into(), (&ws.g_aux).into(), w_dec, d32.into(), (&ws.aux.dpre).into()],
+                    &[
+                        (&ws.aux.row_ptr).into(),
+                        (&ws.aux.idx).into(),
+                        (&ws.g_aux).into(),
+                        w_dec,
+                        d32.into(),
+                        (&ws.aux.dpre).into(),
+                    ],
                 )?;
             }
         }
@@ -616,7 +803,20 @@ impl Backend for CudaBackend {
         dev.launch(
             "latent_grads",
             lat,
-            &[(&m.col_ptr).into(), (&m.tok).into(), (&m.pos).into(), (&m.val).into(), (&m.dpre).into(), (&ws.g).into(), (&ws.xc).into(), d32.into(), 0i32.into(), dw_enc, db_enc, dw_dec],
+            &[
+                (&m.col_ptr).into(),
+                (&m.tok).into(),
+                (&m.pos).into(),
+                (&m.val).into(),
+                (&m.dpre).into(),
+                (&ws.g).into(),
+                (&ws.xc).into(),
+                d32.into(),
+                0i32.into(),
+                dw_enc,
+                db_enc,
+                dw_dec,
+            ],
         )?;
         if aux_active {
             build_csc(dev, &ws.aux, rows, f)?;
@@ -624,16 +824,42 @@ impl Backend for CudaBackend {
             dev.launch(
                 "latent_grads",
                 lat,
-                &[(&a.col_ptr).into(), (&a.tok).into(), (&a.pos).into(), (&a.val).into(), (&a.dpre).into(), (&ws.g_aux).into(), (&ws.xc).into(), d32.into(), 1i32.into(), dw_enc, db_enc, dw_dec],
+                &[
+                    (&a.col_ptr).into(),
+                    (&a.tok).into(),
+                    (&a.pos).into(),
+                    (&a.val).into(),
+                    (&a.dpre).into(),
+                    (&ws.g_aux).into(),
+                    (&ws.xc).into(),
+                    d32.into(),
+                    1i32.into(),
+                    dw_enc,
+                    db_enc,
+                    dw_dec,
+                ],
             )?;
         }
         if is_relu || cfg.aligned {
             let aux_cp: KArg = if aux_active { (&ws.aux.col_ptr).into() } else { NULL };
-            let (l1, norms): (KArg, KArg) = if is_relu { ((&ws.l1_sums).into(), (&ws.norms).into()) } else { (NULL, NULL) };
+            let (l1, norms): (KArg, KArg) =
+                if is_relu { ((&ws.l1_sums).into(), (&ws.norms).into()) } else { (NULL, NULL) };
             dev.launch(
                 "latent_finish",
                 lat,
-                &[(&ws.main.col_ptr).into(), aux_cp, at::<f32>(&self.params, 0), w_dec, d32.into(), l1, norms, lambda.into(), (cfg.aligned as i32).into(), dw_enc, dw_dec],
+                &[
+                    (&ws.main.col_ptr).into(),
+                    aux_cp,
+                    at::<f32>(&self.params, 0),
+                    w_dec,
+                    d32.into(),
+                    l1,
+                    norms,
+                    lambda.into(),
+                    (cfg.aligned as i32).into(),
+                    dw_enc,
+                    dw_dec,
+                ],
             )?;
         }
         let w_enc_eff: KArg = if cfg.aligned { (&ws.w_eff).into() } else { at::<f32>(&self.params, 0) };
@@ -648,8 +874,9 @@ impl Backend for CudaBackend {
         // ---- optimiser: Adam (+ projection and renormalisation of decoder rows) ----
         let t = self.step + 1;
         let (b1, b2) = (cfg.adam_beta1 as f32, cfg.adam_beta2 as f32);
-        let bc1 = 1.0 - cfg.adam_beta1.powf(t as f64);
-        let bc2 = 1.0 - cfg.adam_beta2.powf(t as f64);
+        // Same f32 -> f64 path as cpu::adam::adam_step, so both see identical step sizes.
+        let bc1 = 1.0 - (b1 as f64).powf(t as f64);
+        let bc2 = 1.0 - (b2 as f64).powf(t as f64);
         let step_size = (lr as f64 * bc2.sqrt() / bc1) as f32;
         let eps = (cfg.adam_eps as f32 as f64 * bc2.sqrt()) as f32;
         let (p, g, m, v) = (&self.params, &self.grads, &self.adam_m, &self.adam_v);
@@ -657,14 +884,34 @@ impl Backend for CudaBackend {
             dev.launch(
                 "adam_flat",
                 L::elementwise(n as u64),
-                &[at::<f32>(p, off), at::<f32>(g, off), at::<f32>(m, off), at::<f32>(v, off), (n as u64).into(), b1.into(), b2.into(), step_size.into(), eps.into()],
+                &[
+                    at::<f32>(p, off),
+                    at::<f32>(g, off),
+                    at::<f32>(m, off),
+                    at::<f32>(v, off),
+                    (n as u64).into(),
+                    b1.into(),
+                    b2.into(),
+                    step_size.into(),
+                    eps.into(),
+                ],
             )
         };
         flat(0, o_wdec)?;
         dev.launch(
             "adam_dec_rows",
             L::per_line(f, d),
-            &[at::<f32>(p, o_wdec), at::<f32>(g, o_wdec), at::<f32>(m, o_wdec), at::<f32>(v, o_wdec), d32.into(), b1.into(), b2.into(), step_size.into(), eps.into()],
+            &[
+                at::<f32>(p, o_wdec),
+                at::<f32>(g, o_wdec),
+                at::<f32>(m, o_wdec),
+                at::<f32>(v, o_wdec),
+                d32.into(),
+                b1.into(),
+                b2.into(),
+                step_size.into(),
+                eps.into(),
+            ],
         )?;
         flat(o_bdec, d)?;
 
@@ -717,7 +964,15 @@ impl Backend for CudaBackend {
         dev.launch(
             "decode_rows",
             L::per_line(rows, d),
-            &[(&ws.main.row_ptr).into(), (&ws.main.idx).into(), (&ws.main.val).into(), at::<f32>(&self.params, o_wdec), at::<f32>(&self.params, o_bdec), (d as u32).into(), (&ws.x_hat).into()],
+            &[
+                (&ws.main.row_ptr).into(),
+                (&ws.main.idx).into(),
+                (&ws.main.val).into(),
+                at::<f32>(&self.params, o_wdec),
+                at::<f32>(&self.params, o_bdec),
+                (d as u32).into(),
+                (&ws.x_hat).into(),
+            ],
         )?;
         let codes = ws.main.download(rows, f)?;
         let x_hat = ws.x_hat.to_vec(rows * d)?;

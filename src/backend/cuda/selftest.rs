@@ -105,21 +105,37 @@ fn selection_checks(dev: &Dev, rep: &mut SelftestReport) -> Result<()> {
             ("topk k=7".into(), Rule::TopK(7), sparsify::select(&pre, ROWS, D_SAE, &Selection::TopK { k: 7 })),
             ("topk k=0".into(), Rule::TopK(0), sparsify::select(&pre, ROWS, D_SAE, &Selection::TopK { k: 0 })),
             ("topk k=F".into(), Rule::TopK(D_SAE), sparsify::select(&pre, ROWS, D_SAE, &Selection::TopK { k: D_SAE })),
-            ("batchtopk k=7".into(), Rule::BatchTopK(7), sparsify::select(&pre, ROWS, D_SAE, &Selection::BatchTopK { k: 7 })),
+            (
+                "batchtopk k=7".into(),
+                Rule::BatchTopK(7),
+                sparsify::select(&pre, ROWS, D_SAE, &Selection::BatchTopK { k: 7 }),
+            ),
             (
                 "batchtopk k=F (keep all)".into(),
                 Rule::BatchTopK(D_SAE),
                 sparsify::select(&pre, ROWS, D_SAE, &Selection::BatchTopK { k: D_SAE }),
             ),
-            ("wta m=5".into(), Rule::Wta(to32(&m_uniform)), sparsify::select(&pre, ROWS, D_SAE, &Selection::Wta { m: &m_uniform })),
-            ("wta varied m".into(), Rule::Wta(to32(&m_varied)), sparsify::select(&pre, ROWS, D_SAE, &Selection::Wta { m: &m_varied })),
+            (
+                "wta m=5".into(),
+                Rule::Wta(to32(&m_uniform)),
+                sparsify::select(&pre, ROWS, D_SAE, &Selection::Wta { m: &m_uniform }),
+            ),
+            (
+                "wta varied m".into(),
+                Rule::Wta(to32(&m_varied)),
+                sparsify::select(&pre, ROWS, D_SAE, &Selection::Wta { m: &m_varied }),
+            ),
             (
                 "hybrid m=5 k_max=4".into(),
                 Rule::Hybrid(to32(&m_uniform), 4),
                 sparsify::select(&pre, ROWS, D_SAE, &Selection::Hybrid { m: &m_uniform, k_max: 4 }),
             ),
             ("relu".into(), Rule::Theta(false), sparsify::select(&pre, ROWS, D_SAE, &Selection::Relu)),
-            ("jumprelu".into(), Rule::Theta(true), sparsify::select(&pre, ROWS, D_SAE, &Selection::JumpRelu { theta: &theta })),
+            (
+                "jumprelu".into(),
+                Rule::Theta(true),
+                sparsify::select(&pre, ROWS, D_SAE, &Selection::JumpRelu { theta: &theta }),
+            ),
             ("aux top-5 of candidates".into(), Rule::Aux(5), cpu_aux::select_aux(&pre, ROWS, D_SAE, &cand, 5)),
         ];
         ws.pre.upload(&pre)?;
@@ -130,11 +146,7 @@ fn selection_checks(dev: &Dev, rep: &mut SelftestReport) -> Result<()> {
             select(dev, &mut ws, D_SAE, &rule, aux)?;
             let got = if aux { ws.aux.download(ROWS, D_SAE)? } else { ws.main.download(ROWS, D_SAE)? };
             let ok = got == want;
-            let detail = if ok {
-                format!("nnz {} identical", want.nnz())
-            } else {
-                first_difference(&got, &want)
-            };
+            let detail = if ok { format!("nnz {} identical", want.nnz()) } else { first_difference(&got, &want) };
             rep.push(format!("select {name} [{mname}]"), ok, detail);
         }
     }
@@ -153,7 +165,15 @@ fn selection_checks(dev: &Dev, rep: &mut SelftestReport) -> Result<()> {
     dev.launch(
         "decode_rows",
         L::per_line(ROWS, D_IN),
-        &[(&ws.main.row_ptr).into(), (&ws.main.idx).into(), (&ws.main.val).into(), (&wd).into(), (&bd).into(), (D_IN as u32).into(), (&ws.x_hat).into()],
+        &[
+            (&ws.main.row_ptr).into(),
+            (&ws.main.idx).into(),
+            (&ws.main.val).into(),
+            (&wd).into(),
+            (&bd).into(),
+            (D_IN as u32).into(),
+            (&ws.x_hat).into(),
+        ],
     )?;
     let got: Vec<f32> = ws.x_hat.to_vec(ROWS * D_IN)?;
     let e = max_rel(&got, &want);
@@ -162,7 +182,14 @@ fn selection_checks(dev: &Dev, rep: &mut SelftestReport) -> Result<()> {
     dev.launch(
         "code_grads",
         L::per_line(ROWS, 128),
-        &[(&ws.main.row_ptr).into(), (&ws.main.idx).into(), (&gd).into(), (&wd).into(), (D_IN as u32).into(), (&ws.main.dpre).into()],
+        &[
+            (&ws.main.row_ptr).into(),
+            (&ws.main.idx).into(),
+            (&gd).into(),
+            (&wd).into(),
+            (D_IN as u32).into(),
+            (&ws.main.dpre).into(),
+        ],
     )?;
     let got: Vec<f32> = ws.main.dpre.to_vec(codes.nnz())?;
     let e = max_rel(&got, &want);
@@ -240,10 +267,12 @@ fn batches(n: usize) -> Vec<Batch> {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     (0..n)
         .map(|_| {
-            let x: Vec<f32> = (0..ROWS * D_IN).map(|_| {
-                let v: f32 = StandardNormal.sample(&mut rng);
-                0.5 + v
-            }).collect();
+            let x: Vec<f32> = (0..ROWS * D_IN)
+                .map(|_| {
+                    let v: f32 = StandardNormal.sample(&mut rng);
+                    0.5 + v
+                })
+                .collect();
             Batch::from_f32(ROWS, D_IN, x)
         })
         .collect()
@@ -281,5 +310,8 @@ pub fn compare_steps(cfg: &TrainConfig, steps: usize) -> Result<(f64, String)> {
     let gi = gpu.infer(held, InferMode::Exported)?;
     let ex = max_rel(&gi.x_hat, &ci.x_hat);
     worst = worst.max(ep).max(em).max(et).max(ex);
-    Ok((worst, format!("L0 {:.2}/{:.2}, params {ep:.1e}, adam m {em:.1e}, theta {et:.1e}, infer x_hat {ex:.1e}", l0.0, l0.1)))
+    Ok((
+        worst,
+        format!("L0 {:.2}/{:.2}, params {ep:.1e}, adam m {em:.1e}, theta {et:.1e}, infer x_hat {ex:.1e}", l0.0, l0.1),
+    ))
 }
