@@ -11,6 +11,8 @@ pub mod device;
 pub mod launch;
 pub mod memory;
 pub mod nvtx;
+#[cfg(test)]
+mod select_model;
 pub mod selftest;
 
 use crate::backend::Backend;
