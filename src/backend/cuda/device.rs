@@ -207,6 +207,10 @@ pub fn compile_nvrtc(arch: &str) -> Result<cudarc::nvrtc::Ptx> {
 impl Dev {
     /// Context on device 0, kernels loaded, cuBLAS if loadable. Call after `probe()` succeeded.
     pub fn open() -> Result<Self> {
+        // cudarc panics when libcuda is missing: check first (probe() does the full check).
+        if !super::driver_present() {
+            bail!("no CUDA driver (libcuda) found");
+        }
         let ctx = CudaContext::new(0).map_err(|e| anyhow!("cannot create a CUDA context: {e:?}"))?;
         let cu_dev = ctx.cu_device();
         let attr = |a| unsafe { result::device::get_attribute(cu_dev, a) };

@@ -66,6 +66,8 @@ pub fn run_selftest() -> Result<SelftestReport> {
     let device = super::probe()?;
     let mut rep = SelftestReport { device, ..Default::default() };
     let dev = Dev::open()?;
+    let gemm = dev.blas_note.clone().unwrap_or_else(|| "cuBLAS".into());
+    rep.device = format!("{}; kernels from {:?}; {gemm}", rep.device, dev.origin);
     selection_checks(&dev, &mut rep)?;
     drop(dev);
     for (name, cfg) in step_configs() {
@@ -278,8 +280,19 @@ fn batches(n: usize) -> Vec<Batch> {
         .collect()
 }
 
+/// Fraction of elements whose absolute difference exceeds `thr`.
+pub fn frac_over(a: &[f32], b: &[f32], thr: f64) -> f64 {
+    let n = a.iter().zip(b).filter(|(x, y)| (**x as f64 - **y as f64).abs() > thr).count();
+    n as f64 / a.len().max(1) as f64
+}
+
 /// Run `steps` steps on both backends from the same state; returns the largest relative
-/// difference over step losses, parameters, Adam moments and theta, with a description.
+/// difference over step losses, Adam moments, theta and inference, with a description.
+///
+/// Parameters are judged differently: Adam's first steps move every parameter by about +-lr
+/// whatever the gradient's size, so a gradient component that is rounding noise on both sides
+/// may move the parameter the opposite way. The bound is therefore: no parameter further apart
+/// than 2 lr per step, and fewer than 0.1 % further apart than 1e-4 (tf32 / bf16: 1 %, 1e-3).
 pub fn compare_steps(cfg: &TrainConfig, steps: usize) -> Result<(f64, String)> {
     let shape = Shape::new(D_IN, D_SAE);
     let data = batches(steps + 1);
@@ -301,6 +314,15 @@ pub fn compare_steps(cfg: &TrainConfig, steps: usize) -> Result<(f64, String)> {
     }
     let (cs, gs) = (cpu.state()?, gpu.state()?);
     let ep = max_rel(&gs.params.data, &cs.params.data);
+    // tf32 / bf16 encoders: looser (their pre-activations differ in the 3rd-4th digit).
+    let (near, max_far) = if cfg.precision == Precision::F32 { (1e-4, 1e-3) } else { (1e-3, 1e-2) };
+    let far = frac_over(&gs.params.data, &cs.params.data, near);
+    let bound = 2.0 * cfg.lr * steps as f64 + 1e-4;
+    anyhow::ensure!(
+        ep <= bound && far < 1e-3,
+        "parameters: max diff {ep:.2e} (bound {bound:.1e}), {:.3} % over 1e-4",
+        100.0 * far
+    );
     let em = max_rel(&gs.adam_m.data, &cs.adam_m.data);
     let et = max_rel(&gs.theta, &cs.theta);
     anyhow::ensure!(gs.since_fired == cs.since_fired, "dead-latent counters differ");
@@ -309,9 +331,9 @@ pub fn compare_steps(cfg: &TrainConfig, steps: usize) -> Result<(f64, String)> {
     let ci = cpu.infer(held, InferMode::Exported)?;
     let gi = gpu.infer(held, InferMode::Exported)?;
     let ex = max_rel(&gi.x_hat, &ci.x_hat);
-    worst = worst.max(ep).max(em).max(et).max(ex);
+    worst = worst.max(em).max(et).max(ex);
     Ok((
         worst,
-        format!("L0 {:.2}/{:.2}, params {ep:.1e}, adam m {em:.1e}, theta {et:.1e}, infer x_hat {ex:.1e}", l0.0, l0.1),
+        format!("L0 {:.2}/{:.2}, params max {ep:.1e} ({:.3} % > {near:.0e}), adam m {em:.1e}, theta {et:.1e}, infer x_hat {ex:.1e}", l0.0, l0.1, 100.0 * far),
     ))
 }
