@@ -319,8 +319,8 @@ pub fn compare_steps(cfg: &TrainConfig, steps: usize) -> Result<(f64, String)> {
     let far = frac_over(&gs.params.data, &cs.params.data, near);
     let bound = 2.0 * cfg.lr * steps as f64 + 1e-4;
     anyhow::ensure!(
-        ep <= bound && far < 1e-3,
-        "parameters: max diff {ep:.2e} (bound {bound:.1e}), {:.3} % over 1e-4",
+        ep <= bound && far < max_far,
+        "parameters: max diff {ep:.2e} (bound {bound:.1e}), {:.3} % over {near:.0e}",
         100.0 * far
     );
     let em = max_rel(&gs.adam_m.data, &cs.adam_m.data);
