@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install the CUDA 13.0 compiler (nvcc) and NVRTC from PyPI wheels into target/nvcc-venv, for
-# machines (CI) without a CUDA toolkit. Prints `NVCC=<path>` and `NVRTC_LIB_DIR=<dir>` on the
-# last two lines so a caller can:
-#     eval "$(scripts/install-nvcc.sh | tail -n 2 | sed 's/^/export /')"
+# machines (CI) without a CUDA toolkit. stdout is exactly one line, the absolute path of nvcc:
+#     export NVCC="$(scripts/install-nvcc.sh)"
+# (everything else goes to stderr; tests/nvrtc_compile.rs finds libnvrtc in target/nvcc-venv).
 # Idempotent: a second run reuses the venv. Needs python3 (venv) and a host gcc <= 14.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,5 +31,5 @@ fi
 chmod +x "$(dirname "$NVCC")"/* 2>/dev/null || true
 NVRTC="$(find "$SITE/nvidia" -name 'libnvrtc.so*' ! -name '*builtins*' | head -n 1)"
 "$NVCC" --version 1>&2
-echo "NVCC=$(cd "$(dirname "$NVCC")" && pwd)/nvcc"
-echo "NVRTC_LIB_DIR=$(cd "$(dirname "$NVRTC")" && pwd)"
+echo "install-nvcc: libnvrtc in $(cd "$(dirname "$NVRTC")" && pwd) (NVRTC_LIB_DIR)" >&2
+echo "$(cd "$(dirname "$NVCC")" && pwd)/nvcc"
