@@ -1,0 +1,172 @@
+// Backward family (SPEC "Backward"): every product is over kept entries only (nnz * d).
+// CPU twins: backend/cpu/backward.rs::{code_grads, latent_row_grads, b_dec_grad},
+// model/aligned.rs::backprop_row, sparse.rs::by_latent.
+#include "common.cuh"
+
+// dz[e] = G_b . W_dec_i for every kept entry e = (b, i). One block per token; each warp takes
+// entries of the row in turn, lanes along d.
+extern "C" __global__ void code_grads(const u32* __restrict__ row_ptr, const u32* __restrict__ idx,
+                                      const float* __restrict__ g, const float* __restrict__ w_dec, u32 d,
+                                      float* __restrict__ dz) {
+    const u32 b = blockIdx.x;
+    const u32 lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    const float* gb = g + (u64)b * d;
+    for (u32 e = row_ptr[b] + wid; e < row_ptr[b + 1]; e += nw) {
+        const float* w = w_dec + (u64)idx[e] * d;
+        float acc = 0.f;
+        for (u32 j = lane; j < d; j += WARP) acc += gb[j] * w[j];
+        acc = warp_sum(acc);
+        if (lane == 0) dz[e] = acc;
+    }
+}
+
+// norms[i] = ||W_dec_i||. One block per latent.
+extern "C" __global__ void row_norms(const float* __restrict__ w, u32 d, float* __restrict__ norms) {
+    __shared__ float scratch[32];
+    const float* r = w + (u64)blockIdx.x * d;
+    float s = 0.f;
+    for (u32 j = threadIdx.x; j < d; j += blockDim.x) s += r[j] * r[j];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) norms[blockIdx.x] = sqrtf(s);
+}
+
+// relu's L1 term lambda * sum z_bi ||W_dec_i||: dpre[e] += lambda n_i, l1_sums[i] += z,
+// loss += lambda z n_i. One thread per entry; l1_sums and loss zeroed by the host.
+extern "C" __global__ void l1_terms(const u32* __restrict__ idx, const float* __restrict__ val, u32 nnz,
+                                    const float* __restrict__ norms, float lambda, float* __restrict__ dpre,
+                                    float* __restrict__ l1_sums, double* __restrict__ loss) {
+    u32 e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= nnz) return;
+    u32 i = idx[e];
+    float n = norms[i], z = val[e];
+    dpre[e] += lambda * n;
+    atomicAdd(&l1_sums[i], z);
+    atomicAdd(loss, (double)(lambda * z * n));
+}
+
+// ---- CSR -> per-latent (CSC) view: counting sort by latent ------------------------------------
+
+// counts[i] = entries of latent i (counts zeroed by the host). One thread per entry.
+extern "C" __global__ void csc_count(const u32* __restrict__ idx, u32 nnz, u32* __restrict__ counts) {
+    u32 e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < nnz) atomicAdd(&counts[idx[e]], 1u);
+}
+
+// Scatter entries into their latent's segment; the order inside a segment is arbitrary here and
+// fixed by csc_sort. One block per token. cursor zeroed by the host.
+extern "C" __global__ void csc_fill(const u32* __restrict__ row_ptr, const u32* __restrict__ idx,
+                                    const u32* __restrict__ col_ptr, u32* __restrict__ cursor,
+                                    u32* __restrict__ tok, u32* __restrict__ pos) {
+    const u32 b = blockIdx.x;
+    for (u32 e = row_ptr[b] + threadIdx.x; e < row_ptr[b + 1]; e += blockDim.x) {
+        u32 i = idx[e];
+        u32 slot = col_ptr[i] + atomicAdd(&cursor[i], 1u);
+        tok[slot] = b;
+        pos[slot] = e;
+    }
+}
+
+// Sort each latent's segment by entry position (= by token, as the CPU's by_latent), so that the
+// gradient sums below run in the CPU's order and are deterministic. Rank sort: the rank of an
+// entry is the number of smaller positions in its segment (positions are unique). One block per
+// latent; segments are short for every sparsifier except early dense relu.
+extern "C" __global__ void csc_sort(const u32* __restrict__ col_ptr, const u32* __restrict__ tok_in,
+                                    const u32* __restrict__ pos_in, u32* __restrict__ tok_out,
+                                    u32* __restrict__ pos_out) {
+    const u32 i = blockIdx.x;
+    const u32 s0 = col_ptr[i], s1 = col_ptr[i + 1];
+    for (u32 a = s0 + threadIdx.x; a < s1; a += blockDim.x) {
+        u32 p = pos_in[a];
+        u32 rank = 0;
+        for (u32 c = s0; c < s1; c++) rank += pos_in[c] < p ? 1u : 0u;
+        pos_out[s0 + rank] = p;
+        tok_out[s0 + rank] = tok_in[a];
+    }
+}
+
+// Latent-row gradients of one group of entries (main codes, or the aux codes with accumulate=1):
+//   dW_dec_i += sum z * G_b, dW_enc_i += sum dpre * xc_b, db_enc_i += sum dpre.
+// accumulate = 0 overwrites (rows without entries become 0). One block per latent, threads along d.
+extern "C" __global__ void latent_grads(const u32* __restrict__ col_ptr, const u32* __restrict__ tok,
+                                        const u32* __restrict__ pos, const float* __restrict__ val,
+                                        const float* __restrict__ dpre, const float* __restrict__ g,
+                                        const float* __restrict__ xc, u32 d, int accumulate,
+                                        float* __restrict__ dw_enc, float* __restrict__ db_enc,
+                                        float* __restrict__ dw_dec) {
+    const u32 i = blockIdx.x;
+    const u32 s0 = col_ptr[i], s1 = col_ptr[i + 1];
+    for (u32 j = threadIdx.x; j < d; j += blockDim.x) {
+        float ge = accumulate ? dw_enc[(u64)i * d + j] : 0.f;
+        float gd = accumulate ? dw_dec[(u64)i * d + j] : 0.f;
+        for (u32 s = s0; s < s1; s++) {
+            u32 b = tok[s], p = pos[s];
+            gd += val[p] * g[(u64)b * d + j];
+            ge += dpre[p] * xc[(u64)b * d + j];
+        }
+        dw_enc[(u64)i * d + j] = ge;
+        dw_dec[(u64)i * d + j] = gd;
+    }
+    if (threadIdx.x == 0) {
+        float bs = accumulate ? db_enc[i] : 0.f;
+        for (u32 s = s0; s < s1; s++) bs += dpre[pos[s]];
+        db_enc[i] = bs;
+    }
+}
+
+// Per touched latent row (an entry in the main or aux codes): relu's decoder-norm term, then the
+// aligned map's pull-back to (A, W_dec). The decoder projection is fused into adam_dec_rows.
+// One block per latent.
+extern "C" __global__ void latent_finish(const u32* __restrict__ col_ptr, const u32* __restrict__ aux_col_ptr,
+                                         const float* __restrict__ a_all, const float* __restrict__ w_all, u32 d,
+                                         const float* __restrict__ l1_sums, const float* __restrict__ norms,
+                                         float lambda, int aligned, float* __restrict__ dw_enc,
+                                         float* __restrict__ dw_dec) {
+    __shared__ float scratch[32];
+    const u32 i = blockIdx.x;
+    u32 n = col_ptr[i + 1] - col_ptr[i];
+    if (aux_col_ptr) n += aux_col_ptr[i + 1] - aux_col_ptr[i];
+    if (n == 0) return;
+    const float* w = w_all + (u64)i * d;
+    float* ge = dw_enc + (u64)i * d;
+    float* gd = dw_dec + (u64)i * d;
+    if (l1_sums && norms[i] > 0.f) {
+        float c = lambda * l1_sums[i] / norms[i];
+        for (u32 j = threadIdx.x; j < d; j += blockDim.x) gd[j] += c * w[j];
+    }
+    if (aligned) {
+        const float* a = a_all + (u64)i * d;
+        float aw = 0.f, ww = 0.f, gw = 0.f;
+        for (u32 j = threadIdx.x; j < d; j += blockDim.x) {
+            aw += a[j] * w[j];
+            ww += w[j] * w[j];
+            gw += ge[j] * w[j];
+        }
+        aw = block_sum(aw, scratch);
+        ww = block_sum(ww, scratch);
+        gw = block_sum(gw, scratch);
+        if (ww > 0.f) {
+            float alpha = (1.f - aw) / ww, c = gw / ww;
+            for (u32 j = threadIdx.x; j < d; j += blockDim.x) {
+                float gj = ge[j];
+                ge[j] = gj - c * w[j];
+                gd[j] += alpha * gj - c * (a[j] + 2.f * alpha * w[j]);
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) ge[d - 1] = 0.f;
+    }
+}
+
+// db_dec[j] = colsum_g[j] - sum_i db_enc[i] W_enc[i][j] (b_dec is subtracted from the input too).
+// One thread per input dimension, f64 accumulation.
+extern "C" __global__ void bdec_grad(const double* __restrict__ colsum_g, const float* __restrict__ w_enc,
+                                     const float* __restrict__ db_enc, u32 f, u32 d, float* __restrict__ out) {
+    u32 j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    double acc = 0.0;
+    for (u32 i = 0; i < f; i++) {
+        float c = db_enc[i];
+        if (c != 0.f) acc += (double)c * (double)w_enc[(u64)i * d + j];
+    }
+    out[j] = (float)(colsum_g[j] - acc);
+}

@@ -1,0 +1,95 @@
+// Decode family: sparse reconstruction and the residual statistics of the loss.
+// CPU twins: backend/cpu/forward.rs::{decode, residual_stats, column_sums}, cpu/aux.rs.
+#include "common.cuh"
+
+// out[b] = sum_{e in row b} val[e] * W_dec[idx[e]] (+ b_dec): cost nnz * d. One block per token,
+// threads along d (coalesced reads of each gathered decoder row).
+extern "C" __global__ void decode_rows(const u32* __restrict__ row_ptr, const u32* __restrict__ idx,
+                                       const float* __restrict__ val, const float* __restrict__ w_dec,
+                                       const float* __restrict__ b_dec, u32 d, float* __restrict__ out) {
+    const u32 b = blockIdx.x;
+    const u32 e0 = row_ptr[b], e1 = row_ptr[b + 1];
+    for (u32 j = threadIdx.x; j < d; j += blockDim.x) {
+        float acc = b_dec ? b_dec[j] : 0.f;
+        for (u32 e = e0; e < e1; e++) acc += val[e] * w_dec[(u64)idx[e] * d + j];
+        out[(u64)b * d + j] = acc;
+    }
+}
+
+// resid = x_hat - x, g = scale * resid (scale = 2/B: dL_rec/dx_hat). One thread per element.
+extern "C" __global__ void residual_grad(const float* __restrict__ x, const float* __restrict__ x_hat, u64 n,
+                                         float scale, float* __restrict__ resid, float* __restrict__ g) {
+    u64 e = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < n) {
+        float r = x_hat[e] - x[e];
+        resid[e] = r;
+        g[e] = scale * r;
+    }
+}
+
+// out[j] = sum_b x[b][j] in f64. One thread per column (coalesced across the warp).
+extern "C" __global__ void col_sums(const float* __restrict__ x, u32 rows, u32 d, double* __restrict__ out) {
+    u32 j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    double acc = 0.0;
+    for (u32 b = 0; b < rows; b++) acc += (double)x[(u64)b * d + j];
+    out[j] = acc;
+}
+
+// acc[0] += sum ||x_b - xh_b||^2, acc[1] += sum ||x_b - mean||^2, acc[2] += sum cos(x_b, xh_b);
+// mean = col_sums / rows. One block per token; acc zeroed by the host.
+extern "C" __global__ void row_stats(const float* __restrict__ x, const float* __restrict__ xh,
+                                     const double* __restrict__ colsum, u32 rows, u32 d, double* __restrict__ acc) {
+    __shared__ double scratch[32];
+    const u32 b = blockIdx.x;
+    double se = 0, tv = 0, xx = 0, hh = 0, xhp = 0;
+    for (u32 j = threadIdx.x; j < d; j += blockDim.x) {
+        double a = x[(u64)b * d + j], h = xh[(u64)b * d + j], m = colsum[j] / (double)rows;
+        se += (a - h) * (a - h);
+        tv += (a - m) * (a - m);
+        xx += a * a;
+        hh += h * h;
+        xhp += a * h;
+    }
+    se = block_sum_d(se, scratch);
+    tv = block_sum_d(tv, scratch);
+    xx = block_sum_d(xx, scratch);
+    hh = block_sum_d(hh, scratch);
+    xhp = block_sum_d(xhp, scratch);
+    if (threadIdx.x == 0) {
+        atomicAdd(&acc[0], se);
+        atomicAdd(&acc[1], tv);
+        double den = sqrt(xx * hh);
+        atomicAdd(&acc[2], den > 0.0 ? xhp / den : 0.0);
+    }
+}
+
+// aux loss sums with E = -resid: acc[0] += ||E - E_hat||^2, acc[1] += ||E - mean(E)||^2, where
+// mean(E)_j = -resid_colsum[j] / rows. One block per token.
+extern "C" __global__ void aux_sums(const float* __restrict__ resid, const float* __restrict__ e_hat,
+                                    const double* __restrict__ resid_colsum, u32 rows, u32 d,
+                                    double* __restrict__ acc) {
+    __shared__ double scratch[32];
+    const u32 b = blockIdx.x;
+    double num = 0, den = 0;
+    for (u32 j = threadIdx.x; j < d; j += blockDim.x) {
+        double e = -(double)resid[(u64)b * d + j];
+        double m = -resid_colsum[j] / (double)rows;
+        double h = e_hat[(u64)b * d + j];
+        num += (e - h) * (e - h);
+        den += (e - m) * (e - m);
+    }
+    num = block_sum_d(num, scratch);
+    den = block_sum_d(den, scratch);
+    if (threadIdx.x == 0) {
+        atomicAdd(&acc[0], num);
+        atomicAdd(&acc[1], den);
+    }
+}
+
+// g_aux = c * (resid + e_hat), c = 2 alpha / den. One thread per element.
+extern "C" __global__ void aux_grad(const float* __restrict__ resid, const float* __restrict__ e_hat, float c, u64 n,
+                                    float* __restrict__ g) {
+    u64 e = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < n) g[e] = c * (resid[e] + e_hat[e]);
+}

@@ -1,0 +1,317 @@
+//! The thin layer over the CUDA driver: one context on device 0, kernels loaded from the embedded
+//! fatbin or compiled by NVRTC, raw device allocations with RAII, kernel launches with plain
+//! scalar/pointer arguments, and the cuBLAS handle. Everything runs on the legacy default stream,
+//! so host copies are ordered after the kernels before them.
+
+use super::kernels;
+use super::launch::Launch;
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublas::{result as blas_result, sys as blas_sys};
+use cudarc::driver::{result, sys, CudaContext, CudaFunction};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+/// One kernel argument (every kernel takes only these: device pointers and scalars).
+#[derive(Clone, Copy, Debug)]
+pub enum KArg {
+    Ptr(u64),
+    U64(u64),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+}
+
+impl From<&DevBuf> for KArg {
+    fn from(b: &DevBuf) -> Self {
+        KArg::Ptr(b.ptr)
+    }
+}
+impl From<u32> for KArg {
+    fn from(v: u32) -> Self {
+        KArg::U32(v)
+    }
+}
+impl From<i32> for KArg {
+    fn from(v: i32) -> Self {
+        KArg::I32(v)
+    }
+}
+impl From<f32> for KArg {
+    fn from(v: f32) -> Self {
+        KArg::F32(v)
+    }
+}
+impl From<u64> for KArg {
+    fn from(v: u64) -> Self {
+        KArg::U64(v)
+    }
+}
+
+/// The null pointer argument (an absent optional input).
+pub const NULL: KArg = KArg::Ptr(0);
+
+/// A pointer `offset_elems` elements of `T` into a buffer.
+pub fn at<T>(b: &DevBuf, offset_elems: usize) -> KArg {
+    let off = offset_elems * std::mem::size_of::<T>();
+    assert!(off <= b.bytes, "offset {off} past a buffer of {} bytes", b.bytes);
+    KArg::Ptr(b.ptr + off as u64)
+}
+
+/// A device allocation (freed on drop).
+pub struct DevBuf {
+    ptr: u64,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl DevBuf {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    pub fn upload<T: Copy>(&self, src: &[T]) -> Result<()> {
+        let n = std::mem::size_of_val(src);
+        ensure_fits(n, self.bytes)?;
+        if n > 0 {
+            unsafe { result::memcpy_htod_sync(self.ptr, src) }.map_err(|e| anyhow!("copy to device: {e:?}"))?;
+        }
+        Ok(())
+    }
+    pub fn download<T: Copy>(&self, dst: &mut [T]) -> Result<()> {
+        let n = std::mem::size_of_val(dst);
+        ensure_fits(n, self.bytes)?;
+        if n > 0 {
+            unsafe { result::memcpy_dtoh_sync(dst, self.ptr) }.map_err(|e| anyhow!("copy from device: {e:?}"))?;
+        }
+        Ok(())
+    }
+    /// Copy `dst.len()` elements starting at element `offset` of the buffer.
+    pub fn download_at<T: Copy>(&self, offset: usize, dst: &mut [T]) -> Result<()> {
+        let start = offset * std::mem::size_of::<T>();
+        ensure_fits(start + std::mem::size_of_val(dst), self.bytes)?;
+        if !dst.is_empty() {
+            unsafe { result::memcpy_dtoh_sync(dst, self.ptr + start as u64) }
+                .map_err(|e| anyhow!("copy from device: {e:?}"))?;
+        }
+        Ok(())
+    }
+    pub fn to_vec<T: Copy + Default>(&self, n: usize) -> Result<Vec<T>> {
+        let mut v = vec![T::default(); n];
+        self.download(&mut v)?;
+        Ok(v)
+    }
+    /// Set the first `bytes` bytes to `byte`.
+    pub fn fill_bytes(&self, byte: u8, bytes: usize) -> Result<()> {
+        ensure_fits(bytes, self.bytes)?;
+        if bytes > 0 {
+            unsafe { result::memset_d8_sync(self.ptr, byte, bytes) }.map_err(|e| anyhow!("memset: {e:?}"))?;
+        }
+        Ok(())
+    }
+    pub fn zero(&self) -> Result<()> {
+        self.fill_bytes(0, self.bytes)
+    }
+}
+
+fn ensure_fits(n: usize, cap: usize) -> Result<()> {
+    if n > cap {
+        bail!("copy of {n} bytes into a device buffer of {cap} bytes");
+    }
+    Ok(())
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            let _ = self.ctx.bind_to_thread();
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// Where the kernels came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelOrigin {
+    Fatbin,
+    Nvrtc(String),
+}
+
+/// The cuBLAS handle (absent when libcublas cannot be loaded: the fallback GEMM runs then).
+pub struct Blas {
+    pub handle: blas_sys::cublasHandle_t,
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        let _ = unsafe { blas_result::destroy_handle(self.handle) };
+    }
+}
+
+pub struct Dev {
+    pub ctx: Arc<CudaContext>,
+    funcs: HashMap<String, CudaFunction>,
+    pub blas: Option<Blas>,
+    pub name: String,
+    pub cc: (i32, i32),
+    pub origin: KernelOrigin,
+    /// Why cuBLAS is not used, when it is not.
+    pub blas_note: Option<String>,
+}
+
+/// Names of every `extern "C" __global__ void NAME(` in the embedded sources.
+pub fn kernel_names() -> Vec<String> {
+    let mut out = Vec::new();
+    for (_, src) in kernels::SOURCES {
+        for part in src.split("extern \"C\" __global__ void ").skip(1) {
+            if let Some(name) = part.split('(').next() {
+                out.push(name.trim().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// All kernel families as one NVRTC translation unit: common.cuh once, then every .cu with its
+/// include line removed (NVRTC has no include path here).
+pub fn nvrtc_source() -> String {
+    let mut s = kernels::COMMON.replace("#pragma once", "");
+    for (name, src) in kernels::SOURCES {
+        s.push_str(&format!("\n// ---- {name} ----\n"));
+        s.push_str(&src.replace("#include \"common.cuh\"", ""));
+    }
+    s
+}
+
+/// NVRTC options for a `compute_XY` virtual architecture.
+pub fn nvrtc_options(arch: &str) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}"), "-std=c++17".into(), "-lineinfo".into()]
+}
+
+/// Compile every kernel with NVRTC to PTX for `arch` (e.g. "compute_90").
+pub fn compile_nvrtc(arch: &str) -> Result<cudarc::nvrtc::Ptx> {
+    if !super::nvrtc_present() {
+        bail!("libnvrtc not found (set LD_LIBRARY_PATH to a CUDA 13 lib directory)");
+    }
+    let opts = cudarc::nvrtc::CompileOptions { options: nvrtc_options(arch), ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(nvrtc_source(), opts).map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+            anyhow!("NVRTC failed for {arch}:\n{}", log.to_string_lossy())
+        }
+        other => anyhow!("NVRTC failed for {arch}: {other:?}"),
+    })
+}
+
+impl Dev {
+    /// Context on device 0, kernels loaded, cuBLAS if loadable. Call after `probe()` succeeded.
+    pub fn open() -> Result<Self> {
+        // cudarc panics when libcuda is missing: check first (probe() does the full check).
+        if !super::driver_present() {
+            bail!("no CUDA driver (libcuda) found");
+        }
+        let ctx = CudaContext::new(0).map_err(|e| anyhow!("cannot create a CUDA context: {e:?}"))?;
+        let cu_dev = ctx.cu_device();
+        let attr = |a| unsafe { result::device::get_attribute(cu_dev, a) };
+        let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map_err(|e| anyhow!("{e:?}"))?;
+        let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+            .map_err(|e| anyhow!("{e:?}"))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+
+        // Kernels: the build-time fatbin when it loads (matching SASS, or PTX the driver can JIT),
+        // else NVRTC for this device's architecture.
+        let mut fatbin_err = String::from("no fatbin in this build (nvcc absent at build time)");
+        let mut module = None;
+        if let Some(fb) = kernels::FATBIN {
+            match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fb.to_vec())) {
+                Ok(m) => module = Some((m, KernelOrigin::Fatbin)),
+                Err(e) => fatbin_err = format!("embedded fatbin did not load: {e:?}"),
+            }
+        }
+        let (module, origin) = match module {
+            Some(m) => m,
+            None => {
+                let arch = format!("compute_{major}{minor}");
+                let ptx = compile_nvrtc(&arch).with_context(|| fatbin_err.clone())?;
+                let m = ctx.load_module(ptx).map_err(|e| anyhow!("NVRTC PTX did not load: {e:?}"))?;
+                (m, KernelOrigin::Nvrtc(format!("{arch}; {fatbin_err}")))
+            }
+        };
+        let mut funcs = HashMap::new();
+        for n in kernel_names() {
+            let f = module.load_function(&n).map_err(|e| anyhow!("kernel {n} missing from the module: {e:?}"))?;
+            funcs.insert(n, f);
+        }
+
+        let (blas, blas_note) = if !super::cublas_present() {
+            (None, Some("libcublas not found: hand-written GEMM".to_string()))
+        } else {
+            match std::panic::catch_unwind(blas_result::create_handle) {
+                Ok(Ok(handle)) => (Some(Blas { handle }), None),
+                Ok(Err(e)) => (None, Some(format!("cublasCreate failed ({e:?}): hand-written GEMM"))),
+                Err(_) => (None, Some("cuBLAS could not be loaded: hand-written GEMM".to_string())),
+            }
+        };
+        Ok(Self { ctx, funcs, blas, name, cc: (major, minor), origin, blas_note })
+    }
+
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| anyhow!("bind CUDA context: {e:?}"))
+    }
+
+    /// A zeroed allocation of `bytes` bytes.
+    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        let ptr = if bytes == 0 {
+            0
+        } else {
+            unsafe { result::malloc_sync(bytes) }
+                .map_err(|e| anyhow!("cudaMalloc of {bytes} bytes failed: {e:?} (see `sae bench` memory plan)"))?
+        };
+        let b = DevBuf { ptr, bytes, ctx: self.ctx.clone() };
+        b.zero()?;
+        Ok(b)
+    }
+
+    pub fn alloc_f32(&self, n: usize) -> Result<DevBuf> {
+        self.alloc(n * 4)
+    }
+
+    /// Upload `v` into a new allocation.
+    pub fn upload<T: Copy>(&self, v: &[T]) -> Result<DevBuf> {
+        let b = self.alloc(std::mem::size_of_val(v))?;
+        b.upload(v)?;
+        Ok(b)
+    }
+
+    /// Launch kernel `name` with configuration `l` on the default stream.
+    pub fn launch(&self, name: &str, l: Launch, args: &[KArg]) -> Result<()> {
+        let f = self.funcs.get(name).ok_or_else(|| anyhow!("unknown kernel {name}"))?;
+        let mut vals: Vec<KArg> = args.to_vec();
+        let mut ptrs: Vec<*mut c_void> = vals
+            .iter_mut()
+            .map(|a| match a {
+                KArg::Ptr(v) | KArg::U64(v) => v as *mut u64 as *mut c_void,
+                KArg::U32(v) => v as *mut u32 as *mut c_void,
+                KArg::I32(v) => v as *mut i32 as *mut c_void,
+                KArg::F32(v) => v as *mut f32 as *mut c_void,
+            })
+            .collect();
+        unsafe { result::launch_kernel(f.cu_function(), l.grid, l.block, l.shmem, std::ptr::null_mut(), &mut ptrs) }
+            .map_err(|e| anyhow!("launch of {name} {l:?} failed: {e:?}"))?;
+        if cfg!(debug_assertions) || std::env::var_os("SAETRAIN_CUDA_SYNC").is_some() {
+            self.sync().with_context(|| format!("kernel {name}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.ctx.synchronize().map_err(|e| anyhow!("CUDA error: {e:?}"))
+    }
+
+    /// Memory (free, total) in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(|e| anyhow!("{e:?}"))
+    }
+}

@@ -1,0 +1,106 @@
+//! Every kernel launch's grid, block and dynamic shared memory, derived in one place.
+//!
+//! Kernels use static shared memory only (their `__shared__` arrays are sized by compile-time
+//! constants: 256 histogram bins, 33-entry scan scratch, 32-entry reduction scratch, the
+//! 2 x 16 x 65 GEMM tiles), so every launch here has `shmem = 0`. Block sizes are multiples of 32
+//! (the block reductions and scans in common.cuh rely on it) and at most 1024.
+
+/// One launch configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shmem: u32,
+}
+
+/// Threads per block for elementwise kernels.
+pub const ELEMWISE_THREADS: u32 = 256;
+/// Threads per block for one-block-per-line kernels (selection, reductions over a row).
+pub const LINE_THREADS: u32 = 256;
+/// Largest x grid dimension.
+pub const MAX_GRID_X: u64 = (1 << 31) - 1;
+/// Fallback GEMM tile (must match GEMM_BM/GEMM_BN in kernels/encode.cu) and its thread count.
+pub const GEMM_TILE: u32 = 64;
+pub const GEMM_THREADS: u32 = 256;
+/// Blocks of the grid-stride batch histogram (enough to fill any current GPU several times).
+pub const HIST_BLOCKS: u32 = 1024;
+
+fn check(l: Launch) -> Launch {
+    let threads = l.block.0 * l.block.1 * l.block.2;
+    assert!(threads > 0 && threads <= 1024, "block of {threads} threads");
+    assert_eq!(threads % 32, 0, "block of {threads} threads is not a whole number of warps");
+    assert!(l.grid.0 >= 1 && (l.grid.0 as u64) <= MAX_GRID_X, "grid.x = {}", l.grid.0);
+    assert!(l.grid.1 >= 1 && l.grid.1 <= 65_535, "grid.y = {}", l.grid.1);
+    assert!(l.grid.2 >= 1 && l.grid.2 <= 65_535, "grid.z = {}", l.grid.2);
+    assert!(l.shmem <= 48 * 1024, "shared memory {} bytes", l.shmem);
+    l
+}
+
+fn blocks_for(n: u64, per_block: u32) -> u32 {
+    let b = n.div_ceil(per_block as u64).max(1);
+    assert!(b <= MAX_GRID_X, "{n} elements need {b} blocks");
+    b as u32
+}
+
+/// One thread per element (convert, center, bias_relu, residual_grad, aux_grad, adam_flat,
+/// l1_terms, csc_count, latent_stats).
+pub fn elementwise(n: u64) -> Launch {
+    check(Launch { grid: (blocks_for(n, ELEMWISE_THREADS), 1, 1), block: (ELEMWISE_THREADS, 1, 1), shmem: 0 })
+}
+
+/// One block per line (a token row or a latent column) of `width` elements: threads grow with
+/// the width up to LINE_THREADS (selection, decode, code_grads, latent grads, row reductions).
+pub fn per_line(lines: usize, width: usize) -> Launch {
+    let threads = (width.next_power_of_two() as u32).clamp(32, LINE_THREADS);
+    check(Launch { grid: (blocks_for(lines as u64, 1), 1, 1), block: (threads, 1, 1), shmem: 0 })
+}
+
+/// One thread per column of a row-major matrix with `d` columns (col_sums, bdec_grad).
+pub fn per_column(d: usize) -> Launch {
+    check(Launch { grid: (blocks_for(d as u64, 128), 1, 1), block: (128, 1, 1), shmem: 0 })
+}
+
+/// A single block (exclusive_scan over up to 2^32 - 1 elements, looping in block-sized chunks).
+pub fn scan() -> Launch {
+    check(Launch { grid: (1, 1, 1), block: (1024, 1, 1), shmem: 0 })
+}
+
+/// A single warp of which one thread works (sel_batch_pick, sel_batch_split).
+pub fn single_thread() -> Launch {
+    check(Launch { grid: (1, 1, 1), block: (32, 1, 1), shmem: 0 })
+}
+
+/// Grid-stride histogram over `n` keys (sel_batch_hist).
+pub fn batch_hist(n: u64) -> Launch {
+    let blocks = n.div_ceil(LINE_THREADS as u64).clamp(1, HIST_BLOCKS as u64) as u32;
+    check(Launch { grid: (blocks, 1, 1), block: (LINE_THREADS, 1, 1), shmem: 0 })
+}
+
+/// The fallback GEMM: one 64 x 64 output tile per block, x over latents, y over tokens.
+pub fn gemm_fallback(rows: usize, f: usize) -> Launch {
+    let gx = blocks_for(f as u64, GEMM_TILE);
+    let gy = blocks_for(rows as u64, GEMM_TILE);
+    check(Launch { grid: (gx, gy, 1), block: (GEMM_THREADS, 1, 1), shmem: 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes() {
+        assert_eq!(elementwise(1).grid.0, 1);
+        assert_eq!(elementwise(257).grid.0, 2);
+        assert_eq!(per_line(300, 70).block.0, 128);
+        assert_eq!(per_line(300, 5).block.0, 32);
+        assert_eq!(per_line(300, 100_000).block.0, 256);
+        assert_eq!(gemm_fallback(300, 333).grid, (6, 5, 1));
+        assert_eq!(batch_hist(1 << 30).grid.0, HIST_BLOCKS);
+    }
+
+    #[test]
+    #[should_panic]
+    fn too_many_rows_for_gemm_grid() {
+        gemm_fallback(65_536 * 64 + 1, 10);
+    }
+}

@@ -1,0 +1,339 @@
+//! Parity of the CUDA backend against the CPU reference (`sae selftest` and tests/cuda_parity.rs).
+//!
+//! 1. Selection kernels, fed the same B x F matrix as the CPU sparsifiers (quantised values, so
+//!    ties are everywhere): the kept set, order and values must be identical.
+//! 2. Decode and code gradients on those codes: max abs error <= 1e-5 relative to the scale.
+//! 3. Whole training steps for every sparsifier (and aux_k, aligned, tf32, bf16 variants) on
+//!    awkward sizes (B = 300, d = 70, F = 333) from the same initial state: losses and parameters
+//!    after three steps within 1e-3 (f32 encoder) or 3e-2 (tf32 / bf16).
+
+use super::backend::{select, CudaBackend, Rule, Ws};
+use super::device::Dev;
+use super::launch as L;
+use crate::backend::cpu::{aux as cpu_aux, backward as cpu_bwd, forward as cpu_fwd, CpuBackend};
+use crate::backend::{Backend, InferMode};
+use crate::config::{AuxKind, BudgetKind, Precision, SparsifierKind, TrainConfig};
+use crate::data::Batch;
+use crate::model::{init, Shape, TrainState};
+use crate::sparse::SparseCodes;
+use crate::sparsify::{self, Selection};
+use anyhow::Result;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use std::fmt;
+
+pub const ROWS: usize = 300;
+pub const D_IN: usize = 70;
+pub const D_SAE: usize = 333;
+
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SelftestReport {
+    pub device: String,
+    pub checks: Vec<Check>,
+}
+
+impl SelftestReport {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed)
+    }
+    fn push(&mut self, name: impl Into<String>, passed: bool, detail: impl Into<String>) {
+        self.checks.push(Check { name: name.into(), passed, detail: detail.into() });
+    }
+}
+
+impl fmt::Display for SelftestReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "CUDA selftest on {}", self.device)?;
+        for c in &self.checks {
+            writeln!(f, "  [{}] {:<40} {}", if c.passed { " ok " } else { "FAIL" }, c.name, c.detail)?;
+        }
+        let failed = self.checks.iter().filter(|c| !c.passed).count();
+        write!(f, "{} checks, {} failed", self.checks.len(), failed)
+    }
+}
+
+/// Run every parity check. Err when no device is usable (see `probe`), else a report whose
+/// `passed()` says whether everything matched.
+pub fn run_selftest() -> Result<SelftestReport> {
+    let device = super::probe()?;
+    let mut rep = SelftestReport { device, ..Default::default() };
+    let dev = Dev::open()?;
+    let gemm = dev.blas_note.clone().unwrap_or_else(|| "cuBLAS".into());
+    rep.device = format!("{}; kernels from {:?}; {gemm}", rep.device, dev.origin);
+    selection_checks(&dev, &mut rep)?;
+    drop(dev);
+    for (name, cfg) in step_configs() {
+        let tol = if cfg.precision == Precision::F32 { 1e-3 } else { 3e-2 };
+        match compare_steps(&cfg, 3) {
+            Ok((err, detail)) => rep.push(format!("steps {name}"), err <= tol, format!("{detail} (tol {tol:.0e})")),
+            Err(e) => rep.push(format!("steps {name}"), false, format!("error: {e:#}")),
+        }
+    }
+    Ok(rep)
+}
+
+/// Matrices with heavy ties: values on a grid of 0.25 in [-2, 2], plus a constant one.
+fn test_matrices() -> Vec<(&'static str, Vec<f32>)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let quant: Vec<f32> = (0..ROWS * D_SAE).map(|_| (rng.random_range(-8i32..=8) as f32) * 0.25).collect();
+    let cont: Vec<f32> = (0..ROWS * D_SAE).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let flat = vec![1.0f32; ROWS * D_SAE];
+    vec![("ties", quant), ("continuous", cont), ("constant", flat)]
+}
+
+fn selection_checks(dev: &Dev, rep: &mut SelftestReport) -> Result<()> {
+    let shape = Shape::new(D_IN, D_SAE);
+    let mut ws = Ws::new(dev, shape, ROWS, 8, false, Precision::F32)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let m_uniform = vec![5usize; D_SAE];
+    let m_varied: Vec<usize> = (0..D_SAE).map(|_| rng.random_range(0..12)).collect();
+    let theta: Vec<f32> = (0..D_SAE).map(|_| rng.random_range(-0.5f32..1.0)).collect();
+    let cand: Vec<u32> = (0..D_SAE as u32).filter(|i| i % 3 != 1).collect();
+    let mut cmask = vec![0u8; D_SAE];
+    for &c in &cand {
+        cmask[c as usize] = 1;
+    }
+    let to32 = |m: &[usize]| m.iter().map(|&v| v as u32).collect::<Vec<u32>>();
+    for (mname, pre) in test_matrices() {
+        let cases: Vec<(String, Rule, SparseCodes)> = vec![
+            ("topk k=7".into(), Rule::TopK(7), sparsify::select(&pre, ROWS, D_SAE, &Selection::TopK { k: 7 })),
+            ("topk k=0".into(), Rule::TopK(0), sparsify::select(&pre, ROWS, D_SAE, &Selection::TopK { k: 0 })),
+            ("topk k=F".into(), Rule::TopK(D_SAE), sparsify::select(&pre, ROWS, D_SAE, &Selection::TopK { k: D_SAE })),
+            (
+                "batchtopk k=7".into(),
+                Rule::BatchTopK(7),
+                sparsify::select(&pre, ROWS, D_SAE, &Selection::BatchTopK { k: 7 }),
+            ),
+            (
+                "batchtopk k=F (keep all)".into(),
+                Rule::BatchTopK(D_SAE),
+                sparsify::select(&pre, ROWS, D_SAE, &Selection::BatchTopK { k: D_SAE }),
+            ),
+            (
+                "wta m=5".into(),
+                Rule::Wta(to32(&m_uniform)),
+                sparsify::select(&pre, ROWS, D_SAE, &Selection::Wta { m: &m_uniform }),
+            ),
+            (
+                "wta varied m".into(),
+                Rule::Wta(to32(&m_varied)),
+                sparsify::select(&pre, ROWS, D_SAE, &Selection::Wta { m: &m_varied }),
+            ),
+            (
+                "hybrid m=5 k_max=4".into(),
+                Rule::Hybrid(to32(&m_uniform), 4),
+                sparsify::select(&pre, ROWS, D_SAE, &Selection::Hybrid { m: &m_uniform, k_max: 4 }),
+            ),
+            ("relu".into(), Rule::Theta(false), sparsify::select(&pre, ROWS, D_SAE, &Selection::Relu)),
+            (
+                "jumprelu".into(),
+                Rule::Theta(true),
+                sparsify::select(&pre, ROWS, D_SAE, &Selection::JumpRelu { theta: &theta }),
+            ),
+            ("aux top-5 of candidates".into(), Rule::Aux(5), cpu_aux::select_aux(&pre, ROWS, D_SAE, &cand, 5)),
+        ];
+        ws.pre.upload(&pre)?;
+        ws.theta.upload(&theta)?;
+        ws.cmask.upload(&cmask)?;
+        for (name, rule, want) in cases {
+            let aux = matches!(rule, Rule::Aux(_));
+            select(dev, &mut ws, D_SAE, &rule, aux)?;
+            let got = if aux { ws.aux.download(ROWS, D_SAE)? } else { ws.main.download(ROWS, D_SAE)? };
+            let ok = got == want;
+            let detail = if ok { format!("nnz {} identical", want.nnz()) } else { first_difference(&got, &want) };
+            rep.push(format!("select {name} [{mname}]"), ok, detail);
+        }
+    }
+
+    // Decode and code gradients on top-k codes of the continuous matrix.
+    let pre = &test_matrices()[1].1;
+    let codes = sparsify::select(pre, ROWS, D_SAE, &Selection::TopK { k: 9 });
+    ws.pre.upload(pre)?;
+    select(dev, &mut ws, D_SAE, &Rule::TopK(9), false)?;
+    let w_dec: Vec<f32> = (0..D_SAE * D_IN).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let b_dec: Vec<f32> = (0..D_IN).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let g: Vec<f32> = (0..ROWS * D_IN).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let (wd, bd, gd) = (dev.upload(&w_dec)?, dev.upload(&b_dec)?, dev.upload(&g)?);
+    let mut want = vec![0f32; ROWS * D_IN];
+    cpu_fwd::decode(&codes, &w_dec, Some(&b_dec), D_IN, &mut want);
+    dev.launch(
+        "decode_rows",
+        L::per_line(ROWS, D_IN),
+        &[
+            (&ws.main.row_ptr).into(),
+            (&ws.main.idx).into(),
+            (&ws.main.val).into(),
+            (&wd).into(),
+            (&bd).into(),
+            (D_IN as u32).into(),
+            (&ws.x_hat).into(),
+        ],
+    )?;
+    let got: Vec<f32> = ws.x_hat.to_vec(ROWS * D_IN)?;
+    let e = max_rel(&got, &want);
+    rep.push("decode_rows vs forward::decode", e <= 1e-5, format!("max rel err {e:.2e}"));
+    let want = cpu_bwd::code_grads(&codes, &g, &w_dec, D_IN);
+    dev.launch(
+        "code_grads",
+        L::per_line(ROWS, 128),
+        &[
+            (&ws.main.row_ptr).into(),
+            (&ws.main.idx).into(),
+            (&gd).into(),
+            (&wd).into(),
+            (D_IN as u32).into(),
+            (&ws.main.dpre).into(),
+        ],
+    )?;
+    let got: Vec<f32> = ws.main.dpre.to_vec(codes.nnz())?;
+    let e = max_rel(&got, &want);
+    rep.push("code_grads vs backward::code_grads", e <= 1e-5, format!("max rel err {e:.2e}"));
+    Ok(())
+}
+
+fn first_difference(got: &SparseCodes, want: &SparseCodes) -> String {
+    if got.nnz() != want.nnz() {
+        return format!("nnz {} vs CPU {}", got.nnz(), want.nnz());
+    }
+    for b in 0..want.rows {
+        if got.row(b) != want.row(b) {
+            return format!("row {b}: {:?} vs CPU {:?}", got.row(b).0, want.row(b).0);
+        }
+    }
+    "row pointers differ".into()
+}
+
+/// max |a - b| / max(1, max |b|)
+pub fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().fold(1f64, |m, v| m.max(v.abs() as f64));
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs())) / scale
+}
+
+/// The configurations whole steps are compared on.
+pub fn step_configs() -> Vec<(String, TrainConfig)> {
+    let base = TrainConfig {
+        d_sae: D_SAE,
+        d_in: Some(D_IN),
+        k: 8,
+        batch_size: ROWS,
+        steps: 100,
+        threshold_start: Some(0),
+        lr: 1e-3,
+        ..TrainConfig::default()
+    };
+    let with = |s: SparsifierKind, f: &dyn Fn(&mut TrainConfig)| {
+        let mut c = base.clone();
+        c.sparsifier = s;
+        f(&mut c);
+        c
+    };
+    vec![
+        ("topk".into(), with(SparsifierKind::Topk, &|_| {})),
+        ("batchtopk".into(), with(SparsifierKind::Batchtopk, &|_| {})),
+        ("mutual_choice (aux_zipf)".into(), with(SparsifierKind::MutualChoice, &|_| {})),
+        ("wta uniform".into(), with(SparsifierKind::Wta, &|_| {})),
+        ("wta zipf".into(), with(SparsifierKind::Wta, &|c| c.budget = BudgetKind::Zipf)),
+        ("relu".into(), with(SparsifierKind::Relu, &|_| {})),
+        ("hybrid".into(), with(SparsifierKind::Hybrid, &|_| {})),
+        (
+            "topk + aux_k".into(),
+            with(SparsifierKind::Topk, &|c| {
+                c.aux = Some(AuxKind::AuxK);
+                c.dead_window = Some(1);
+            }),
+        ),
+        (
+            "batchtopk + aux_k".into(),
+            with(SparsifierKind::Batchtopk, &|c| {
+                c.aux = Some(AuxKind::AuxK);
+                c.dead_window = Some(1);
+            }),
+        ),
+        ("topk aligned".into(), with(SparsifierKind::Topk, &|c| c.aligned = true)),
+        ("wta aligned".into(), with(SparsifierKind::Wta, &|c| c.aligned = true)),
+        ("relu aligned".into(), with(SparsifierKind::Relu, &|c| c.aligned = true)),
+        ("topk tf32".into(), with(SparsifierKind::Topk, &|c| c.precision = Precision::Tf32)),
+        ("topk bf16".into(), with(SparsifierKind::Topk, &|c| c.precision = Precision::Bf16)),
+    ]
+}
+
+fn batches(n: usize) -> Vec<Batch> {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    (0..n)
+        .map(|_| {
+            let x: Vec<f32> = (0..ROWS * D_IN)
+                .map(|_| {
+                    let v: f32 = StandardNormal.sample(&mut rng);
+                    0.5 + v
+                })
+                .collect();
+            Batch::from_f32(ROWS, D_IN, x)
+        })
+        .collect()
+}
+
+/// Fraction of elements whose absolute difference exceeds `thr`.
+pub fn frac_over(a: &[f32], b: &[f32], thr: f64) -> f64 {
+    let n = a.iter().zip(b).filter(|(x, y)| (**x as f64 - **y as f64).abs() > thr).count();
+    n as f64 / a.len().max(1) as f64
+}
+
+/// Run `steps` steps on both backends from the same state; returns the largest relative
+/// difference over step losses, Adam moments, theta and inference, with a description.
+///
+/// Parameters are judged differently: Adam's first steps move every parameter by about +-lr
+/// whatever the gradient's size, so a gradient component that is rounding noise on both sides
+/// may move the parameter the opposite way. The bound is therefore: no parameter further apart
+/// than 2 lr per step, and fewer than 0.1 % further apart than 1e-4 (tf32 / bf16: 1 %, 1e-3).
+pub fn compare_steps(cfg: &TrainConfig, steps: usize) -> Result<(f64, String)> {
+    let shape = Shape::new(D_IN, D_SAE);
+    let data = batches(steps + 1);
+    let mut params = init::tied(shape, 1, cfg.aligned);
+    let b_dec = init::mean_rows(&data[0].to_f32(), D_IN);
+    params.parts_mut().b_dec.copy_from_slice(&b_dec);
+    let state = TrainState::new(params);
+    let mut cpu = CpuBackend::new(cfg.clone(), state.clone())?;
+    let mut gpu = CudaBackend::new(cfg.clone(), state)?;
+    let mut worst = 0f64;
+    let mut l0 = (0.0, 0.0);
+    for b in data.iter().take(steps) {
+        let c = cpu.step(b, cfg.lr as f32)?;
+        let g = gpu.step(b, cfg.lr as f32)?;
+        let rel = |x: f64, y: f64| (x - y).abs() / y.abs().max(1e-3);
+        worst = worst.max(rel(g.loss, c.loss)).max(rel(g.l0, c.l0)).max(rel(g.ev, c.ev));
+        anyhow::ensure!(g.dead == c.dead, "dead latents {} vs CPU {}", g.dead, c.dead);
+        l0 = (g.l0, c.l0);
+    }
+    let (cs, gs) = (cpu.state()?, gpu.state()?);
+    let ep = max_rel(&gs.params.data, &cs.params.data);
+    // tf32 / bf16 encoders: looser (their pre-activations differ in the 3rd-4th digit).
+    let (near, max_far) = if cfg.precision == Precision::F32 { (1e-4, 1e-3) } else { (1e-3, 1e-2) };
+    let far = frac_over(&gs.params.data, &cs.params.data, near);
+    let bound = 2.0 * cfg.lr * steps as f64 + 1e-4;
+    anyhow::ensure!(
+        ep <= bound && far < max_far,
+        "parameters: max diff {ep:.2e} (bound {bound:.1e}), {:.3} % over {near:.0e}",
+        100.0 * far
+    );
+    let em = max_rel(&gs.adam_m.data, &cs.adam_m.data);
+    let et = max_rel(&gs.theta, &cs.theta);
+    anyhow::ensure!(gs.since_fired == cs.since_fired, "dead-latent counters differ");
+    // Inference with the exported sparsifier on a held-out batch.
+    let held = &data[steps];
+    let ci = cpu.infer(held, InferMode::Exported)?;
+    let gi = gpu.infer(held, InferMode::Exported)?;
+    let ex = max_rel(&gi.x_hat, &ci.x_hat);
+    worst = worst.max(em).max(et).max(ex);
+    Ok((
+        worst,
+        format!("L0 {:.2}/{:.2}, params max {ep:.1e} ({:.3} % > {near:.0e}), adam m {em:.1e}, theta {et:.1e}, infer x_hat {ex:.1e}", l0.0, l0.1, 100.0 * far),
+    ))
+}
