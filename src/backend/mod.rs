@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod reference;
+pub mod tracking;
 
 use crate::config::{BackendChoice, TrainConfig};
 use crate::data::Batch;

@@ -12,6 +12,25 @@ pub enum BenchArgs {
     Step(StepArgs),
     /// Selection alone for every sparsifier over a grid of shapes.
     Sparsifiers(SparsifierArgs),
+    /// The CUDA backend's device-memory plan for a config, and the largest dictionary that fits.
+    Memory(MemoryArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MemoryArgs {
+    #[arg(long, default_value_t = 1024)]
+    pub d_in: usize,
+    #[arg(long, default_value_t = 8192)]
+    pub d_sae: usize,
+    #[arg(long, default_value_t = 8192)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 32)]
+    pub k: usize,
+    #[arg(long, value_enum, default_value_t = crate::config::Precision::F32)]
+    pub precision: crate::config::Precision,
+    /// Device memory to plan for (GB).
+    #[arg(long, default_value_t = 80.0)]
+    pub gb: f64,
 }
 
 #[derive(Args, Debug)]
@@ -57,6 +76,16 @@ pub struct SparsifierArgs {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args {
+        BenchArgs::Memory(a) => {
+            use crate::backend::cuda::memory::{largest_d_sae, memory_plan};
+            let plan = memory_plan(a.d_in, a.d_sae, a.batch, a.k, a.precision);
+            println!("{plan}");
+            println!("fits in {} GB: {}", a.gb, plan.fits(a.gb));
+            for d_in in [a.d_in, 4096] {
+                let f = largest_d_sae(a.gb, d_in, a.batch, a.k, a.precision);
+                println!("largest d_sae in {} GB at d_in={d_in}, batch={}: {f}", a.gb, a.batch);
+            }
+        }
         BenchArgs::Step(a) => {
             super::train_cmd::init_threads(a.threads)?;
             let kinds = if a.sparsifier.is_empty() { ALL_SPARSIFIERS.to_vec() } else { a.sparsifier.clone() };

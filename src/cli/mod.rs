@@ -20,6 +20,8 @@ pub enum Command {
     /// Activation shards: inspect them, or write the synthetic dataset to disk.
     #[command(subcommand)]
     Data(crate::data::cli::DataArgs),
+    /// Check the CUDA kernels against the CPU backend on this machine's GPU.
+    Selftest,
     /// Benchmarks: a training step split into phases, or every sparsifier's selection.
     #[command(subcommand)]
     Bench(bench_cmd::BenchArgs),
@@ -35,5 +37,11 @@ pub fn main() -> Result<()> {
         }
         Command::Bench(args) => bench_cmd::run(args),
         Command::Data(args) => crate::data::cli::run(args),
+        Command::Selftest => {
+            let report = crate::backend::cuda::selftest::run_selftest()?;
+            println!("{report}");
+            anyhow::ensure!(report.passed(), "CUDA selftest failed");
+            Ok(())
+        }
     }
 }

@@ -9,11 +9,11 @@ pub mod forward;
 pub mod gemm;
 
 use super::{Backend, InferMode, Inference, PhaseTimes, StepStats};
-use crate::config::{AuxKind, BudgetKind, SparsifierKind, ThresholdMode, TrainConfig};
+use crate::config::{SparsifierKind, TrainConfig};
 use crate::data::Batch;
 use crate::model::{aligned, Params, TrainState};
 use crate::sparse::SparseCodes;
-use crate::sparsify::{self, budget, threshold, Selection};
+use crate::sparsify::{self, threshold, Selection};
 use anyhow::{ensure, Result};
 use backward::Contribution;
 use std::time::Instant;
@@ -90,15 +90,8 @@ impl CpuBackend {
         self.ws.pre = pre;
     }
 
-    /// Per-latent budgets for feature choice at batch size `rows`.
     fn budgets(&self, rows: usize) -> Vec<usize> {
-        let c = &self.cfg;
-        match c.budget {
-            BudgetKind::Uniform => vec![c.wta_m(rows); c.d_sae],
-            BudgetKind::Zipf => {
-                budget::zipf_budgets(&self.state.density, rows, c.k, c.zipf_alpha, c.zipf_beta, c.m_max_for(rows))
-            }
-        }
+        super::tracking::budgets(&self.cfg, &self.state.density, rows)
     }
 
     /// The training sparsifier applied to the workspace's `pre`.
@@ -128,60 +121,20 @@ impl CpuBackend {
 
     /// Latents eligible for the aux loss at this step (ascending).
     fn aux_candidates(&self, rows: usize) -> Vec<u32> {
-        let c = &self.cfg;
-        match c.aux_kind() {
-            AuxKind::None => vec![],
-            AuxKind::AuxK => {
-                let w = c.dead_window_tokens();
-                (0..c.d_sae as u32).filter(|&i| self.state.since_fired[i as usize] >= w).collect()
-            }
-            AuxKind::AuxZipf => {
-                if self.state.step == 0 {
-                    return vec![]; // no density measured yet
-                }
-                // The EMA starts at 0: remove its bias (as Adam does for its moments) so that
-                // "density < 0.6 x the Zipf prediction" compares like with like from step 1.
-                let density = budget::bias_corrected(&self.state.density, self.state.step, c.density_decay);
-                let dying = budget::dying_latents(&density, rows, c.k, c.zipf_alpha, c.zipf_beta);
-                (0..c.d_sae as u32).filter(|&i| dying[i as usize]).collect()
-            }
-        }
+        let s = &self.state;
+        super::tracking::aux_candidates(&self.cfg, s.step, &s.since_fired, &s.density, rows)
     }
 
-    /// Latents that have not fired for `dead_window` tokens (whatever the aux loss is).
     fn dead_count(&self) -> usize {
-        let w = self.cfg.dead_window_tokens();
-        self.state.since_fired.iter().filter(|&&s| s >= w).count()
+        super::tracking::dead_count(&self.cfg, &self.state.since_fired)
     }
 
-    /// Update dead-latent counters, running densities and inference thresholds after a step.
+    /// Dead-latent counters, running densities and inference thresholds after a step.
     fn update_tracking(&mut self, codes: &SparseCodes, rows: usize) {
-        let counts = codes.col_counts();
-        let decay = self.cfg.density_decay as f32;
-        for (i, &c) in counts.iter().enumerate() {
-            let s = &mut self.state;
-            s.since_fired[i] = if c > 0 { 0 } else { s.since_fired[i] + rows as u64 };
-            s.density[i] = decay * s.density[i] + (1.0 - decay) * (c as f32 / rows as f32);
-        }
-        let c = &self.cfg;
-        if !c.sparsifier.batch_dependent() || self.state.step < c.threshold_start_step() {
-            return;
-        }
-        let tdecay = c.threshold_decay_value() as f32;
-        let per_latent = c.sparsifier.per_column() && c.threshold_mode == ThresholdMode::PerLatent;
         let s = &mut self.state;
-        if per_latent {
-            for (i, t) in threshold::per_latent_min(codes).into_iter().enumerate() {
-                if let Some(t) = t {
-                    threshold::ema_update(&mut s.theta[i], &mut s.theta_set[i], t, tdecay);
-                }
-            }
-        } else if let Some(t) = threshold::batch_min(codes) {
-            // One scalar, stored repeated: every entry follows the same recursion.
-            for i in 0..s.theta.len() {
-                threshold::ema_update(&mut s.theta[i], &mut s.theta_set[i], t, tdecay);
-            }
-        }
+        super::tracking::record_firing(&self.cfg, &mut s.since_fired, &mut s.density, &codes.col_counts(), rows);
+        let min_kept = threshold::per_latent_min(codes);
+        super::tracking::update_thresholds(&self.cfg, s.step, &mut s.theta, &mut s.theta_set, &min_kept);
     }
 }
 

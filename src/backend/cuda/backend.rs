@@ -7,11 +7,10 @@ use super::device::{at, Dev, DevBuf, KArg, NULL};
 use super::launch as L;
 use super::nvtx;
 use crate::backend::{Backend, InferMode, Inference, StepStats};
-use crate::config::{AuxKind, BudgetKind, Precision, SparsifierKind, ThresholdMode, TrainConfig};
+use crate::config::{Precision, SparsifierKind, TrainConfig};
 use crate::data::{Batch, BatchData};
 use crate::model::{Params, Shape, TrainState};
 use crate::sparse::SparseCodes;
-use crate::sparsify::{budget, threshold};
 use anyhow::{anyhow, ensure, Result};
 use cudarc::cublas::{result as blas, sys as bsys};
 
@@ -397,15 +396,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Per-latent budgets for feature choice (same as the CPU backend's).
+    /// Per-latent budgets for feature choice (shared with the CPU backend).
     fn budgets(&self, rows: usize) -> Vec<u32> {
-        let c = &self.cfg;
-        let m = match c.budget {
-            BudgetKind::Uniform => vec![c.wta_m(rows); c.d_sae],
-            BudgetKind::Zipf => {
-                budget::zipf_budgets(&self.density, rows, c.k, c.zipf_alpha, c.zipf_beta, c.m_max_for(rows))
-            }
-        };
+        let m = crate::backend::tracking::budgets(&self.cfg, &self.density, rows);
         m.into_iter().map(|v| v.min(u32::MAX as usize) as u32).collect()
     }
 
@@ -421,22 +414,14 @@ impl CudaBackend {
         }
     }
 
-    /// Aux-loss candidates (same rule as the CPU backend).
+    /// Aux-loss candidates as a mask (shared rule with the CPU backend).
     fn aux_candidates(&self, rows: usize) -> Vec<bool> {
-        let c = &self.cfg;
-        match c.aux_kind() {
-            AuxKind::None => vec![false; c.d_sae],
-            AuxKind::AuxK => {
-                let w = c.dead_window_tokens();
-                self.since_fired.iter().map(|&s| s >= w).collect()
-            }
-            AuxKind::AuxZipf => {
-                if self.step == 0 {
-                    return vec![false; c.d_sae];
-                }
-                budget::dying_latents(&self.density, rows, c.k, c.zipf_alpha, c.zipf_beta)
-            }
+        let mut mask = vec![false; self.cfg.d_sae];
+        for i in crate::backend::tracking::aux_candidates(&self.cfg, self.step, &self.since_fired, &self.density, rows)
+        {
+            mask[i as usize] = true;
         }
+        mask
     }
 
     /// Upload the batch, centre it and run the encoder product into `ws.pre`.
@@ -513,30 +498,13 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Host bookkeeping after a step, from the device's per-latent firing counts and minimum
+    /// kept values (`u32::MAX` bits: none kept). Shared with the CPU backend.
     fn update_tracking(&mut self, counts: &[u32], minbits: &[u32], rows: usize) {
-        let decay = self.cfg.density_decay as f32;
-        for (i, &c) in counts.iter().enumerate() {
-            self.since_fired[i] = if c > 0 { 0 } else { self.since_fired[i] + rows as u64 };
-            self.density[i] = decay * self.density[i] + (1.0 - decay) * (c as f32 / rows as f32);
-        }
-        let c = &self.cfg;
-        if !c.sparsifier.batch_dependent() || self.step < c.threshold_start_step() {
-            return;
-        }
-        let tdecay = c.threshold_decay as f32;
-        let per_latent = c.sparsifier.per_column() && c.threshold_mode == ThresholdMode::PerLatent;
-        let measured = |b: u32| (b != u32::MAX).then(|| f32::from_bits(b));
-        if per_latent {
-            for (i, &b) in minbits.iter().enumerate() {
-                if let Some(t) = measured(b) {
-                    threshold::ema_update(&mut self.theta[i], &mut self.theta_set[i], t, tdecay);
-                }
-            }
-        } else if let Some(t) = minbits.iter().filter_map(|&b| measured(b)).reduce(f32::min) {
-            for i in 0..self.theta.len() {
-                threshold::ema_update(&mut self.theta[i], &mut self.theta_set[i], t, tdecay);
-            }
-        }
+        use crate::backend::tracking;
+        tracking::record_firing(&self.cfg, &mut self.since_fired, &mut self.density, counts, rows);
+        let min_kept: Vec<Option<f32>> = minbits.iter().map(|&b| (b != u32::MAX).then(|| f32::from_bits(b))).collect();
+        tracking::update_thresholds(&self.cfg, self.step, &mut self.theta, &mut self.theta_set, &min_kept);
     }
 }
 
@@ -940,7 +908,7 @@ impl Backend for CudaBackend {
             l0,
             mse: rec_loss / d as f64,
             ev: if total_var > 0.0 { 1.0 - sse / total_var } else { 0.0 },
-            dead: n_cand,
+            dead: crate::backend::tracking::dead_count(&self.cfg, &self.since_fired),
         })
     }
 
