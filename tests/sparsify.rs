@@ -383,3 +383,59 @@ fn thresholds() {
     threshold::ema_update(&mut theta, &mut set, 1.0, 0.999);
     assert!((theta - (0.999 * 3.0 + 0.001 * 1.0)).abs() < 1e-6);
 }
+
+/// Process CPU time (user + system) in seconds, from /proc/self/stat (Linux only).
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = s.rsplit_once(')').map_or("", |x| x.1).split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Timing at the target shape (B=4096, F=4608, k=32, wta m=28, hybrid k_max=64), 2 threads.
+/// Reports wall and CPU time per selection (CPU time is robust on a shared machine).
+/// `cargo test --release --test sparsify -- --ignored --nocapture timing`
+#[test]
+#[ignore]
+fn timing_target_shape() {
+    let (rows, cols, k) = (4096usize, 4608usize, 32usize);
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let pre: Vec<f32> = (0..rows * cols).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let m = vec![rows * k / cols; cols];
+    let theta = vec![2.0f32; cols];
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let sels = [
+        ("topk", Selection::TopK { k }),
+        ("batchtopk", Selection::BatchTopK { k }),
+        ("wta", Selection::Wta { m: &m }),
+        ("hybrid", Selection::Hybrid { m: &m, k_max: 2 * k }),
+        ("relu", Selection::Relu),
+        ("jumprelu", Selection::JumpRelu { theta: &theta }),
+    ];
+    let iters: usize = std::env::var("SPARSIFY_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    // Calibration: one read of pre (count of positives), the floor for any selection.
+    {
+        use rayon::prelude::*;
+        let (c0, t0) = (cpu_seconds(), std::time::Instant::now());
+        for _ in 0..iters {
+            let n: usize = pool.install(|| {
+                pre.par_chunks(cols).map(|r| r.iter().map(|&v| (v > 0.0) as usize).sum::<usize>()).sum()
+            });
+            std::hint::black_box(n);
+        }
+        let wall = t0.elapsed().as_secs_f64() / iters as f64;
+        let cpu = (cpu_seconds() - c0) / iters as f64;
+        println!("{:>10}: wall {:8.2} ms  cpu {:8.2} ms", "scan-only", wall * 1e3, cpu * 1e3);
+    }
+    for (name, sel) in &sels {
+        pool.install(|| std::hint::black_box(sparsify::select(&pre, rows, cols, sel)));
+        let (c0, t0) = (cpu_seconds(), std::time::Instant::now());
+        for _ in 0..iters {
+            pool.install(|| std::hint::black_box(sparsify::select(&pre, rows, cols, sel)));
+        }
+        let wall = t0.elapsed().as_secs_f64() / iters as f64;
+        let cpu = (cpu_seconds() - c0) / iters as f64;
+        let gbs = (rows * cols * 4) as f64 / wall / 1e9;
+        println!("{name:>10}: wall {:8.2} ms  cpu {:8.2} ms  {gbs:6.2} GB/s (wall)", wall * 1e3, cpu * 1e3);
+    }
+}

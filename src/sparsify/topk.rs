@@ -1,4 +1,10 @@
 //! Per-token top-k (and hybrid's per-token cap).
+//!
+//! Per row, two cheap passes and no allocation (thread-local scratch):
+//! 1. A lower bound t on the row's k-th largest value: split the row into disjoint groups and
+//!    take the k-th largest group maximum (at least k entries are >= it). Groups are lane q of
+//!    R consecutive 16-wide chunks, so the maxima are a vertical (SIMD-friendly) max.
+//! 2. Collect the entries >= t (about k of them) and select exactly among them.
 
 use super::{key, key_idx, key_val, keep_best, row_ptr_of, split_by};
 use crate::sparse::SparseCodes;
@@ -6,47 +12,81 @@ use rayon::prelude::*;
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 8;
-/// Width of the vectorised threshold test.
-const LANES: usize = 16;
+/// Lanes of a chunk.
+pub(crate) const LANES: usize = 16;
 
-/// Streaming exact top-`k` of one row (values arrive with ascending index) into `keys`.
-/// Afterwards `keys` holds the kept keys, sorted by index.
-#[inline]
-fn row_topk(row: &[f32], k: usize, cap: usize, keys: &mut Vec<u64>) {
-    debug_assert!(k >= 1 && cap > k);
-    keys.clear();
-    // An entry can only enter if it beats the current k-th best: later entries have higher
-    // indices, so they must be strictly larger. Starts at 0: only positive values count.
-    let mut thr = 0.0f32;
-    let push = |keys: &mut Vec<u64>, thr: &mut f32, v: f32, i: usize| {
-        keys.push(key(v, i as u32));
-        if keys.len() >= cap {
-            *thr = keep_best(keys, k).unwrap_or(*thr);
+/// Smallest positive f32: `v >= MIN_POS` is `v > 0` (false for NaN).
+pub(crate) const MIN_POS: f32 = f32::from_bits(1);
+
+/// Thread-local scratch of the per-row selection.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    gmax: Vec<u32>,
+    keys: Vec<u64>,
+    tmp: Vec<u64>,
+}
+
+/// Chunks per group for a row of `cols` entries and budget `k`: about 8k groups, at most 16.
+fn chunks_per_group(cols: usize, k: usize) -> usize {
+    (cols / (8 * k.max(1))).clamp(1, 16)
+}
+
+/// Exact top-`k` (`k >= 1`) of one row; afterwards `s.keys` holds the kept keys in index order.
+fn row_topk(row: &[f32], k: usize, r: usize, s: &mut Scratch) {
+    let block = r * LANES;
+    let nblocks = row.len() / block;
+    // 1. Lower bound from group maxima (non-positive and NaN count as 0).
+    let mut t = MIN_POS;
+    if nblocks * LANES >= k {
+        s.gmax.clear();
+        for blk in row.chunks_exact(block) {
+            let mut acc = [0.0f32; LANES];
+            for c in blk.chunks_exact(LANES) {
+                for q in 0..LANES {
+                    acc[q] = if c[q] > acc[q] { c[q] } else { acc[q] };
+                }
+            }
+            s.gmax.extend(acc.iter().map(|x| x.to_bits()));
         }
-    };
-    let mut chunks = row.chunks_exact(LANES);
+        // Non-negative floats order like their bits.
+        let (_, kth, _) = s.gmax.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        t = f32::from_bits(*kth).max(MIN_POS);
+    }
+    // 2. Candidates >= t, in index order.
+    s.keys.clear();
     let mut base = 0usize;
-    for c in chunks.by_ref() {
+    let mut it = row.chunks_exact(LANES);
+    for c in it.by_ref() {
         let mut any = false;
         for &v in c {
-            any |= v > thr;
+            any |= v >= t;
         }
         if any {
             for (q, &v) in c.iter().enumerate() {
-                if v > thr {
-                    push(keys, &mut thr, v, base + q);
+                if v >= t {
+                    s.keys.push(key(v, (base + q) as u32));
                 }
             }
         }
         base += LANES;
     }
-    for (q, &v) in chunks.remainder().iter().enumerate() {
-        if v > thr {
-            push(keys, &mut thr, v, base + q);
+    for (q, &v) in it.remainder().iter().enumerate() {
+        if v >= t {
+            s.keys.push(key(v, (base + q) as u32));
         }
     }
-    keep_best(keys, k);
-    keys.sort_unstable_by_key(|&x| key_idx(x));
+    keep_best_in_order(&mut s.keys, &mut s.tmp, k);
+}
+
+/// Keep the `n` best keys of `keys` (`n >= 1`), preserving their order.
+pub(crate) fn keep_best_in_order(keys: &mut Vec<u64>, tmp: &mut Vec<u64>, n: usize) {
+    if keys.len() > n {
+        tmp.clear();
+        tmp.extend_from_slice(keys);
+        let (_, nth, _) = tmp.select_nth_unstable_by(n - 1, |a, b| b.cmp(a));
+        let nth = *nth;
+        keys.retain(|&x| x >= nth);
+    }
 }
 
 /// Per token, the `k` largest positive entries.
@@ -55,7 +95,7 @@ pub(super) fn topk(pre: &[f32], rows: usize, cols: usize, k: usize) -> SparseCod
     if slot == 0 || rows == 0 {
         return SparseCodes::empty(rows, cols);
     }
-    let cap = (4 * slot).max(slot + 64);
+    let r = chunks_per_group(cols, slot);
     let mut idx = vec![0u32; rows * slot];
     let mut val = vec![0f32; rows * slot];
     let mut counts = vec![0usize; rows];
@@ -64,17 +104,14 @@ pub(super) fn topk(pre: &[f32], rows: usize, cols: usize, k: usize) -> SparseCod
         .zip(val.par_chunks_mut(slot))
         .zip(counts.par_iter_mut())
         .with_min_len(ROWS_PER_TASK)
-        .for_each_init(
-            || Vec::with_capacity(cap),
-            |keys, (((row, ix), vs), cnt)| {
-                row_topk(row, slot, cap, keys);
-                for (q, &x) in keys.iter().enumerate() {
-                    ix[q] = key_idx(x);
-                    vs[q] = key_val(x);
-                }
-                *cnt = keys.len();
-            },
-        );
+        .for_each_init(Scratch::default, |s, (((row, ix), vs), cnt)| {
+            row_topk(row, slot, r, s);
+            for (q, &x) in s.keys.iter().enumerate() {
+                ix[q] = key_idx(x);
+                vs[q] = key_val(x);
+            }
+            *cnt = s.keys.len();
+        });
     // Squeeze out the unused slots (none when every row had k positives).
     let row_ptr = row_ptr_of(counts.iter().copied());
     if row_ptr[rows] != rows * slot {
