@@ -427,7 +427,8 @@ fn timing_target_shape() {
         let cpu = (cpu_seconds() - c0) / iters as f64;
         println!("{:>10}: wall {:8.2} ms  cpu {:8.2} ms", "scan-only", wall * 1e3, cpu * 1e3);
     }
-    for (name, sel) in &sels {
+    let only = std::env::var("SPARSIFY_ONLY").unwrap_or_default();
+    for (name, sel) in sels.iter().filter(|s| only.is_empty() || only.split(',').any(|o| o == s.0)) {
         pool.install(|| std::hint::black_box(sparsify::select(&pre, rows, cols, sel)));
         let (c0, t0) = (cpu_seconds(), std::time::Instant::now());
         for _ in 0..iters {
