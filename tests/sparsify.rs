@@ -440,3 +440,25 @@ fn timing_target_shape() {
         println!("{name:>10}: wall {:8.2} ms  cpu {:8.2} ms  {gbs:6.2} GB/s (wall)", wall * 1e3, cpu * 1e3);
     }
 }
+
+/// Batches whose every 8th row is unlike the rest (misleads any row-sampled estimate), and
+/// budgets beyond the number of positives.
+#[test]
+fn batchtopk_structured_rows() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for &(rows, cols) in &[(512usize, 50usize), (300, 47), (1024, 19)] {
+        for phase in 0..3 {
+            let mut pre = gen(&mut rng, rows, cols, if phase == 2 { 2 } else { 0 });
+            for b in (0..rows).filter(|b| b % 8 == 0) {
+                for v in &mut pre[b * cols..(b + 1) * cols] {
+                    *v = if phase == 1 { *v - 5.0 } else { *v + 10.0 };
+                }
+            }
+            for k in [1, 3, 10, 25, cols, cols + 7] {
+                let got = as_set(&sparsify::select(&pre, rows, cols, &Selection::BatchTopK { k }), &pre, rows, cols);
+                let want = oracle_batchtopk(&pre, rows, cols, k);
+                assert_eq!(got, want, "batchtopk {rows}x{cols} k={k} phase={phase}");
+            }
+        }
+    }
+}
