@@ -221,6 +221,11 @@ fn relu_and_jumprelu_match_oracle() {
             let sel = Selection::JumpRelu { theta: &theta };
             let got = as_set(&sparsify::select(&pre, rows, cols, &sel), &pre, rows, cols);
             assert_eq!(got, oracle_mask(&pre, rows, cols, Some(&theta)), "jumprelu rows={rows} cols={cols}");
+            // High thresholds: few entries kept (the one-pass path).
+            let theta: Vec<f32> = (0..cols).map(|j| [1.2f32, 2.0, 1.0, f32::NAN][j % 4]).collect();
+            let sel = Selection::JumpRelu { theta: &theta };
+            let got = as_set(&sparsify::select(&pre, rows, cols, &sel), &pre, rows, cols);
+            assert_eq!(got, oracle_mask(&pre, rows, cols, Some(&theta)), "jumprelu high rows={rows} cols={cols}");
         }
     }
 }
