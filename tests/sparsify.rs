@@ -273,7 +273,8 @@ fn explicit_ties_lower_index_wins() {
     assert_eq!(c.row_ptr, vec![0, 0, 1, 2, 2]);
     // Nothing positive: nothing kept, whatever the budget.
     let pre = [-1.0f32, 0.0, f32::NAN, -0.0];
-    for sel in [Selection::TopK { k: 3 }, Selection::BatchTopK { k: 3 }, Selection::Wta { m: &[4, 4] }, Selection::Relu] {
+    for sel in [Selection::TopK { k: 3 }, Selection::BatchTopK { k: 3 }, Selection::Wta { m: &[4, 4] }, Selection::Relu]
+    {
         assert_eq!(sparsify::select(&pre, 2, 2, &sel).nnz(), 0, "{sel:?}");
     }
 }
@@ -423,9 +424,8 @@ fn timing_target_shape() {
         use rayon::prelude::*;
         let (c0, t0) = (cpu_seconds(), std::time::Instant::now());
         for _ in 0..iters {
-            let n: usize = pool.install(|| {
-                pre.par_chunks(cols).map(|r| r.iter().map(|&v| (v > 0.0) as usize).sum::<usize>()).sum()
-            });
+            let n: usize = pool
+                .install(|| pre.par_chunks(cols).map(|r| r.iter().map(|&v| (v > 0.0) as usize).sum::<usize>()).sum());
             std::hint::black_box(n);
         }
         let wall = t0.elapsed().as_secs_f64() / iters as f64;

@@ -156,10 +156,11 @@ pub(super) fn batchtopk(pre: &[f32], rows: usize, cols: usize, k: usize) -> Spar
     let mut idx = Vec::with_capacity(total);
     let mut val = Vec::with_capacity(total);
     for &(b, i, v) in cand.iter().flatten() {
-        let keep = v > t || (v == t && eq_left > 0 && {
-            eq_left -= 1;
-            true
-        });
+        let keep = v > t
+            || (v == t && eq_left > 0 && {
+                eq_left -= 1;
+                true
+            });
         if keep {
             counts[b as usize] += 1;
             idx.push(i);

@@ -54,8 +54,7 @@ fn count_row(r: &[f32], t: &[f32]) -> usize {
 
 /// Count per row, then compact each row straight into its place in the CSR.
 fn two_pass(pre: &[f32], rows: usize, cols: usize, t: &[f32]) -> SparseCodes {
-    let counts: Vec<usize> =
-        pre.par_chunks(cols).with_min_len(ROWS_PER_TASK).map(|r| count_row(r, t)).collect();
+    let counts: Vec<usize> = pre.par_chunks(cols).with_min_len(ROWS_PER_TASK).map(|r| count_row(r, t)).collect();
     let row_ptr = row_ptr_of(counts);
     let n = row_ptr[rows];
     let mut idx = vec![0u32; n];

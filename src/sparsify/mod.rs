@@ -16,8 +16,8 @@
 //! threshold filter over a small buffer (no allocation per row); batchtopk finds its threshold
 //! with a histogram of the high bits of the positive values.
 
-pub mod budget;
 mod batchtopk;
+pub mod budget;
 mod mask;
 pub mod threshold;
 mod topk;

@@ -6,7 +6,7 @@
 //!    R consecutive 16-wide chunks, so the maxima are a vertical (SIMD-friendly) max.
 //! 2. Collect the entries >= t (about k of them) and select exactly among them.
 
-use super::{key, key_idx, key_val, keep_best, row_ptr_of, split_by};
+use super::{keep_best, key, key_idx, key_val, row_ptr_of, split_by};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
 

@@ -108,13 +108,7 @@ pub(super) fn wta(pre: &[f32], rows: usize, cols: usize, m: &[usize]) -> SparseC
         .into_par_iter()
         .zip(m)
         .with_min_len(COLS_PER_TASK)
-        .map(|(ks, &mj)| {
-            if ks.len() <= mj {
-                0
-            } else {
-                *ks.select_nth_unstable_by(mj - 1, |a, b| b.cmp(a)).1
-            }
-        })
+        .map(|(ks, &mj)| if ks.len() <= mj { 0 } else { *ks.select_nth_unstable_by(mj - 1, |a, b| b.cmp(a)).1 })
         .collect();
 
     // Row-major CSR of the kept candidates.
