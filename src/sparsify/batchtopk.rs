@@ -26,7 +26,7 @@ const ROWS_PER_TASK: usize = 16;
 
 #[inline(always)]
 fn bucket(v: f32) -> usize {
-    ((v.to_bits() >> SHIFT) | (((!(v > 0.0)) as u32) * NONPOS)) as usize
+    ((v.to_bits() >> SHIFT) | ((((v > 0.0) as u32) ^ 1) * NONPOS)) as usize
 }
 
 /// Histogram of the rows `b = stride * s` (positive values in buckets below NONPOS).
