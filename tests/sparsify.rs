@@ -326,6 +326,10 @@ fn zipf_budgets_hand_computed() {
     assert_eq!(budget::density_ranks(&density), vec![1, 3, 2, 0, 4]);
     assert_eq!(budget::zipf_budgets(&density, 10, 2, 1.0, 6.8, usize::MAX), vec![3, 4, 3, 4, 3]);
     assert_eq!(budget::zipf_budgets(&density, 10, 2, 1.0, 6.8, 3), vec![3, 3, 3, 3, 3]);
+    // NaN densities rank last (after -inf ones, by index), never panic.
+    let density = [f32::NAN, 0.2, f32::NEG_INFINITY, 0.7, f32::NAN, 0.2];
+    assert_eq!(budget::density_ranks(&density), vec![3, 1, 5, 0, 2, 4]);
+    let density = [0.1f32, 0.5, 0.3, 0.5, 0.0];
     let pred = budget::zipf_predicted_density(&density, 10, 2, 1.0, 6.8);
     assert_eq!(pred, vec![0.3, 0.4, 0.3, 0.4, 0.3]);
 }
