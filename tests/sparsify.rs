@@ -413,8 +413,11 @@ fn timing_target_shape() {
     let pre: Vec<f32> = (0..rows * cols).map(|_| StandardNormal.sample(&mut rng)).collect();
     let m = vec![rows * k / cols; cols];
     let theta = vec![2.0f32; cols];
+    let density: Vec<f32> = (0..cols).map(|_| rng.random_range(0.0..1.0f32)).collect();
+    let mz = budget::zipf_budgets(&density, rows, k, 1.0, 6.8, rows);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let sels = [
+        ("wta_zipf", Selection::Wta { m: &mz }),
         ("topk", Selection::TopK { k }),
         ("batchtopk", Selection::BatchTopK { k }),
         ("wta", Selection::Wta { m: &m }),
