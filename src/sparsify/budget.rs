@@ -1,10 +1,13 @@
 //! Feature-choice budgets: uniform (WTA paper) and Zipf (MC/FC paper, Algorithm 1), and the
 //! "dying latent" rule of aux_zipf.
 
-/// Latent order by running density, most frequent first (ties: lower index first).
+/// Latent order by running density, most frequent first (ties: lower index first; a NaN
+/// density ranks as the lowest, so the order is total and the sort cannot panic).
 pub fn density_ranks(density: &[f32]) -> Vec<usize> {
+    // `+ 0.0` makes -0.0 tie with 0.0.
+    let d = |i: usize| if density[i].is_nan() { f32::NEG_INFINITY } else { density[i] + 0.0 };
     let mut order: Vec<usize> = (0..density.len()).collect();
-    order.sort_by(|&a, &b| density[b].partial_cmp(&density[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| d(b).total_cmp(&d(a)).then(a.cmp(&b)));
     order
 }
 

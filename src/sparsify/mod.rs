@@ -1,16 +1,31 @@
 //! Sparsifiers (SPEC "Sparsifiers"): turn the dense pre-activations of a batch into the kept
-//! set. `act = ReLU(pre)` is implicit: only strictly positive entries are ever kept.
+//! set. `act = ReLU(pre)` is implicit: only strictly positive entries are ever kept (NaN is not
+//! positive, so it is never kept).
 //!
 //! Tie-breaking (every backend must agree): among equal values the lower index wins: the lower
 //! latent index within a token (topk, hybrid's cap), the lower token index within a latent
 //! (wta), and the lower row-major flat index `b*F + i` for the whole batch (batchtopk).
+//!
+//! Every rule is exact (bitwise the set a full sort by (value desc, index asc) would give) and
+//! deterministic whatever the number of threads: work is split by rows or columns only, and
+//! the one batch-wide statistic (batchtopk's histogram) is an integer sum.
+//!
+//! Implementation notes: positive `f32` values order like their `u32` bit patterns, so a
+//! candidate is packed into one `u64` key `value_bits << 32 | !index`; a larger key is a better
+//! candidate (larger value, then lower index). Per-row and per-column top-k use a streaming
+//! threshold filter over a small buffer (no allocation per row); batchtopk finds its threshold
+//! with a histogram of the high bits of the positive values.
 
+mod batchtopk;
 pub mod budget;
+mod mask;
 pub mod threshold;
+mod topk;
+mod wta;
 
 use crate::sparse::SparseCodes;
-use rayon::prelude::*;
-use std::cmp::Ordering;
+
+pub use topk::cap_rows;
 
 /// A concrete selection rule with its budgets resolved for this batch.
 #[derive(Clone, Copy, Debug)]
@@ -32,100 +47,71 @@ pub enum Selection<'a> {
 /// Select the kept entries of `pre` (rows x cols, row-major).
 pub fn select(pre: &[f32], rows: usize, cols: usize, sel: &Selection) -> SparseCodes {
     assert_eq!(pre.len(), rows * cols, "pre has the wrong size");
+    assert!(rows <= u32::MAX as usize && cols <= u32::MAX as usize, "rows and cols must fit in u32");
     match *sel {
-        Selection::TopK { k } => topk(pre, rows, cols, k),
-        Selection::BatchTopK { k } => batchtopk(pre, rows, cols, k),
-        Selection::Wta { m } => wta(pre, rows, cols, m),
+        Selection::TopK { k } => topk::topk(pre, rows, cols, k),
+        Selection::BatchTopK { k } => batchtopk::batchtopk(pre, rows, cols, k),
+        Selection::Wta { m } => wta::wta(pre, rows, cols, m),
         Selection::Hybrid { m, k_max } => {
-            let w = wta(pre, rows, cols, m);
+            let w = wta::wta(pre, rows, cols, m);
             cap_rows(&w, k_max)
         }
-        Selection::Relu => SparseCodes::from_mask(pre, rows, cols, |b, i| pre[b * cols + i] > 0.0),
-        Selection::JumpRelu { theta } => {
-            assert_eq!(theta.len(), cols);
-            SparseCodes::from_mask(pre, rows, cols, |b, i| {
-                let v = pre[b * cols + i];
-                v > 0.0 && v > theta[i]
-            })
-        }
+        Selection::Relu => mask::relu(pre, rows, cols),
+        Selection::JumpRelu { theta } => mask::jumprelu(pre, rows, cols, theta),
     }
 }
 
-/// Order: larger value first, then lower index.
+/// Candidate key of a strictly positive value `v` at index `i`: a larger key is a better
+/// candidate (larger value; on equal values, lower index).
+#[inline(always)]
+pub(crate) fn key(v: f32, i: u32) -> u64 {
+    debug_assert!(v > 0.0);
+    ((v.to_bits() as u64) << 32) | (!i) as u64
+}
+
+/// Value of a key.
+#[inline(always)]
+pub(crate) fn key_val(k: u64) -> f32 {
+    f32::from_bits((k >> 32) as u32)
+}
+
+/// Index of a key.
+#[inline(always)]
+pub(crate) fn key_idx(k: u64) -> u32 {
+    !(k as u32)
+}
+
+/// Keep the `n` best (largest) keys of `keys` (`n >= 1`, unordered afterwards); returns the
+/// value of the n-th best when something was dropped.
 #[inline]
-fn better(a: (f32, u32), b: (f32, u32)) -> Ordering {
-    b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1))
-}
-
-fn top_of(mut cand: Vec<(f32, u32)>, k: usize) -> Vec<(f32, u32)> {
-    if cand.len() > k {
-        if k == 0 {
-            return vec![];
-        }
-        cand.select_nth_unstable_by(k - 1, |a, b| better(*a, *b));
-        cand.truncate(k);
+pub(crate) fn keep_best(keys: &mut Vec<u64>, n: usize) -> Option<f32> {
+    debug_assert!(n >= 1);
+    if keys.len() <= n {
+        return None;
     }
-    cand
+    keys.select_nth_unstable_by(n - 1, |a, b| b.cmp(a));
+    keys.truncate(n);
+    Some(key_val(keys[n - 1]))
 }
 
-fn topk(pre: &[f32], rows: usize, cols: usize, k: usize) -> SparseCodes {
-    let lists: Vec<Vec<(u32, f32)>> = pre
-        .par_chunks(cols)
-        .map(|r| {
-            let cand: Vec<(f32, u32)> =
-                r.iter().enumerate().filter(|(_, v)| **v > 0.0).map(|(i, v)| (*v, i as u32)).collect();
-            top_of(cand, k).into_iter().map(|(v, i)| (i, v)).collect()
-        })
-        .collect();
-    debug_assert_eq!(lists.len(), rows);
-    SparseCodes::from_rows(cols, lists)
-}
-
-fn batchtopk(pre: &[f32], rows: usize, cols: usize, k: usize) -> SparseCodes {
-    let total = k.saturating_mul(rows);
-    let cand: Vec<(f32, u32)> =
-        pre.iter().enumerate().filter(|(_, v)| **v > 0.0).map(|(i, v)| (*v, i as u32)).collect();
-    let kept = top_of(cand, total);
-    let mut lists = vec![Vec::new(); rows];
-    for (v, flat) in kept {
-        let flat = flat as usize;
-        lists[flat / cols].push(((flat % cols) as u32, v));
+/// Split `buf` into consecutive mutable pieces `ptr[r]..ptr[r+1]`.
+pub(crate) fn split_by<'a, T>(mut buf: &'a mut [T], ptr: &[usize]) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(ptr.len().saturating_sub(1));
+    for w in ptr.windows(2) {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(w[1] - w[0]);
+        out.push(head);
+        buf = tail;
     }
-    SparseCodes::from_rows(cols, lists)
+    out
 }
 
-fn wta(pre: &[f32], rows: usize, cols: usize, m: &[usize]) -> SparseCodes {
-    assert_eq!(m.len(), cols);
-    let per_col: Vec<Vec<(f32, u32)>> = (0..cols)
-        .into_par_iter()
-        .map(|j| {
-            let cand: Vec<(f32, u32)> = (0..rows)
-                .filter_map(|b| {
-                    let v = pre[b * cols + j];
-                    (v > 0.0).then_some((v, b as u32))
-                })
-                .collect();
-            top_of(cand, m[j])
-        })
-        .collect();
-    let mut lists = vec![Vec::new(); rows];
-    for (j, col) in per_col.into_iter().enumerate() {
-        for (v, b) in col {
-            lists[b as usize].push((j as u32, v));
-        }
+/// Exclusive prefix sum of per-row counts: `row_ptr` of length rows+1.
+pub(crate) fn row_ptr_of(counts: impl IntoIterator<Item = usize>) -> Vec<usize> {
+    let mut ptr = vec![0usize];
+    let mut acc = 0usize;
+    for c in counts {
+        acc += c;
+        ptr.push(acc);
     }
-    SparseCodes::from_rows(cols, lists)
-}
-
-/// Keep at most `k_max` entries per row (largest first, lower latent index on ties).
-pub fn cap_rows(codes: &SparseCodes, k_max: usize) -> SparseCodes {
-    let lists: Vec<Vec<(u32, f32)>> = (0..codes.rows)
-        .into_par_iter()
-        .map(|b| {
-            let (ix, vs) = codes.row(b);
-            let cand: Vec<(f32, u32)> = vs.iter().zip(ix).map(|(v, i)| (*v, *i)).collect();
-            top_of(cand, k_max).into_iter().map(|(v, i)| (i, v)).collect()
-        })
-        .collect();
-    SparseCodes::from_rows(codes.cols, lists)
+    ptr
 }
