@@ -1,5 +1,7 @@
 //! The `sae` command line.
 
+pub mod eval_cmd;
+pub mod export_cmd;
 pub mod train_cmd;
 
 use anyhow::Result;
@@ -16,6 +18,10 @@ pub struct Cli {
 pub enum Command {
     /// Train an SAE (default: a WTA SAE on built-in synthetic data).
     Train(train_cmd::TrainArgs),
+    /// Evaluate run directories or SAE checkpoints on held-out activations.
+    Eval(eval_cmd::EvalArgs),
+    /// Write a run's SAE in the SAELens or sparsify layout.
+    Export(export_cmd::ExportArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -26,5 +32,7 @@ pub fn main() -> Result<()> {
             let sub = matches.subcommand_matches("train").expect("train subcommand matched");
             train_cmd::run(args, sub)
         }
+        Command::Eval(args) => eval_cmd::run(args),
+        Command::Export(args) => export_cmd::run(args),
     }
 }
