@@ -159,7 +159,7 @@ impl Tensors {
 
     fn missing(&self, name: &str) -> anyhow::Error {
         let st = self.st();
-        let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+        let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
         names.sort();
         anyhow::anyhow!("{}: missing tensor '{name}' (the file holds: {})", self.path.display(), names.join(", "))
     }

@@ -107,16 +107,26 @@ fn draw_lines(area: &DrawingArea<BitMapBackend<'_>, Shift>, p: &Panel) -> Result
     let (x0, x1) = bounds(all.iter().map(|q| q.0)).unwrap_or((0.0, 1.0));
     let (y0, y1) = bounds(all.iter().map(|q| q.1)).unwrap_or((0.0, 1.0));
     let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
+    // A log axis only pays off over more than a decade (plotters labels powers of ten).
+    let log_y = p.log_y && y0 > 0.0 && y1 / y0 > 20.0;
     let mut chart = ChartBuilder::on(area);
-    chart.caption(&p.title, (FONT, 22)).margin(12).x_label_area_size(42).y_label_area_size(70);
-    if p.log_y {
+    chart
+        .caption(&p.title, (FONT, 22))
+        .margin(12)
+        .margin_right(36)
+        .x_label_area_size(42)
+        .y_label_area_size(80);
+    let x_fmt = |v: &f64| if v.abs() >= 1000.0 { format!("{:.0}k", v / 1000.0) } else { format!("{v:.0}") };
+    if log_y {
         let (y0, y1) = (y0 * 0.8, y1 * 1.25);
         let mut c = chart.build_cartesian_2d(x0..x1, (y0..y1).log_scale()).map_err(err)?;
         c.configure_mesh()
             .x_desc(&p.x_label)
             .y_desc(&p.y_label)
             .label_style((FONT, 14))
-            .y_label_formatter(&|v| format!("{v:.3}"))
+            .light_line_style(RGBColor(238, 238, 238))
+            .x_label_formatter(&x_fmt)
+            .y_label_formatter(&|v| format!("{v:.2e}"))
             .draw()
             .map_err(err)?;
         for (i, s) in p.series.iter().enumerate() {
@@ -132,7 +142,15 @@ fn draw_lines(area: &DrawingArea<BitMapBackend<'_>, Shift>, p: &Panel) -> Result
     } else {
         let (y0, y1) = pad(y0, y1, 0.05);
         let mut c = chart.build_cartesian_2d(x0..x1, y0..y1).map_err(err)?;
-        c.configure_mesh().x_desc(&p.x_label).y_desc(&p.y_label).label_style((FONT, 14)).draw().map_err(err)?;
+        c.configure_mesh()
+            .x_desc(&p.x_label)
+            .y_desc(&p.y_label)
+            .label_style((FONT, 14))
+            .light_line_style(RGBColor(238, 238, 238))
+            .x_label_formatter(&x_fmt)
+            .y_label_formatter(&|v| format_tick(*v))
+            .draw()
+            .map_err(err)?;
         for (i, s) in p.series.iter().enumerate() {
             let c_ = color(i);
             c.draw_series(LineSeries::new(pts(s), c_.stroke_width(2)))
@@ -147,8 +165,24 @@ fn draw_lines(area: &DrawingArea<BitMapBackend<'_>, Shift>, p: &Panel) -> Result
     Ok(())
 }
 
-fn legend<X, Y>(c: &mut ChartContext<'_, BitMapBackend<'_>, Cartesian2d<X, Y>>) -> Result<()>
+/// Tick label: plain for ordinary magnitudes, scientific for tiny or huge ones.
+pub fn format_tick(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if !(1e-3..1e5).contains(&a) {
+        format!("{v:.1e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        let s = format!("{v:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+fn legend<'a, 'b, X, Y>(c: &mut ChartContext<'a, BitMapBackend<'b>, Cartesian2d<X, Y>>) -> Result<()>
 where
+    'b: 'a,
     X: plotters::coord::ranged1d::Ranged,
     Y: plotters::coord::ranged1d::Ranged,
 {
@@ -233,14 +267,18 @@ pub fn histogram(path: &Path, samples: &[Sample], spec: &HistSpec) -> Result<()>
     let mut c = ChartBuilder::on(&root)
         .caption(caption, (FONT, 20))
         .margin(12)
+        .margin_right(36)
         .x_label_area_size(42)
-        .y_label_area_size(70)
+        .y_label_area_size(80)
         .build_cartesian_2d(x0..x1, 0.0..y1)
         .map_err(err)?;
     c.configure_mesh()
         .x_desc(&spec.x_label)
         .y_desc("fraction")
         .label_style((FONT, 14))
+        .light_line_style(RGBColor(238, 238, 238))
+        .x_label_formatter(&|v| format_tick(*v))
+        .y_label_formatter(&|v| format_tick(*v))
         .disable_x_mesh()
         .draw()
         .map_err(err)?;
