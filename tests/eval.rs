@@ -49,7 +49,7 @@ fn tiny_forward_and_metrics() {
     assert_eq!(m.tokens, 3);
     close(m.l0, 2.0); // (1 + 2 + 3) / 3
     close(m.l1, 7.0 / 3.0); // (1 + 3 + 3) / 3
-    // residual norms^2: 0, 1, 1 -> SSE 2; MSE = 2 / 3 tokens / 2 dims
+                            // residual norms^2: 0, 1, 1 -> SSE 2; MSE = 2 / 3 tokens / 2 dims
     close(m.mse, 1.0 / 3.0);
     // mean [2/3, 1]; squared deviations 10/9, 13/9, 1/9 -> 8/3
     close(m.nmse, 0.75);
@@ -182,7 +182,8 @@ fn export_load_roundtrip_both_formats() {
         assert_eq!(layout, Layout::Saelens);
         assert_eq!(back, sae, "{arch}");
         assert_eq!(back.forward(&x, 40).unwrap(), sae.forward(&x, 40).unwrap());
-        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(CFG_FILE)).unwrap()).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(CFG_FILE)).unwrap()).unwrap();
         assert_eq!(cfg["architecture"], arch);
         assert_eq!(cfg["d_in"], 8);
         assert_eq!(cfg["d_sae"], 16);
@@ -286,11 +287,15 @@ fn half_precision_and_options_are_read() {
     let t = saelens_tensors(&sae);
     let bf: Vec<(String, Vec<usize>, Vec<u8>)> = t
         .iter()
-        .map(|(n, s, v)| (n.to_string(), s.clone(), v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()))
+        .map(|(n, s, v)| {
+            (n.to_string(), s.clone(), v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect())
+        })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bf
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap())
+        })
         .collect();
     std::fs::write(dir.join(WEIGHTS_FILE), safetensors::serialize(views, None).unwrap()).unwrap();
     let cfg = json!({"architecture": "topk", "d_in": 4, "d_sae": 6, "k": 3,
@@ -377,10 +382,8 @@ fn eval_export_and_pictures_on_a_run() {
     let x = inputs(16, 64);
     let (sae_b, _, _) = saetrain::cli::export_cmd::sae_for_export(&run_b).unwrap();
     assert_eq!(sae_b, load_sae(&run_b).unwrap());
-    for format in [
-        saetrain::cli::export_cmd::ExportFormat::Saelens,
-        saetrain::cli::export_cmd::ExportFormat::Sparsify,
-    ] {
+    for format in [saetrain::cli::export_cmd::ExportFormat::Saelens, saetrain::cli::export_cmd::ExportFormat::Sparsify]
+    {
         let out = tmp.path().join(format!("export-{format:?}"));
         saetrain::cli::export_cmd::run(saetrain::cli::export_cmd::ExportArgs {
             run: run_b.clone(),
@@ -401,7 +404,7 @@ fn eval_export_and_pictures_on_a_run() {
     std::fs::write(run_a.join("ce_eval.json"), r#"{"ce_loss_score": 0.91, "kl_div_score": 0.93}"#).unwrap();
     let ea = evaluate(&run_a, "wta", &opts).unwrap();
     let out = tmp.path().join("report");
-    let table = write_outputs(&[ea.clone()], &out, false, true).unwrap();
+    let table = write_outputs(std::slice::from_ref(&ea), &out, false, true).unwrap();
     assert!(table.contains("CE loss score") && table.contains("0.9100"), "{table}");
     let pngs = ["training_curves", "feature_density", "alignment", "enc_dec_cosine", "features_per_token"];
     for p in pngs {
@@ -412,7 +415,8 @@ fn eval_export_and_pictures_on_a_run() {
     for p in pngs {
         assert!(md.contains(&format!("({p}.png)")), "report.md lacks {p}");
     }
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     assert_eq!(json["runs"][0]["ce_eval"]["kl_div_score"], 0.93);
     assert_eq!(json["runs"][0]["exported"]["density"].as_array().unwrap().len(), 32);
 

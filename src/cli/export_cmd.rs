@@ -66,7 +66,8 @@ pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Op
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
-    let (mut sae, mut md, extra) = sae_for_export(&args.run).with_context(|| format!("export {}", args.run.display()))?;
+    let (mut sae, mut md, extra) =
+        sae_for_export(&args.run).with_context(|| format!("export {}", args.run.display()))?;
     if let Some(k) = args.k {
         sae = sae.as_topk(k)?;
     }

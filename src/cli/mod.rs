@@ -15,6 +15,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Train an SAE (default: a WTA SAE on built-in synthetic data).
     Train(train_cmd::TrainArgs),

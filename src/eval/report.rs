@@ -23,7 +23,9 @@ fn columns(evals: &[SaeEval]) -> Vec<Column<'_>> {
     let mut cols = vec![];
     for e in evals {
         cols.push(Column { title: format!("{} ({})", e.label, e.architecture), e, training: false });
-        if e.training.is_some() {
+        // The training sparsifier's column, where it differs from the exported one (topk and
+        // relu runs give identical numbers; eval.json has both either way).
+        if e.training.as_ref().is_some_and(|t| *t != e.exported) {
             let name = e.training_sparsifier.clone().unwrap_or_default();
             cols.push(Column { title: format!("{} (train: {name})", e.label), e, training: true });
         }
@@ -96,7 +98,9 @@ pub fn table(evals: &[SaeEval]) -> Vec<Vec<String>> {
             continue;
         }
         out.push(
-            std::iter::once(name.to_string()).chain(cells.into_iter().map(|c| c.unwrap_or_else(|| "".into()))).collect(),
+            std::iter::once(name.to_string())
+                .chain(cells.into_iter().map(|c| c.unwrap_or_else(|| "".into())))
+                .collect(),
         );
     }
     out
@@ -130,7 +134,11 @@ pub fn markdown_table(cells: &[Vec<String>]) -> String {
     for (i, r) in cells.iter().enumerate() {
         let _ = writeln!(s, "| {} |", r.join(" | "));
         if i == 0 {
-            let _ = writeln!(s, "|{}", r.iter().enumerate().map(|(j, _)| if j == 0 { "---|" } else { "---:|" }).collect::<String>());
+            let _ = writeln!(
+                s,
+                "|{}",
+                r.iter().enumerate().map(|(j, _)| if j == 0 { "---|" } else { "---:|" }).collect::<String>()
+            );
         }
     }
     s
@@ -148,13 +156,7 @@ pub fn labels(paths: &[PathBuf]) -> Vec<String> {
         .collect();
     base.iter()
         .enumerate()
-        .map(|(i, b)| {
-            if base.iter().filter(|x| *x == b).count() > 1 {
-                format!("{b}-{}", i + 1)
-            } else {
-                b.clone()
-            }
-        })
+        .map(|(i, b)| if base.iter().filter(|x| *x == b).count() > 1 { format!("{b}-{}", i + 1) } else { b.clone() })
         .map(|s| s.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect())
         .collect()
 }
@@ -218,7 +220,13 @@ fn picture_set(evals: &[SaeEval], out: &Path, prefix: &str) -> Result<Vec<Pictur
                 series: series(|p| p.loss),
                 log_y: true,
             },
-            Panel { title: "L0".into(), x_label: "step".into(), y_label: "L0".into(), series: series(|p| p.l0), log_y: false },
+            Panel {
+                title: "L0".into(),
+                x_label: "step".into(),
+                y_label: "L0".into(),
+                series: series(|p| p.l0),
+                log_y: false,
+            },
             Panel {
                 title: "explained variance".into(),
                 x_label: "step".into(),
@@ -241,7 +249,13 @@ fn picture_set(evals: &[SaeEval], out: &Path, prefix: &str) -> Result<Vec<Pictur
         .collect();
     let min_tokens = evals.iter().map(|e| e.exported.tokens).min().unwrap_or(1).max(1);
     let lo = -(min_tokens as f64).log10().ceil();
-    let dead: Vec<String> = evals.iter().map(|e| format!("{} dead", e.exported.dead)).collect();
+    let dead: Vec<String> = evals
+        .iter()
+        .map(|e| match evals.len() {
+            1 => format!("{} dead", e.exported.dead),
+            _ => format!("{}: {} dead", e.label, e.exported.dead),
+        })
+        .collect();
     let path = put("feature_density", "log10 feature density of the alive latents (dead latents in the title)".into());
     plot::histogram(
         &path,
@@ -364,7 +378,8 @@ pub fn write_outputs(evals: &[SaeEval], out: &Path, compare: bool, draw: bool) -
         md,
         "Explained variance is `1 - sum||x - x_hat||^2 / sum||x - mean||^2` over the whole set; the legacy \
          form is SAEBench's per-token mean of `1 - ||x - x_hat||^2 / ||x - mean(batch)||^2`. Columns marked \
-         `train:` use the training sparsifier on the same tokens. All numbers: `{EVAL_FILE}`.\n"
+         `train:` use the training sparsifier on the same tokens (shown only where it differs from the exported \
+         one). All numbers: `{EVAL_FILE}`.\n"
     );
     for p in &pics {
         let _ = writeln!(md, "## {}\n\n![{}]({})\n", p.caption, p.caption, p.file);

@@ -169,7 +169,13 @@ pub fn eval_exported(sae: &ExportedSae, batches: &[Batch], raw: &[Vec<f32>], mea
 
 /// Metrics of the training sparsifier: the run's trainer state on the CPU backend, fed the
 /// activations as it saw them in training (times its input scale), reconstructions scaled back.
-fn eval_training(dir: &Path, cfg: TrainConfig, batches: &[Batch], raw: &[Vec<f32>], mean: Vec<f64>) -> Result<ReconMetrics> {
+fn eval_training(
+    dir: &Path,
+    cfg: TrainConfig,
+    batches: &[Batch],
+    raw: &[Vec<f32>],
+    mean: Vec<f64>,
+) -> Result<ReconMetrics> {
     let (state, meta) = checkpoint::load(dir)?;
     let s = meta.input_scale;
     let f = state.shape().d_sae;

@@ -139,7 +139,8 @@ struct Tensors {
 impl Tensors {
     fn open(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+        SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
         Ok(Self { path: path.to_path_buf(), bytes })
     }
 
@@ -184,7 +185,9 @@ impl Tensors {
                 .chunks_exact(8)
                 .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
                 .collect(),
-            other => bail!("{}: tensor '{name}' has dtype {other:?}; expected F32, F16, BF16 or F64", self.path.display()),
+            other => {
+                bail!("{}: tensor '{name}' has dtype {other:?}; expected F32, F16, BF16 or F64", self.path.display())
+            }
         };
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             bail!("{}: tensor '{name}' holds a non-finite value at flat index {i}", self.path.display());

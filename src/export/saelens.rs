@@ -80,7 +80,12 @@ impl ExportedSae {
 
     /// The SAELens writer without a training config (format conversion); `extra` is stored under
     /// the top-level key `saetrain` (SAELens ignores unknown top-level keys).
-    pub fn save_saelens(&self, dir: &Path, metadata: serde_json::Value, extra: Option<serde_json::Value>) -> Result<()> {
+    pub fn save_saelens(
+        &self,
+        dir: &Path,
+        metadata: serde_json::Value,
+        extra: Option<serde_json::Value>,
+    ) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let (d, f) = (self.d_in, self.d_sae);
         let w_enc_t = transpose(&self.w_enc, f, d); // d x F
@@ -103,12 +108,14 @@ impl ExportedSae {
         let mut md = json!({
             "model_name": null,
             "hook_name": null,
+            "hook_layer": null,
             "hook_head_index": null,
             "prepend_bos": true,
             "context_size": null,
             "dataset_path": null,
             "sae_lens_version": SAELENS_FORMAT_VERSION,
-            "sae_lens_training_version": format!("saetrain {}", env!("CARGO_PKG_VERSION")),
+            "sae_lens_training_version": null,
+            "saetrain_version": env!("CARGO_PKG_VERSION"),
         });
         if let serde_json::Value::Object(given) = metadata {
             for (k, v) in given {

@@ -110,12 +110,7 @@ fn draw_lines(area: &DrawingArea<BitMapBackend<'_>, Shift>, p: &Panel) -> Result
     // A log axis only pays off over more than a decade (plotters labels powers of ten).
     let log_y = p.log_y && y0 > 0.0 && y1 / y0 > 20.0;
     let mut chart = ChartBuilder::on(area);
-    chart
-        .caption(&p.title, (FONT, 22))
-        .margin(12)
-        .margin_right(36)
-        .x_label_area_size(42)
-        .y_label_area_size(80);
+    chart.caption(&p.title, (FONT, 22)).margin(12).margin_right(36).x_label_area_size(42).y_label_area_size(80);
     let x_fmt = |v: &f64| if v.abs() >= 1000.0 { format!("{:.0}k", v / 1000.0) } else { format!("{v:.0}") };
     if log_y {
         let (y0, y1) = (y0 * 0.8, y1 * 1.25);
@@ -219,10 +214,8 @@ pub struct HistSpec {
 
 /// Bin edges and per-sample fractions (values outside the range are not counted).
 pub fn bin(samples: &[Sample], spec: &HistSpec) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let (lo, hi) = spec
-        .range
-        .or_else(|| bounds(samples.iter().flat_map(|s| s.values.iter().copied())))
-        .unwrap_or((0.0, 1.0));
+    let (lo, hi) =
+        spec.range.or_else(|| bounds(samples.iter().flat_map(|s| s.values.iter().copied()))).unwrap_or((0.0, 1.0));
     let (lo, hi, n) = if spec.integer {
         let (lo, hi) = (lo.floor(), hi.ceil().max(lo.floor()));
         (lo - 0.5, hi + 0.5, (hi - lo) as usize + 1)
