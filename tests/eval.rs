@@ -426,3 +426,37 @@ fn eval_export_and_pictures_on_a_run() {
         assert!(std::fs::metadata(cmp.join(format!("compare_{p}.png"))).unwrap().len() > 2000, "{p}");
     }
 }
+
+#[test]
+fn folded_input_scale_matches_training_backend() {
+    use saetrain::backend::{cpu::CpuBackend, Backend, InferMode};
+    use saetrain::data::Batch;
+    use saetrain::model::{init, Shape, TrainState};
+    // Exported weights on raw x must give the backend's codes on s*x and its reconstruction / s.
+    let (d, f, rows, s) = (8, 16, 32, 2.5f32);
+    for (sparsifier, aligned) in
+        [(SparsifierKind::Topk, false), (SparsifierKind::Wta, true), (SparsifierKind::Relu, false)]
+    {
+        let cfg = TrainConfig { sparsifier, d_sae: f, k: 3, aligned, ..TrainConfig::default() };
+        let mut params = init::tied(Shape::new(d, f), 3, aligned);
+        params.parts_mut().b_enc.iter_mut().enumerate().for_each(|(i, b)| *b = 0.05 * (i as f32 % 3.0) - 0.05);
+        params.parts_mut().b_dec.iter_mut().enumerate().for_each(|(i, b)| *b = 0.1 * i as f32);
+        let mut state = TrainState::new(params);
+        state.theta = (0..f).map(|i| 0.1 + 0.02 * i as f32).collect();
+        let w_eff = saetrain::train::effective_encoder(&cfg, &state);
+        let sae = ExportedSae::from_training(&cfg, &state.params, &w_eff, &state.theta, s);
+        let x = inputs(d, rows);
+        let xs: Vec<f32> = x.iter().map(|v| v * s).collect();
+        let mut backend = CpuBackend::new(cfg, state).unwrap();
+        let inf = backend.infer(&Batch::from_f32(rows, d, xs), InferMode::Exported).unwrap();
+        let (codes, x_hat) = sae.forward(&x, rows).unwrap();
+        assert!(codes.nnz() > 0, "{sparsifier:?}: no codes");
+        assert_eq!(codes.idx, inf.codes.idx, "{sparsifier:?}");
+        for (a, b) in codes.val.iter().zip(&inf.codes.val) {
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{sparsifier:?}: {a} vs {b}");
+        }
+        for (a, b) in x_hat.iter().zip(&inf.x_hat) {
+            assert!((a - b / s).abs() < 1e-4, "{sparsifier:?}: {a} vs {}", b / s);
+        }
+    }
+}

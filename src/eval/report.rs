@@ -132,7 +132,8 @@ pub fn text_table(cells: &[Vec<String>]) -> String {
 pub fn markdown_table(cells: &[Vec<String>]) -> String {
     let mut s = String::new();
     for (i, r) in cells.iter().enumerate() {
-        let _ = writeln!(s, "| {} |", r.join(" | "));
+        let cells: Vec<String> = r.iter().map(|c| c.replace('|', "\\|")).collect();
+        let _ = writeln!(s, "| {} |", cells.join(" | "));
         if i == 0 {
             let _ = writeln!(
                 s,
