@@ -10,6 +10,7 @@ pub mod data;
 pub mod eval;
 pub mod export;
 pub mod model;
+pub mod plot;
 pub mod sparse;
 pub mod sparsify;
 pub mod train;

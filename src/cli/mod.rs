@@ -1,6 +1,8 @@
 //! The `sae` command line.
 
 pub mod bench_cmd;
+pub mod eval_cmd;
+pub mod export_cmd;
 pub mod train_cmd;
 
 use anyhow::Result;
@@ -25,6 +27,10 @@ pub enum Command {
     /// Benchmarks: a training step split into phases, or every sparsifier's selection.
     #[command(subcommand)]
     Bench(bench_cmd::BenchArgs),
+    /// Evaluate run directories or SAE checkpoints on held-out activations.
+    Eval(eval_cmd::EvalArgs),
+    /// Write a run's SAE in the SAELens or sparsify layout.
+    Export(export_cmd::ExportArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -43,5 +49,7 @@ pub fn main() -> Result<()> {
             anyhow::ensure!(report.passed(), "CUDA selftest failed");
             Ok(())
         }
+        Command::Eval(args) => eval_cmd::run(args),
+        Command::Export(args) => export_cmd::run(args),
     }
 }

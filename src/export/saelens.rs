@@ -3,6 +3,13 @@
 //!
 //! Input normalisation (scale s applied to raw activations during training) is folded in, so
 //! the files work on raw activations: `W_enc' = s W_enc`, `W_dec' = W_dec / s`, `b_dec' = b_dec / s`.
+//!
+//! `cfg.json` follows SAELens 6.x (`SAEConfig.to_dict()`): top-level `architecture`, `d_in`, `d_sae`,
+//! `dtype`, `device`, `apply_b_dec_to_input`, `normalize_activations`, `reshape_activations`,
+//! `metadata {model_name, hook_name, ..., sae_lens_version}` and, for `topk`, `k` and
+//! `rescale_acts_by_decoder_norm`. `metadata.sae_lens_version` must be >= 6.0 or SAELens treats the
+//! file as a pre-6.0 config and rebuilds `metadata` from top-level keys. The safetensors file holds
+//! exactly the tensors SAELens' module has (its `load_state_dict` is strict).
 
 use crate::config::{SparsifierKind, TrainConfig};
 use crate::model::Params;
@@ -14,6 +21,8 @@ use std::path::Path;
 
 pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
 pub const CFG_FILE: &str = "cfg.json";
+/// The SAELens release whose config format `cfg.json` follows.
+pub const SAELENS_FORMAT_VERSION: &str = "6.18.0";
 
 /// Inference-time weights in the SPEC's orientation (W_enc F x d), normalisation folded in.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,7 +37,7 @@ pub struct ExportedSae {
     pub b_dec: Vec<f32>,
     /// Per-latent JumpReLU threshold (None: no threshold applies).
     pub threshold: Option<Vec<f32>>,
-    /// SAELens architecture name: "jumprelu", "topk" or "standard".
+    /// SAELens architecture name: "jumprelu", "topk", "batchtopk" or "standard".
     pub architecture: String,
     pub k: Option<usize>,
 }
@@ -40,7 +49,8 @@ impl ExportedSae {
         let s = p.parts();
         let (d, f) = (s.shape.d_in, s.shape.d_sae);
         let (architecture, threshold, k) = match cfg.sparsifier {
-            k if k.batch_dependent() => ("jumprelu", Some(theta.to_vec()), None),
+            // Folding leaves the pre-activations unchanged, so theta carries over as it is.
+            k if k.batch_dependent() || k == SparsifierKind::Jumprelu => ("jumprelu", Some(theta.to_vec()), None),
             SparsifierKind::Topk => ("topk", None, Some(cfg.k)),
             _ => ("standard", None, None),
         };
@@ -58,7 +68,24 @@ impl ExportedSae {
     }
 
     /// Write `cfg.json` and `sae_weights.safetensors` into `dir` (each atomically; weights first).
+    /// `metadata` entries are merged over the defaults of SAELens' `metadata` block.
     pub fn save(&self, dir: &Path, cfg: &TrainConfig, metadata: serde_json::Value) -> Result<()> {
+        let extra = json!({
+            "sparsifier": cfg.sparsifier.name(),
+            "k": cfg.k,
+            "aligned": cfg.aligned,
+        });
+        self.save_saelens(dir, metadata, Some(extra))
+    }
+
+    /// The SAELens writer without a training config (format conversion); `extra` is stored under
+    /// the top-level key `saetrain` (SAELens ignores unknown top-level keys).
+    pub fn save_saelens(
+        &self,
+        dir: &Path,
+        metadata: serde_json::Value,
+        extra: Option<serde_json::Value>,
+    ) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let (d, f) = (self.d_in, self.d_sae);
         let w_enc_t = transpose(&self.w_enc, f, d); // d x F
@@ -73,26 +100,50 @@ impl ExportedSae {
         }
         let bytes = serialize_f32(&tensors)?;
         write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+        write_json_atomic(&dir.join(CFG_FILE), &self.saelens_cfg(metadata, extra))
+    }
+
+    /// The SAELens 6.x `cfg.json` object of this SAE.
+    pub fn saelens_cfg(&self, metadata: serde_json::Value, extra: Option<serde_json::Value>) -> serde_json::Value {
+        let mut md = json!({
+            "model_name": null,
+            "hook_name": null,
+            "hook_layer": null,
+            "hook_head_index": null,
+            "prepend_bos": true,
+            "context_size": null,
+            "dataset_path": null,
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": null,
+            "saetrain_version": env!("CARGO_PKG_VERSION"),
+        });
+        if let serde_json::Value::Object(given) = metadata {
+            for (k, v) in given {
+                md[k.as_str()] = v;
+            }
+        }
+        let architecture = self.architecture.as_str();
         let mut c = json!({
-            "architecture": self.architecture,
-            "d_in": d,
-            "d_sae": f,
+            "architecture": architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
             "dtype": "float32",
             "device": "cpu",
             "apply_b_dec_to_input": true,
             "normalize_activations": "none",
             "reshape_activations": "none",
-            "metadata": metadata,
-            "saetrain": {
-                "sparsifier": cfg.sparsifier.name(),
-                "k": cfg.k,
-                "aligned": cfg.aligned,
-            },
+            "metadata": md,
         });
         if let Some(k) = self.k {
             c["k"] = json!(k);
         }
-        write_json_atomic(&dir.join(CFG_FILE), &c)
+        if architecture == "topk" {
+            c["rescale_acts_by_decoder_norm"] = json!(false);
+        }
+        if let Some(e) = extra {
+            c["saetrain"] = e;
+        }
+        c
     }
 }
 

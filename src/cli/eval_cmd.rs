@@ -1,0 +1,55 @@
+//! `sae eval RUN_OR_CHECKPOINT... [--data PATH] [--tokens N] [--compare] [--out DIR]`
+
+use crate::eval::report::{labels, write_outputs, EVAL_FILE, REPORT_FILE};
+use crate::eval::run::{evaluate, EvalOptions};
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Run directories or SAE checkpoints (SAELens or sparsify layout).
+    #[arg(required = true, value_name = "RUN_OR_CHECKPOINT")]
+    pub inputs: Vec<PathBuf>,
+    /// Activation shards to evaluate on (default: each run's own held-out split; required for a
+    /// checkpoint that is not a run directory).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Held-out tokens (default: the run's eval_tokens, else 8192).
+    #[arg(long)]
+    pub tokens: Option<usize>,
+    /// Overlay all inputs in one set of pictures.
+    #[arg(long, default_value_t = false)]
+    pub compare: bool,
+    /// Output directory (default: RUN/eval for one input, sae-eval for several).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Skip the PNG pictures.
+    #[arg(long, default_value_t = false)]
+    pub no_plots: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    super::train_cmd::init_threads(args.threads)?;
+    let opts = EvalOptions { data: args.data.clone(), tokens: args.tokens };
+    let names = labels(&args.inputs);
+    let mut evals = vec![];
+    for (path, label) in args.inputs.iter().zip(&names) {
+        let e = evaluate(path, label, &opts).with_context(|| format!("evaluating {}", path.display()))?;
+        evals.push(e);
+    }
+    let out = match &args.out {
+        Some(o) => o.clone(),
+        None if args.inputs.len() == 1 => crate::export::load::checkpoint_dir(&args.inputs[0]).join("eval"),
+        None => PathBuf::from("sae-eval"),
+    };
+    let table = write_outputs(&evals, &out, args.compare, !args.no_plots)?;
+    for e in &evals {
+        println!("{}: {} ({} layout, {}), data: {}", e.label, e.path.display(), e.layout, e.architecture, e.data);
+    }
+    print!("{table}");
+    println!("wrote {} and {} in {}", EVAL_FILE, REPORT_FILE, out.display());
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! `sae export RUN --format saelens|sparsify --out DIR`
+
+use crate::config::TrainConfig;
+use crate::export::load::{checkpoint_dir, load_sae_with_layout};
+use crate::export::ExportedSae;
+use crate::train::checkpoint::{self, STATE_FILE};
+use crate::train::{effective_encoder, CONFIG_FILE};
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// SAELens 6.x: cfg.json + sae_weights.safetensors.
+    Saelens,
+    /// EleutherAI sparsify: cfg.json + sae.safetensors (TopK SAEs only).
+    Sparsify,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// Run directory (or an SAE checkpoint in either layout, to convert it).
+    pub run: PathBuf,
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Write the SAE as TopK with this k (needed for sparsify when the SAE is not TopK; lossy).
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// SAELens metadata.model_name (e.g. the Hugging Face id of the model).
+    #[arg(long)]
+    pub model_name: Option<String>,
+    /// SAELens metadata.hook_name (e.g. blocks.6.hook_resid_post).
+    #[arg(long)]
+    pub hook_name: Option<String>,
+    /// SAELens metadata.hook_layer.
+    #[arg(long)]
+    pub hook_layer: Option<usize>,
+    /// SAELens metadata.context_size.
+    #[arg(long)]
+    pub context_size: Option<usize>,
+}
+
+/// The SAE of `path` with normalisation folded in: rebuilt from the trainer state of a run
+/// directory, else read from a checkpoint. Also returns the SAELens metadata and extra block.
+pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Option<serde_json::Value>)> {
+    let dir = checkpoint_dir(path);
+    if dir.join(CONFIG_FILE).is_file() && dir.join(STATE_FILE).is_file() {
+        let cfg = TrainConfig::load(&dir.join(CONFIG_FILE))?;
+        let (state, meta) = checkpoint::load(&dir)?;
+        let w_enc_eff = effective_encoder(&cfg, &state);
+        let sae = ExportedSae::from_training(&cfg, &state.params, &w_enc_eff, &state.theta, meta.input_scale);
+        let md = json!({
+            "dataset_path": cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
+            "trained_tokens": meta.tokens,
+            "input_scale_folded": meta.input_scale,
+        });
+        let extra = json!({"sparsifier": cfg.sparsifier.name(), "k": cfg.k, "aligned": cfg.aligned});
+        return Ok((sae, md, Some(extra)));
+    }
+    let (sae, layout) = load_sae_with_layout(&dir)?;
+    Ok((sae, json!({}), Some(json!({"converted_from": layout.name()}))))
+}
+
+pub fn run(args: ExportArgs) -> Result<()> {
+    let (mut sae, mut md, extra) =
+        sae_for_export(&args.run).with_context(|| format!("export {}", args.run.display()))?;
+    if let Some(k) = args.k {
+        sae = sae.as_topk(k)?;
+    }
+    for (key, v) in [
+        ("model_name", args.model_name.clone().map(serde_json::Value::from)),
+        ("hook_name", args.hook_name.clone().map(serde_json::Value::from)),
+        ("hook_layer", args.hook_layer.map(serde_json::Value::from)),
+        ("context_size", args.context_size.map(serde_json::Value::from)),
+    ] {
+        if let Some(v) = v {
+            md[key] = v;
+        }
+    }
+    if args.out.exists() && !args.out.is_dir() {
+        bail!("--out {}: exists and is not a directory", args.out.display());
+    }
+    match args.format {
+        ExportFormat::Saelens => sae.save_saelens(&args.out, md, extra)?,
+        ExportFormat::Sparsify => sae.save_sparsify(&args.out)?,
+    }
+    println!(
+        "exported {} SAE (d_in {}, d_sae {}{}) to {} in the {} layout",
+        sae.architecture,
+        sae.d_in,
+        sae.d_sae,
+        sae.k.map(|k| format!(", k {k}")).unwrap_or_default(),
+        args.out.display(),
+        match args.format {
+            ExportFormat::Saelens => "SAELens",
+            ExportFormat::Sparsify => "sparsify",
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! `sae eval` on one run directory or checkpoint: load the exported SAE, draw held-out
+//! activations, compute every metric with the exported sparsifier (and, for a run directory,
+//! with the training sparsifier through the CPU backend), plus weight metrics, ground-truth
+//! recovery on synthetic data and the language-model numbers of `ce_eval.json` when present.
+
+use super::metrics::{set_mean, weight_metrics, ReconAccumulator, ReconMetrics, WeightMetrics};
+use super::recovery::{recovery, Recovery};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, InferMode};
+use crate::config::TrainConfig;
+use crate::data::{self, Batch};
+use crate::export::load::{checkpoint_dir, load_sae_with_layout};
+use crate::export::ExportedSae;
+use crate::train::checkpoint::{self, STATE_FILE};
+use crate::train::{CONFIG_FILE, METRICS_FILE};
+use anyhow::{bail, ensure, Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// File the CE/KL script writes into a run directory.
+pub const CE_EVAL_FILE: &str = "ce_eval.json";
+/// Default held-out tokens when neither `--tokens` nor the run's config says.
+pub const DEFAULT_EVAL_TOKENS: usize = 8192;
+
+#[derive(Clone, Debug, Default)]
+pub struct EvalOptions {
+    /// Activation shards to evaluate on (default: the run's own held-out split).
+    pub data: Option<PathBuf>,
+    /// Held-out tokens (default: the run's `eval_tokens`, else 8192).
+    pub tokens: Option<usize>,
+}
+
+/// One point of the training curves read from `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CurvePoint {
+    pub step: f64,
+    pub loss: Option<f64>,
+    pub l0: Option<f64>,
+    pub ev: Option<f64>,
+    /// Held-out EV of the periodic evaluations, where the line has one.
+    pub eval_ev: Option<f64>,
+}
+
+/// Everything `sae eval` measured for one SAE.
+#[derive(Clone, Debug, Serialize)]
+pub struct SaeEval {
+    pub label: String,
+    pub path: PathBuf,
+    /// A training run directory (config.json + trainer_state) rather than a bare checkpoint.
+    pub is_run: bool,
+    pub layout: String,
+    pub architecture: String,
+    pub k: Option<usize>,
+    pub d_in: usize,
+    pub d_sae: usize,
+    /// The held-out data, in words.
+    pub data: String,
+    /// The training sparsifier (run directories only).
+    pub training_sparsifier: Option<String>,
+    /// Metrics with the exported (inference) sparsifier, on raw activations.
+    pub exported: ReconMetrics,
+    /// Metrics with the training sparsifier (run directories only), on raw activations.
+    pub training: Option<ReconMetrics>,
+    pub weights: WeightMetrics,
+    /// Ground-truth recovery (synthetic data only).
+    pub recovery: Option<Recovery>,
+    /// Contents of `ce_eval.json` when the run directory has one.
+    pub ce_eval: Option<serde_json::Value>,
+    /// Training curves from `metrics.jsonl` (run directories only).
+    pub curves: Vec<CurvePoint>,
+}
+
+/// Evaluate the SAE at `path` (run directory, checkpoint directory or weight file).
+pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval> {
+    let dir = checkpoint_dir(path);
+    let (sae, layout) = load_sae_with_layout(&dir)?;
+    let run_cfg = match dir.join(CONFIG_FILE).is_file() {
+        true => Some(TrainConfig::load(&dir.join(CONFIG_FILE)).with_context(|| format!("{}", dir.display()))?),
+        false => None,
+    };
+    let has_state = dir.join(STATE_FILE).is_file();
+    let is_run = run_cfg.is_some() && has_state;
+
+    // Where the held-out activations come from.
+    let mut cfg = match (&opts.data, &run_cfg) {
+        (Some(p), Some(c)) => TrainConfig { data: Some(p.clone()), ..c.clone() },
+        (Some(p), None) => TrainConfig { data: Some(p.clone()), ..TrainConfig::default() },
+        (None, Some(c)) => c.clone(),
+        (None, None) => bail!(
+            "{}: not a run directory (no {CONFIG_FILE}), so there is no held-out set to regenerate: give --data",
+            dir.display()
+        ),
+    };
+    if cfg.data.is_some() {
+        // Raw activations: the exported SAE has the run's normalisation folded in.
+        cfg.normalize = false;
+        if opts.data.is_some() {
+            cfg.d_in = None;
+        }
+    }
+    let tokens = opts.tokens.or(run_cfg.as_ref().map(|c| c.eval_tokens)).unwrap_or(DEFAULT_EVAL_TOKENS);
+    ensure!(tokens > 0, "invalid --tokens 0: must be >= 1");
+    cfg.eval_tokens = tokens;
+    cfg.quiet = true;
+
+    let mut source = data::open_source(&cfg)?;
+    ensure!(
+        source.d_in() == sae.d_in,
+        "the data has width {} but the SAE in {} has d_in {}",
+        source.d_in(),
+        dir.display(),
+        sae.d_in
+    );
+    let batches = source.eval_batches(tokens)?;
+    ensure!(!batches.is_empty(), "the data gave no held-out tokens");
+    let scale = source.input_scale();
+    let raw: Vec<Vec<f32>> = batches.iter().map(|b| unscale(&b.to_f32(), scale)).collect();
+    let mean = set_mean(raw.iter().map(|v| v.as_slice()), sae.d_in);
+
+    let exported = eval_exported(&sae, &batches, &raw, mean.clone())?;
+    let (training, training_sparsifier) = if is_run {
+        let rc = run_cfg.clone().expect("is_run");
+        let name = rc.sparsifier.name().to_string();
+        (Some(eval_training(&dir, rc, &batches, &raw, mean)?), Some(name))
+    } else {
+        (None, None)
+    };
+    let weights = weight_metrics(&sae.w_enc, &sae.w_dec, sae.d_in);
+    let recovery = source.ground_truth().map(|gt| recovery(gt, &sae.w_dec, sae.d_in));
+    let ce_eval = read_ce_eval(&dir)?;
+    let curves = read_curves(&dir.join(METRICS_FILE))?;
+    Ok(SaeEval {
+        label: label.to_string(),
+        path: dir.clone(),
+        is_run,
+        layout: layout.name().to_string(),
+        architecture: sae.architecture.clone(),
+        k: sae.k,
+        d_in: sae.d_in,
+        d_sae: sae.d_sae,
+        data: source.describe(),
+        training_sparsifier,
+        exported,
+        training,
+        weights,
+        recovery,
+        ce_eval,
+        curves,
+    })
+}
+
+fn unscale(x: &[f32], scale: f32) -> Vec<f32> {
+    if scale == 1.0 {
+        x.to_vec()
+    } else {
+        x.iter().map(|v| v / scale).collect()
+    }
+}
+
+/// Metrics of the exported SAE on raw activations, one batch at a time.
+pub fn eval_exported(sae: &ExportedSae, batches: &[Batch], raw: &[Vec<f32>], mean: Vec<f64>) -> Result<ReconMetrics> {
+    let mut acc = ReconAccumulator::new(mean, sae.d_sae);
+    for (b, x) in batches.iter().zip(raw) {
+        let (codes, x_hat) = sae.forward(x, b.rows)?;
+        acc.add(x, &codes, &x_hat);
+    }
+    Ok(acc.finish())
+}
+
+/// Metrics of the training sparsifier: the run's trainer state on the CPU backend, fed the
+/// activations as it saw them in training (times its input scale), reconstructions scaled back.
+fn eval_training(
+    dir: &Path,
+    cfg: TrainConfig,
+    batches: &[Batch],
+    raw: &[Vec<f32>],
+    mean: Vec<f64>,
+) -> Result<ReconMetrics> {
+    let (state, meta) = checkpoint::load(dir)?;
+    let s = meta.input_scale;
+    let f = state.shape().d_sae;
+    let mut backend = CpuBackend::new(cfg, state).with_context(|| format!("{}", dir.display()))?;
+    let mut acc = ReconAccumulator::new(mean, f);
+    for (b, x) in batches.iter().zip(raw) {
+        let xs: Vec<f32> = x.iter().map(|v| v * s).collect();
+        let inf = backend.infer(&Batch::from_f32(b.rows, b.d_in, xs), InferMode::Training)?;
+        let x_hat = unscale(&inf.x_hat, s);
+        acc.add(x, &inf.codes, &x_hat);
+    }
+    Ok(acc.finish())
+}
+
+fn read_ce_eval(dir: &Path) -> Result<Option<serde_json::Value>> {
+    let p = dir.join(CE_EVAL_FILE);
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let v = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", p.display()))?;
+    Ok(Some(v))
+}
+
+/// Loss, L0 and EV per logged step (lines that do not parse are skipped).
+pub fn read_curves(path: &Path) -> Result<Vec<CurvePoint>> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(vec![]) };
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            Some(CurvePoint {
+                step: v.get("step")?.as_f64()?,
+                loss: v.get("loss").and_then(|x| x.as_f64()),
+                l0: v.get("l0").and_then(|x| x.as_f64()),
+                ev: v.get("ev").and_then(|x| x.as_f64()),
+                eval_ev: v.get("eval").and_then(|e| e.get("explained_variance")).and_then(|x| x.as_f64()),
+            })
+        })
+        .collect())
+}
