@@ -4,7 +4,7 @@ pub mod checkpoint;
 pub mod schedule;
 
 use crate::backend::{self, Backend, InferMode, StepStats};
-use crate::config::TrainConfig;
+use crate::config::{BackendChoice, TrainConfig};
 use crate::data::{self, BatchSource};
 use crate::eval::core::{core_metrics, CoreMetrics};
 use crate::eval::recovery::{recovery, Recovery};
@@ -53,7 +53,13 @@ pub fn run(cfg: TrainConfig, resume: Option<&Path>) -> Result<Summary> {
         None => cfg,
     };
     cfg.validate()?;
-    let mut source = data::open_source(&cfg)?;
+    // The CUDA backend uploads half-precision shards as they are and converts on the device.
+    let on_gpu = match cfg.backend {
+        BackendChoice::Cuda => true,
+        BackendChoice::Auto => backend::cuda::probe().is_ok(),
+        BackendChoice::Cpu => false,
+    };
+    let mut source = data::open_source_with(&cfg, on_gpu)?;
     let d_in = source.d_in();
     if let Some(d) = cfg.d_in {
         if d != d_in {
