@@ -61,7 +61,7 @@ pub struct ParamsRef<'a> {
 
 impl Params {
     pub fn zeros(shape: Shape) -> Self {
-        Self { shape, data: vec![0.0; shape.len()] }
+        Self { shape, data: crate::util::hugepage::zeroed_f32(shape.len()) }
     }
     pub fn from_parts(shape: Shape, w_enc: &[f32], b_enc: &[f32], w_dec: &[f32], b_dec: &[f32]) -> Self {
         let mut p = Self::zeros(shape);

@@ -53,33 +53,22 @@ pub fn latent_row_grads<E>(
 ) where
     E: Fn(usize, bool, &mut [f32], &mut [f32]) + Sync,
 {
-    // Column blocks: the gathered slices of G and xc for one block (B x COL_BLOCK floats each)
-    // stay in L2 across all latents, instead of every entry fetching two full rows from L3.
-    // Per element the sums run over the same entries in the same order as unblocked.
-    for c0 in (0..d).step_by(COL_BLOCK) {
-        let c1 = (c0 + COL_BLOCK).min(d);
-        dw_enc.par_chunks_mut(d).zip(dw_dec.par_chunks_mut(d)).enumerate().for_each(|(i, (ge, gd))| {
-            let (ge, gd) = (&mut ge[c0..c1], &mut gd[c0..c1]);
-            ge.fill(0.0);
-            gd.fill(0.0);
-            for grp in groups {
-                for e in grp.view.entries(i) {
-                    let b = grp.view.tok[e] as usize;
-                    let p = grp.view.pos[e] as usize;
-                    axpy(gd, grp.codes.val[p], &grp.g[b * d + c0..b * d + c1]);
-                    axpy(ge, grp.dpre[p], &xc[b * d + c0..b * d + c1]);
-                }
-            }
-        });
-    }
     dw_enc.par_chunks_mut(d).zip(dw_dec.par_chunks_mut(d)).zip(db_enc.par_iter_mut()).enumerate().for_each(
         |(i, ((ge, gd), gb))| {
+            ge.fill(0.0);
+            gd.fill(0.0);
             let mut bsum = 0f32;
             let mut touched = false;
             for grp in groups {
                 for e in grp.view.entries(i) {
                     touched = true;
-                    bsum += grp.dpre[grp.view.pos[e] as usize];
+                    let b = grp.view.tok[e] as usize;
+                    let p = grp.view.pos[e] as usize;
+                    let z = grp.codes.val[p];
+                    let dp = grp.dpre[p];
+                    axpy(gd, z, &grp.g[b * d..(b + 1) * d]);
+                    axpy(ge, dp, &xc[b * d..(b + 1) * d]);
+                    bsum += dp;
                 }
             }
             *gb = bsum;
@@ -87,9 +76,6 @@ pub fn latent_row_grads<E>(
         },
     );
 }
-
-/// Width (floats) of the column blocks of the sparse passes: 64 x 4096 tokens x 4 B = 1 MB.
-pub const COL_BLOCK: usize = 64;
 
 /// `db_dec = sum_b G_b - W_enc^T db_enc` (b_dec is subtracted from the input too).
 pub fn b_dec_grad(g_col_sums: &[f64], w_enc: &[f32], db_enc: &[f32], d: usize) -> Vec<f32> {

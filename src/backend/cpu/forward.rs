@@ -111,12 +111,10 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Decode, residual and code gradients: `x_hat_b = b_dec + sum_e z_e W_dec_i`,
-/// `r_b = x_hat_b - x_b`, `g_b = scale * r_b`, `dz_e = g_b . W_dec_i` (CSR order).
-/// Returns (sum ||r||^2, sum cos(x, x_hat)), reduced in a fixed order.
-///
-/// The two gathers over decoder rows run in column blocks so that the block of W_dec they read
-/// (F x COL_BLOCK floats) stays in L2 instead of every entry fetching a full row from L3.
+/// Decode, residual and code gradients in one pass per token, so each kept decoder row is
+/// fetched once and reused from cache: `x_hat_b = b_dec + sum_e z_e W_dec_i`, `r_b = x_hat_b - x_b`,
+/// `g_b = scale * r_b`, `dz_e = g_b . W_dec_i` (CSR order). Returns per-chunk residual sums
+/// (sum ||r||^2, sum cos(x, x_hat)) in a fixed order.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_residual_grads(
     codes: &SparseCodes,
@@ -129,29 +127,34 @@ pub fn decode_residual_grads(
     g: &mut [f32],
     dz: &mut [f32],
 ) -> (f64, f64) {
-    use super::backward::COL_BLOCK;
     let d = b_dec.len();
-    // 1. decode, block by block
-    for c0 in (0..d).step_by(COL_BLOCK) {
-        let c1 = (c0 + COL_BLOCK).min(d);
-        x_hat.par_chunks_mut(d).enumerate().for_each(|(b, h)| {
-            let h = &mut h[c0..c1];
-            h.copy_from_slice(&b_dec[c0..c1]);
-            let (ix, vs) = codes.row(b);
-            for (&i, &v) in ix.iter().zip(vs) {
-                let i = i as usize;
-                axpy(h, v, &w_dec[i * d + c0..i * d + c1]);
-            }
-        });
+    // Split dz by row chunks so each task owns its entries.
+    let n_chunks = codes.rows.div_ceil(ROW_CHUNK);
+    let mut dz_parts: Vec<&mut [f32]> = Vec::with_capacity(n_chunks);
+    let mut rest = dz;
+    for c in 0..n_chunks {
+        let (b0, b1) = (c * ROW_CHUNK, ((c + 1) * ROW_CHUNK).min(codes.rows));
+        let (head, tail) = rest.split_at_mut(codes.row_ptr[b1] - codes.row_ptr[b0]);
+        dz_parts.push(head);
+        rest = tail;
     }
-    // 2. residual, gradient and statistics, streaming
     let sums: Vec<(f64, f64)> = x_hat
-        .par_chunks(d * ROW_CHUNK)
+        .par_chunks_mut(d * ROW_CHUNK)
         .zip(residual.par_chunks_mut(d * ROW_CHUNK))
-        .zip(g.par_chunks_mut(d * ROW_CHUNK).zip(x.par_chunks(d * ROW_CHUNK)))
-        .map(|((xh, rs), (gs, xs))| {
+        .zip(g.par_chunks_mut(d * ROW_CHUNK))
+        .zip(dz_parts.into_par_iter())
+        .enumerate()
+        .map(|(c, (((xh, rs), gs), dzc))| {
             let mut acc = (0f64, 0f64);
-            for (((h, res), gr), xb) in xh.chunks(d).zip(rs.chunks_mut(d)).zip(gs.chunks_mut(d)).zip(xs.chunks(d)) {
+            let mut off = 0;
+            for (r, ((h, res), gr)) in xh.chunks_mut(d).zip(rs.chunks_mut(d)).zip(gs.chunks_mut(d)).enumerate() {
+                let b = c * ROW_CHUNK + r;
+                let xb = &x[b * d..(b + 1) * d];
+                let (ix, vs) = codes.row(b);
+                h.copy_from_slice(b_dec);
+                for (&i, &v) in ix.iter().zip(vs) {
+                    axpy(h, v, &w_dec[i as usize * d..(i as usize + 1) * d]);
+                }
                 let (mut se, mut xx, mut hh, mut xh_) = (0f64, 0f64, 0f64, 0f64);
                 for j in 0..d {
                     let rj = h[j] - xb[j];
@@ -165,30 +168,14 @@ pub fn decode_residual_grads(
                 acc.0 += se;
                 let den = (xx * hh).sqrt();
                 acc.1 += if den > 0.0 { xh_ / den } else { 0.0 };
+                for &i in ix {
+                    dzc[off] = super::backward::dot(gr, &w_dec[i as usize * d..(i as usize + 1) * d]);
+                    off += 1;
+                }
             }
             acc
         })
         .collect();
-    // 3. dz = g . w at kept entries, accumulated block by block (rows own their entries)
-    let mut dz_rows: Vec<&mut [f32]> = Vec::with_capacity(codes.rows);
-    let mut rest = dz;
-    for b in 0..codes.rows {
-        let (head, tail) = rest.split_at_mut(codes.row_ptr[b + 1] - codes.row_ptr[b]);
-        dz_rows.push(head);
-        rest = tail;
-    }
-    dz_rows.par_iter_mut().for_each(|r| r.fill(0.0));
-    for c0 in (0..d).step_by(COL_BLOCK) {
-        let c1 = (c0 + COL_BLOCK).min(d);
-        let g = &*g;
-        dz_rows.par_iter_mut().enumerate().for_each(|(b, out)| {
-            let gb = &g[b * d + c0..b * d + c1];
-            for (o, &i) in out.iter_mut().zip(codes.row(b).0) {
-                let i = i as usize;
-                *o += super::backward::dot(gb, &w_dec[i * d + c0..i * d + c1]);
-            }
-        });
-    }
     sums.iter().fold((0.0, 0.0), |a, s| (a.0 + s.0, a.1 + s.1))
 }
 

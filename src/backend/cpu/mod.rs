@@ -14,6 +14,7 @@ use crate::data::Batch;
 use crate::model::{aligned, Params, TrainState};
 use crate::sparse::SparseCodes;
 use crate::sparsify::{self, threshold, Selection};
+use crate::util::hugepage;
 use anyhow::{ensure, Result};
 use backward::Contribution;
 use std::time::Instant;
@@ -44,7 +45,13 @@ pub struct Forward {
 }
 
 impl CpuBackend {
-    pub fn new(cfg: TrainConfig, state: TrainState) -> Result<Self> {
+    pub fn new(cfg: TrainConfig, mut state: TrainState) -> Result<Self> {
+        // Parameters and Adam moments on huge pages (the sparse passes gather W_dec rows).
+        for p in [&mut state.params, &mut state.adam_m, &mut state.adam_v] {
+            let mut h = hugepage::zeroed_f32(p.data.len());
+            h.copy_from_slice(&p.data);
+            p.data = h;
+        }
         ensure!(
             state.shape().d_sae == cfg.d_sae,
             "state has d_sae {} but the config says {}",
@@ -62,7 +69,7 @@ impl CpuBackend {
     fn refresh_encoder(&mut self) {
         if self.cfg.aligned {
             let p = self.state.params.parts();
-            self.ws.w_enc_eff.resize(p.w_enc.len(), 0.0);
+            hugepage::resize_f32(&mut self.ws.w_enc_eff, p.w_enc.len());
             aligned::effective_encoder(p.w_enc, p.w_dec, p.shape.d_in, &mut self.ws.w_enc_eff);
         }
     }
@@ -82,8 +89,8 @@ impl CpuBackend {
         let (d, f) = (shape.d_in, shape.d_sae);
         let mut xc = std::mem::take(&mut self.ws.xc);
         let mut pre = std::mem::take(&mut self.ws.pre);
-        xc.resize(rows * d, 0.0);
-        pre.resize(rows * f, 0.0);
+        hugepage::resize_f32(&mut xc, rows * d);
+        hugepage::resize_f32(&mut pre, rows * f);
         forward::center(x, self.state.params.b_dec(), &mut xc);
         gemm::encode(&xc, self.encoder(), self.state.params.b_enc(), rows, d, &mut pre);
         self.ws.xc = xc;
@@ -212,9 +219,9 @@ impl CpuBackend {
         let mut x_hat = std::mem::take(&mut self.ws.x_hat);
         let mut residual = std::mem::take(&mut self.ws.residual);
         let mut g = std::mem::take(&mut self.ws.g);
-        x_hat.resize(rows * d, 0.0);
-        residual.resize(rows * d, 0.0);
-        g.resize(rows * d, 0.0);
+        hugepage::resize_f32(&mut x_hat, rows * d);
+        hugepage::resize_f32(&mut residual, rows * d);
+        hugepage::resize_f32(&mut g, rows * d);
         // residual R = x_hat - x; G = dL_rec/dx_hat = (2/B) R; dZ = G W_dec^T at kept entries.
         let scale = 2.0 / rows as f32;
         let mut dpre = vec![0f32; codes.nnz()];
