@@ -15,10 +15,12 @@ pub fn zeroed_f32(n: usize) -> Vec<f32> {
     v
 }
 
-/// Grow `v` to `n` elements (zeroed), advising huge pages when it must be reallocated.
+/// `Vec::resize(n, 0.0)`, advising huge pages when the buffer must be reallocated.
 pub fn resize_f32(v: &mut Vec<f32>, n: usize) {
     if v.capacity() < n {
-        *v = zeroed_f32(n);
+        let mut grown = zeroed_f32(n);
+        grown[..v.len()].copy_from_slice(v);
+        *v = grown;
     } else {
         v.resize(n, 0.0);
     }
@@ -58,6 +60,9 @@ mod tests {
         resize_f32(&mut v, 5);
         assert_eq!(v, [1.0, 1.0, 1.0, 0.0, 0.0]);
         resize_f32(&mut v, (MIN_BYTES / 4) * 2);
-        assert!(v.iter().all(|x| *x == 0.0), "a reallocated buffer is zeroed");
+        assert_eq!(v[..5], [1.0, 1.0, 1.0, 0.0, 0.0]);
+        assert!(v[5..].iter().all(|x| *x == 0.0), "the grown part is zeroed");
+        resize_f32(&mut v, 2);
+        assert_eq!(v, [1.0, 1.0]);
     }
 }
