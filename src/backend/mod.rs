@@ -33,6 +33,33 @@ pub struct StepStats {
     pub dead: usize,
 }
 
+impl StepStats {
+    /// From the step's sums: `sse = sum ||x - x_hat||^2`, `total_var = sum ||x - mean||^2`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_sums(
+        sse: f64,
+        total_var: f64,
+        aux_loss: f64,
+        l1_loss: f64,
+        nnz: usize,
+        rows: usize,
+        d: usize,
+        dead: usize,
+    ) -> Self {
+        let rec_loss = sse / rows as f64;
+        Self {
+            loss: rec_loss + aux_loss + l1_loss,
+            rec_loss,
+            aux_loss,
+            l1_loss,
+            l0: nnz as f64 / rows as f64,
+            mse: rec_loss / d as f64,
+            ev: if total_var > 0.0 { 1.0 - sse / total_var } else { 0.0 },
+            dead,
+        }
+    }
+}
+
 /// How codes are chosen at inference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InferMode {

@@ -279,19 +279,7 @@ pub fn sum_sq(x: &[f32]) -> f64 {
     s
 }
 
-pub fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let m = s.len() / 2;
-    if s.len() % 2 == 1 {
-        s[m]
-    } else {
-        0.5 * (s[m - 1] + s[m])
-    }
-}
+pub use crate::util::stats::median;
 
 /// Options of the shard reader (the data fields of the training config, plus reader knobs).
 #[derive(Clone, Debug)]

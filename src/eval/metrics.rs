@@ -278,17 +278,4 @@ pub fn mean(v: &[f64]) -> f64 {
     }
 }
 
-/// Median (mean of the two middle values for an even count; 0 when empty).
-pub fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let m = s.len() / 2;
-    if s.len() % 2 == 1 {
-        s[m]
-    } else {
-        0.5 * (s[m - 1] + s[m])
-    }
-}
+pub use crate::util::stats::median;

@@ -237,7 +237,6 @@ impl CpuBackend {
             &mut dpre,
         );
         let total_var = forward::total_variance(x, d);
-        let rec_loss = sse / rows as f64;
         let t3 = Instant::now();
 
         // ---- main-path extras (L1) ----
@@ -334,17 +333,7 @@ impl CpuBackend {
         self.times.select += (t2 - t1).as_secs_f64();
         self.times.decode += (t3 - t2).as_secs_f64();
         self.times.backward += (t4 - t3).as_secs_f64();
-        let l0 = codes.nnz() as f64 / rows as f64;
-        let stats = StepStats {
-            loss: rec_loss + aux_loss + l1_loss,
-            rec_loss,
-            aux_loss,
-            l1_loss,
-            l0,
-            mse: rec_loss / d as f64,
-            ev: if total_var > 0.0 { 1.0 - sse / total_var } else { 0.0 },
-            dead: self.dead_count(),
-        };
+        let stats = StepStats::from_sums(sse, total_var, aux_loss, l1_loss, codes.nnz(), rows, d, self.dead_count());
         Ok(GradientPass { stats, grad, codes, aux_candidates: candidates.len() })
     }
 

@@ -765,43 +765,27 @@ impl Backend for CudaBackend {
         let dw_enc = at::<f32>(&self.grads, 0);
         let db_enc = at::<f32>(&self.grads, o_benc);
         let dw_dec = at::<f32>(&self.grads, o_wdec);
-        build_csc(dev, &ws.main, rows, f)?;
         let lat = L::per_line(f, d);
-        let m = &ws.main;
-        dev.launch(
-            "latent_grads",
-            lat,
-            &[
-                (&m.col_ptr).into(),
-                (&m.tok).into(),
-                (&m.pos).into(),
-                (&m.val).into(),
-                (&m.dpre).into(),
-                (&ws.g).into(),
-                (&ws.xc).into(),
-                d32.into(),
-                0i32.into(),
-                dw_enc,
-                db_enc,
-                dw_dec,
-            ],
-        )?;
+        // Main codes first (accumulate = 0 overwrites the rows), then the aux codes on top.
+        let mut groups = vec![(&ws.main, &ws.g, 0i32)];
         if aux_active {
-            build_csc(dev, &ws.aux, rows, f)?;
-            let a = &ws.aux;
+            groups.push((&ws.aux, &ws.g_aux, 1i32));
+        }
+        for (codes, g, accumulate) in groups {
+            build_csc(dev, codes, rows, f)?;
             dev.launch(
                 "latent_grads",
                 lat,
                 &[
-                    (&a.col_ptr).into(),
-                    (&a.tok).into(),
-                    (&a.pos).into(),
-                    (&a.val).into(),
-                    (&a.dpre).into(),
-                    (&ws.g_aux).into(),
+                    (&codes.col_ptr).into(),
+                    (&codes.tok).into(),
+                    (&codes.pos).into(),
+                    (&codes.val).into(),
+                    (&codes.dpre).into(),
+                    g.into(),
                     (&ws.xc).into(),
                     d32.into(),
-                    1i32.into(),
+                    accumulate.into(),
                     dw_enc,
                     db_enc,
                     dw_dec,
@@ -894,22 +878,13 @@ impl Backend for CudaBackend {
         let counts: Vec<u32> = ws.lat_counts.to_vec(f)?;
         let minbits: Vec<u32> = ws.lat_min.to_vec(f)?;
         let acc: Vec<f64> = ws.acc.to_vec(8)?;
-        let l0 = ws.main.nnz as f64 / rows as f64;
+        let nnz = ws.main.nnz;
+        // Dead count before this step's bookkeeping, as the CPU backend reports it.
+        let dead = crate::backend::tracking::dead_count(&self.cfg, &self.since_fired);
         self.update_tracking(&counts, &minbits, rows);
         self.step = t;
-
         let (sse, total_var, l1_loss) = (acc[0], acc[1], acc[3]);
-        let rec_loss = sse / rows as f64;
-        Ok(StepStats {
-            loss: rec_loss + aux_loss + l1_loss,
-            rec_loss,
-            aux_loss,
-            l1_loss,
-            l0,
-            mse: rec_loss / d as f64,
-            ev: if total_var > 0.0 { 1.0 - sse / total_var } else { 0.0 },
-            dead: crate::backend::tracking::dead_count(&self.cfg, &self.since_fired),
-        })
+        Ok(StepStats::from_sums(sse, total_var, aux_loss, l1_loss, nnz, rows, d, dead))
     }
 
     fn infer(&mut self, batch: &Batch, mode: InferMode) -> Result<Inference> {
