@@ -281,7 +281,7 @@ impl Default for TrainConfig {
             k_max: None,
             l1_coeff: 0.05,
             aligned: false,
-            b_dec_init: BDecInit::GeometricMedian,
+            b_dec_init: BDecInit::Mean,
             aux: None,
             k_aux: None,
             aux_alpha: 1.0 / 32.0,
