@@ -315,7 +315,7 @@ impl Default for TrainConfig {
             out: PathBuf::from("runs/default"),
             log_every: 50,
             eval_every: 500,
-            checkpoint_every: 0,
+            checkpoint_every: 1000,
             backend: BackendChoice::Auto,
             precision: Precision::F32,
             threads: None,

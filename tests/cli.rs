@@ -71,7 +71,7 @@ fn invalid_settings_fail_before_training_and_name_the_option() {
 fn default_run_layout_and_summary() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let o = train(&out, &[]);
+    let o = train(&out, &["--eval-every", "10"]);
     assert!(o.status.success(), "train failed: {}", stderr(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
     for key in ["L0", "MSE", "EV", "alive", "dead", "MMCS", "recovered>0.9"] {
@@ -96,6 +96,13 @@ fn default_run_layout_and_summary() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, vec![10, 20, 30]);
+    // held-out evaluation every 10 steps (the final one goes to summary.json)
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    for key in ["l0", "explained_variance", "frac_alive", "dead", "frac_density_above_1pct", "median_log10_density"] {
+        assert!(first["eval"].get(key).is_some(), "eval line lacks {key}: {first}");
+    }
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["recovery"]["mmcs"].as_f64().unwrap() > 0.0);
     // the resolved config is saved, and no temporary file is left behind.
     let resolved: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(resolved["d_sae"], 48);

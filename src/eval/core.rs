@@ -19,6 +19,11 @@ pub struct CoreMetrics {
     pub cosine: f64,
     pub frac_alive: f64,
     pub dead: usize,
+    /// Density summary: fractions of latents firing on more than 1% / 10% of tokens, and the
+    /// median log10 density of the alive latents.
+    pub frac_density_above_1pct: f64,
+    pub frac_density_above_10pct: f64,
+    pub median_log10_density: f64,
     /// Fraction of tokens on which each latent fired.
     #[serde(skip)]
     pub density: Vec<f64>,
@@ -64,6 +69,7 @@ pub fn core_metrics(backend: &mut dyn Backend, batches: &[Batch], mode: InferMod
     let t = tokens.max(1) as f64;
     let nmse = if total_var > 0.0 { sse / total_var } else { 0.0 };
     let alive = fired.iter().filter(|&&c| c > 0).count();
+    let density: Vec<f64> = fired.iter().map(|&c| c as f64 / t).collect();
     Ok(CoreMetrics {
         tokens,
         l0: nnz as f64 / t,
@@ -74,6 +80,15 @@ pub fn core_metrics(backend: &mut dyn Backend, batches: &[Batch], mode: InferMod
         cosine: cos / t,
         frac_alive: alive as f64 / fired.len().max(1) as f64,
         dead: fired.len() - alive,
-        density: fired.iter().map(|&c| c as f64 / t).collect(),
+        frac_density_above_1pct: frac_above(&density, 0.01),
+        frac_density_above_10pct: frac_above(&density, 0.1),
+        median_log10_density: crate::util::stats::median(
+            &density.iter().filter(|&&p| p > 0.0).map(|p| p.log10()).collect::<Vec<_>>(),
+        ),
+        density,
     })
+}
+
+fn frac_above(density: &[f64], p: f64) -> f64 {
+    density.iter().filter(|&&x| x > p).count() as f64 / density.len().max(1) as f64
 }
