@@ -47,7 +47,7 @@ pub fn adam_step(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: Adam
 }
 
 /// Adam on the rows of a decoder (F x d) followed, row by row while it is in cache, by the
-/// unit-norm renormalisation: the same result as `adam_step` then `renormalize_rows`.
+/// unit-norm renormalisation: the same result as `adam_step` then normalising every row.
 pub fn adam_step_renorm_rows(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], d: usize, h: AdamHyper) {
     let (step, eps) = h.folded();
     p.par_chunks_mut(d).zip(g.par_chunks(d)).zip(m.par_chunks_mut(d).zip(v.par_chunks_mut(d))).for_each(
@@ -56,11 +56,6 @@ pub fn adam_step_renorm_rows(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f
             crate::model::init::normalize(p);
         },
     );
-}
-
-/// Renormalise every row of `w` (F x d) to unit L2 norm.
-pub fn renormalize_rows(w: &mut [f32], d: usize) {
-    w.par_chunks_mut(d).for_each(crate::model::init::normalize);
 }
 
 /// Remove from `g` its component along `w`: `g <- g - (g.w / w.w) w`.

@@ -321,7 +321,7 @@ impl CpuBackend {
                     adam::project_out(gd, w);
                 }
             });
-            let db_dec = backward::b_dec_grad(&col_sums, self.encoder_slice(), gp.b_enc, d);
+            let db_dec = backward::b_dec_grad(&col_sums, self.encoder(), gp.b_enc, d);
             gp.b_dec.copy_from_slice(&db_dec);
         }
 
@@ -362,12 +362,5 @@ impl CpuBackend {
         self.update_tracking(codes, rows);
         self.state.step = t;
         self.times.optimizer += started.elapsed().as_secs_f64();
-    }
-}
-
-impl CpuBackend {
-    /// The encoder used in the forward pass (borrow-friendly twin of `encoder`).
-    fn encoder_slice(&self) -> &[f32] {
-        self.encoder()
     }
 }
