@@ -315,6 +315,15 @@ pub fn select(dev: &Dev, ws: &mut Ws, f: usize, rule: &Rule, into_aux: bool) -> 
 }
 
 /// Build the per-latent view of `codes` (counting sort by latent, segments sorted by token).
+/// `dpre[e] = g_b . W_dec_i` at every kept entry of `codes` (main or aux).
+fn code_grads(dev: &Dev, codes: &DevCodes, g: &DevBuf, w_dec: KArg, d32: u32, rows: usize) -> Result<()> {
+    dev.launch(
+        "code_grads",
+        L::per_line(rows, 128),
+        &[(&codes.row_ptr).into(), (&codes.idx).into(), g.into(), w_dec, d32.into(), (&codes.dpre).into()],
+    )
+}
+
 fn build_csc(dev: &Dev, codes: &DevCodes, rows: usize, f: usize) -> Result<()> {
     let nnz = codes.nnz as u32;
     codes.cursor.zero()?;
@@ -660,18 +669,7 @@ impl Backend for CudaBackend {
 
         let _b = nvtx::range("backward");
         let nnz = ws.main.nnz as u32;
-        dev.launch(
-            "code_grads",
-            L::per_line(rows, 128),
-            &[
-                (&ws.main.row_ptr).into(),
-                (&ws.main.idx).into(),
-                (&ws.g).into(),
-                w_dec,
-                d32.into(),
-                (&ws.main.dpre).into(),
-            ],
-        )?;
+        code_grads(dev, &ws.main, &ws.g, w_dec, d32, rows)?;
         let is_relu = cfg.sparsifier == SparsifierKind::Relu;
         let lambda = cfg.l1_coeff as f32 / rows as f32;
         if is_relu {
@@ -746,18 +744,7 @@ impl Backend for CudaBackend {
                         &[(&ws.resid).into(), (&ws.e_hat).into(), c.into(), bd.into(), (&ws.g_aux).into()],
                     )?;
                 }
-                dev.launch(
-                    "code_grads",
-                    L::per_line(rows, 128),
-                    &[
-                        (&ws.aux.row_ptr).into(),
-                        (&ws.aux.idx).into(),
-                        (&ws.g_aux).into(),
-                        w_dec,
-                        d32.into(),
-                        (&ws.aux.dpre).into(),
-                    ],
-                )?;
+                code_grads(dev, &ws.aux, &ws.g_aux, w_dec, d32, rows)?;
             }
         }
 
