@@ -23,7 +23,11 @@ pub enum Command {
     #[command(subcommand)]
     Data(crate::data::cli::DataArgs),
     /// Check the CUDA kernels against the CPU backend on this machine's GPU.
-    Selftest,
+    Selftest {
+        /// Run the kernels on the host emulator instead of a GPU (slow; what CI checks).
+        #[arg(long)]
+        emulator: bool,
+    },
     /// Benchmarks: a training step split into phases, or every sparsifier's selection.
     #[command(subcommand)]
     Bench(bench_cmd::BenchArgs),
@@ -43,8 +47,9 @@ pub fn main() -> Result<()> {
         }
         Command::Bench(args) => bench_cmd::run(args),
         Command::Data(args) => crate::data::cli::run(args),
-        Command::Selftest => {
-            let report = crate::backend::cuda::selftest::run_selftest()?;
+        Command::Selftest { emulator } => {
+            use crate::backend::cuda::selftest::{run_selftest_on, Target};
+            let report = run_selftest_on(if emulator { Target::Emulator } else { Target::Gpu })?;
             println!("{report}");
             anyhow::ensure!(report.passed(), "CUDA selftest failed");
             Ok(())

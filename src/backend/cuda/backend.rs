@@ -373,9 +373,13 @@ pub struct CudaBackend {
 
 impl CudaBackend {
     pub fn new(cfg: TrainConfig, state: TrainState) -> Result<Self> {
+        Self::on(Dev::open()?, cfg, state)
+    }
+
+    /// The backend on a given device (the GPU, or `Dev::open_emulator()`).
+    pub fn on(dev: Dev, cfg: TrainConfig, state: TrainState) -> Result<Self> {
         let shape = state.shape();
         ensure!(shape.d_sae == cfg.d_sae, "state has d_sae {} but the config says {}", shape.d_sae, cfg.d_sae);
-        let dev = Dev::open()?;
         let params = dev.upload(&state.params.data)?;
         let grads = dev.alloc_f32(shape.len())?;
         let adam_m = dev.upload(&state.adam_m.data)?;
@@ -613,6 +617,7 @@ impl Backend for CudaBackend {
         let origin = match &self.dev.origin {
             super::device::KernelOrigin::Fatbin => "fatbin".to_string(),
             super::device::KernelOrigin::Nvrtc(a) => format!("nvrtc {}", a.split(';').next().unwrap_or("")),
+            super::device::KernelOrigin::Emulator => return "cuda emulator (host; fallback GEMM)".to_string(),
         };
         let gemm = if self.dev.blas.is_some() { "cuBLAS" } else { "fallback GEMM" };
         format!("cuda: {} (sm_{}{}; kernels {origin}; {gemm})", self.dev.name, self.dev.cc.0, self.dev.cc.1)

@@ -2,7 +2,12 @@
 //! fatbin or compiled by NVRTC, raw device allocations with RAII, kernel launches with plain
 //! scalar/pointer arguments, and the cuBLAS handle. Everything runs on the legacy default stream,
 //! so host copies are ordered after the kernels before them.
+//!
+//! The same interface also fronts the host emulator (`Dev::open_emulator`, see emulator.rs): its
+//! buffers are guarded host memory and its launches run the host-compiled kernels, so the backend
+//! above this layer is the same code on both.
 
+use super::emulator::{self, HostMem};
 use super::kernels;
 use super::launch::Launch;
 use anyhow::{anyhow, bail, Context, Result};
@@ -62,7 +67,16 @@ pub fn at<T>(b: &DevBuf, offset_elems: usize) -> KArg {
 pub struct DevBuf {
     ptr: u64,
     bytes: usize,
-    ctx: Arc<CudaContext>,
+    mem: Mem,
+}
+
+/// Who owns a buffer's memory.
+enum Mem {
+    /// Nothing (a zero-byte buffer).
+    Empty,
+    Driver(Arc<CudaContext>),
+    /// Held for its Drop (which unmaps it); the kernels reach it through `ptr`.
+    Host(#[allow(dead_code)] HostMem),
 }
 
 impl DevBuf {
@@ -75,26 +89,27 @@ impl DevBuf {
     pub fn upload<T: Copy>(&self, src: &[T]) -> Result<()> {
         let n = std::mem::size_of_val(src);
         ensure_fits(n, self.bytes)?;
-        if n > 0 {
-            unsafe { result::memcpy_htod_sync(self.ptr, src) }.map_err(|e| anyhow!("copy to device: {e:?}"))?;
+        match &self.mem {
+            _ if n == 0 => {}
+            Mem::Host(_) => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, self.ptr as *mut u8, n) },
+            _ => unsafe { result::memcpy_htod_sync(self.ptr, src) }.map_err(|e| anyhow!("copy to device: {e:?}"))?,
         }
         Ok(())
     }
     pub fn download<T: Copy>(&self, dst: &mut [T]) -> Result<()> {
-        let n = std::mem::size_of_val(dst);
-        ensure_fits(n, self.bytes)?;
-        if n > 0 {
-            unsafe { result::memcpy_dtoh_sync(dst, self.ptr) }.map_err(|e| anyhow!("copy from device: {e:?}"))?;
-        }
-        Ok(())
+        self.download_at(0, dst)
     }
     /// Copy `dst.len()` elements starting at element `offset` of the buffer.
     pub fn download_at<T: Copy>(&self, offset: usize, dst: &mut [T]) -> Result<()> {
         let start = offset * std::mem::size_of::<T>();
         ensure_fits(start + std::mem::size_of_val(dst), self.bytes)?;
-        if !dst.is_empty() {
-            unsafe { result::memcpy_dtoh_sync(dst, self.ptr + start as u64) }
-                .map_err(|e| anyhow!("copy from device: {e:?}"))?;
+        let src = self.ptr + start as u64;
+        match &self.mem {
+            _ if dst.is_empty() => {}
+            Mem::Host(_) => unsafe {
+                std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr() as *mut u8, std::mem::size_of_val(dst))
+            },
+            _ => unsafe { result::memcpy_dtoh_sync(dst, src) }.map_err(|e| anyhow!("copy from device: {e:?}"))?,
         }
         Ok(())
     }
@@ -106,8 +121,10 @@ impl DevBuf {
     /// Set the first `bytes` bytes to `byte`.
     pub fn fill_bytes(&self, byte: u8, bytes: usize) -> Result<()> {
         ensure_fits(bytes, self.bytes)?;
-        if bytes > 0 {
-            unsafe { result::memset_d8_sync(self.ptr, byte, bytes) }.map_err(|e| anyhow!("memset: {e:?}"))?;
+        match &self.mem {
+            _ if bytes == 0 => {}
+            Mem::Host(_) => unsafe { std::ptr::write_bytes(self.ptr as *mut u8, byte, bytes) },
+            _ => unsafe { result::memset_d8_sync(self.ptr, byte, bytes) }.map_err(|e| anyhow!("memset: {e:?}"))?,
         }
         Ok(())
     }
@@ -125,10 +142,11 @@ fn ensure_fits(n: usize, cap: usize) -> Result<()> {
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        if self.bytes > 0 {
-            let _ = self.ctx.bind_to_thread();
+        if let Mem::Driver(ctx) = &self.mem {
+            let _ = ctx.bind_to_thread();
             let _ = unsafe { result::free_sync(self.ptr) };
         }
+        // Host memory unmaps itself.
     }
 }
 
@@ -137,6 +155,8 @@ impl Drop for DevBuf {
 pub enum KernelOrigin {
     Fatbin,
     Nvrtc(String),
+    /// Compiled for the host by build.rs and run by the emulator.
+    Emulator,
 }
 
 /// The cuBLAS handle (absent when libcublas cannot be loaded: the fallback GEMM runs then).
@@ -151,14 +171,19 @@ impl Drop for Blas {
 }
 
 pub struct Dev {
-    pub ctx: Arc<CudaContext>,
-    funcs: HashMap<String, CudaFunction>,
+    imp: Imp,
     pub blas: Option<Blas>,
     pub name: String,
     pub cc: (i32, i32),
     pub origin: KernelOrigin,
     /// Why cuBLAS is not used, when it is not.
     pub blas_note: Option<String>,
+}
+
+/// A GPU through the driver, or the host emulator.
+enum Imp {
+    Driver { ctx: Arc<CudaContext>, funcs: HashMap<String, CudaFunction> },
+    Emulator,
 }
 
 /// Names of every `extern "C" __global__ void NAME(` in the embedded sources.
@@ -254,22 +279,48 @@ impl Dev {
                 Err(_) => (None, Some("cuBLAS could not be loaded: hand-written GEMM".to_string())),
             }
         };
-        Ok(Self { ctx, funcs, blas, name, cc: (major, minor), origin, blas_note })
+        Ok(Self { imp: Imp::Driver { ctx, funcs }, blas, name, cc: (major, minor), origin, blas_note })
+    }
+
+    /// The host emulator: every kernel compiled for the CPU, no cuBLAS (the hand-written GEMM
+    /// runs), guarded host memory. Slow (each CUDA thread is a fiber): for parity checks only.
+    pub fn open_emulator() -> Result<Self> {
+        Ok(Self {
+            imp: Imp::Emulator,
+            blas: None,
+            name: "CUDA emulator on the host".into(),
+            cc: (0, 0),
+            origin: KernelOrigin::Emulator,
+            blas_note: Some("emulator: hand-written GEMM".into()),
+        })
+    }
+
+    pub fn is_emulator(&self) -> bool {
+        matches!(self.imp, Imp::Emulator)
     }
 
     pub fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| anyhow!("bind CUDA context: {e:?}"))
+        match &self.imp {
+            Imp::Driver { ctx, .. } => ctx.bind_to_thread().map_err(|e| anyhow!("bind CUDA context: {e:?}")),
+            Imp::Emulator => Ok(()),
+        }
     }
 
     /// A zeroed allocation of `bytes` bytes.
     pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
-        let ptr = if bytes == 0 {
-            0
-        } else {
-            unsafe { result::malloc_sync(bytes) }
-                .map_err(|e| anyhow!("cudaMalloc of {bytes} bytes failed: {e:?} (see `sae bench` memory plan)"))?
+        let (ptr, mem) = match &self.imp {
+            _ if bytes == 0 => (0, Mem::Empty),
+            Imp::Driver { ctx, .. } => {
+                let ptr = unsafe { result::malloc_sync(bytes) }
+                    .map_err(|e| anyhow!("cudaMalloc of {bytes} bytes failed: {e:?} (see `sae bench` memory plan)"))?;
+                (ptr, Mem::Driver(ctx.clone()))
+            }
+            Imp::Emulator => {
+                let h = HostMem::new(bytes)?;
+                (h.ptr(), Mem::Host(h))
+            }
         };
-        let b = DevBuf { ptr, bytes, ctx: self.ctx.clone() };
+        let b = DevBuf { ptr, bytes, mem };
         b.zero()?;
         Ok(b)
     }
@@ -287,7 +338,11 @@ impl Dev {
 
     /// Launch kernel `name` with configuration `l` on the default stream.
     pub fn launch(&self, name: &str, l: Launch, args: &[KArg]) -> Result<()> {
-        let f = self.funcs.get(name).ok_or_else(|| anyhow!("unknown kernel {name}"))?;
+        let funcs = match &self.imp {
+            Imp::Driver { funcs, .. } => funcs,
+            Imp::Emulator => return emulator::launch(name, l, args),
+        };
+        let f = funcs.get(name).ok_or_else(|| anyhow!("unknown kernel {name}"))?;
         let mut vals: Vec<KArg> = args.to_vec();
         let mut ptrs: Vec<*mut c_void> = vals
             .iter_mut()
@@ -307,11 +362,17 @@ impl Dev {
     }
 
     pub fn sync(&self) -> Result<()> {
-        self.ctx.synchronize().map_err(|e| anyhow!("CUDA error: {e:?}"))
+        match &self.imp {
+            Imp::Driver { ctx, .. } => ctx.synchronize().map_err(|e| anyhow!("CUDA error: {e:?}")),
+            Imp::Emulator => Ok(()), // emulated launches finish before they return
+        }
     }
 
     /// Memory (free, total) in bytes.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
-        self.ctx.mem_get_info().map_err(|e| anyhow!("{e:?}"))
+        match &self.imp {
+            Imp::Driver { ctx, .. } => ctx.mem_get_info().map_err(|e| anyhow!("{e:?}")),
+            Imp::Emulator => bail!("the emulator has no device memory to report"),
+        }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod emulator;
 pub mod launch;
 pub mod memory;
 pub mod nvtx;

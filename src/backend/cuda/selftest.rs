@@ -23,9 +23,39 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use std::fmt;
 
-pub const ROWS: usize = 300;
-pub const D_IN: usize = 70;
-pub const D_SAE: usize = 333;
+/// Where the CUDA backend runs: the GPU through the driver, or the host emulator (every kernel
+/// compiled for the CPU; see emulator.rs), which is how CI checks this backend without a GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Gpu,
+    Emulator,
+}
+
+impl Target {
+    fn open(self) -> Result<Dev> {
+        match self {
+            Target::Gpu => Dev::open(),
+            Target::Emulator => Dev::open_emulator(),
+        }
+    }
+
+    /// Problem sizes: none a multiple of 32, F not a multiple of the GEMM tile, some WTA budgets
+    /// above B. The emulator runs each CUDA thread as a fiber, so it gets smaller ones.
+    pub fn sizes(self) -> Sizes {
+        match self {
+            Target::Gpu => Sizes { rows: 300, d_in: 70, d_sae: 333 },
+            Target::Emulator => Sizes { rows: 300, d_in: 70, d_sae: 333 },
+        }
+    }
+}
+
+/// Tokens per batch, input width and dictionary size of the checks.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    pub rows: usize,
+    pub d_in: usize,
+    pub d_sae: usize,
+}
 
 #[derive(Clone, Debug)]
 pub struct Check {
@@ -60,19 +90,31 @@ impl fmt::Display for SelftestReport {
     }
 }
 
-/// Run every parity check. Err when no device is usable (see `probe`), else a report whose
-/// `passed()` says whether everything matched.
+/// Run every parity check on the GPU. Err when no device is usable (see `probe`), else a report
+/// whose `passed()` says whether everything matched.
 pub fn run_selftest() -> Result<SelftestReport> {
-    let device = super::probe()?;
+    run_selftest_on(Target::Gpu)
+}
+
+/// Run every parity check on `target`.
+pub fn run_selftest_on(target: Target) -> Result<SelftestReport> {
+    let device = match target {
+        Target::Gpu => super::probe()?,
+        Target::Emulator => "the host emulator".to_string(),
+    };
+    let s = target.sizes();
     let mut rep = SelftestReport { device, ..Default::default() };
-    let dev = Dev::open()?;
+    let dev = target.open()?;
     let gemm = dev.blas_note.clone().unwrap_or_else(|| "cuBLAS".into());
-    rep.device = format!("{}; kernels from {:?}; {gemm}", rep.device, dev.origin);
-    selection_checks(&dev, &mut rep)?;
+    rep.device = format!("{}; kernels from {:?}; {gemm}; B={} d_in={} d_sae={}", rep.device, dev.origin, s.rows, s.d_in, s.d_sae);
+    selection_checks(&dev, s, &mut rep)?;
     drop(dev);
-    for (name, cfg) in step_configs() {
+    for (name, cfg) in step_configs(s) {
+        if target == Target::Emulator && cfg.precision != Precision::F32 {
+            continue; // tf32 / bf16 exist only in cuBLAS, which the emulator does not have
+        }
         let tol = if cfg.precision == Precision::F32 { 1e-3 } else { 3e-2 };
-        match compare_steps(&cfg, 3) {
+        match compare_steps(target, &cfg, 3) {
             Ok((err, detail)) => rep.push(format!("steps {name}"), err <= tol, format!("{detail} (tol {tol:.0e})")),
             Err(e) => rep.push(format!("steps {name}"), false, format!("error: {e:#}")),
         }
@@ -81,72 +123,74 @@ pub fn run_selftest() -> Result<SelftestReport> {
 }
 
 /// Matrices with heavy ties: values on a grid of 0.25 in [-2, 2], plus a constant one.
-fn test_matrices() -> Vec<(&'static str, Vec<f32>)> {
+fn test_matrices(s: Sizes) -> Vec<(&'static str, Vec<f32>)> {
+    let n = s.rows * s.d_sae;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let quant: Vec<f32> = (0..ROWS * D_SAE).map(|_| (rng.random_range(-8i32..=8) as f32) * 0.25).collect();
-    let cont: Vec<f32> = (0..ROWS * D_SAE).map(|_| StandardNormal.sample(&mut rng)).collect();
-    let flat = vec![1.0f32; ROWS * D_SAE];
+    let quant: Vec<f32> = (0..n).map(|_| (rng.random_range(-8i32..=8) as f32) * 0.25).collect();
+    let cont: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let flat = vec![1.0f32; n];
     vec![("ties", quant), ("continuous", cont), ("constant", flat)]
 }
 
-fn selection_checks(dev: &Dev, rep: &mut SelftestReport) -> Result<()> {
-    let shape = Shape::new(D_IN, D_SAE);
-    let mut ws = Ws::new(dev, shape, ROWS, 8, false, Precision::F32)?;
+fn selection_checks(dev: &Dev, s: Sizes, rep: &mut SelftestReport) -> Result<()> {
+    let Sizes { rows, d_in, d_sae } = s;
+    let shape = Shape::new(d_in, d_sae);
+    let mut ws = Ws::new(dev, shape, rows, 8, false, Precision::F32)?;
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let m_uniform = vec![5usize; D_SAE];
-    let m_varied: Vec<usize> = (0..D_SAE).map(|_| rng.random_range(0..12)).collect();
-    let theta: Vec<f32> = (0..D_SAE).map(|_| rng.random_range(-0.5f32..1.0)).collect();
-    let cand: Vec<u32> = (0..D_SAE as u32).filter(|i| i % 3 != 1).collect();
-    let mut cmask = vec![0u8; D_SAE];
+    let m_uniform = vec![5usize; d_sae];
+    let m_varied: Vec<usize> = (0..d_sae).map(|_| rng.random_range(0..12)).collect();
+    let theta: Vec<f32> = (0..d_sae).map(|_| rng.random_range(-0.5f32..1.0)).collect();
+    let cand: Vec<u32> = (0..d_sae as u32).filter(|i| i % 3 != 1).collect();
+    let mut cmask = vec![0u8; d_sae];
     for &c in &cand {
         cmask[c as usize] = 1;
     }
     let to32 = |m: &[usize]| m.iter().map(|&v| v as u32).collect::<Vec<u32>>();
-    for (mname, pre) in test_matrices() {
+    for (mname, pre) in test_matrices(s) {
         let cases: Vec<(String, Rule, SparseCodes)> = vec![
-            ("topk k=7".into(), Rule::TopK(7), sparsify::select(&pre, ROWS, D_SAE, &Selection::TopK { k: 7 })),
-            ("topk k=0".into(), Rule::TopK(0), sparsify::select(&pre, ROWS, D_SAE, &Selection::TopK { k: 0 })),
-            ("topk k=F".into(), Rule::TopK(D_SAE), sparsify::select(&pre, ROWS, D_SAE, &Selection::TopK { k: D_SAE })),
+            ("topk k=7".into(), Rule::TopK(7), sparsify::select(&pre, rows, d_sae, &Selection::TopK { k: 7 })),
+            ("topk k=0".into(), Rule::TopK(0), sparsify::select(&pre, rows, d_sae, &Selection::TopK { k: 0 })),
+            ("topk k=F".into(), Rule::TopK(d_sae), sparsify::select(&pre, rows, d_sae, &Selection::TopK { k: d_sae })),
             (
                 "batchtopk k=7".into(),
                 Rule::BatchTopK(7),
-                sparsify::select(&pre, ROWS, D_SAE, &Selection::BatchTopK { k: 7 }),
+                sparsify::select(&pre, rows, d_sae, &Selection::BatchTopK { k: 7 }),
             ),
             (
                 "batchtopk k=F (keep all)".into(),
-                Rule::BatchTopK(D_SAE),
-                sparsify::select(&pre, ROWS, D_SAE, &Selection::BatchTopK { k: D_SAE }),
+                Rule::BatchTopK(d_sae),
+                sparsify::select(&pre, rows, d_sae, &Selection::BatchTopK { k: d_sae }),
             ),
             (
                 "wta m=5".into(),
                 Rule::Wta(to32(&m_uniform)),
-                sparsify::select(&pre, ROWS, D_SAE, &Selection::Wta { m: &m_uniform }),
+                sparsify::select(&pre, rows, d_sae, &Selection::Wta { m: &m_uniform }),
             ),
             (
                 "wta varied m".into(),
                 Rule::Wta(to32(&m_varied)),
-                sparsify::select(&pre, ROWS, D_SAE, &Selection::Wta { m: &m_varied }),
+                sparsify::select(&pre, rows, d_sae, &Selection::Wta { m: &m_varied }),
             ),
             (
                 "hybrid m=5 k_max=4".into(),
                 Rule::Hybrid(to32(&m_uniform), 4),
-                sparsify::select(&pre, ROWS, D_SAE, &Selection::Hybrid { m: &m_uniform, k_max: 4 }),
+                sparsify::select(&pre, rows, d_sae, &Selection::Hybrid { m: &m_uniform, k_max: 4 }),
             ),
-            ("relu".into(), Rule::Theta(false), sparsify::select(&pre, ROWS, D_SAE, &Selection::Relu)),
+            ("relu".into(), Rule::Theta(false), sparsify::select(&pre, rows, d_sae, &Selection::Relu)),
             (
                 "jumprelu".into(),
                 Rule::Theta(true),
-                sparsify::select(&pre, ROWS, D_SAE, &Selection::JumpRelu { theta: &theta }),
+                sparsify::select(&pre, rows, d_sae, &Selection::JumpRelu { theta: &theta }),
             ),
-            ("aux top-5 of candidates".into(), Rule::Aux(5), cpu_aux::select_aux(&pre, ROWS, D_SAE, &cand, 5)),
+            ("aux top-5 of candidates".into(), Rule::Aux(5), cpu_aux::select_aux(&pre, rows, d_sae, &cand, 5)),
         ];
         ws.pre.upload(&pre)?;
         ws.theta.upload(&theta)?;
         ws.cmask.upload(&cmask)?;
         for (name, rule, want) in cases {
             let aux = matches!(rule, Rule::Aux(_));
-            select(dev, &mut ws, D_SAE, &rule, aux)?;
-            let got = if aux { ws.aux.download(ROWS, D_SAE)? } else { ws.main.download(ROWS, D_SAE)? };
+            select(dev, &mut ws, d_sae, &rule, aux)?;
+            let got = if aux { ws.aux.download(rows, d_sae)? } else { ws.main.download(rows, d_sae)? };
             let ok = got == want;
             let detail = if ok { format!("nnz {} identical", want.nnz()) } else { first_difference(&got, &want) };
             rep.push(format!("select {name} [{mname}]"), ok, detail);
@@ -154,42 +198,42 @@ fn selection_checks(dev: &Dev, rep: &mut SelftestReport) -> Result<()> {
     }
 
     // Decode and code gradients on top-k codes of the continuous matrix.
-    let pre = &test_matrices()[1].1;
-    let codes = sparsify::select(pre, ROWS, D_SAE, &Selection::TopK { k: 9 });
+    let pre = &test_matrices(s)[1].1;
+    let codes = sparsify::select(pre, rows, d_sae, &Selection::TopK { k: 9 });
     ws.pre.upload(pre)?;
-    select(dev, &mut ws, D_SAE, &Rule::TopK(9), false)?;
-    let w_dec: Vec<f32> = (0..D_SAE * D_IN).map(|_| StandardNormal.sample(&mut rng)).collect();
-    let b_dec: Vec<f32> = (0..D_IN).map(|_| StandardNormal.sample(&mut rng)).collect();
-    let g: Vec<f32> = (0..ROWS * D_IN).map(|_| StandardNormal.sample(&mut rng)).collect();
+    select(dev, &mut ws, d_sae, &Rule::TopK(9), false)?;
+    let w_dec: Vec<f32> = (0..d_sae * d_in).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let b_dec: Vec<f32> = (0..d_in).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let g: Vec<f32> = (0..rows * d_in).map(|_| StandardNormal.sample(&mut rng)).collect();
     let (wd, bd, gd) = (dev.upload(&w_dec)?, dev.upload(&b_dec)?, dev.upload(&g)?);
-    let mut want = vec![0f32; ROWS * D_IN];
-    cpu_fwd::decode(&codes, &w_dec, Some(&b_dec), D_IN, &mut want);
+    let mut want = vec![0f32; rows * d_in];
+    cpu_fwd::decode(&codes, &w_dec, Some(&b_dec), d_in, &mut want);
     dev.launch(
         "decode_rows",
-        L::per_line(ROWS, D_IN),
+        L::per_line(rows, d_in),
         &[
             (&ws.main.row_ptr).into(),
             (&ws.main.idx).into(),
             (&ws.main.val).into(),
             (&wd).into(),
             (&bd).into(),
-            (D_IN as u32).into(),
+            (d_in as u32).into(),
             (&ws.x_hat).into(),
         ],
     )?;
-    let got: Vec<f32> = ws.x_hat.to_vec(ROWS * D_IN)?;
+    let got: Vec<f32> = ws.x_hat.to_vec(rows * d_in)?;
     let e = max_rel(&got, &want);
     rep.push("decode_rows vs forward::decode", e <= 1e-5, format!("max rel err {e:.2e}"));
-    let want = cpu_bwd::code_grads(&codes, &g, &w_dec, D_IN);
+    let want = cpu_bwd::code_grads(&codes, &g, &w_dec, d_in);
     dev.launch(
         "code_grads",
-        L::per_line(ROWS, 128),
+        L::per_line(rows, 128),
         &[
             (&ws.main.row_ptr).into(),
             (&ws.main.idx).into(),
             (&gd).into(),
             (&wd).into(),
-            (D_IN as u32).into(),
+            (d_in as u32).into(),
             (&ws.main.dpre).into(),
         ],
     )?;
@@ -218,12 +262,12 @@ pub fn max_rel(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The configurations whole steps are compared on.
-pub fn step_configs() -> Vec<(String, TrainConfig)> {
+pub fn step_configs(s: Sizes) -> Vec<(String, TrainConfig)> {
     let base = TrainConfig {
-        d_sae: D_SAE,
-        d_in: Some(D_IN),
+        d_sae: s.d_sae,
+        d_in: Some(s.d_in),
         k: 8,
-        batch_size: ROWS,
+        batch_size: s.rows,
         steps: 100,
         threshold_start: Some(0),
         lr: 1e-3,
@@ -265,17 +309,17 @@ pub fn step_configs() -> Vec<(String, TrainConfig)> {
     ]
 }
 
-fn batches(n: usize) -> Vec<Batch> {
+fn batches(s: Sizes, n: usize) -> Vec<Batch> {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     (0..n)
         .map(|_| {
-            let x: Vec<f32> = (0..ROWS * D_IN)
+            let x: Vec<f32> = (0..s.rows * s.d_in)
                 .map(|_| {
                     let v: f32 = StandardNormal.sample(&mut rng);
                     0.5 + v
                 })
                 .collect();
-            Batch::from_f32(ROWS, D_IN, x)
+            Batch::from_f32(s.rows, s.d_in, x)
         })
         .collect()
 }
@@ -293,15 +337,17 @@ pub fn frac_over(a: &[f32], b: &[f32], thr: f64) -> f64 {
 /// whatever the gradient's size, so a gradient component that is rounding noise on both sides
 /// may move the parameter the opposite way. The bound is therefore: no parameter further apart
 /// than 2 lr per step, and fewer than 0.1 % further apart than 1e-4 (tf32 / bf16: 1 %, 1e-3).
-pub fn compare_steps(cfg: &TrainConfig, steps: usize) -> Result<(f64, String)> {
-    let shape = Shape::new(D_IN, D_SAE);
-    let data = batches(steps + 1);
+pub fn compare_steps(target: Target, cfg: &TrainConfig, steps: usize) -> Result<(f64, String)> {
+    let s = target.sizes();
+    let (d_in, d_sae) = (cfg.d_in.unwrap_or(s.d_in), cfg.d_sae);
+    let shape = Shape::new(d_in, d_sae);
+    let data = batches(Sizes { rows: cfg.batch_size, d_in, d_sae }, steps + 1);
     let mut params = init::tied(shape, 1, cfg.aligned);
-    let b_dec = init::mean_rows(&data[0].to_f32(), D_IN);
+    let b_dec = init::mean_rows(&data[0].to_f32(), d_in);
     params.parts_mut().b_dec.copy_from_slice(&b_dec);
     let state = TrainState::new(params);
     let mut cpu = CpuBackend::new(cfg.clone(), state.clone())?;
-    let mut gpu = CudaBackend::new(cfg.clone(), state)?;
+    let mut gpu = CudaBackend::on(target.open()?, cfg.clone(), state)?;
     let mut worst = 0f64;
     let mut l0 = (0.0, 0.0);
     for b in data.iter().take(steps) {
