@@ -9,6 +9,11 @@
 // Anything else that leaves no fiber runnable is a deadlock (a barrier inside divergent code)
 // and fails the launch with the threads' states. Blocks run one after another.
 //
+// Within a round (between two barriers) the fibers run in a pseudo-random order that is a
+// function of the kernel, the block and the round, so runs are reproducible and a missing
+// __syncthreads shows up as a wrong result whichever thread reads too early.
+// SAETRAIN_EMU_SCHEDULE=forward|reverse|random (default random) picks the order.
+//
 // Fiber stacks have a guard page, and a SIGSEGV handler names the kernel, block and thread when
 // a kernel touches memory outside its buffers (the Rust side puts a guard page after each one).
 
@@ -19,6 +24,7 @@
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -98,6 +104,7 @@ struct Launcher {
     void** params = nullptr;
     bool failed = false;
     std::string error;
+    std::vector<unsigned> order;
 
     ~Launcher() {
         long page = sysconf(_SC_PAGESIZE);
@@ -192,8 +199,37 @@ std::string describe_states(const Launcher& L) {
     return s;
 }
 
+enum class Schedule { Forward, Reverse, Random };
+
+Schedule schedule_from_env() {
+    const char* v = std::getenv("SAETRAIN_EMU_SCHEDULE");
+    if (v && std::strcmp(v, "forward") == 0) return Schedule::Forward;
+    if (v && std::strcmp(v, "reverse") == 0) return Schedule::Reverse;
+    return Schedule::Random;
+}
+
+uint64_t mix(uint64_t x) {  // splitmix64's finaliser
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+// The order of one round: identity, reversed, or a Fisher-Yates shuffle seeded by `seed`.
+void round_order(std::vector<unsigned>& order, unsigned n, Schedule sch, uint64_t seed) {
+    order.resize(n);
+    for (unsigned i = 0; i < n; i++) order[i] = sch == Schedule::Reverse ? n - 1 - i : i;
+    if (sch != Schedule::Random) return;
+    uint64_t st = seed;
+    for (unsigned i = n; i > 1; i--) {
+        st = mix(st);
+        unsigned j = (unsigned)(st % i);
+        std::swap(order[i - 1], order[j]);
+    }
+}
+
 // Run one block to completion; false (with L.error set) on a kernel bug.
-bool run_block(Launcher& L, dim3 block, dim3 block_dim, dim3 grid_dim) {
+bool run_block(Launcher& L, dim3 block, dim3 block_dim, dim3 grid_dim, Schedule sch, uint64_t seed) {
     long page = sysconf(_SC_PAGESIZE);
     for (unsigned t = 0; t < L.nthreads; t++) {
         Fiber& f = L.fibers[t];
@@ -202,8 +238,9 @@ bool run_block(Launcher& L, dim3 block, dim3 block_dim, dim3 grid_dim) {
         f.state = State::Ready;
         fiber_init(&f.ctx, static_cast<char*>(L.stacks[t].base) + page, STACK_BYTES, fiber_main);
     }
-    for (;;) {
-        for (unsigned t = 0; t < L.nthreads; t++) {
+    for (uint64_t round = 0;; round++) {
+        round_order(L.order, L.nthreads, sch, mix(seed ^ round));
+        for (unsigned t : L.order) {
             if (L.fibers[t].state != State::Ready) continue;
             L.current = t;
             cur = &L.fibers[t].coords;
@@ -330,9 +367,15 @@ extern "C" int saetrain_emu_launch(const char* name, const unsigned grid[3], con
     launcher = &L;
     dim3 bd{block[0], block[1], block[2]}, gd{grid[0], grid[1], grid[2]};
     bool ok = true;
+    static const Schedule sch = schedule_from_env();
+    uint64_t seed = 0;
+    for (const char* c = name; *c; c++) seed = mix(seed ^ (uint64_t)(unsigned char)*c);
     for (unsigned z = 0; ok && z < grid[2]; z++)
         for (unsigned y = 0; ok && y < grid[1]; y++)
-            for (unsigned x = 0; ok && x < grid[0]; x++) ok = run_block(L, dim3{x, y, z}, bd, gd);
+            for (unsigned x = 0; ok && x < grid[0]; x++) {
+                uint64_t b = ((uint64_t)z * grid[1] + y) * grid[0] + x;
+                ok = run_block(L, dim3{x, y, z}, bd, gd, sch, mix(seed ^ b));
+            }
     L.kernel = nullptr;
     launcher = nullptr;
     cur = nullptr;

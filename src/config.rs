@@ -94,6 +94,8 @@ pub enum BackendChoice {
     Auto,
     Cpu,
     Cuda,
+    /// The CUDA backend with every kernel run by the host emulator: for checking, very slow.
+    CudaEmulator,
 }
 
 /// Precision of the encoder product on GPUs (the CPU backend always uses f32).

@@ -164,3 +164,43 @@ fn resume_of_missing_run_is_a_clear_error() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("/nonexistent/run"), "{}", stderr(&o));
 }
+
+/// The CUDA backend through the whole trainer (data, steps, held-out eval, theta, export), its
+/// kernels run by the host emulator: the same run as on the CPU, within rounding.
+#[test]
+fn cuda_backend_on_the_emulator_trains_like_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = |p: &Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(p.join("metrics.jsonl")).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let weights = |p: &Path, name: &str| -> Vec<f32> {
+        let bytes = std::fs::read(p.join("sae_weights.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        bytemuck::pod_collect_to_vec(st.tensor(name).unwrap().data())
+    };
+    for sparsifier in ["batchtopk", "wta"] {
+        let (cpu, emu) = (dir.path().join(format!("cpu-{sparsifier}")), dir.path().join(format!("emu-{sparsifier}")));
+        for (out, backend) in [(&cpu, "cpu"), (&emu, "cuda-emulator")] {
+            let o = train(out, &["--backend", backend, "--sparsifier", sparsifier]);
+            assert!(o.status.success(), "{backend}: {}", stderr(&o));
+        }
+        let (mc, me) = (metrics(&cpu), metrics(&emu));
+        assert_eq!(mc.len(), me.len());
+        for (c, e) in mc.iter().zip(&me) {
+            for key in ["loss", "l0", "ev"] {
+                let (a, b) = (c[key].as_f64().unwrap(), e[key].as_f64().unwrap());
+                assert!(
+                    (a - b).abs() <= 1e-3 * a.abs().max(1.0),
+                    "{sparsifier} step {}: {key} {a} (cpu) vs {b}",
+                    c["step"]
+                );
+            }
+        }
+        for name in ["W_dec", "W_enc", "b_enc", "b_dec", "threshold"] {
+            let (a, b) = (weights(&cpu, name), weights(&emu, name));
+            let worst = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(worst <= 1e-3, "{sparsifier} {name}: max difference {worst}");
+        }
+    }
+}

@@ -1,7 +1,12 @@
 //! CUDA backend against the CPU reference (selection sets exactly; decode/backward/Adam and whole
-//! training steps within tolerance). Without a usable CUDA device: "skipped: no CUDA device".
+//! training steps within tolerance).
+//!
+//! `cuda_matches_cpu` runs the kernels on the GPU; without a usable CUDA device it prints
+//! "skipped: no CUDA device". `emulated_cuda_matches_cpu` runs the same checks with every kernel
+//! compiled for the host and run by the emulator (src/backend/cuda/emulator.rs), everywhere.
 
 use saetrain::backend::cuda;
+use saetrain::backend::cuda::selftest::{run_selftest_on, Target};
 
 #[test]
 fn probe_never_panics() {
@@ -25,4 +30,13 @@ fn cuda_matches_cpu() {
     let report = cuda::selftest::run_selftest().expect("selftest could not run");
     println!("{report}");
     assert!(report.passed(), "CUDA backend differs from the CPU reference:\n{report}");
+}
+
+#[test]
+fn emulated_cuda_matches_cpu() {
+    let report = run_selftest_on(Target::Emulator).expect("emulated selftest could not run");
+    println!("{report}");
+    assert!(report.passed(), "emulated CUDA backend differs from the CPU reference:\n{report}");
+    // Every selection rule, decode, code gradients and the f32 whole-step configurations ran.
+    assert!(report.checks.len() >= 40, "only {} checks ran", report.checks.len());
 }

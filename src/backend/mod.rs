@@ -124,6 +124,12 @@ pub fn create(cfg: &TrainConfig, state: TrainState) -> Result<(Box<dyn Backend>,
             }
             Err(e) => bail!("--backend cuda: no usable CUDA device: {e}"),
         },
+        BackendChoice::CudaEmulator => {
+            let dev = cuda::device::Dev::open_emulator()?;
+            let b = cuda::backend::CudaBackend::on(dev, cfg.clone(), state)?;
+            let why = format!("backend: {} (requested; for checking only: every CUDA thread is a fiber)", b.name());
+            Ok((Box::new(b), why))
+        }
         BackendChoice::Auto => match cuda::probe() {
             Ok(_) => {
                 let b = cuda::create(cfg, state)?;

@@ -55,7 +55,7 @@ pub fn run(cfg: TrainConfig, resume: Option<&Path>) -> Result<Summary> {
     cfg.validate()?;
     // The CUDA backend uploads half-precision shards as they are and converts on the device.
     let on_gpu = match cfg.backend {
-        BackendChoice::Cuda => true,
+        BackendChoice::Cuda | BackendChoice::CudaEmulator => true,
         BackendChoice::Auto => backend::cuda::probe().is_ok(),
         BackendChoice::Cpu => false,
     };

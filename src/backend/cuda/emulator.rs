@@ -144,8 +144,12 @@ mod tests {
         let b: Vec<f32> = (0..7).map(|i| 0.5 * i as f32).collect();
         let (xd, bd) = (dev.upload(&x).unwrap(), dev.upload(&b).unwrap());
         let out = dev.alloc_f32(300).unwrap();
-        dev.launch("center", L::elementwise(300), &[(&xd).into(), (&bd).into(), (&out).into(), 7u32.into(), 300u64.into()])
-            .unwrap();
+        dev.launch(
+            "center",
+            L::elementwise(300),
+            &[(&xd).into(), (&bd).into(), (&out).into(), 7u32.into(), 300u64.into()],
+        )
+        .unwrap();
         let got: Vec<f32> = out.to_vec(300).unwrap();
         for (i, g) in got.iter().enumerate() {
             assert_eq!(*g, x[i] - b[i % 7]);
@@ -158,7 +162,11 @@ mod tests {
         let xd = dev.alloc_f32(10).unwrap();
         // n is a u64 parameter: passing a u32 must be refused, naming the kernel.
         let e = dev
-            .launch("center", L::elementwise(10), &[(&xd).into(), (&xd).into(), (&xd).into(), 7u32.into(), 10u32.into()])
+            .launch(
+                "center",
+                L::elementwise(10),
+                &[(&xd).into(), (&xd).into(), (&xd).into(), 7u32.into(), 10u32.into()],
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("center") && e.contains("sizes"), "{e}");
@@ -194,5 +202,4 @@ mod tests {
         }
         assert_eq!(got[n], acc);
     }
-
 }

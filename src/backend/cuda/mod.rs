@@ -12,8 +12,6 @@ pub mod emulator;
 pub mod launch;
 pub mod memory;
 pub mod nvtx;
-#[cfg(test)]
-mod select_model;
 pub mod selftest;
 
 use crate::backend::Backend;

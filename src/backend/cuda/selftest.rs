@@ -106,8 +106,13 @@ pub fn run_selftest_on(target: Target) -> Result<SelftestReport> {
     let mut rep = SelftestReport { device, ..Default::default() };
     let dev = target.open()?;
     let gemm = dev.blas_note.clone().unwrap_or_else(|| "cuBLAS".into());
-    rep.device = format!("{}; kernels from {:?}; {gemm}; B={} d_in={} d_sae={}", rep.device, dev.origin, s.rows, s.d_in, s.d_sae);
-    selection_checks(&dev, s, &mut rep)?;
+    rep.device = format!(
+        "{}; kernels from {:?}; {gemm}; B={} d_in={} d_sae={}",
+        rep.device, dev.origin, s.rows, s.d_in, s.d_sae
+    );
+    selection_checks(&dev, s, "", &mut rep)?;
+    // Tiny lines: F = 5 < k = 7 and budgets m up to 11 > B = 9.
+    selection_checks(&dev, Sizes { rows: 9, d_in: 6, d_sae: 5 }, " B=9 F=5", &mut rep)?;
     drop(dev);
     for (name, cfg) in step_configs(s) {
         if target == Target::Emulator && cfg.precision != Precision::F32 {
@@ -122,17 +127,20 @@ pub fn run_selftest_on(target: Target) -> Result<SelftestReport> {
     Ok(rep)
 }
 
-/// Matrices with heavy ties: values on a grid of 0.25 in [-2, 2], plus a constant one.
+/// Matrices with heavy ties (values on a grid of 0.25 in [-2, 2]), continuous, constant, and
+/// spanning the whole positive float range.
 fn test_matrices(s: Sizes) -> Vec<(&'static str, Vec<f32>)> {
     let n = s.rows * s.d_sae;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let quant: Vec<f32> = (0..n).map(|_| (rng.random_range(-8i32..=8) as f32) * 0.25).collect();
     let cont: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
     let flat = vec![1.0f32; n];
-    vec![("ties", quant), ("continuous", cont), ("constant", flat)]
+    // Denormals to huge values: keys that differ in every radix digit.
+    let spread = (0..n).map(|i| f32::from_bits(1 + (i as u32).wrapping_mul(2_654_435_761) % 0x7f00_0000)).collect();
+    vec![("ties", quant), ("continuous", cont), ("constant", flat), ("exponent range", spread)]
 }
 
-fn selection_checks(dev: &Dev, s: Sizes, rep: &mut SelftestReport) -> Result<()> {
+fn selection_checks(dev: &Dev, s: Sizes, tag: &str, rep: &mut SelftestReport) -> Result<()> {
     let Sizes { rows, d_in, d_sae } = s;
     let shape = Shape::new(d_in, d_sae);
     let mut ws = Ws::new(dev, shape, rows, 8, false, Precision::F32)?;
@@ -193,7 +201,7 @@ fn selection_checks(dev: &Dev, s: Sizes, rep: &mut SelftestReport) -> Result<()>
             let got = if aux { ws.aux.download(rows, d_sae)? } else { ws.main.download(rows, d_sae)? };
             let ok = got == want;
             let detail = if ok { format!("nnz {} identical", want.nnz()) } else { first_difference(&got, &want) };
-            rep.push(format!("select {name} [{mname}]"), ok, detail);
+            rep.push(format!("select {name} [{mname}{tag}]"), ok, detail);
         }
     }
 
@@ -223,7 +231,7 @@ fn selection_checks(dev: &Dev, s: Sizes, rep: &mut SelftestReport) -> Result<()>
     )?;
     let got: Vec<f32> = ws.x_hat.to_vec(rows * d_in)?;
     let e = max_rel(&got, &want);
-    rep.push("decode_rows vs forward::decode", e <= 1e-5, format!("max rel err {e:.2e}"));
+    rep.push(format!("decode_rows vs forward::decode{tag}"), e <= 1e-5, format!("max rel err {e:.2e}"));
     let want = cpu_bwd::code_grads(&codes, &g, &w_dec, d_in);
     dev.launch(
         "code_grads",
@@ -239,7 +247,7 @@ fn selection_checks(dev: &Dev, s: Sizes, rep: &mut SelftestReport) -> Result<()>
     )?;
     let got: Vec<f32> = ws.main.dpre.to_vec(codes.nnz())?;
     let e = max_rel(&got, &want);
-    rep.push("code_grads vs backward::code_grads", e <= 1e-5, format!("max rel err {e:.2e}"));
+    rep.push(format!("code_grads vs backward::code_grads{tag}"), e <= 1e-5, format!("max rel err {e:.2e}"));
     Ok(())
 }
 
