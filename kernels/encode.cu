@@ -55,17 +55,26 @@ extern "C" __global__ void bias_relu(float* __restrict__ pre, const float* __res
     }
 }
 
-// Fallback GEMM: pre (rows x f) = ReLU(xc (rows x d) * W^T + b_enc), W is f x d row-major (both
-// operands contiguous along d). Block tile GEMM_BM x GEMM_BN, K tile GEMM_BK, 256 threads, each
-// computing a 4 x 4 micro-tile. Grid and block are fixed in launch.rs::gemm_fallback.
+// The fused encoder: pre (rows x f) = xc (rows x d) * W^T + b_enc, kept where it is > 0 and,
+// when `theta` is given (JumpReLU inference), > theta[c]; zero elsewhere. W is f x d row-major
+// (both operands contiguous along d). When `hist` is given, the epilogue also adds the top byte
+// of every kept value's key to hist[256]: the first pass of batchtopk's radix select, which then
+// starts at its second digit instead of reading B x F again.
+// Block tile GEMM_BM x GEMM_BN, K tile GEMM_BK, 256 threads, each computing a 4 x 4 micro-tile.
+// Grid and block are fixed in launch.rs::gemm_fallback.
 #define GEMM_BM 64
 #define GEMM_BN 64
 #define GEMM_BK 16
-extern "C" __global__ void gemm_bias_relu(const float* __restrict__ xc, const float* __restrict__ w,
-                                          const float* __restrict__ b_enc, float* __restrict__ pre,
-                                          u32 rows, u32 f, u32 d) {
+extern "C" __global__ void gemm_encode_fused(const float* __restrict__ xc, const float* __restrict__ w,
+                                             const float* __restrict__ b_enc, const float* __restrict__ theta,
+                                             float* __restrict__ pre, u32 rows, u32 f, u32 d,
+                                             u32* __restrict__ hist) {
     __shared__ float As[GEMM_BK][GEMM_BM + 1];  // As[k][m] = xc[row0+m][k0+k]
     __shared__ float Bs[GEMM_BK][GEMM_BN + 1];  // Bs[k][n] = w[col0+n][k0+k]
+    __shared__ u32 h[256];
+    if (hist)
+        for (u32 t = threadIdx.x; t < 256; t += blockDim.x) h[t] = 0u;
+    __syncthreads();
     const u32 row0 = blockIdx.y * GEMM_BM, col0 = blockIdx.x * GEMM_BN;
     const u32 tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // 16 x 16 threads
     float acc[4][4];
@@ -96,7 +105,14 @@ extern "C" __global__ void gemm_bias_relu(const float* __restrict__ xc, const fl
             u32 c = col0 + tx * 4 + j;
             if (c >= f) continue;
             float v = acc[i][j] + b_enc[c];
-            pre[(u64)r * f + c] = v > 0.f ? v : 0.f;
+            bool keep = v > 0.f && (theta == 0 || v > theta[c]);
+            pre[(u64)r * f + c] = keep ? v : 0.f;
+            if (hist && keep) atomicAdd(&h[act_key(v) >> 24], 1u);
         }
+    }
+    if (hist) {  // uniform across the block
+        __syncthreads();
+        for (u32 t = threadIdx.x; t < 256; t += blockDim.x)
+            if (h[t]) atomicAdd(&hist[t], h[t]);
     }
 }

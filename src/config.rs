@@ -107,6 +107,17 @@ pub enum Precision {
     Bf16,
 }
 
+/// How the CUDA backend computes the encoder pre-activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderKind {
+    /// cuBLAS/cuBLASLt product (`--precision` f32, tf32 or bf16), then a bias + ReLU pass.
+    Cublas,
+    /// The hand-written f32 tiled GEMM whose epilogue applies bias, ReLU and the JumpReLU
+    /// threshold and builds batchtopk's first radix histogram (no second pass over B x F).
+    Fused,
+}
+
 /// Every training option. Field names are the config-file keys; flags are the same names in
 /// kebab case (`--d-sae`, `--lr`, ...).
 #[derive(Clone, Debug, Serialize, Deserialize, Args)]
@@ -260,6 +271,9 @@ pub struct TrainConfig {
     /// Encoder-product precision on CUDA.
     #[arg(long, value_enum, default_value_t = TrainConfig::default().precision)]
     pub precision: Precision,
+    /// Encoder kernel on CUDA (`fused` is also what runs when cuBLAS cannot be loaded).
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().encoder)]
+    pub encoder: EncoderKind,
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -320,6 +334,7 @@ impl Default for TrainConfig {
             checkpoint_every: 1000,
             backend: BackendChoice::Auto,
             precision: Precision::F32,
+            encoder: EncoderKind::Cublas,
             threads: None,
             quiet: false,
         }

@@ -105,6 +105,14 @@ impl PhaseTimes {
     pub fn total(&self) -> f64 {
         self.encode + self.select + self.decode + self.backward + self.optimizer
     }
+
+    pub fn add(&mut self, o: &PhaseTimes) {
+        self.encode += o.encode;
+        self.select += o.select;
+        self.decode += o.decode;
+        self.backward += o.backward;
+        self.optimizer += o.optimizer;
+    }
 }
 
 /// Build the backend the config asks for; `auto` picks CUDA when a device is usable.

@@ -6,8 +6,8 @@
 use super::device::{at, Dev, DevBuf, KArg, NULL};
 use super::launch as L;
 use super::nvtx;
-use crate::backend::{Backend, InferMode, Inference, StepStats};
-use crate::config::{Precision, SparsifierKind, TrainConfig};
+use crate::backend::{Backend, InferMode, Inference, PhaseTimes, StepStats};
+use crate::config::{EncoderKind, Precision, SparsifierKind, TrainConfig};
 use crate::data::{Batch, BatchData};
 use crate::model::{Params, Shape, TrainState};
 use crate::sparse::SparseCodes;
@@ -178,7 +178,9 @@ impl Ws {
 }
 
 /// Run a selection rule on `ws.pre` (rows x f) into `ws.main` (or `ws.aux`).
-pub fn select(dev: &Dev, ws: &mut Ws, f: usize, rule: &Rule, into_aux: bool) -> Result<()> {
+/// Run `rule` on `ws.pre` into the main (or aux) codes. `hist_ready`: the encoder already built
+/// batchtopk's first radix histogram in `ws.hist` (the fused encoder), so that pass is skipped.
+pub fn select(dev: &Dev, ws: &mut Ws, f: usize, rule: &Rule, into_aux: bool, hist_ready: bool) -> Result<()> {
     let _r = nvtx::range("select");
     let rows = ws.rows;
     let (r32, f32_) = (rows as u32, f as u32);
@@ -225,14 +227,18 @@ pub fn select(dev: &Dev, ws: &mut Ws, f: usize, rule: &Rule, into_aux: bool) -> 
             let total = (*k as u64) * rows as u64;
             ensure!(total < u32::MAX as u64, "k * batch too large");
             ws.bstate.upload(&[0u32, 0, total as u32, 0])?;
-            ws.hist.zero()?;
+            if !hist_ready {
+                ws.hist.zero()?;
+            }
             let n = (rows * f) as u64;
             for shift in [24u32, 16, 8, 0] {
-                dev.launch(
-                    "sel_batch_hist",
-                    L::batch_hist(n),
-                    &[(&ws.pre).into(), n.into(), (&ws.bstate).into(), (&ws.hist).into(), shift.into()],
-                )?;
+                if !(hist_ready && shift == 24) {
+                    dev.launch(
+                        "sel_batch_hist",
+                        L::batch_hist(n),
+                        &[(&ws.pre).into(), n.into(), (&ws.bstate).into(), (&ws.hist).into(), shift.into()],
+                    )?;
+                }
                 dev.launch(
                     "sel_batch_pick",
                     L::single_thread(),
@@ -369,6 +375,36 @@ pub struct CudaBackend {
     adam_m: DevBuf,
     adam_v: DevBuf,
     ws: Option<Ws>,
+    /// Per-phase wall time (`sae bench step`): off in training, since it synchronises the
+    /// device at every phase boundary.
+    timing: bool,
+    phases: PhaseTimes,
+}
+
+/// Wall time between phase boundaries, each one a device synchronisation (when on).
+struct PhaseClock {
+    on: bool,
+    t: std::time::Instant,
+}
+
+impl PhaseClock {
+    fn start(on: bool, dev: &Dev) -> Result<Self> {
+        if on {
+            dev.sync()?;
+        }
+        Ok(Self { on, t: std::time::Instant::now() })
+    }
+
+    /// Add the time since the last boundary to `slot`.
+    fn lap(&mut self, dev: &Dev, slot: &mut f64) -> Result<()> {
+        if self.on {
+            dev.sync()?;
+            let now = std::time::Instant::now();
+            *slot += (now - self.t).as_secs_f64();
+            self.t = now;
+        }
+        Ok(())
+    }
 }
 
 impl CudaBackend {
@@ -398,7 +434,15 @@ impl CudaBackend {
             adam_m,
             adam_v,
             ws: None,
+            timing: false,
+            phases: PhaseTimes::default(),
         })
+    }
+
+    /// Time each phase of `step` (synchronising the device between phases) for
+    /// `take_phase_times`.
+    pub fn time_phases(&mut self, on: bool) {
+        self.timing = on;
     }
 
     fn ensure_ws(&mut self, rows: usize) -> Result<()> {
@@ -437,8 +481,9 @@ impl CudaBackend {
         mask
     }
 
-    /// Upload the batch, centre it and run the encoder product into `ws.pre`.
-    fn forward_encode(&mut self, batch: &Batch) -> Result<()> {
+    /// Upload the batch, centre it and run the encoder product into `ws.pre`, for selection by
+    /// `rule`. Returns whether the encoder also built batchtopk's first radix histogram.
+    fn forward_encode(&mut self, batch: &Batch, rule: &Rule) -> Result<bool> {
         let (d, f) = (self.shape.d_in, self.shape.d_sae);
         ensure!(batch.d_in == d, "batch width {} does not match d_in {}", batch.d_in, d);
         let rows = batch.rows;
@@ -489,26 +534,43 @@ impl CudaBackend {
         let b_enc = at::<f32>(&self.params, o_benc);
         let KArg::Ptr(w_ptr) = w else { unreachable!() };
         match &dev.blas {
-            Some(h) => {
+            Some(h) if self.cfg.encoder == EncoderKind::Cublas => {
                 gemm_cublas(dev, h.handle, self.cfg.precision, ws, w_ptr, rows, f, d)?;
                 let nf = (rows * f) as u64;
                 dev.launch("bias_relu", L::elementwise(nf), &[(&ws.pre).into(), b_enc, (f as u32).into(), nf.into()])?;
+                Ok(false)
             }
-            None => dev.launch(
-                "gemm_bias_relu",
-                L::gemm_fallback(rows, f),
-                &[
-                    (&ws.xc).into(),
-                    w,
-                    b_enc,
-                    (&ws.pre).into(),
-                    (rows as u32).into(),
-                    (f as u32).into(),
-                    (d as u32).into(),
-                ],
-            )?,
+            _ => {
+                // The threshold is exact to apply here: jumprelu keeps v > 0 and v > theta,
+                // and every other rule only ever keeps v > 0.
+                let theta: KArg = if matches!(rule, Rule::Theta(true)) {
+                    ws.theta.upload(&self.theta)?;
+                    (&ws.theta).into()
+                } else {
+                    NULL
+                };
+                let batch_hist = matches!(rule, Rule::BatchTopK(_));
+                if batch_hist {
+                    ws.hist.zero()?;
+                }
+                dev.launch(
+                    "gemm_encode_fused",
+                    L::gemm_fallback(rows, f),
+                    &[
+                        (&ws.xc).into(),
+                        w,
+                        b_enc,
+                        theta,
+                        (&ws.pre).into(),
+                        (rows as u32).into(),
+                        (f as u32).into(),
+                        (d as u32).into(),
+                        if batch_hist { (&ws.hist).into() } else { NULL },
+                    ],
+                )?;
+                Ok(batch_hist)
+            }
         }
-        Ok(())
     }
 
     /// Host bookkeeping after a step, from the device's per-latent firing counts and minimum
@@ -628,9 +690,12 @@ impl Backend for CudaBackend {
         self.dev.bind()?;
         let (d, f) = (self.shape.d_in, self.shape.d_sae);
         let rows = batch.rows;
-        self.forward_encode(batch)?;
-        let cfg = self.cfg.clone();
+        let mut ph = PhaseTimes::default();
+        let mut clock = PhaseClock::start(self.timing, &self.dev)?;
         let rule = self.training_rule(rows);
+        let hist_ready = self.forward_encode(batch, &rule)?;
+        clock.lap(&self.dev, &mut ph.encode)?;
+        let cfg = self.cfg.clone();
         let candidates = self.aux_candidates(rows);
         let n_cand = candidates.iter().filter(|&&c| c).count();
         let [_, o_benc, o_wdec, o_bdec, _] = self.shape.offsets();
@@ -640,7 +705,8 @@ impl Backend for CudaBackend {
         let bd = (rows * d) as u64;
         let w_dec = at::<f32>(&self.params, o_wdec);
 
-        select(dev, ws, f, &rule, false)?;
+        select(dev, ws, f, &rule, false, hist_ready)?;
+        clock.lap(dev, &mut ph.select)?;
 
         // ---- decode, loss statistics, G ----
         let r = nvtx::range("decode");
@@ -671,6 +737,7 @@ impl Backend for CudaBackend {
             &[(&ws.x).into(), (&ws.x_hat).into(), bd.into(), scale.into(), (&ws.resid).into(), (&ws.g).into()],
         )?;
         drop(r);
+        clock.lap(dev, &mut ph.decode)?;
 
         let _b = nvtx::range("backward");
         let nnz = ws.main.nnz as u32;
@@ -702,7 +769,7 @@ impl Backend for CudaBackend {
         if n_cand > 0 {
             let mask: Vec<u8> = candidates.iter().map(|&c| c as u8).collect();
             ws.cmask.upload(&mask)?;
-            select(dev, ws, f, &Rule::Aux(cfg.k_aux_for(d)), true)?;
+            select(dev, ws, f, &Rule::Aux(cfg.k_aux_for(d)), true, false)?;
             if ws.aux.nnz > 0 {
                 aux_active = true;
                 dev.launch(
@@ -814,6 +881,7 @@ impl Backend for CudaBackend {
             &[(&ws.colsum_g).into(), w_enc_eff, db_enc, f32_.into(), d32.into(), at::<f32>(&self.grads, o_bdec)],
         )?;
         drop(_b);
+        clock.lap(dev, &mut ph.backward)?;
 
         // ---- optimiser: Adam (+ projection and renormalisation of decoder rows) ----
         let t = self.step + 1;
@@ -875,6 +943,8 @@ impl Backend for CudaBackend {
         let dead = crate::backend::tracking::dead_count(&self.cfg, &self.since_fired);
         self.update_tracking(&counts, &minbits, rows);
         self.step = t;
+        clock.lap(&self.dev, &mut ph.optimizer)?;
+        self.phases.add(&ph);
         let (sse, total_var, l1_loss) = (acc[0], acc[1], acc[3]);
         Ok(StepStats::from_sums(sse, total_var, aux_loss, l1_loss, nnz, rows, d, dead))
     }
@@ -883,18 +953,18 @@ impl Backend for CudaBackend {
         self.dev.bind()?;
         let (d, f) = (self.shape.d_in, self.shape.d_sae);
         let rows = batch.rows;
-        self.forward_encode(batch)?;
         let rule = if mode == InferMode::Exported && self.cfg.sparsifier.batch_dependent() {
             Rule::Theta(true)
         } else {
             self.training_rule(rows)
         };
+        let hist_ready = self.forward_encode(batch, &rule)?;
         let o_wdec = self.shape.offsets()[2];
         let o_bdec = self.shape.offsets()[3];
         let dev = &self.dev;
         let ws = self.ws.as_mut().unwrap();
         ws.theta.upload(&self.theta)?;
-        select(dev, ws, f, &rule, false)?;
+        select(dev, ws, f, &rule, false, hist_ready)?;
         let _r = nvtx::range("decode");
         dev.launch(
             "decode_rows",
@@ -912,6 +982,10 @@ impl Backend for CudaBackend {
         let codes = ws.main.download(rows, f)?;
         let x_hat = ws.x_hat.to_vec(rows * d)?;
         Ok(Inference { codes, x_hat })
+    }
+
+    fn take_phase_times(&mut self) -> PhaseTimes {
+        std::mem::take(&mut self.phases)
     }
 
     fn state(&self) -> Result<TrainState> {

@@ -12,7 +12,7 @@ use super::device::Dev;
 use super::launch as L;
 use crate::backend::cpu::{aux as cpu_aux, backward as cpu_bwd, forward as cpu_fwd, CpuBackend};
 use crate::backend::{Backend, InferMode};
-use crate::config::{AuxKind, BudgetKind, Precision, SparsifierKind, TrainConfig};
+use crate::config::{AuxKind, BudgetKind, EncoderKind, Precision, SparsifierKind, TrainConfig};
 use crate::data::Batch;
 use crate::model::{init, Shape, TrainState};
 use crate::sparse::SparseCodes;
@@ -197,7 +197,7 @@ fn selection_checks(dev: &Dev, s: Sizes, tag: &str, rep: &mut SelftestReport) ->
         ws.cmask.upload(&cmask)?;
         for (name, rule, want) in cases {
             let aux = matches!(rule, Rule::Aux(_));
-            select(dev, &mut ws, d_sae, &rule, aux)?;
+            select(dev, &mut ws, d_sae, &rule, aux, false)?;
             let got = if aux { ws.aux.download(rows, d_sae)? } else { ws.main.download(rows, d_sae)? };
             let ok = got == want;
             let detail = if ok { format!("nnz {} identical", want.nnz()) } else { first_difference(&got, &want) };
@@ -209,7 +209,7 @@ fn selection_checks(dev: &Dev, s: Sizes, tag: &str, rep: &mut SelftestReport) ->
     let pre = &test_matrices(s)[1].1;
     let codes = sparsify::select(pre, rows, d_sae, &Selection::TopK { k: 9 });
     ws.pre.upload(pre)?;
-    select(dev, &mut ws, d_sae, &Rule::TopK(9), false)?;
+    select(dev, &mut ws, d_sae, &Rule::TopK(9), false, false)?;
     let w_dec: Vec<f32> = (0..d_sae * d_in).map(|_| StandardNormal.sample(&mut rng)).collect();
     let b_dec: Vec<f32> = (0..d_in).map(|_| StandardNormal.sample(&mut rng)).collect();
     let g: Vec<f32> = (0..rows * d_in).map(|_| StandardNormal.sample(&mut rng)).collect();
@@ -312,6 +312,9 @@ pub fn step_configs(s: Sizes) -> Vec<(String, TrainConfig)> {
         ("topk aligned".into(), with(SparsifierKind::Topk, &|c| c.aligned = true)),
         ("wta aligned".into(), with(SparsifierKind::Wta, &|c| c.aligned = true)),
         ("relu aligned".into(), with(SparsifierKind::Relu, &|c| c.aligned = true)),
+        // The hand-written encoder (what the emulator always runs, as it has no cuBLAS).
+        ("batchtopk fused encoder".into(), with(SparsifierKind::Batchtopk, &|c| c.encoder = EncoderKind::Fused)),
+        ("topk fused encoder".into(), with(SparsifierKind::Topk, &|c| c.encoder = EncoderKind::Fused)),
         ("topk tf32".into(), with(SparsifierKind::Topk, &|c| c.precision = Precision::Tf32)),
         ("topk bf16".into(), with(SparsifierKind::Topk, &|c| c.precision = Precision::Bf16)),
     ]
