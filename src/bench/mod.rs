@@ -4,6 +4,8 @@
 //! encoder GEMM alone (the floor: everything else should be cheap), the GEMM as GFLOP/s, and
 //! selection as GB/s of `pre` scanned and a fraction of the measured memory read bandwidth.
 
+pub mod cuda;
+
 use crate::backend::cpu::{gemm, CpuBackend};
 use crate::backend::{Backend, PhaseTimes};
 use crate::config::{SparsifierKind, TrainConfig};

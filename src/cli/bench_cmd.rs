@@ -1,7 +1,8 @@
 //! `sae bench step | sparsifiers`: tables on stdout, JSON with `--json FILE`.
 
+use crate::backend::cuda::selftest::Target;
 use crate::bench::{self, ALL_SPARSIFIERS};
-use crate::config::SparsifierKind;
+use crate::config::{BackendChoice, Precision, SparsifierKind};
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -53,6 +54,12 @@ pub struct StepArgs {
     pub json: Option<PathBuf>,
     #[arg(long)]
     pub threads: Option<usize>,
+    /// cpu, cuda (both encoders: cuBLAS and the fused kernel), or auto (cuda when usable).
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// Encoder precision for cuBLAS on CUDA.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
 }
 
 #[derive(Args, Debug)]
@@ -72,6 +79,57 @@ pub struct SparsifierArgs {
     pub json: Option<PathBuf>,
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Backends to time (default: the CPU, and CUDA when a device is usable).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub backend: Vec<BackendChoice>,
+}
+
+/// The CUDA target a backend choice names, if any (auto: the GPU when one is usable).
+fn cuda_target(b: BackendChoice) -> Option<Target> {
+    match b {
+        BackendChoice::Cpu => None,
+        BackendChoice::Cuda => Some(Target::Gpu),
+        BackendChoice::CudaEmulator => Some(Target::Emulator),
+        BackendChoice::Auto => crate::backend::cuda::probe().ok().map(|_| Target::Gpu),
+    }
+}
+
+fn print_cuda_step(r: &bench::cuda::CudaStepReport) {
+    println!("cuda step bench on {}: d_in={} d_sae={} batch={} k={}", r.device, r.d_in, r.d_sae, r.batch, r.k);
+    for e in &r.encoders {
+        println!("  encoder product, {:<12} {:>9.3} ms = {:>7.2} TFLOP/s", e.encoder, e.ms, e.tflops);
+    }
+    println!(
+        "{:<12} {:<14} {:>9} {:>11} {:>9} {:>8} | {:>7} {:>7} {:>7} {:>8} {:>7} (ms/step)",
+        "encoder",
+        "sparsifier",
+        "step ms",
+        "tokens/s",
+        "step/GEMM",
+        "L0",
+        "encode",
+        "select",
+        "decode",
+        "backward",
+        "adam"
+    );
+    for r in &r.rows {
+        let (row, p) = (&r.row, &r.row.phases_ms);
+        println!(
+            "{:<12} {:<14} {:>9.3} {:>11.0} {:>9.2} {:>8.1} | {:>7.3} {:>7.3} {:>7.3} {:>8.3} {:>7.3}",
+            r.encoder,
+            row.sparsifier,
+            row.step_ms,
+            row.tokens_per_s,
+            row.step_over_gemm,
+            row.l0,
+            p.encode,
+            p.select,
+            p.decode,
+            p.backward,
+            p.optimizer
+        );
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -89,6 +147,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchArgs::Step(a) => {
             super::train_cmd::init_threads(a.threads)?;
             let kinds = if a.sparsifier.is_empty() { ALL_SPARSIFIERS.to_vec() } else { a.sparsifier.clone() };
+            if let Some(target) = cuda_target(a.backend) {
+                let r = bench::cuda::bench_step(target, &kinds, a.d_in, a.d_sae, a.batch, a.k, a.steps, a.precision)?;
+                print_cuda_step(&r);
+                if let Some(path) = a.json {
+                    crate::util::atomic::write_json_atomic(&path, &r)?;
+                }
+                return Ok(());
+            }
             let r = bench::bench_step(&kinds, a.d_in, a.d_sae, a.batch, a.k, a.steps)?;
             println!(
                 "cpu step bench: d_in={} d_sae={} batch={} k={} threads={}; encoder GEMM {:.1} ms = {:.0} GFLOP/s",
@@ -134,7 +200,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
             } else {
                 (a.batch.clone(), a.d_sae.clone())
             };
-            let rows = bench::bench_sparsifiers(&batches, &d_saes, &a.k, a.reps);
+            let backends = if a.backend.is_empty() { vec![BackendChoice::Auto] } else { a.backend.clone() };
+            let mut rows = vec![];
+            let mut cpu_done = false;
+            for b in backends {
+                // auto: the CPU, plus the GPU when one is usable.
+                if matches!(b, BackendChoice::Cpu | BackendChoice::Auto) && !cpu_done {
+                    rows.extend(bench::bench_sparsifiers(&batches, &d_saes, &a.k, a.reps));
+                    cpu_done = true;
+                }
+                if let Some(t) = cuda_target(b) {
+                    rows.extend(bench::cuda::bench_sparsifiers(t, &batches, &d_saes, &a.k, a.reps)?);
+                }
+            }
             println!(
                 "{:<8} {:<12} {:>6} {:>7} {:>5} {:>9} {:>8} {:>8}",
                 "backend", "sparsifier", "batch", "d_sae", "k", "ms", "GB/s", "of BW"

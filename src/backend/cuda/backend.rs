@@ -439,6 +439,20 @@ impl CudaBackend {
         })
     }
 
+    /// Seconds per encoder product (GEMM and epilogue, for this config's encoder and rule) on
+    /// `batch`, averaged over `reps` launches after one warm-up.
+    pub fn time_encoder(&mut self, batch: &Batch, reps: usize) -> Result<f64> {
+        let rule = self.training_rule(batch.rows);
+        self.forward_encode(batch, &rule)?;
+        self.dev.sync()?;
+        let t = std::time::Instant::now();
+        for _ in 0..reps.max(1) {
+            self.encoder_product(batch.rows, &rule)?;
+        }
+        self.dev.sync()?;
+        Ok(t.elapsed().as_secs_f64() / reps.max(1) as f64)
+    }
+
     /// Time each phase of `step` (synchronising the device between phases) for
     /// `take_phase_times`.
     pub fn time_phases(&mut self, on: bool) {
@@ -484,7 +498,7 @@ impl CudaBackend {
     /// Upload the batch, centre it and run the encoder product into `ws.pre`, for selection by
     /// `rule`. Returns whether the encoder also built batchtopk's first radix histogram.
     fn forward_encode(&mut self, batch: &Batch, rule: &Rule) -> Result<bool> {
-        let (d, f) = (self.shape.d_in, self.shape.d_sae);
+        let d = self.shape.d_in;
         ensure!(batch.d_in == d, "batch width {} does not match d_in {}", batch.d_in, d);
         let rows = batch.rows;
         ensure!(rows > 0, "empty batch");
@@ -515,7 +529,22 @@ impl CudaBackend {
             }
         }
         let _r = nvtx::range("encode");
-        let [_, o_benc, o_wdec, o_bdec, _] = self.shape.offsets();
+        let [_, _, _, o_bdec, _] = self.shape.offsets();
+        dev.launch(
+            "center",
+            L::elementwise(n),
+            &[(&ws.x).into(), at::<f32>(&self.params, o_bdec), (&ws.xc).into(), (d as u32).into(), n.into()],
+        )?;
+        self.encoder_product(rows, rule)
+    }
+
+    /// `ws.pre` from the centred batch in `ws.xc` (the encoder GEMM and its epilogue): what
+    /// `sae bench step` times alone as the floor of a step.
+    pub fn encoder_product(&self, rows: usize, rule: &Rule) -> Result<bool> {
+        let (d, f) = (self.shape.d_in, self.shape.d_sae);
+        let dev = &self.dev;
+        let ws = self.ws.as_ref().unwrap();
+        let [_, o_benc, o_wdec, _, _] = self.shape.offsets();
         let w: KArg = if self.cfg.aligned {
             dev.launch(
                 "aligned_encoder",
@@ -526,11 +555,6 @@ impl CudaBackend {
         } else {
             at::<f32>(&self.params, 0)
         };
-        dev.launch(
-            "center",
-            L::elementwise(n),
-            &[(&ws.x).into(), at::<f32>(&self.params, o_bdec), (&ws.xc).into(), (d as u32).into(), n.into()],
-        )?;
         let b_enc = at::<f32>(&self.params, o_benc);
         let KArg::Ptr(w_ptr) = w else { unreachable!() };
         match &dev.blas {
