@@ -48,7 +48,7 @@ fn kernel_names_are_found() {
         "code_grads",
         "latent_grads",
         "adam_dec_rows",
-        "gemm_bias_relu",
+        "gemm_encode_fused",
     ] {
         assert!(names.iter().any(|n| n == must), "{must} missing from {names:?}");
     }
