@@ -137,26 +137,8 @@ pub fn bench_step(
             for b in &data[1..] {
                 be.step(b, 1e-4)?;
             }
-            let p = be.take_phase_times();
-            let ms = |v: f64| v * 1e3 / steps as f64;
-            report.rows.push(CudaStepRow {
-                encoder: name.clone(),
-                row: StepRow {
-                    sparsifier: kind.name().to_string(),
-                    step_ms: per_step * 1e3,
-                    tokens_per_s: batch as f64 / per_step,
-                    gemm_ms: g * 1e3,
-                    step_over_gemm: per_step / g,
-                    phases_ms: crate::backend::PhaseTimes {
-                        encode: ms(p.encode),
-                        select: ms(p.select),
-                        decode: ms(p.decode),
-                        backward: ms(p.backward),
-                        optimizer: ms(p.optimizer),
-                    },
-                    l0: l0 / steps as f64,
-                },
-            });
+            let row = StepRow::new(kind, batch, steps, per_step, g, &be.take_phase_times(), l0);
+            report.rows.push(CudaStepRow { encoder: name.clone(), row });
         }
     }
     Ok(report)

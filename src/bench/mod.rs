@@ -121,23 +121,7 @@ pub fn bench_step(
             l0 += be.step(b, 1e-4)?.l0;
         }
         let per_step = t.elapsed().as_secs_f64() / steps as f64;
-        let p = be.take_phase_times();
-        let ms = |v: f64| v * 1e3 / steps as f64;
-        rows.push(StepRow {
-            sparsifier: kind.name().to_string(),
-            step_ms: per_step * 1e3,
-            tokens_per_s: batch as f64 / per_step,
-            gemm_ms: gemm_s * 1e3,
-            step_over_gemm: per_step / gemm_s,
-            phases_ms: PhaseTimes {
-                encode: ms(p.encode),
-                select: ms(p.select),
-                decode: ms(p.decode),
-                backward: ms(p.backward),
-                optimizer: ms(p.optimizer),
-            },
-            l0: l0 / steps as f64,
-        });
+        rows.push(StepRow::new(kind, batch, steps, per_step, gemm_s, &be.take_phase_times(), l0));
     }
     Ok(StepReport {
         d_in,
@@ -163,6 +147,37 @@ pub struct SelectRow {
     pub gb_per_s: f64,
     /// gb_per_s / measured memory read bandwidth.
     pub frac_bandwidth: f64,
+}
+
+impl StepRow {
+    /// A row from `steps` timed steps of `batch` tokens: seconds per step, the encoder product's
+    /// seconds, the phase seconds summed over the steps and the L0 summed over them.
+    pub fn new(
+        kind: SparsifierKind,
+        batch: usize,
+        steps: usize,
+        per_step: f64,
+        gemm_s: f64,
+        phases: &PhaseTimes,
+        l0_sum: f64,
+    ) -> Self {
+        let ms = |v: f64| v * 1e3 / steps as f64;
+        StepRow {
+            sparsifier: kind.name().to_string(),
+            step_ms: per_step * 1e3,
+            tokens_per_s: batch as f64 / per_step,
+            gemm_ms: gemm_s * 1e3,
+            step_over_gemm: per_step / gemm_s,
+            phases_ms: PhaseTimes {
+                encode: ms(phases.encode),
+                select: ms(phases.select),
+                decode: ms(phases.decode),
+                backward: ms(phases.backward),
+                optimizer: ms(phases.optimizer),
+            },
+            l0: l0_sum / steps as f64,
+        }
+    }
 }
 
 /// Measured memory read bandwidth (GB/s): parallel sum over a buffer far larger than cache.

@@ -99,9 +99,18 @@ fn print_cuda_step(r: &bench::cuda::CudaStepReport) {
     for e in &r.encoders {
         println!("  encoder product, {:<12} {:>9.3} ms = {:>7.2} TFLOP/s", e.encoder, e.ms, e.tflops);
     }
+    let rows: Vec<(&str, &bench::StepRow)> = r.rows.iter().map(|r| (r.encoder.as_str(), &r.row)).collect();
+    print_step_table(&rows, 3);
+}
+
+/// The step table: one line per (label, row); `label` is the encoder on CUDA, empty on the CPU.
+/// `dp`: decimals of the millisecond columns (GPU steps are sub-millisecond).
+fn print_step_table(rows: &[(&str, &bench::StepRow)], dp: usize) {
+    let lw = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+    let label = |l: &str| if lw == 0 { String::new() } else { format!("{l:<lw$} ") };
     println!(
-        "{:<12} {:<14} {:>9} {:>11} {:>9} {:>8} | {:>7} {:>7} {:>7} {:>8} {:>7} (ms/step)",
-        "encoder",
+        "{}{:<14} {:>9} {:>11} {:>9} {:>8} | {:>7} {:>7} {:>7} {:>8} {:>7} (ms/step)",
+        label(if lw == 0 { "" } else { "encoder" }),
         "sparsifier",
         "step ms",
         "tokens/s",
@@ -113,11 +122,11 @@ fn print_cuda_step(r: &bench::cuda::CudaStepReport) {
         "backward",
         "adam"
     );
-    for r in &r.rows {
-        let (row, p) = (&r.row, &r.row.phases_ms);
+    for (l, row) in rows {
+        let p = &row.phases_ms;
         println!(
-            "{:<12} {:<14} {:>9.3} {:>11.0} {:>9.2} {:>8.1} | {:>7.3} {:>7.3} {:>7.3} {:>8.3} {:>7.3}",
-            r.encoder,
+            "{}{:<14} {:>9.dp$} {:>11.0} {:>9.2} {:>8.1} | {:>7.dp$} {:>7.dp$} {:>7.dp$} {:>8.dp$} {:>7.dp$}",
+            label(l),
             row.sparsifier,
             row.step_ms,
             row.tokens_per_s,
@@ -160,35 +169,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "cpu step bench: d_in={} d_sae={} batch={} k={} threads={}; encoder GEMM {:.1} ms = {:.0} GFLOP/s",
                 r.d_in, r.d_sae, r.batch, r.k, r.threads, r.gemm_ms, r.gemm_gflops
             );
-            println!(
-                "{:<14} {:>9} {:>11} {:>9} {:>8} | {:>7} {:>7} {:>7} {:>8} {:>7} (ms/step)",
-                "sparsifier",
-                "step ms",
-                "tokens/s",
-                "step/GEMM",
-                "L0",
-                "encode",
-                "select",
-                "decode",
-                "backward",
-                "adam"
-            );
-            for row in &r.rows {
-                let p = &row.phases_ms;
-                println!(
-                    "{:<14} {:>9.1} {:>11.0} {:>9.2} {:>8.1} | {:>7.1} {:>7.1} {:>7.1} {:>8.1} {:>7.1}",
-                    row.sparsifier,
-                    row.step_ms,
-                    row.tokens_per_s,
-                    row.step_over_gemm,
-                    row.l0,
-                    p.encode,
-                    p.select,
-                    p.decode,
-                    p.backward,
-                    p.optimizer
-                );
-            }
+            let rows: Vec<(&str, &bench::StepRow)> = r.rows.iter().map(|row| ("", row)).collect();
+            print_step_table(&rows, 1);
             if let Some(path) = a.json {
                 crate::util::atomic::write_json_atomic(&path, &r)?;
             }

@@ -295,10 +295,6 @@ impl Dev {
         })
     }
 
-    pub fn is_emulator(&self) -> bool {
-        matches!(self.imp, Imp::Emulator)
-    }
-
     pub fn bind(&self) -> Result<()> {
         match &self.imp {
             Imp::Driver { ctx, .. } => ctx.bind_to_thread().map_err(|e| anyhow!("bind CUDA context: {e:?}")),

@@ -38,16 +38,11 @@ impl Target {
             Target::Emulator => Dev::open_emulator(),
         }
     }
-
-    /// Problem sizes: none a multiple of 32, F not a multiple of the GEMM tile, some WTA budgets
-    /// above B. The emulator runs each CUDA thread as a fiber, so it gets smaller ones.
-    pub fn sizes(self) -> Sizes {
-        match self {
-            Target::Gpu => Sizes { rows: 300, d_in: 70, d_sae: 333 },
-            Target::Emulator => Sizes { rows: 300, d_in: 70, d_sae: 333 },
-        }
-    }
 }
+
+/// Problem sizes of the main checks: none a multiple of 32, F not a multiple of the GEMM tile
+/// (small enough for the emulator: about 45 s for everything).
+pub const SIZES: Sizes = Sizes { rows: 300, d_in: 70, d_sae: 333 };
 
 /// Tokens per batch, input width and dictionary size of the checks.
 #[derive(Clone, Copy, Debug)]
@@ -102,7 +97,7 @@ pub fn run_selftest_on(target: Target) -> Result<SelftestReport> {
         Target::Gpu => super::probe()?,
         Target::Emulator => "the host emulator".to_string(),
     };
-    let s = target.sizes();
+    let s = SIZES;
     let mut rep = SelftestReport { device, ..Default::default() };
     let dev = target.open()?;
     let gemm = dev.blas_note.clone().unwrap_or_else(|| "cuBLAS".into());
@@ -349,7 +344,7 @@ pub fn frac_over(a: &[f32], b: &[f32], thr: f64) -> f64 {
 /// may move the parameter the opposite way. The bound is therefore: no parameter further apart
 /// than 2 lr per step, and fewer than 0.1 % further apart than 1e-4 (tf32 / bf16: 1 %, 1e-3).
 pub fn compare_steps(target: Target, cfg: &TrainConfig, steps: usize) -> Result<(f64, String)> {
-    let s = target.sizes();
+    let s = SIZES;
     let (d_in, d_sae) = (cfg.d_in.unwrap_or(s.d_in), cfg.d_sae);
     let shape = Shape::new(d_in, d_sae);
     let data = batches(Sizes { rows: cfg.batch_size, d_in, d_sae }, steps + 1);
