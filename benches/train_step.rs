@@ -3,8 +3,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use saetrain::backend::Backend;
-use saetrain::bench::{bench_config, bench_setup, time_gemm, ALL_SPARSIFIERS};
+use saetrain::bench::{bench_config, bench_setup, time_gemm};
 use saetrain::data::BatchSource;
+use saetrain::sparsify::cases::CASES;
 use std::time::Duration;
 
 const D_IN: usize = 576;
@@ -19,11 +20,11 @@ fn train_step(c: &mut Criterion) {
     g.bench_function("encoder_gemm", |b| {
         b.iter_custom(|iters| (0..iters).map(|_| Duration::from_secs_f64(time_gemm(D_IN, D_SAE, BATCH, 1))).sum())
     });
-    for kind in ALL_SPARSIFIERS {
-        let cfg = bench_config(kind, D_IN, D_SAE, BATCH, K);
+    for case in CASES {
+        let cfg = bench_config(case, D_IN, D_SAE, BATCH, K);
         let (mut be, mut src) = bench_setup(&cfg).expect("bench setup");
         let batch = src.next_batch().expect("batch");
-        g.bench_function(kind.name(), |b| b.iter(|| be.step(&batch, 1e-4).expect("step")));
+        g.bench_function(case.name, |b| b.iter(|| be.step(&batch, 1e-4).expect("step")));
     }
     g.finish();
 }

@@ -31,17 +31,17 @@ extern "C" __global__ void row_norms(const float* __restrict__ w, u32 d, float* 
 }
 
 // relu's L1 term lambda * sum z_bi ||W_dec_i||: dpre[e] += lambda n_i, l1_sums[i] += z,
-// loss += lambda z n_i. One thread per entry; l1_sums and loss zeroed by the host.
+// acc[SAE_ACC_L1] += lambda z n_i. One thread per entry; l1_sums and acc zeroed by the host.
 extern "C" __global__ void l1_terms(const u32* __restrict__ idx, const float* __restrict__ val, u32 nnz,
                                     const float* __restrict__ norms, float lambda, float* __restrict__ dpre,
-                                    float* __restrict__ l1_sums, double* __restrict__ loss) {
+                                    float* __restrict__ l1_sums, double* __restrict__ acc) {
     u32 e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= nnz) return;
     u32 i = idx[e];
     float n = norms[i], z = val[e];
     dpre[e] += lambda * n;
     atomicAdd(&l1_sums[i], z);
-    atomicAdd(loss, (double)(lambda * z * n));
+    atomicAdd(&acc[SAE_ACC_L1], (double)(lambda * z * n));
 }
 
 // ---- CSR -> per-latent (CSC) view: counting sort by latent ------------------------------------

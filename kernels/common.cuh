@@ -5,6 +5,20 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// ---- constants shared with Rust: build.rs mirrors every `#define SAE_NAME N` as a Rust const
+// `NAME` in backend/cuda/kernels (ACC_*: slots of the step's f64 accumulator; MASK_*: the modes
+// of the final selection mask), so host and kernels cannot disagree about a slot or a mode.
+#define SAE_ACC_SSE 0        // sum ||x_b - x_hat_b||^2
+#define SAE_ACC_TOTAL_VAR 1  // sum ||x_b - mean||^2
+#define SAE_ACC_COS 2        // sum cos(x_b, x_hat_b)
+#define SAE_ACC_L1 3         // relu's L1 penalty
+#define SAE_ACC_AUX_NUM 4    // aux: ||E - E_hat||^2
+#define SAE_ACC_AUX_DEN 5    // aux: ||E - mean(E)||^2
+#define SAE_ACC_SLOTS 8
+#define SAE_MASK_THETA 0     // v > 0 && v > theta[i] (theta null: relu); cmask applies
+#define SAE_MASK_ROW 1       // per-row cut (rT[b], rc[b]) on the filtered key
+#define SAE_MASK_COL 2       // per-column cut (cT[i], cc[i]) on the filtered key
+
 #define WARP 32
 #define FULL_MASK 0xffffffffu
 

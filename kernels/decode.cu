@@ -36,7 +36,7 @@ extern "C" __global__ void col_sums(const float* __restrict__ x, u32 rows, u32 d
     out[j] = acc;
 }
 
-// acc[0] += sum ||x_b - xh_b||^2, acc[1] += sum ||x_b - mean||^2, acc[2] += sum cos(x_b, xh_b);
+// acc[SSE] += sum ||x_b - xh_b||^2, acc[TOTAL_VAR] += sum ||x_b - mean||^2, acc[COS] += sum cos;
 // mean = col_sums / rows. One block per token; acc zeroed by the host.
 extern "C" __global__ void row_stats(const float* __restrict__ x, const float* __restrict__ xh,
                                      const double* __restrict__ colsum, u32 rows, u32 d, double* __restrict__ acc) {
@@ -57,15 +57,15 @@ extern "C" __global__ void row_stats(const float* __restrict__ x, const float* _
     hh = block_sum_d(hh, scratch);
     xhp = block_sum_d(xhp, scratch);
     if (threadIdx.x == 0) {
-        atomicAdd(&acc[0], se);
-        atomicAdd(&acc[1], tv);
+        atomicAdd(&acc[SAE_ACC_SSE], se);
+        atomicAdd(&acc[SAE_ACC_TOTAL_VAR], tv);
         double den = sqrt(xx * hh);
-        atomicAdd(&acc[2], den > 0.0 ? xhp / den : 0.0);
+        atomicAdd(&acc[SAE_ACC_COS], den > 0.0 ? xhp / den : 0.0);
     }
 }
 
-// aux loss sums with E = -resid: acc[0] += ||E - E_hat||^2, acc[1] += ||E - mean(E)||^2, where
-// mean(E)_j = -resid_colsum[j] / rows. One block per token.
+// aux loss sums with E = -resid: acc[AUX_NUM] += ||E - E_hat||^2, acc[AUX_DEN] += ||E - mean(E)||^2,
+// where mean(E)_j = -resid_colsum[j] / rows. One block per token.
 extern "C" __global__ void aux_sums(const float* __restrict__ resid, const float* __restrict__ e_hat,
                                     const double* __restrict__ resid_colsum, u32 rows, u32 d,
                                     double* __restrict__ acc) {
@@ -82,8 +82,8 @@ extern "C" __global__ void aux_sums(const float* __restrict__ resid, const float
     num = block_sum_d(num, scratch);
     den = block_sum_d(den, scratch);
     if (threadIdx.x == 0) {
-        atomicAdd(&acc[0], num);
-        atomicAdd(&acc[1], den);
+        atomicAdd(&acc[SAE_ACC_AUX_NUM], num);
+        atomicAdd(&acc[SAE_ACC_AUX_DEN], den);
     }
 }
 

@@ -203,21 +203,21 @@ extern "C" __global__ void sel_row_ties(const float* __restrict__ pre, u32 rows,
 }
 
 // ---- final mask -> CSR -----------------------------------------------------------------------
-// mode 0: v > 0 && v > theta[i] (theta null: relu); cmask applies.
-// mode 1: row rule (rT[b], rc[b]) on the filtered key.
-// mode 2: column rule (cT[i], cc[i]) on the filtered key.
+// mode SAE_MASK_THETA: v > 0 && v > theta[i] (theta null: relu); cmask applies.
+// mode SAE_MASK_ROW: row rule (rT[b], rc[b]) on the filtered key.
+// mode SAE_MASK_COL: column rule (cT[i], cc[i]) on the filtered key.
 __device__ __forceinline__ bool keep_entry(const float* __restrict__ pre, u32 cols, u32 b, u32 i, int mode,
                                            const float* __restrict__ theta, const u32* __restrict__ T,
                                            const int* __restrict__ C, const unsigned char* __restrict__ cmask,
                                            const u32* __restrict__ fT, const int* __restrict__ fc) {
-    if (mode == 0) {
+    if (mode == SAE_MASK_THETA) {
         float v = pre[(u64)b * cols + i];
         if (cmask != 0 && cmask[i] == 0) return false;
         return v > 0.f && (theta == 0 || v > theta[i]);
     }
     u32 key = filtered_key(pre, cols, b, i, cmask, fT, fc);
     if (key == 0u) return false;
-    if (mode == 1) return key > T[b] || (key == T[b] && (int)i <= C[b]);
+    if (mode == SAE_MASK_ROW) return key > T[b] || (key == T[b] && (int)i <= C[b]);
     return key > T[i] || (key == T[i] && (int)b <= C[i]);
 }
 

@@ -8,69 +8,9 @@ use clap::{ArgMatches, Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Which selection rule turns `act = ReLU(pre)` into the sparse code (SPEC "Sparsifiers").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum SparsifierKind {
-    /// Per token, the k largest activations (Gao et al. 2024).
-    Topk,
-    /// The k*B largest activations of the whole batch (Bussmann et al. 2024).
-    Batchtopk,
-    /// Same selection as batchtopk; trained with aux_zipf by default (Ayonrinde).
-    MutualChoice,
-    /// Winner-takes-all / feature choice: per latent, the m_j largest of its B values.
-    #[value(alias = "feature_choice", alias = "feature-choice")]
-    #[serde(alias = "feature_choice")]
-    Wta,
-    /// Every positive activation, with an L1 penalty weighted by decoder norms.
-    Relu,
-    /// WTA first, then at most `k_max` survivors per token.
-    Hybrid,
-    /// Inference only: act > theta.
-    Jumprelu,
-}
-
-impl SparsifierKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Topk => "topk",
-            Self::Batchtopk => "batchtopk",
-            Self::MutualChoice => "mutual_choice",
-            Self::Wta => "wta",
-            Self::Relu => "relu",
-            Self::Hybrid => "hybrid",
-            Self::Jumprelu => "jumprelu",
-        }
-    }
-    /// Sparsifiers whose selection depends on the whole batch: at inference they are replaced by
-    /// JumpReLU with the EMA threshold.
-    pub fn batch_dependent(self) -> bool {
-        matches!(self, Self::Batchtopk | Self::MutualChoice | Self::Wta | Self::Hybrid)
-    }
-    pub fn per_column(self) -> bool {
-        matches!(self, Self::Wta | Self::Hybrid)
-    }
-}
-
-/// Per-latent budgets for feature choice (`wta`, `hybrid`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum BudgetKind {
-    /// m_j = max(1, floor(B * rate)) for every latent.
-    Uniform,
-    /// Zipf budgets by running-density rank (MC/FC paper, Algorithm 1).
-    Zipf,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum AuxKind {
-    None,
-    /// Gao et al.: reconstruct the residual from dead latents.
-    AuxK,
-    /// MC/FC paper: the same with "dying" latents.
-    AuxZipf,
-}
+/// The sparsifier's own types live in `sparsify/`; they are re-exported here because they are
+/// options.
+pub use crate::sparsify::{AuxKind, BudgetKind, SparsifierKind};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -402,11 +342,7 @@ impl TrainConfig {
         self.k_max.unwrap_or(2 * self.k)
     }
     pub fn aux_kind(&self) -> AuxKind {
-        self.aux.unwrap_or(match self.sparsifier {
-            SparsifierKind::Relu | SparsifierKind::Jumprelu => AuxKind::None,
-            SparsifierKind::MutualChoice => AuxKind::AuxZipf,
-            _ => AuxKind::AuxK,
-        })
+        self.aux.unwrap_or(self.sparsifier.default_aux())
     }
     pub fn k_aux_for(&self, d_in: usize) -> usize {
         self.k_aux.unwrap_or((d_in / 2).max(1))
@@ -432,9 +368,7 @@ impl TrainConfig {
         if let Some(0) = self.d_in {
             bail!("invalid --d-in 0: inputs need at least one dimension");
         }
-        let uses_k =
-            matches!(self.sparsifier, SparsifierKind::Topk | SparsifierKind::Batchtopk | SparsifierKind::MutualChoice)
-                || (self.per_column_zipf());
+        let uses_k = self.sparsifier.uses_k() || self.per_column_zipf();
         if uses_k && self.k == 0 {
             bail!("invalid --k 0: {} keeps k > 0 latents per token", self.sparsifier.name());
         }
@@ -450,7 +384,7 @@ impl TrainConfig {
         if self.sparsifier == SparsifierKind::Hybrid && self.hybrid_k_max() == 0 {
             bail!("invalid --k-max 0: hybrid keeps at least one latent per token");
         }
-        if self.sparsifier == SparsifierKind::Jumprelu {
+        if !self.sparsifier.trainable() {
             bail!("invalid --sparsifier jumprelu: jumprelu is the inference form of the batch-dependent sparsifiers, not a training rule (train batchtopk, mutual_choice or wta; the checkpoint loads as JumpReLU)");
         }
         if self.total_steps() == 0 {

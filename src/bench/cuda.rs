@@ -5,16 +5,20 @@
 //! the configured precision, and the hand-written fused kernel) with its TFLOP/s, and selection
 //! as GB/s of `pre` read per second against the device's measured copy bandwidth.
 
-use super::{bench_config, random, SelectRow, StepRow};
-use crate::backend::cuda::backend::{select, CudaBackend, Rule, Ws};
-use crate::backend::cuda::device::{Dev, KArg};
+use super::{bench_config, random, selection_cases, SelectRow, StepRow};
+use crate::backend::cuda::backend::CudaBackend;
+use crate::backend::cuda::device::Dev;
+use crate::backend::cuda::kernels as K;
 use crate::backend::cuda::launch as L;
+use crate::backend::cuda::select::select;
 use crate::backend::cuda::selftest::Target;
+use crate::backend::cuda::workspace::{Dims, Ws};
 use crate::backend::Backend;
-use crate::config::{EncoderKind, Precision, SparsifierKind};
+use crate::config::{EncoderKind, Precision};
 use crate::data::synthetic::{SynthSpec, Synthetic};
 use crate::data::{Batch, BatchSource};
 use crate::model::{init, Shape, TrainState};
+use crate::sparsify::cases::Case;
 use anyhow::Result;
 use serde::Serialize;
 use std::time::Instant;
@@ -35,13 +39,13 @@ pub fn open(target: Target) -> Result<Dev> {
 pub fn copy_bandwidth(dev: &Dev, n: usize) -> Result<f64> {
     let (src, dst, zero) = (dev.alloc_f32(n)?, dev.alloc_f32(n)?, dev.alloc_f32(1)?);
     // `center` with d = 1 is a copy: out[i] = x[i] - 0.
-    let args: [KArg; 5] = [(&src).into(), (&zero).into(), (&dst).into(), 1u32.into(), (n as u64).into()];
-    dev.launch("center", L::elementwise(n as u64), &args)?;
+    let copy = || K::center(dev, L::elementwise(n as u64), src.p(), zero.p(), dst.p(), 1, n as u64);
+    copy()?;
     dev.sync()?;
     let reps = 5;
     let t = Instant::now();
     for _ in 0..reps {
-        dev.launch("center", L::elementwise(n as u64), &args)?;
+        copy()?;
     }
     dev.sync()?;
     Ok((8 * n * reps) as f64 / t.elapsed().as_secs_f64() / 1e9)
@@ -83,7 +87,7 @@ fn batches(d_in: usize, batch: usize, n: usize) -> Result<Vec<Batch>> {
 #[allow(clippy::too_many_arguments)]
 pub fn bench_step(
     target: Target,
-    kinds: &[SparsifierKind],
+    cases: &[Case],
     d_in: usize,
     d_sae: usize,
     batch: usize,
@@ -105,8 +109,8 @@ pub fn bench_step(
             EncoderKind::Fused => "fused f32".to_string(),
         };
         let mut gemm_s = None;
-        for &kind in kinds {
-            let mut cfg = bench_config(kind, d_in, d_sae, batch, k);
+        for case in cases {
+            let mut cfg = bench_config(case, d_in, d_sae, batch, k);
             cfg.encoder = enc;
             cfg.precision = precision;
             let mut params = init::tied(Shape::new(d_in, d_sae), 1, false);
@@ -137,7 +141,7 @@ pub fn bench_step(
             for b in &data[1..] {
                 be.step(b, 1e-4)?;
             }
-            let row = StepRow::new(kind, batch, steps, per_step, g, &be.take_phase_times(), l0);
+            let row = StepRow::new(case.name, batch, steps, per_step, g, &be.take_phase_times(), l0);
             report.rows.push(CudaStepRow { encoder: name.clone(), row });
         }
     }
@@ -161,29 +165,22 @@ pub fn bench_sparsifiers(
     for &b in batches {
         for &f in d_saes {
             let pre = random(b * f, (b * 31 + f) as u64);
-            let mut ws =
-                Ws::new(&dev, Shape::new(1, f), b, ks.iter().copied().max().unwrap_or(1), false, Precision::F32)?;
-            ws.pre.upload(&pre)?;
-            ws.theta.upload(&vec![1.5f32; f])?;
+            let k_max = ks.iter().copied().max().unwrap_or(1);
+            let mut ws = Ws::new(&dev, Dims::new(Shape::new(1, f), b, k_max, false, Precision::F32))?;
+            ws.b.pre.upload(&pre)?;
+            let theta = vec![1.5f32; f];
             for &k in ks {
-                let m = ((b * k) as f64 / f as f64).floor().max(1.0) as u32;
-                let rules: Vec<(&str, Rule)> = vec![
-                    ("topk", Rule::TopK(k)),
-                    ("batchtopk", Rule::BatchTopK(k)),
-                    ("wta", Rule::Wta(vec![m; f])),
-                    ("hybrid", Rule::Hybrid(vec![m; f], 2 * k)),
-                    ("relu", Rule::Theta(false)),
-                    ("jumprelu", Rule::Theta(true)),
-                ];
-                for (name, rule) in rules {
-                    if matches!(name, "relu" | "jumprelu") && k != ks[0] {
+                for sc in selection_cases(b, f, k) {
+                    if !sc.uses_k() && k != ks[0] {
                         continue; // k does not change them
                     }
-                    select(&dev, &mut ws, f, &rule, false, false)?; // warm-up (and code buffer sizing)
+                    let sel = sc.selection(&theta);
+                    let name = sc.name.as_str();
+                    select(&dev, &mut ws, &sel, false)?; // warm-up (and code buffer sizing)
                     dev.sync()?;
                     let t = Instant::now();
                     for _ in 0..reps.max(1) {
-                        select(&dev, &mut ws, f, &rule, false, false)?;
+                        select(&dev, &mut ws, &sel, false)?;
                     }
                     dev.sync()?;
                     let s = t.elapsed().as_secs_f64() / reps.max(1) as f64;
@@ -213,8 +210,8 @@ mod tests {
     // end and report sane rows, so the first GPU session gets numbers rather than a crash.
     #[test]
     fn step_bench_runs_on_the_emulator() {
-        let kinds = [SparsifierKind::Topk, SparsifierKind::Batchtopk];
-        let r = bench_step(Target::Emulator, &kinds, 20, 70, 40, 4, 1, Precision::F32).unwrap();
+        let cases = &crate::sparsify::cases::CASES[..2];
+        let r = bench_step(Target::Emulator, cases, 20, 70, 40, 4, 1, Precision::F32).unwrap();
         assert_eq!(r.encoders.len(), 1);
         assert_eq!(r.rows.len(), 2);
         for row in &r.rows {
@@ -226,7 +223,8 @@ mod tests {
     #[test]
     fn sparsifier_bench_runs_on_the_emulator() {
         let rows = bench_sparsifiers(Target::Emulator, &[30], &[50], &[3], 1).unwrap();
-        assert_eq!(rows.len(), 6);
+        // Every case of the table, plus jumprelu.
+        assert_eq!(rows.len(), crate::sparsify::cases::CASES.len() + 1);
         assert!(rows.iter().all(|r| r.ms > 0.0 && r.frac_bandwidth > 0.0));
     }
 }

@@ -6,13 +6,15 @@
 
 pub mod cuda;
 
-use crate::backend::cpu::{gemm, CpuBackend};
+use crate::backend::cpu::{encode, CpuBackend};
 use crate::backend::{Backend, PhaseTimes};
 use crate::config::{SparsifierKind, TrainConfig};
 use crate::data::synthetic::{SynthSpec, Synthetic};
 use crate::data::{Batch, BatchSource};
 use crate::model::{init, Shape, TrainState};
-use crate::sparsify::{self, Selection};
+use crate::sparsify;
+use crate::sparsify::cases::Case;
+use crate::sparsify::plan;
 use anyhow::Result;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -21,20 +23,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 use std::time::Instant;
 
-/// The training sparsifiers, in report order.
-pub const ALL_SPARSIFIERS: [SparsifierKind; 6] = [
-    SparsifierKind::Topk,
-    SparsifierKind::Batchtopk,
-    SparsifierKind::MutualChoice,
-    SparsifierKind::Wta,
-    SparsifierKind::Hybrid,
-    SparsifierKind::Relu,
-];
-
 /// A training config for the bench shape (rate = k/d_sae for feature choice).
-pub fn bench_config(kind: SparsifierKind, d_in: usize, d_sae: usize, batch: usize, k: usize) -> TrainConfig {
-    TrainConfig {
-        sparsifier: kind,
+pub fn bench_config(case: &Case, d_in: usize, d_sae: usize, batch: usize, k: usize) -> TrainConfig {
+    let base = TrainConfig {
         d_in: Some(d_in),
         d_sae,
         batch_size: batch,
@@ -42,7 +33,8 @@ pub fn bench_config(kind: SparsifierKind, d_in: usize, d_sae: usize, batch: usiz
         rate: Some(k as f64 / d_sae as f64),
         steps: 1_000_000,
         ..TrainConfig::default()
-    }
+    };
+    case.config(&base)
 }
 
 /// A CPU backend at the bench shape with tied init, and a source of realistic batches.
@@ -87,11 +79,11 @@ pub fn time_gemm(d_in: usize, d_sae: usize, batch: usize, reps: usize) -> f64 {
     let x = random(batch * d_in, 1);
     let w = random(d_sae * d_in, 2);
     let mut pre = vec![0f32; batch * d_sae];
-    gemm::matmul_abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
+    encode::matmul_abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
     (0..reps.max(1))
         .map(|_| {
             let t = Instant::now();
-            gemm::matmul_abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
+            encode::matmul_abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
@@ -99,7 +91,7 @@ pub fn time_gemm(d_in: usize, d_sae: usize, batch: usize, reps: usize) -> f64 {
 
 /// Time whole training steps per sparsifier (after one warm-up step), split into phases.
 pub fn bench_step(
-    kinds: &[SparsifierKind],
+    cases: &[Case],
     d_in: usize,
     d_sae: usize,
     batch: usize,
@@ -109,8 +101,8 @@ pub fn bench_step(
     let gemm_s = time_gemm(d_in, d_sae, batch, 3);
     let flops = 2.0 * batch as f64 * d_in as f64 * d_sae as f64;
     let mut rows = vec![];
-    for &kind in kinds {
-        let cfg = bench_config(kind, d_in, d_sae, batch, k);
+    for case in cases {
+        let cfg = bench_config(case, d_in, d_sae, batch, k);
         let (mut be, mut src) = bench_setup(&cfg)?;
         let batches: Vec<Batch> = (0..steps + 1).map(|_| src.next_batch()).collect::<Result<_>>()?;
         be.step(&batches[0], 1e-4)?;
@@ -121,7 +113,7 @@ pub fn bench_step(
             l0 += be.step(b, 1e-4)?.l0;
         }
         let per_step = t.elapsed().as_secs_f64() / steps as f64;
-        rows.push(StepRow::new(kind, batch, steps, per_step, gemm_s, &be.take_phase_times(), l0));
+        rows.push(StepRow::new(case.name, batch, steps, per_step, gemm_s, &be.take_phase_times(), l0));
     }
     Ok(StepReport {
         d_in,
@@ -153,7 +145,7 @@ impl StepRow {
     /// A row from `steps` timed steps of `batch` tokens: seconds per step, the encoder product's
     /// seconds, the phase seconds summed over the steps and the L0 summed over them.
     pub fn new(
-        kind: SparsifierKind,
+        name: &str,
         batch: usize,
         steps: usize,
         per_step: f64,
@@ -163,7 +155,7 @@ impl StepRow {
     ) -> Self {
         let ms = |v: f64| v * 1e3 / steps as f64;
         StepRow {
-            sparsifier: kind.name().to_string(),
+            sparsifier: name.to_string(),
             step_ms: per_step * 1e3,
             tokens_per_s: batch as f64 / per_step,
             gemm_ms: gemm_s * 1e3,
@@ -201,20 +193,13 @@ pub fn bench_sparsifiers(batches: &[usize], d_saes: &[usize], ks: &[usize], reps
         for &f in d_saes {
             let pre = random(b * f, (b * 31 + f) as u64);
             for &k in ks {
-                let m = vec![((b * k) as f64 / f as f64).floor().max(1.0) as usize; f];
-                let theta = vec![1.5f32; f];
-                let sels: Vec<(&str, Selection)> = vec![
-                    ("topk", Selection::TopK { k }),
-                    ("batchtopk", Selection::BatchTopK { k }),
-                    ("wta", Selection::Wta { m: &m }),
-                    ("hybrid", Selection::Hybrid { m: &m, k_max: 2 * k }),
-                    ("relu", Selection::Relu),
-                    ("jumprelu", Selection::JumpRelu { theta: &theta }),
-                ];
-                for (name, sel) in sels {
-                    if k > 1 && matches!(name, "relu" | "jumprelu") && k != ks[0] {
+                for sc in selection_cases(b, f, k) {
+                    if !sc.uses_k() && k != ks[0] {
                         continue; // k does not change them
                     }
+                    let theta = vec![1.5f32; f];
+                    let sel = sc.selection(&theta);
+                    let name = sc.name.as_str();
                     let t = (0..reps.max(1))
                         .map(|_| {
                             let t = Instant::now();
@@ -238,6 +223,40 @@ pub fn bench_sparsifiers(batches: &[usize], d_saes: &[usize], ks: &[usize], reps
         }
     }
     rows
+}
+
+/// One selection to bench at a shape: a case's training rule with its budgets resolved (and
+/// "jumprelu", the exported form of the batch-dependent ones).
+pub struct SelectionCase {
+    pub name: String,
+    cfg: TrainConfig,
+    m: Vec<usize>,
+}
+
+impl SelectionCase {
+    /// The rule (jumprelu reads `theta`).
+    pub fn selection<'a>(&'a self, theta: &'a [f32]) -> sparsify::Selection<'a> {
+        plan::training(&self.cfg, &self.m, theta)
+    }
+    /// Whether the rule's result depends on k.
+    pub fn uses_k(&self) -> bool {
+        !matches!(self.cfg.sparsifier, SparsifierKind::Relu | SparsifierKind::Jumprelu)
+    }
+}
+
+/// Every case of the table at batch `b`, `f` latents and `k` per token (feature-choice rate
+/// k / f), then jumprelu.
+pub fn selection_cases(b: usize, f: usize, k: usize) -> Vec<SelectionCase> {
+    let jumprelu = Case { name: "jumprelu", kind: SparsifierKind::Jumprelu, budget: sparsify::BudgetKind::Uniform };
+    sparsify::cases::CASES
+        .iter()
+        .chain(std::iter::once(&jumprelu))
+        .map(|case| {
+            let cfg = bench_config(case, 1, f, b, k);
+            let m = plan::budgets(&cfg, &vec![0.0; f], b);
+            SelectionCase { name: case.name.to_string(), cfg, m }
+        })
+        .collect()
 }
 
 /// Fixed-seed standard normal values.

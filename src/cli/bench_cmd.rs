@@ -1,8 +1,9 @@
 //! `sae bench step | sparsifiers`: tables on stdout, JSON with `--json FILE`.
 
 use crate::backend::cuda::selftest::Target;
-use crate::bench::{self, ALL_SPARSIFIERS};
+use crate::bench;
 use crate::config::{BackendChoice, Precision, SparsifierKind};
+use crate::sparsify::cases::cases_of;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -155,7 +156,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         BenchArgs::Step(a) => {
             super::train_cmd::init_threads(a.threads)?;
-            let kinds = if a.sparsifier.is_empty() { ALL_SPARSIFIERS.to_vec() } else { a.sparsifier.clone() };
+            let kinds = cases_of(&a.sparsifier);
             if let Some(target) = cuda_target(a.backend) {
                 let r = bench::cuda::bench_step(target, &kinds, a.d_in, a.d_sae, a.batch, a.k, a.steps, a.precision)?;
                 print_cuda_step(&r);

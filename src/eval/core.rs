@@ -1,6 +1,6 @@
 //! SAEBench "core" metrics over a held-out set (SPEC "Metrics").
 
-use crate::backend::cpu::forward::residual_stats;
+use crate::backend::cpu::decode::residual_stats;
 use crate::backend::{Backend, InferMode};
 use crate::data::Batch;
 use anyhow::Result;

@@ -1,7 +1,7 @@
 //! Ground-truth recovery on synthetic data: for each true direction, the maximum cosine
 //! similarity to any learned decoder row. Reported: the mean (MMCS) and the fraction above 0.9.
 
-use crate::backend::cpu::gemm::matmul_abt;
+use crate::backend::cpu::encode::matmul_abt;
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]

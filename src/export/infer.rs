@@ -9,7 +9,7 @@
 //! | `standard` | every positive entry (ReLU) |
 
 use super::saelens::ExportedSae;
-use crate::backend::cpu::{forward, gemm};
+use crate::backend::cpu::{decode, encode};
 use crate::sparse::SparseCodes;
 use crate::sparsify::{self, Selection};
 use anyhow::{bail, ensure, Result};
@@ -40,9 +40,9 @@ impl ExportedSae {
         let (d, f) = (self.d_in, self.d_sae);
         ensure!(x.len() == rows * d, "input has {} values, expected {rows} x {d}", x.len());
         let mut xc = vec![0f32; rows * d];
-        forward::center(x, &self.b_dec, &mut xc);
+        encode::center(x, &self.b_dec, &mut xc);
         let mut pre = vec![0f32; rows * f];
-        gemm::encode(&xc, &self.w_enc, &self.b_enc, rows, d, &mut pre);
+        encode::encode(&xc, &self.w_enc, &self.b_enc, rows, d, &mut pre);
         Ok(pre)
     }
 
@@ -71,7 +71,7 @@ impl ExportedSae {
     /// `x_hat = z W_dec + b_dec`.
     pub fn decode(&self, codes: &SparseCodes) -> Vec<f32> {
         let mut x_hat = vec![0f32; codes.rows * self.d_in];
-        forward::decode(codes, &self.w_dec, Some(&self.b_dec), self.d_in, &mut x_hat);
+        decode::decode(codes, &self.w_dec, Some(&self.b_dec), self.d_in, &mut x_hat);
         x_hat
     }
 

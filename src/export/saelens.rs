@@ -11,8 +11,9 @@
 //! file as a pre-6.0 config and rebuilds `metadata` from top-level keys. The safetensors file holds
 //! exactly the tensors SAELens' module has (its `load_state_dict` is strict).
 
-use crate::config::{SparsifierKind, TrainConfig};
+use crate::config::TrainConfig;
 use crate::model::Params;
+use crate::sparsify::Architecture;
 use crate::util::atomic::{write_atomic, write_json_atomic};
 use anyhow::{Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
@@ -48,12 +49,14 @@ impl ExportedSae {
     pub fn from_training(cfg: &TrainConfig, p: &Params, w_enc_eff: &[f32], theta: &[f32], scale: f32) -> Self {
         let s = p.parts();
         let (d, f) = (s.shape.d_in, s.shape.d_sae);
-        let (architecture, threshold, k) = match cfg.sparsifier {
+        let arch = cfg.sparsifier.exported();
+        let (threshold, k) = match arch {
             // Folding leaves the pre-activations unchanged, so theta carries over as it is.
-            k if k.batch_dependent() || k == SparsifierKind::Jumprelu => ("jumprelu", Some(theta.to_vec()), None),
-            SparsifierKind::Topk => ("topk", None, Some(cfg.k)),
-            _ => ("standard", None, None),
+            Architecture::JumpRelu => (Some(theta.to_vec()), None),
+            Architecture::TopK => (None, Some(cfg.k)),
+            Architecture::Standard => (None, None),
         };
+        let architecture = arch.saelens_name();
         Self {
             d_in: d,
             d_sae: f,

@@ -1,6 +1,19 @@
 //! Feature-choice budgets: uniform (WTA paper) and Zipf (MC/FC paper, Algorithm 1), and the
 //! "dying latent" rule of aux_zipf.
 
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+/// Per-latent budgets for feature choice (`wta`, `hybrid`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetKind {
+    /// m_j = max(1, floor(B * rate)) for every latent.
+    Uniform,
+    /// Zipf budgets by running-density rank (MC/FC paper, Algorithm 1).
+    Zipf,
+}
+
 /// Latent order by running density, most frequent first (ties: lower index first; a NaN
 /// density ranks as the lowest, so the order is total and the sort cannot panic).
 pub fn density_ranks(density: &[f32]) -> Vec<usize> {

@@ -16,15 +16,27 @@
 //! threshold filter over a small buffer (no allocation per row); batchtopk finds its threshold
 //! with a histogram of the high bits of the positive values.
 
+//!
+//! Layout: `kind.rs` says what each sparsifier is (its predicates, default aux loss, exported
+//! architecture); `plan.rs` maps a config to this batch's `Selection`; `cases.rs` is the table
+//! of cases everything iterates; one file per rule family does the selecting.
+
+pub mod aux;
 mod batchtopk;
 pub mod budget;
+pub mod cases;
+pub mod kind;
 mod mask;
+pub mod plan;
 pub mod threshold;
 mod topk;
 mod wta;
 
 use crate::sparse::SparseCodes;
 
+pub use aux::AuxKind;
+pub use budget::BudgetKind;
+pub use kind::{Architecture, SparsifierKind};
 pub use topk::cap_rows;
 
 /// A concrete selection rule with its budgets resolved for this batch.
@@ -42,6 +54,9 @@ pub enum Selection<'a> {
     Relu,
     /// Entries with pre > theta[j] (and > 0).
     JumpRelu { theta: &'a [f32] },
+    /// The aux loss's codes: per token, the k largest positive entries among the candidate
+    /// latents (ascending indices).
+    Aux { candidates: &'a [u32], k: usize },
 }
 
 /// Select the kept entries of `pre` (rows x cols, row-major).
@@ -58,6 +73,7 @@ pub fn select(pre: &[f32], rows: usize, cols: usize, sel: &Selection) -> SparseC
         }
         Selection::Relu => mask::relu(pre, rows, cols),
         Selection::JumpRelu { theta } => mask::jumprelu(pre, rows, cols, theta),
+        Selection::Aux { candidates, k } => aux::select_aux(pre, rows, cols, candidates, k),
     }
 }
 

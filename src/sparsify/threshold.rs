@@ -1,5 +1,6 @@
 //! Inference thresholds (SPEC "Thresholds"): what one batch measures, and the EMA update.
 
+use crate::config::{ThresholdMode, TrainConfig};
 use crate::sparse::SparseCodes;
 
 /// The smallest kept activation of the batch (batchtopk / mutual_choice).
@@ -25,5 +26,34 @@ pub fn ema_update(theta: &mut f32, set: &mut bool, t: f32, decay: f32) {
     } else {
         *theta = t;
         *set = true;
+    }
+}
+
+/// Threshold EMA after step `step` (0-based index of the step just taken). `min_kept[i]` is the
+/// smallest kept activation of latent i in the batch (None if it kept nothing): per latent for
+/// feature choice with per-latent thresholds, else its minimum (the batch's smallest kept value)
+/// as one scalar, stored repeated. Only batch-dependent sparsifiers have thresholds.
+pub fn update_thresholds(
+    cfg: &TrainConfig,
+    step: u64,
+    theta: &mut [f32],
+    theta_set: &mut [bool],
+    min_kept: &[Option<f32>],
+) {
+    if !cfg.sparsifier.batch_dependent() || step < cfg.threshold_start_step() {
+        return;
+    }
+    let decay = cfg.threshold_decay_value() as f32;
+    let per_latent = cfg.sparsifier.per_column() && cfg.threshold_mode == ThresholdMode::PerLatent;
+    if per_latent {
+        for ((th, set), t) in theta.iter_mut().zip(theta_set.iter_mut()).zip(min_kept) {
+            if let Some(t) = *t {
+                ema_update(th, set, t, decay);
+            }
+        }
+    } else if let Some(t) = min_kept.iter().flatten().copied().reduce(f32::min) {
+        for (th, set) in theta.iter_mut().zip(theta_set.iter_mut()) {
+            ema_update(th, set, t, decay);
+        }
     }
 }

@@ -60,8 +60,8 @@ pub fn adam_step_renorm_rows(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f
 
 /// Remove from `g` its component along `w`: `g <- g - (g.w / w.w) w`.
 pub fn project_out(g: &mut [f32], w: &[f32]) {
-    let gw: f32 = super::backward::dot(g, w);
-    let ww: f32 = super::backward::dot(w, w);
+    let gw: f32 = super::linalg::dot(g, w);
+    let ww: f32 = super::linalg::dot(w, w);
     if ww > 0.0 {
         let c = gw / ww;
         for (gi, wi) in g.iter_mut().zip(w) {

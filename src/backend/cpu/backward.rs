@@ -1,7 +1,7 @@
-//! Sparse backward pass (SPEC "Backward"). Only kept entries carry gradient, so every product
-//! here costs nnz * d: no B x F x d work.
+//! Backward phase (twin of kernels/backward.cu, SPEC "Backward"). Only kept entries carry
+//! gradient, so every product here costs nnz * d: no B x F x d work.
 
-use super::forward::axpy;
+use super::linalg::{axpy, dot};
 use crate::sparse::{LatentView, SparseCodes};
 use rayon::prelude::*;
 
@@ -103,19 +103,36 @@ pub fn b_dec_grad(g_col_sums: &[f64], w_enc: &[f32], db_enc: &[f32], d: usize) -
     out.into_iter().map(|v| v as f32).collect()
 }
 
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorise without reassociating.
-    let mut acc = [0f32; 8];
-    let n = a.len() / 8 * 8;
-    for (ca, cb) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += ca[l] * cb[l];
+/// The decoder-norm-weighted L1 penalty `lambda * sum_e z_e ||W_dec_i||` of the kept entries,
+/// with what its gradient needs.
+pub struct L1Terms {
+    pub loss: f64,
+    /// ||W_dec_i|| per latent.
+    pub norms: Vec<f32>,
+    /// sum_b z_bi per latent.
+    pub sums: Vec<f32>,
+    pub lambda: f32,
+}
+
+impl L1Terms {
+    /// The penalty's value and its terms; adds `dL1/dpre = lambda ||W_dec_i||` into `dpre`.
+    pub fn new(codes: &SparseCodes, w_dec: &[f32], d: usize, lambda: f32, dpre: &mut [f32]) -> Self {
+        let norms: Vec<f32> = w_dec.chunks(d).map(|w| dot(w, w).sqrt()).collect();
+        let mut sums = vec![0f32; norms.len()];
+        let mut loss = 0.0;
+        for (e, (&i, &z)) in codes.idx.iter().zip(&codes.val).enumerate() {
+            let n = norms[i as usize];
+            loss += (lambda * z * n) as f64;
+            dpre[e] += lambda * n;
+            sums[i as usize] += z;
+        }
+        Self { loss, norms, sums, lambda }
+    }
+
+    /// `d/dw [lambda (sum_b z_bi) ||w||]` added into latent i's decoder-row gradient `gd`.
+    pub fn add_row_grad(&self, i: usize, w: &[f32], gd: &mut [f32]) {
+        if self.norms[i] > 0.0 {
+            axpy(gd, self.lambda * self.sums[i] / self.norms[i], w);
         }
     }
-    let mut s = acc.iter().sum::<f32>();
-    for j in n..a.len() {
-        s += a[j] * b[j];
-    }
-    s
 }

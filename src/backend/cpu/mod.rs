@@ -1,22 +1,24 @@
 //! CPU backend: the reference every other backend is compared against, and a fast trainer.
 //!
 //! One step = the encoder GEMM (faer) + sparse work proportional to nnz * d + a dense Adam pass.
+//! The step's phases line up with kernels/*.cu and backend/cuda/*.rs: `encode.rs`, selection
+//! (`crate::sparsify`, twin of select.cu), `decode.rs`, `backward.rs`, `adam.rs`.
 
 pub mod adam;
-pub mod aux;
 pub mod backward;
-pub mod forward;
-pub mod gemm;
+pub mod decode;
+pub mod encode;
+pub mod linalg;
 
 use super::{Backend, InferMode, Inference, PhaseTimes, StepStats};
-use crate::config::{SparsifierKind, TrainConfig};
+use crate::config::TrainConfig;
 use crate::data::Batch;
 use crate::model::{aligned, Params, TrainState};
 use crate::sparse::SparseCodes;
-use crate::sparsify::{self, threshold, Selection};
+use crate::sparsify::{self, plan, threshold};
 use crate::util::hugepage;
 use anyhow::{ensure, Result};
-use backward::Contribution;
+use backward::{Contribution, L1Terms};
 use std::time::Instant;
 
 pub struct CpuBackend {
@@ -91,45 +93,23 @@ impl CpuBackend {
         let mut pre = std::mem::take(&mut self.ws.pre);
         hugepage::resize_f32(&mut xc, rows * d);
         hugepage::resize_f32(&mut pre, rows * f);
-        forward::center(x, self.state.params.b_dec(), &mut xc);
-        gemm::encode(&xc, self.encoder(), self.state.params.b_enc(), rows, d, &mut pre);
+        encode::center(x, self.state.params.b_dec(), &mut xc);
+        encode::encode(&xc, self.encoder(), self.state.params.b_enc(), rows, d, &mut pre);
         self.ws.xc = xc;
         self.ws.pre = pre;
     }
 
-    fn budgets(&self, rows: usize) -> Vec<usize> {
-        super::tracking::budgets(&self.cfg, &self.state.density, rows)
-    }
-
     /// The training sparsifier applied to the workspace's `pre`.
     fn select_training(&self, rows: usize) -> SparseCodes {
-        let c = &self.cfg;
-        let f = c.d_sae;
-        let pre = &self.ws.pre;
-        match c.sparsifier {
-            SparsifierKind::Topk => sparsify::select(pre, rows, f, &Selection::TopK { k: c.k }),
-            SparsifierKind::Batchtopk | SparsifierKind::MutualChoice => {
-                sparsify::select(pre, rows, f, &Selection::BatchTopK { k: c.k })
-            }
-            SparsifierKind::Wta => {
-                let m = self.budgets(rows);
-                sparsify::select(pre, rows, f, &Selection::Wta { m: &m })
-            }
-            SparsifierKind::Hybrid => {
-                let m = self.budgets(rows);
-                sparsify::select(pre, rows, f, &Selection::Hybrid { m: &m, k_max: c.hybrid_k_max() })
-            }
-            SparsifierKind::Relu => sparsify::select(pre, rows, f, &Selection::Relu),
-            SparsifierKind::Jumprelu => {
-                sparsify::select(pre, rows, f, &Selection::JumpRelu { theta: &self.state.theta })
-            }
-        }
+        let m = plan::budgets(&self.cfg, &self.state.density, rows);
+        let sel = plan::training(&self.cfg, &m, &self.state.theta);
+        sparsify::select(&self.ws.pre, rows, self.cfg.d_sae, &sel)
     }
 
     /// Latents eligible for the aux loss at this step (ascending).
     fn aux_candidates(&self, rows: usize) -> Vec<u32> {
         let s = &self.state;
-        super::tracking::aux_candidates(&self.cfg, s.step, &s.since_fired, &s.density, rows)
+        plan::aux_candidates(&self.cfg, s.step, &s.since_fired, &s.density, rows)
     }
 
     fn dead_count(&self) -> usize {
@@ -141,7 +121,7 @@ impl CpuBackend {
         let s = &mut self.state;
         super::tracking::record_firing(&self.cfg, &mut s.since_fired, &mut s.density, &codes.col_counts(), rows);
         let min_kept = threshold::per_latent_min(codes);
-        super::tracking::update_thresholds(&self.cfg, s.step, &mut s.theta, &mut s.theta_set, &min_kept);
+        threshold::update_thresholds(&self.cfg, s.step, &mut s.theta, &mut s.theta_set, &min_kept);
     }
 }
 
@@ -170,13 +150,16 @@ impl Backend for CpuBackend {
         let rows = batch.rows;
         let x = batch.to_f32();
         self.encode(&x, rows);
-        let codes = if mode == InferMode::Exported && self.cfg.sparsifier.batch_dependent() {
-            sparsify::select(&self.ws.pre, rows, f, &Selection::JumpRelu { theta: &self.state.theta })
-        } else {
-            self.select_training(rows)
+        let codes = match mode {
+            InferMode::Exported => {
+                let m = plan::budgets(&self.cfg, &self.state.density, rows);
+                let sel = plan::exported(&self.cfg, &m, &self.state.theta);
+                sparsify::select(&self.ws.pre, rows, f, &sel)
+            }
+            InferMode::Training => self.select_training(rows),
         };
         let mut x_hat = vec![0f32; rows * d];
-        forward::decode(&codes, self.state.params.w_dec(), Some(self.state.params.b_dec()), d, &mut x_hat);
+        decode::decode(&codes, self.state.params.w_dec(), Some(self.state.params.b_dec()), d, &mut x_hat);
         Ok(Inference { codes, x_hat })
     }
 
@@ -199,36 +182,75 @@ pub struct GradientPass {
     pub aux_candidates: usize,
 }
 
+/// What the decode phase produced: the loss sums and dL/dpre at the kept entries.
+struct Decoded {
+    sse: f64,
+    total_var: f64,
+    dpre: Vec<f32>,
+}
+
+/// The aux loss's codes with their reconstruction gradient and dL/dpre.
+struct AuxPass {
+    loss: f64,
+    codes: SparseCodes,
+    g: Vec<f32>,
+    dpre: Vec<f32>,
+}
+
 impl CpuBackend {
     /// Forward and sparse backward on `x` (rows x d). With `project`, each decoder gradient row
     /// has its component along the row removed (SPEC "Decoder constraint"); the raw gradient
     /// is what finite differences check.
     pub fn gradients(&mut self, x: &[f32], rows: usize, project: bool) -> Result<GradientPass> {
         let shape = self.state.shape();
-        let (d, f) = (shape.d_in, shape.d_sae);
+        let d = shape.d_in;
         ensure!(x.len() == rows * d, "batch has {} values, expected {} x {}", x.len(), rows, d);
         ensure!(rows > 0, "empty batch");
-        let cfg = self.cfg.clone();
 
-        // ---- forward ----
         let t0 = Instant::now();
         self.encode(x, rows);
         let t1 = Instant::now();
         let codes = self.select_training(rows);
         let t2 = Instant::now();
+        let mut dec = self.decode_phase(&codes, x, rows);
+        let t3 = Instant::now();
+        let l1 = self.cfg.sparsifier.has_l1().then(|| {
+            let lambda = self.cfg.l1_coeff as f32 / rows as f32;
+            L1Terms::new(&codes, self.state.params.w_dec(), d, lambda, &mut dec.dpre)
+        });
+        let candidates = self.aux_candidates(rows);
+        let aux = self.aux_phase(&candidates, rows);
+        let grad = self.latent_grads(&codes, &dec.dpre, aux.as_ref(), l1.as_ref(), project);
+        let t4 = Instant::now();
+
+        self.times.encode += (t1 - t0).as_secs_f64();
+        self.times.select += (t2 - t1).as_secs_f64();
+        self.times.decode += (t3 - t2).as_secs_f64();
+        self.times.backward += (t4 - t3).as_secs_f64();
+        let aux_loss = aux.as_ref().map_or(0.0, |a| a.loss);
+        let l1_loss = l1.as_ref().map_or(0.0, |l| l.loss);
+        let stats =
+            StepStats::from_sums(dec.sse, dec.total_var, aux_loss, l1_loss, codes.nnz(), rows, d, self.dead_count());
+        Ok(GradientPass { stats, grad, codes, aux_candidates: candidates.len() })
+    }
+
+    /// Decode with the loss sums, `G = dL_rec/dx_hat = (2/B)(x_hat - x)` into the workspace and
+    /// `dZ = G W_dec^T` at the kept entries.
+    fn decode_phase(&mut self, codes: &SparseCodes, x: &[f32], rows: usize) -> Decoded {
+        let d = self.state.shape().d_in;
         let mut x_hat = std::mem::take(&mut self.ws.x_hat);
         let mut residual = std::mem::take(&mut self.ws.residual);
         let mut g = std::mem::take(&mut self.ws.g);
         hugepage::resize_f32(&mut x_hat, rows * d);
         hugepage::resize_f32(&mut residual, rows * d);
         hugepage::resize_f32(&mut g, rows * d);
-        // residual R = x_hat - x; G = dL_rec/dx_hat = (2/B) R; dZ = G W_dec^T at kept entries.
         let scale = 2.0 / rows as f32;
         let mut dpre = vec![0f32; codes.nnz()];
-        let (sse, _cos) = forward::decode_residual_grads(
-            &codes,
-            self.state.params.w_dec(),
-            self.state.params.b_dec(),
+        let p = &self.state.params;
+        let (sse, _cos) = decode::decode_residual_grads(
+            codes,
+            p.w_dec(),
+            p.b_dec(),
             x,
             scale,
             &mut x_hat,
@@ -236,105 +258,76 @@ impl CpuBackend {
             &mut g,
             &mut dpre,
         );
-        let total_var = forward::total_variance(x, d);
-        let t3 = Instant::now();
-
-        // ---- main-path extras (L1) ----
-        let w_dec = self.state.params.w_dec();
-        let mut l1_loss = 0.0;
-        let dec_norms: Vec<f32> = if cfg.sparsifier == SparsifierKind::Relu {
-            w_dec.chunks(d).map(|w| backward::dot(w, w).sqrt()).collect()
-        } else {
-            vec![]
-        };
-        let lambda = cfg.l1_coeff as f32 / rows as f32;
-        if cfg.sparsifier == SparsifierKind::Relu {
-            for (e, (&i, &z)) in codes.idx.iter().zip(&codes.val).enumerate() {
-                let n = dec_norms[i as usize];
-                l1_loss += (lambda * z * n) as f64;
-                dpre[e] += lambda * n;
-            }
-        }
-
-        // ---- aux loss ----
-        let candidates = self.aux_candidates(rows);
-        let mut aux_loss = 0.0;
-        let aux = if !candidates.is_empty() {
-            let k_aux = cfg.k_aux_for(d);
-            let aux_codes = aux::select_aux(&self.ws.pre, rows, f, &candidates, k_aux);
-            if aux_codes.nnz() > 0 {
-                let mut e_hat = vec![0f32; rows * d];
-                forward::decode(&aux_codes, w_dec, None, d, &mut e_hat);
-                let (loss, g_aux) = aux::aux_loss_and_grad(&residual, &e_hat, d, cfg.aux_alpha as f32);
-                aux_loss = loss;
-                let dpre_aux = backward::code_grads(&aux_codes, &g_aux, w_dec, d);
-                Some((aux_codes, g_aux, dpre_aux))
-            } else {
-                None
-            }
-        } else {
-            None
-        };
-
-        // ---- latent-row gradients ----
-        let mut grad = self.ws.grad.take().unwrap_or_else(|| Params::zeros(shape));
-        let view = codes.by_latent();
-        let aux_view = aux.as_ref().map(|(c, _, _)| c.by_latent());
-        let mut groups = vec![Contribution { codes: &codes, view: &view, dpre: &dpre, g: &g }];
-        if let (Some((ac, ag, ad)), Some(av)) = (&aux, &aux_view) {
-            groups.push(Contribution { codes: ac, view: av, dpre: ad, g: ag });
-        }
-        let col_sums = forward::column_sums(&g, d);
-        {
-            let params = self.state.params.parts();
-            let l1_sums: Vec<f32> = if cfg.sparsifier == SparsifierKind::Relu {
-                let mut s = vec![0f32; f];
-                for (&i, &z) in codes.idx.iter().zip(&codes.val) {
-                    s[i as usize] += z;
-                }
-                s
-            } else {
-                vec![]
-            };
-            let gp = grad.parts_mut();
-            let (a_all, w_all) = (params.w_enc, params.w_dec);
-            let is_aligned = cfg.aligned;
-            let is_relu = cfg.sparsifier == SparsifierKind::Relu;
-            backward::latent_row_grads(&groups, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec, |i, touched, ge, gd| {
-                if !touched {
-                    return;
-                }
-                let w = &w_all[i * d..(i + 1) * d];
-                if is_relu && dec_norms[i] > 0.0 {
-                    // d/dw of lambda * (sum_b z_bi) ||w||
-                    let c = lambda * l1_sums[i] / dec_norms[i];
-                    for j in 0..d {
-                        gd[j] += c * w[j];
-                    }
-                }
-                if is_aligned {
-                    let a = &a_all[i * d..(i + 1) * d];
-                    let g_eff = ge.to_vec();
-                    aligned::backprop_row(a, w, &g_eff, ge, gd);
-                }
-                if project {
-                    adam::project_out(gd, w);
-                }
-            });
-            let db_dec = backward::b_dec_grad(&col_sums, self.encoder(), gp.b_enc, d);
-            gp.b_dec.copy_from_slice(&db_dec);
-        }
-
+        let total_var = decode::total_variance(x, d);
         self.ws.x_hat = x_hat;
         self.ws.residual = residual;
         self.ws.g = g;
-        let t4 = Instant::now();
-        self.times.encode += (t1 - t0).as_secs_f64();
-        self.times.select += (t2 - t1).as_secs_f64();
-        self.times.decode += (t3 - t2).as_secs_f64();
-        self.times.backward += (t4 - t3).as_secs_f64();
-        let stats = StepStats::from_sums(sse, total_var, aux_loss, l1_loss, codes.nnz(), rows, d, self.dead_count());
-        Ok(GradientPass { stats, grad, codes, aux_candidates: candidates.len() })
+        Decoded { sse, total_var, dpre }
+    }
+
+    /// The aux loss on the workspace's residual from the top `k_aux` candidates per token
+    /// (None when there are no candidates or none of them is positive).
+    fn aux_phase(&self, candidates: &[u32], rows: usize) -> Option<AuxPass> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let (d, f) = (self.state.shape().d_in, self.cfg.d_sae);
+        let w_dec = self.state.params.w_dec();
+        let codes = sparsify::select(&self.ws.pre, rows, f, &plan::aux(&self.cfg, candidates, d));
+        if codes.nnz() == 0 {
+            return None;
+        }
+        let mut e_hat = vec![0f32; rows * d];
+        decode::decode(&codes, w_dec, None, d, &mut e_hat);
+        let (loss, g) = decode::aux_loss_and_grad(&self.ws.residual, &e_hat, d, self.cfg.aux_alpha as f32);
+        let dpre = backward::code_grads(&codes, &g, w_dec, d);
+        Some(AuxPass { loss, codes, g, dpre })
+    }
+
+    /// Latent-row gradients of W_enc, b_enc, W_dec from the main (and aux) codes, the L1 term,
+    /// the aligned map and the projection; then the b_dec gradient.
+    fn latent_grads(
+        &mut self,
+        codes: &SparseCodes,
+        dpre: &[f32],
+        aux: Option<&AuxPass>,
+        l1: Option<&L1Terms>,
+        project: bool,
+    ) -> Params {
+        let shape = self.state.shape();
+        let d = shape.d_in;
+        let mut grad = self.ws.grad.take().unwrap_or_else(|| Params::zeros(shape));
+        let view = codes.by_latent();
+        let aux_view = aux.map(|a| a.codes.by_latent());
+        let mut groups = vec![Contribution { codes, view: &view, dpre, g: &self.ws.g }];
+        if let (Some(a), Some(av)) = (aux, &aux_view) {
+            groups.push(Contribution { codes: &a.codes, view: av, dpre: &a.dpre, g: &a.g });
+        }
+        let col_sums = linalg::column_sums(&self.ws.g, d);
+        let params = self.state.params.parts();
+        let gp = grad.parts_mut();
+        let (a_all, w_all) = (params.w_enc, params.w_dec);
+        let is_aligned = self.cfg.aligned;
+        backward::latent_row_grads(&groups, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec, |i, touched, ge, gd| {
+            if !touched {
+                return;
+            }
+            let w = &w_all[i * d..(i + 1) * d];
+            if let Some(l1) = l1 {
+                l1.add_row_grad(i, w, gd);
+            }
+            if is_aligned {
+                let a = &a_all[i * d..(i + 1) * d];
+                let g_eff = ge.to_vec();
+                aligned::backprop_row(a, w, &g_eff, ge, gd);
+            }
+            if project {
+                adam::project_out(gd, w);
+            }
+        });
+        let db_dec = backward::b_dec_grad(&col_sums, self.encoder(), gp.b_enc, d);
+        gp.b_dec.copy_from_slice(&db_dec);
+        grad
     }
 
     /// Adam step with `grad` (already projected), decoder renormalisation, then the dead-latent,

@@ -15,6 +15,7 @@ use cudarc::cublas::{result as blas_result, sys as blas_sys};
 use cudarc::driver::{result, sys, CudaContext, CudaFunction};
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 /// One kernel argument (every kernel takes only these: device pointers and scalars).
@@ -27,9 +28,14 @@ pub enum KArg {
     F32(f32),
 }
 
-impl From<&DevBuf> for KArg {
-    fn from(b: &DevBuf) -> Self {
+impl<T> From<&DevBuf<T>> for KArg {
+    fn from(b: &DevBuf<T>) -> Self {
         KArg::Ptr(b.ptr)
+    }
+}
+impl<T> From<Ptr<T>> for KArg {
+    fn from(p: Ptr<T>) -> Self {
+        KArg::Ptr(p.addr)
     }
 }
 impl From<u32> for KArg {
@@ -53,21 +59,39 @@ impl From<u64> for KArg {
     }
 }
 
-/// The null pointer argument (an absent optional input).
+/// The null pointer argument (an absent optional input) of an untyped launch.
 pub const NULL: KArg = KArg::Ptr(0);
 
-/// A pointer `offset_elems` elements of `T` into a buffer.
-pub fn at<T>(b: &DevBuf, offset_elems: usize) -> KArg {
-    let off = offset_elems * std::mem::size_of::<T>();
-    assert!(off <= b.bytes, "offset {off} past a buffer of {} bytes", b.bytes);
-    KArg::Ptr(b.ptr + off as u64)
+/// A device pointer to elements of `T`: what the typed launchers (`kernels::launch`) take, so a
+/// buffer of the wrong element type is a compile error.
+pub struct Ptr<T> {
+    addr: u64,
+    _t: PhantomData<fn() -> T>,
 }
 
-/// A device allocation (freed on drop).
-pub struct DevBuf {
+impl<T> Clone for Ptr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Ptr<T> {}
+
+impl<T> Ptr<T> {
+    /// The null pointer (an absent optional input).
+    pub const fn null() -> Self {
+        Self { addr: 0, _t: PhantomData }
+    }
+    pub fn addr(self) -> u64 {
+        self.addr
+    }
+}
+
+/// A device allocation of elements of `T` (freed on drop).
+pub struct DevBuf<T = u8> {
     ptr: u64,
     bytes: usize,
     mem: Mem,
+    _t: PhantomData<T>,
 }
 
 /// Who owns a buffer's memory.
@@ -79,14 +103,31 @@ enum Mem {
     Host(#[allow(dead_code)] HostMem),
 }
 
-impl DevBuf {
+impl<T: Copy> DevBuf<T> {
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
     pub fn bytes(&self) -> usize {
         self.bytes
     }
-    pub fn upload<T: Copy>(&self, src: &[T]) -> Result<()> {
+    /// Elements of `T` it holds.
+    pub fn len(&self) -> usize {
+        self.bytes / std::mem::size_of::<T>()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+    /// Pointer to its first element.
+    pub fn p(&self) -> Ptr<T> {
+        Ptr { addr: self.ptr, _t: PhantomData }
+    }
+    /// Pointer `offset` elements in.
+    pub fn at(&self, offset: usize) -> Ptr<T> {
+        let off = offset * std::mem::size_of::<T>();
+        assert!(off <= self.bytes, "offset {off} past a buffer of {} bytes", self.bytes);
+        Ptr { addr: self.ptr + off as u64, _t: PhantomData }
+    }
+    pub fn upload(&self, src: &[T]) -> Result<()> {
         let n = std::mem::size_of_val(src);
         ensure_fits(n, self.bytes)?;
         match &self.mem {
@@ -96,11 +137,11 @@ impl DevBuf {
         }
         Ok(())
     }
-    pub fn download<T: Copy>(&self, dst: &mut [T]) -> Result<()> {
+    pub fn download(&self, dst: &mut [T]) -> Result<()> {
         self.download_at(0, dst)
     }
     /// Copy `dst.len()` elements starting at element `offset` of the buffer.
-    pub fn download_at<T: Copy>(&self, offset: usize, dst: &mut [T]) -> Result<()> {
+    pub fn download_at(&self, offset: usize, dst: &mut [T]) -> Result<()> {
         let start = offset * std::mem::size_of::<T>();
         ensure_fits(start + std::mem::size_of_val(dst), self.bytes)?;
         let src = self.ptr + start as u64;
@@ -113,7 +154,10 @@ impl DevBuf {
         }
         Ok(())
     }
-    pub fn to_vec<T: Copy + Default>(&self, n: usize) -> Result<Vec<T>> {
+    pub fn to_vec(&self, n: usize) -> Result<Vec<T>>
+    where
+        T: Default,
+    {
         let mut v = vec![T::default(); n];
         self.download(&mut v)?;
         Ok(v)
@@ -140,7 +184,7 @@ fn ensure_fits(n: usize, cap: usize) -> Result<()> {
     Ok(())
 }
 
-impl Drop for DevBuf {
+impl<T> Drop for DevBuf<T> {
     fn drop(&mut self) {
         if let Mem::Driver(ctx) = &self.mem {
             let _ = ctx.bind_to_thread();
@@ -302,8 +346,9 @@ impl Dev {
         }
     }
 
-    /// A zeroed allocation of `bytes` bytes.
-    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+    /// A zeroed allocation of `n` elements of `T`.
+    pub fn alloc<T: Copy>(&self, n: usize) -> Result<DevBuf<T>> {
+        let bytes = n * std::mem::size_of::<T>();
         let (ptr, mem) = match &self.imp {
             _ if bytes == 0 => (0, Mem::Empty),
             Imp::Driver { ctx, .. } => {
@@ -316,18 +361,18 @@ impl Dev {
                 (h.ptr(), Mem::Host(h))
             }
         };
-        let b = DevBuf { ptr, bytes, mem };
+        let b = DevBuf { ptr, bytes, mem, _t: PhantomData };
         b.zero()?;
         Ok(b)
     }
 
-    pub fn alloc_f32(&self, n: usize) -> Result<DevBuf> {
-        self.alloc(n * 4)
+    pub fn alloc_f32(&self, n: usize) -> Result<DevBuf<f32>> {
+        self.alloc(n)
     }
 
     /// Upload `v` into a new allocation.
-    pub fn upload<T: Copy>(&self, v: &[T]) -> Result<DevBuf> {
-        let b = self.alloc(std::mem::size_of_val(v))?;
+    pub fn upload<T: Copy>(&self, v: &[T]) -> Result<DevBuf<T>> {
+        let b = self.alloc(v.len())?;
         b.upload(v)?;
         Ok(b)
     }

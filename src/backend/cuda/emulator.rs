@@ -192,7 +192,7 @@ mod tests {
         let n = 2500usize;
         let input: Vec<u32> = (0..n as u32).map(|i| (i * 7) % 5).collect();
         let ind = dev.upload(&input).unwrap();
-        let out = dev.alloc(4 * (n + 1)).unwrap();
+        let out = dev.alloc::<u32>(n + 1).unwrap();
         dev.launch("exclusive_scan", L::scan(), &[(&ind).into(), (n as u32).into(), (&out).into()]).unwrap();
         let got: Vec<u32> = out.to_vec(n + 1).unwrap();
         let mut acc = 0u32;

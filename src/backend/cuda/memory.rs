@@ -1,8 +1,10 @@
-//! Device memory plan of one training step: pure arithmetic over the shapes, matching the
-//! allocations `backend::CudaBackend` makes (params, grads, Adam m and v are one allocation each;
-//! `pre` is the one B x F transient; everything sparse is sized by nnz).
+//! Device memory plan of one training step: pure arithmetic over the shapes. The workspace
+//! sizes come from the same table `workspace::Ws` allocates from (params, grads, Adam m and v
+//! are one allocation each; `pre` is the one B x F transient; everything sparse is sized by nnz).
 
+use super::workspace::{Dims, Group, Ws};
 use crate::config::Precision;
+use crate::model::Shape;
 use std::fmt;
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -45,19 +47,13 @@ impl MemoryPlan {
 /// The plan for a step at these shapes. `k` is the mean L0 (the code budget per token); the aux
 /// codes are budgeted at d_in/2 per token (aux_k's default).
 pub fn memory_plan(d_in: usize, d_sae: usize, batch: usize, k: usize, precision: Precision) -> MemoryPlan {
-    let (d, f, b) = (d_in as u64, d_sae as u64, batch as u64);
+    let (d, f) = (d_in as u64, d_sae as u64);
     let p = 2 * f * d + f + d;
     let params = 4 * p;
-    let activations = b * d * (7 * 4 + 2);
-    let pre = b * f * 4;
-    let nnz = b * k as u64 + b * (d / 2).max(1);
-    // idx u32 + val f32 + dpre f32 + CSC (tok, pos, sorted tok, sorted pos) = 28 bytes per entry
-    let codes = nnz * 28 + 2 * 4 * (b + 1);
-    let bf16 = if precision == Precision::Bf16 { 2 * (b * d + f * d) } else { 0 };
-    // per latent: thresholds, cutoffs, budgets, mask, counts, min, col_ptr x2, cursor, norms, l1 sums
-    let per_latent = f * 4 * 12;
-    let per_row = b * 4 * 8;
-    let workspace = bf16 + per_latent + per_row + 8 * 4 * d + CUBLAS_WORKSPACE;
+    let dims = Dims::new(Shape::new(d_in, d_sae), batch, k, false, precision);
+    let group = |g: Group| Ws::table(dims).iter().filter(|b| b.group == g).map(|b| b.bytes).sum::<u64>();
+    let (activations, pre, codes) = (group(Group::Activations), group(Group::Pre), group(Group::Codes));
+    let workspace = group(Group::Workspace) + CUBLAS_WORKSPACE;
     MemoryPlan {
         d_in,
         d_sae,

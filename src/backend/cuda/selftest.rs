@@ -7,15 +7,19 @@
 //!    awkward sizes (B = 300, d = 70, F = 333) from the same initial state: losses and parameters
 //!    after three steps within 1e-3 (f32 encoder) or 3e-2 (tf32 / bf16).
 
-use super::backend::{select, CudaBackend, Rule, Ws};
+use super::backend::CudaBackend;
 use super::device::Dev;
+use super::kernels as K;
 use super::launch as L;
-use crate::backend::cpu::{aux as cpu_aux, backward as cpu_bwd, forward as cpu_fwd, CpuBackend};
+use super::select::select;
+use super::workspace::{Dims, Ws};
+use crate::backend::cpu::{backward as cpu_bwd, decode as cpu_dec, CpuBackend};
 use crate::backend::{Backend, InferMode};
-use crate::config::{AuxKind, BudgetKind, EncoderKind, Precision, SparsifierKind, TrainConfig};
+use crate::config::{AuxKind, EncoderKind, Precision, SparsifierKind, TrainConfig};
 use crate::data::Batch;
 use crate::model::{init, Shape, TrainState};
 use crate::sparse::SparseCodes;
+use crate::sparsify::cases::{self, SelectionInputs, CASES};
 use crate::sparsify::{self, Selection};
 use anyhow::Result;
 use rand::{Rng, SeedableRng};
@@ -138,62 +142,18 @@ fn test_matrices(s: Sizes) -> Vec<(&'static str, Vec<f32>)> {
 fn selection_checks(dev: &Dev, s: Sizes, tag: &str, rep: &mut SelftestReport) -> Result<()> {
     let Sizes { rows, d_in, d_sae } = s;
     let shape = Shape::new(d_in, d_sae);
-    let mut ws = Ws::new(dev, shape, rows, 8, false, Precision::F32)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let m_uniform = vec![5usize; d_sae];
-    let m_varied: Vec<usize> = (0..d_sae).map(|_| rng.random_range(0..12)).collect();
-    let theta: Vec<f32> = (0..d_sae).map(|_| rng.random_range(-0.5f32..1.0)).collect();
-    let cand: Vec<u32> = (0..d_sae as u32).filter(|i| i % 3 != 1).collect();
-    let mut cmask = vec![0u8; d_sae];
-    for &c in &cand {
-        cmask[c as usize] = 1;
-    }
-    let to32 = |m: &[usize]| m.iter().map(|&v| v as u32).collect::<Vec<u32>>();
+    let mut ws = Ws::new(dev, Dims::new(shape, rows, 8, false, Precision::F32))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let inputs = SelectionInputs::new(d_sae);
     for (mname, pre) in test_matrices(s) {
-        let cases: Vec<(String, Rule, SparseCodes)> = vec![
-            ("topk k=7".into(), Rule::TopK(7), sparsify::select(&pre, rows, d_sae, &Selection::TopK { k: 7 })),
-            ("topk k=0".into(), Rule::TopK(0), sparsify::select(&pre, rows, d_sae, &Selection::TopK { k: 0 })),
-            ("topk k=F".into(), Rule::TopK(d_sae), sparsify::select(&pre, rows, d_sae, &Selection::TopK { k: d_sae })),
-            (
-                "batchtopk k=7".into(),
-                Rule::BatchTopK(7),
-                sparsify::select(&pre, rows, d_sae, &Selection::BatchTopK { k: 7 }),
-            ),
-            (
-                "batchtopk k=F (keep all)".into(),
-                Rule::BatchTopK(d_sae),
-                sparsify::select(&pre, rows, d_sae, &Selection::BatchTopK { k: d_sae }),
-            ),
-            (
-                "wta m=5".into(),
-                Rule::Wta(to32(&m_uniform)),
-                sparsify::select(&pre, rows, d_sae, &Selection::Wta { m: &m_uniform }),
-            ),
-            (
-                "wta varied m".into(),
-                Rule::Wta(to32(&m_varied)),
-                sparsify::select(&pre, rows, d_sae, &Selection::Wta { m: &m_varied }),
-            ),
-            (
-                "hybrid m=5 k_max=4".into(),
-                Rule::Hybrid(to32(&m_uniform), 4),
-                sparsify::select(&pre, rows, d_sae, &Selection::Hybrid { m: &m_uniform, k_max: 4 }),
-            ),
-            ("relu".into(), Rule::Theta(false), sparsify::select(&pre, rows, d_sae, &Selection::Relu)),
-            (
-                "jumprelu".into(),
-                Rule::Theta(true),
-                sparsify::select(&pre, rows, d_sae, &Selection::JumpRelu { theta: &theta }),
-            ),
-            ("aux top-5 of candidates".into(), Rule::Aux(5), cpu_aux::select_aux(&pre, rows, d_sae, &cand, 5)),
-        ];
-        ws.pre.upload(&pre)?;
-        ws.theta.upload(&theta)?;
-        ws.cmask.upload(&cmask)?;
-        for (name, rule, want) in cases {
-            let aux = matches!(rule, Rule::Aux(_));
-            select(dev, &mut ws, d_sae, &rule, aux, false)?;
-            let got = if aux { ws.aux.download(rows, d_sae)? } else { ws.main.download(rows, d_sae)? };
+        ws.b.pre.upload(&pre)?;
+        for (name, sel) in cases::selection_examples(&inputs, d_sae) {
+            let want = sparsify::select(&pre, rows, d_sae, &sel);
+            select(dev, &mut ws, &sel, false)?;
+            let got = match sel {
+                Selection::Aux { .. } => ws.aux.download(rows, d_sae)?,
+                _ => ws.main.download(rows, d_sae)?,
+            };
             let ok = got == want;
             let detail = if ok { format!("nnz {} identical", want.nnz()) } else { first_difference(&got, &want) };
             rep.push(format!("select {name} [{mname}{tag}]"), ok, detail);
@@ -202,45 +162,25 @@ fn selection_checks(dev: &Dev, s: Sizes, tag: &str, rep: &mut SelftestReport) ->
 
     // Decode and code gradients on top-k codes of the continuous matrix.
     let pre = &test_matrices(s)[1].1;
-    let codes = sparsify::select(pre, rows, d_sae, &Selection::TopK { k: 9 });
-    ws.pre.upload(pre)?;
-    select(dev, &mut ws, d_sae, &Rule::TopK(9), false, false)?;
+    let sel = Selection::TopK { k: 9 };
+    let codes = sparsify::select(pre, rows, d_sae, &sel);
+    ws.b.pre.upload(pre)?;
+    select(dev, &mut ws, &sel, false)?;
     let w_dec: Vec<f32> = (0..d_sae * d_in).map(|_| StandardNormal.sample(&mut rng)).collect();
     let b_dec: Vec<f32> = (0..d_in).map(|_| StandardNormal.sample(&mut rng)).collect();
     let g: Vec<f32> = (0..rows * d_in).map(|_| StandardNormal.sample(&mut rng)).collect();
     let (wd, bd, gd) = (dev.upload(&w_dec)?, dev.upload(&b_dec)?, dev.upload(&g)?);
     let mut want = vec![0f32; rows * d_in];
-    cpu_fwd::decode(&codes, &w_dec, Some(&b_dec), d_in, &mut want);
-    dev.launch(
-        "decode_rows",
-        L::per_line(rows, d_in),
-        &[
-            (&ws.main.row_ptr).into(),
-            (&ws.main.idx).into(),
-            (&ws.main.val).into(),
-            (&wd).into(),
-            (&bd).into(),
-            (d_in as u32).into(),
-            (&ws.x_hat).into(),
-        ],
-    )?;
-    let got: Vec<f32> = ws.x_hat.to_vec(rows * d_in)?;
+    cpu_dec::decode(&codes, &w_dec, Some(&b_dec), d_in, &mut want);
+    let c = &ws.main.b;
+    let l = L::per_line(rows, d_in);
+    K::decode_rows(dev, l, c.row_ptr.p(), c.idx.p(), c.val.p(), wd.p(), bd.p(), d_in as u32, ws.b.x_hat.p())?;
+    let got: Vec<f32> = ws.b.x_hat.to_vec(rows * d_in)?;
     let e = max_rel(&got, &want);
-    rep.push(format!("decode_rows vs forward::decode{tag}"), e <= 1e-5, format!("max rel err {e:.2e}"));
+    rep.push(format!("decode_rows vs decode::decode{tag}"), e <= 1e-5, format!("max rel err {e:.2e}"));
     let want = cpu_bwd::code_grads(&codes, &g, &w_dec, d_in);
-    dev.launch(
-        "code_grads",
-        L::per_line(rows, 128),
-        &[
-            (&ws.main.row_ptr).into(),
-            (&ws.main.idx).into(),
-            (&gd).into(),
-            (&wd).into(),
-            (d_in as u32).into(),
-            (&ws.main.dpre).into(),
-        ],
-    )?;
-    let got: Vec<f32> = ws.main.dpre.to_vec(codes.nnz())?;
+    K::code_grads(dev, L::per_line(rows, 128), c.row_ptr.p(), c.idx.p(), gd.p(), wd.p(), d_in as u32, c.dpre.p())?;
+    let got: Vec<f32> = c.dpre.to_vec(codes.nnz())?;
     let e = max_rel(&got, &want);
     rep.push(format!("code_grads vs backward::code_grads{tag}"), e <= 1e-5, format!("max rel err {e:.2e}"));
     Ok(())
@@ -282,14 +222,9 @@ pub fn step_configs(s: Sizes) -> Vec<(String, TrainConfig)> {
         f(&mut c);
         c
     };
-    vec![
-        ("topk".into(), with(SparsifierKind::Topk, &|_| {})),
-        ("batchtopk".into(), with(SparsifierKind::Batchtopk, &|_| {})),
-        ("mutual_choice (aux_zipf)".into(), with(SparsifierKind::MutualChoice, &|_| {})),
-        ("wta uniform".into(), with(SparsifierKind::Wta, &|_| {})),
-        ("wta zipf".into(), with(SparsifierKind::Wta, &|c| c.budget = BudgetKind::Zipf)),
-        ("relu".into(), with(SparsifierKind::Relu, &|_| {})),
-        ("hybrid".into(), with(SparsifierKind::Hybrid, &|_| {})),
+    // Every training case of the table, then the variants that exercise other code paths.
+    let mut configs: Vec<(String, TrainConfig)> = CASES.iter().map(|c| (c.name.to_string(), c.config(&base))).collect();
+    configs.extend(vec![
         (
             "topk + aux_k".into(),
             with(SparsifierKind::Topk, &|c| {
@@ -312,7 +247,8 @@ pub fn step_configs(s: Sizes) -> Vec<(String, TrainConfig)> {
         ("topk fused encoder".into(), with(SparsifierKind::Topk, &|c| c.encoder = EncoderKind::Fused)),
         ("topk tf32".into(), with(SparsifierKind::Topk, &|c| c.precision = Precision::Tf32)),
         ("topk bf16".into(), with(SparsifierKind::Topk, &|c| c.precision = Precision::Bf16)),
-    ]
+    ]);
+    configs
 }
 
 fn batches(s: Sizes, n: usize) -> Vec<Batch> {

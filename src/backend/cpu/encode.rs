@@ -1,7 +1,22 @@
-//! The one dense product of the forward pass, through faer (AVX2/AVX-512, multi-threaded).
+//! Encode phase (twin of kernels/encode.cu): input centring and the one dense product of the
+//! forward pass, through faer (AVX2/AVX-512, multi-threaded).
 
+use super::linalg::ROW_CHUNK;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+/// `xc = x - b_dec` row by row.
+pub fn center(x: &[f32], b_dec: &[f32], xc: &mut [f32]) {
+    let d = b_dec.len();
+    xc.par_chunks_mut(d * ROW_CHUNK).zip(x.par_chunks(d * ROW_CHUNK)).for_each(|(o, i)| {
+        for (orow, irow) in o.chunks_mut(d).zip(i.chunks(d)) {
+            for j in 0..d {
+                orow[j] = irow[j] - b_dec[j];
+            }
+        }
+    });
+}
 
 /// `out (m x n) = a (m x k) * b^T`, with `b` stored n x k; all row-major.
 /// `out` is overwritten unless `accumulate`.

@@ -1,23 +1,9 @@
-//! Sparse forward pieces: input centring, sparse decode, residual statistics.
+//! Decode phase (twin of kernels/decode.cu): sparse decode, residual statistics, the
+//! reconstruction gradient, and the aux loss on the residual. Cost nnz * d, never B x F x d.
 
+use super::linalg::{axpy, column_sums, dot, ROW_CHUNK};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
-
-/// Rows per parallel task where the work per row is small; fixed so that reductions over these
-/// chunks are summed in the same order whatever the thread count (bitwise-reproducible runs).
-pub const ROW_CHUNK: usize = 64;
-
-/// `xc = x - b_dec` row by row.
-pub fn center(x: &[f32], b_dec: &[f32], xc: &mut [f32]) {
-    let d = b_dec.len();
-    xc.par_chunks_mut(d * ROW_CHUNK).zip(x.par_chunks(d * ROW_CHUNK)).for_each(|(o, i)| {
-        for (orow, irow) in o.chunks_mut(d).zip(i.chunks(d)) {
-            for j in 0..d {
-                orow[j] = irow[j] - b_dec[j];
-            }
-        }
-    });
-}
 
 /// `x_hat = Z W_dec (+ b_dec)`: cost nnz * d.
 pub fn decode(codes: &SparseCodes, w_dec: &[f32], b_dec: Option<&[f32]>, d: usize, x_hat: &mut [f32]) {
@@ -80,37 +66,6 @@ pub fn residual_stats(x: &[f32], x_hat: &[f32], d: usize) -> ResidualStats {
     s
 }
 
-/// Column sums in f64, reduced over fixed row chunks (deterministic).
-pub fn column_sums(x: &[f32], d: usize) -> Vec<f64> {
-    let parts: Vec<Vec<f64>> = x
-        .par_chunks(d * ROW_CHUNK)
-        .map(|c| {
-            let mut acc = vec![0f64; d];
-            for r in c.chunks(d) {
-                for j in 0..d {
-                    acc[j] += r[j] as f64;
-                }
-            }
-            acc
-        })
-        .collect();
-    let mut out = vec![0f64; d];
-    for p in parts {
-        for j in 0..d {
-            out[j] += p[j];
-        }
-    }
-    out
-}
-
-/// `y += a * x` (vectorises: no bounds checks inside the zip).
-#[inline]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
-}
-
 /// Decode, residual and code gradients in one pass per token, so each kept decoder row is
 /// fetched once and reused from cache: `x_hat_b = b_dec + sum_e z_e W_dec_i`, `r_b = x_hat_b - x_b`,
 /// `g_b = scale * r_b`, `dz_e = g_b . W_dec_i` (CSR order). Returns per-chunk residual sums
@@ -169,7 +124,7 @@ pub fn decode_residual_grads(
                 let den = (xx * hh).sqrt();
                 acc.1 += if den > 0.0 { xh_ / den } else { 0.0 };
                 for &i in ix {
-                    dzc[off] = super::backward::dot(gr, &w_dec[i as usize * d..(i as usize + 1) * d]);
+                    dzc[off] = dot(gr, &w_dec[i as usize * d..(i as usize + 1) * d]);
                     off += 1;
                 }
             }
@@ -188,4 +143,36 @@ pub fn total_variance(x: &[f32], d: usize) -> f64 {
         .map(|c| c.chunks(d).map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>()).sum())
         .collect();
     parts.iter().sum()
+}
+
+/// Loss and the gradient w.r.t. `E_hat` of `alpha * ||E - E_hat||^2 / ||E - mean(E)||^2`,
+/// where `e = -residual` (`residual = X_hat - X`). Returns (loss, g_aux as B x d).
+pub fn aux_loss_and_grad(residual: &[f32], e_hat: &[f32], d: usize, alpha: f32) -> (f64, Vec<f32>) {
+    let rows = residual.len() / d;
+    // E = -residual.
+    let e_mean: Vec<f64> = column_sums(residual, d).into_iter().map(|s| -s / rows.max(1) as f64).collect();
+    let parts: Vec<[f64; 2]> = residual
+        .par_chunks(d * ROW_CHUNK)
+        .zip(e_hat.par_chunks(d * ROW_CHUNK))
+        .map(|(rs, hs)| {
+            let mut acc = [0f64; 2];
+            for (r, h) in rs.chunks(d).zip(hs.chunks(d)) {
+                for j in 0..d {
+                    let e = -(r[j] as f64);
+                    acc[0] += (e - h[j] as f64).powi(2);
+                    acc[1] += (e - e_mean[j]).powi(2);
+                }
+            }
+            acc
+        })
+        .collect();
+    let (num, den) = parts.iter().fold((0f64, 0f64), |a, p| (a.0 + p[0], a.1 + p[1]));
+    if den <= 0.0 || !den.is_finite() {
+        return (0.0, vec![0.0; residual.len()]);
+    }
+    let loss = alpha as f64 * num / den;
+    // dL/dE_hat = -2 alpha (E - E_hat) / den = 2 alpha (residual + E_hat) / den.
+    let c = (2.0 * alpha as f64 / den) as f32;
+    let g: Vec<f32> = residual.par_iter().zip(e_hat.par_iter()).map(|(r, h)| c * (r + h)).collect();
+    (loss, g)
 }

@@ -1,0 +1,76 @@
+//! The aux losses' selection (SPEC "Auxiliary losses"): which latents are candidates at a step
+//! (aux_k: dead; aux_zipf: dying), and per token the `k_aux` largest positive `pre` among them
+//! (`Selection::Aux`). The loss itself is computed by the backends.
+
+use super::budget;
+use crate::sparse::SparseCodes;
+use clap::ValueEnum;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum AuxKind {
+    None,
+    /// Gao et al.: reconstruct the residual from dead latents.
+    AuxK,
+    /// MC/FC paper: the same with "dying" latents.
+    AuxZipf,
+}
+
+/// What the candidate rule needs from the config.
+#[derive(Clone, Copy, Debug)]
+pub struct CandidateRule {
+    pub kind: AuxKind,
+    /// Tokens without firing after which a latent is dead (aux_k).
+    pub dead_window: u64,
+    /// Zipf parameters and the density EMA decay (aux_zipf).
+    pub k: usize,
+    pub zipf_alpha: f64,
+    pub zipf_beta: f64,
+    pub density_decay: f64,
+}
+
+/// Latents eligible for the aux loss at step `step` (0 = before the first update), ascending.
+pub fn candidates(rule: &CandidateRule, step: u64, since_fired: &[u64], density: &[f32], rows: usize) -> Vec<u32> {
+    let f = since_fired.len() as u32;
+    match rule.kind {
+        AuxKind::None => vec![],
+        AuxKind::AuxK => (0..f).filter(|&i| since_fired[i as usize] >= rule.dead_window).collect(),
+        AuxKind::AuxZipf => {
+            if step == 0 {
+                return vec![]; // no density measured yet
+            }
+            // The EMA starts at 0: remove its bias (as Adam does for its moments) so that
+            // "density < 0.6 x the Zipf prediction" compares like with like from step 1.
+            let density = budget::bias_corrected(density, step, rule.density_decay);
+            let dying = budget::dying_latents(&density, rows, rule.k, rule.zipf_alpha, rule.zipf_beta);
+            (0..f).filter(|&i| dying[i as usize]).collect()
+        }
+    }
+}
+
+/// Per token, the `k_aux` largest positive `pre` among `candidates` (ascending latent indices);
+/// ties go to the lower latent index, as everywhere.
+pub(super) fn select_aux(pre: &[f32], rows: usize, cols: usize, candidates: &[u32], k_aux: usize) -> SparseCodes {
+    let lists: Vec<Vec<(u32, f32)>> = (0..rows)
+        .into_par_iter()
+        .map(|b| {
+            let r = &pre[b * cols..(b + 1) * cols];
+            if k_aux == 0 {
+                return vec![];
+            }
+            let mut cand: Vec<(f32, u32)> =
+                candidates.iter().filter(|&&i| r[i as usize] > 0.0).map(|&i| (r[i as usize], i)).collect();
+            if cand.len() > k_aux {
+                cand.select_nth_unstable_by(k_aux - 1, |a, b| {
+                    b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1))
+                });
+                cand.truncate(k_aux);
+            }
+            cand.into_iter().map(|(v, i)| (i, v)).collect()
+        })
+        .collect();
+    SparseCodes::from_rows(cols, lists)
+}
