@@ -4,7 +4,6 @@
 
 pub mod cpu;
 pub mod cuda;
-pub mod reference;
 pub mod tracking;
 
 use crate::config::{BackendChoice, TrainConfig};
