@@ -2,7 +2,7 @@
 
 use super::format::{write_npy, Dtype};
 use super::manifest::{Manifest, ManifestShard, GROUND_TRUTH, MANIFEST};
-use super::shards::{median, Dataset};
+use super::dataset::{median, Dataset};
 use super::synthetic::{SynthSpec, Synthetic};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
