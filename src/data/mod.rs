@@ -9,9 +9,9 @@ pub mod order;
 pub mod stream;
 pub mod synthetic;
 
+pub use dataset::Dataset;
 pub use format::Dtype;
 pub use manifest::Manifest;
-pub use dataset::Dataset;
 pub use order::ShardOptions;
 pub use stream::ShardSource;
 

@@ -1,6 +1,6 @@
-//! Where every training row of the shard reader goes, fixed by the data and the seed: the
-//! held-out split, the training chunks, the norm filter and scale ([`Core`]), and the
-//! reproducible order of rows.
+//! The shard reader's options ([`ShardOptions`]) and where every training row goes, fixed by the
+//! data and the seed: the held-out split, the training chunks, the norm filter and scale (`Core`),
+//! and the reproducible order of rows.
 //!
 //! Layout (fixed by the data alone, independent of the seed):
 //! - the held-out split is `eval_tokens` rows in blocks of [`EVAL_BLOCK`] rows spread evenly over
@@ -11,7 +11,7 @@
 //! chunks in a permutation drawn from (seed, e, shard). That row sequence is cut into windows of
 //! `shuffle_buffer` rows, and each window is emitted in a uniform permutation drawn from
 //! (seed, e, window): the token-level shuffle buffer. The windows hold row *references*
-//! ([`Window`]); the stream (`stream.rs`) gathers the rows from the map.
+//! (`Window`); the stream (`stream.rs`) gathers the rows from the map.
 
 use super::dataset::{median, sample_norms, Dataset};
 use anyhow::{bail, Result};
@@ -98,7 +98,7 @@ pub(super) struct Core {
     pub(super) ds: Dataset,
     pub(super) opts: ShardOptions,
     /// Training chunks of each shard, in file order.
-    pub(super) chunks: Vec<Vec<Seg>>,
+    chunks: Vec<Vec<Seg>>,
     /// Held-out segments, in file order.
     pub(super) eval: Vec<Seg>,
     pub(super) train_rows: usize,
@@ -258,7 +258,7 @@ impl Core {
     }
 
     /// Window `window` of epoch `epoch`: its row references in emission order, and its segments.
-    /// `order` is [`Core::epoch_order`] of that epoch, `order_start` the start row of each of its
+    /// `order` is `Core::epoch_order` of that epoch, `order_start` the start row of each of its
     /// chunks.
     pub(super) fn window_rows(&self, epoch: u64, window: u64, order: &[Seg], order_start: &[usize]) -> Window {
         let c = self;

@@ -1,5 +1,5 @@
 //! The activation-shard reader: a [`BatchSource`] over memory-mapped `.npy`/`.safetensors` shards,
-//! streaming the rows in the order `order.rs` fixes, on a reader thread ([`Prefetcher`]) or on
+//! streaming the rows in the order `order.rs` fixes, on a reader thread (`Prefetcher`) or on
 //! the caller's.
 //!
 //! Rows are gathered straight from the map when a batch is built, so memory stays at one window
