@@ -4,8 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use saetrain::data::format::{write_npy, Dtype};
-use saetrain::data::shards::{ShardOptions, ShardSource};
-use saetrain::data::BatchSource;
+use saetrain::data::{BatchSource, ShardOptions, ShardSource};
 use std::time::Duration;
 
 const ROWS_PER_SHARD: usize = 16_384;

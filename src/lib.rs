@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod export;
+pub mod metrics;
 pub mod model;
 pub mod plot;
 pub mod sparse;

@@ -1,8 +1,7 @@
 //! Activation-shard reader: formats, validation, shuffling, resume, eval split, normalisation,
 //! massive-activation exclusion, non-finite skipping, prefetch, CLI helpers.
 
-use saetrain::data::shards::{ShardOptions, ShardSource};
-use saetrain::data::{cli, open_source, BatchData, BatchSource, Dtype, Manifest};
+use saetrain::data::{cli, open_source, BatchData, BatchSource, Dtype, Manifest, ShardOptions, ShardSource};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -790,7 +789,7 @@ fn stream_rss() {
         let ds = saetrain::data::Dataset::open(t.path(), None).unwrap();
         println!("dataset open: hwm {} MB", status_kb("VmHWM:") / 1024);
         let n: usize = std::env::var("SAE_SAMPLE_N").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-        saetrain::data::shards::sample_norms(&ds, n);
+        saetrain::data::dataset::sample_norms(&ds, n);
         println!("sampled: hwm {} MB", status_kb("VmHWM:") / 1024);
     }
     let o = ShardOptions { batch_size: 4096, ..Default::default() };

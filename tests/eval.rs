@@ -3,12 +3,12 @@
 
 use saetrain::config::{BackendChoice, SparsifierKind, TrainConfig};
 use saetrain::eval::metrics::{reconstruction_metrics, weight_metrics};
-use saetrain::eval::recovery::recovery;
 use saetrain::eval::report::write_outputs;
 use saetrain::eval::run::{evaluate, EvalOptions};
 use saetrain::export::load::{load_sae, load_sae_with_layout, Layout, SPARSIFY_WEIGHTS_FILE};
 use saetrain::export::saelens::{serialize_f32, transpose, CFG_FILE, WEIGHTS_FILE};
 use saetrain::export::ExportedSae;
+use saetrain::metrics::recovery::recovery;
 use saetrain::sparse::SparseCodes;
 use serde_json::json;
 use std::path::Path;

@@ -1,18 +1,20 @@
 //! Gradient checks.
 //!
-//! (a) The dense f64 reference (`backend::reference`) against central finite differences of its
-//!     own loss with the kept set (and aux set, and the detached residual) held fixed, for every
-//!     parameter tensor: relative error < 1e-6.
+//! (a) The dense f64 reference (`tests/common/reference.rs`) against central finite differences
+//!     of its own loss with the kept set (and aux set, and the detached residual) held fixed, for
+//!     every parameter tensor: relative error < 1e-6.
 //! (b) The fast f32 CPU backend's `gradients` against the reference gradient with the same kept
 //!     set (taken from the backend's codes) and against f64 finite differences: < 1e-4.
 //! (c) Whole `Backend::step`s against the reference Adam step (projection, Adam, renormalisation,
 //!     threshold EMA): parameters within 1e-5 relative.
 
+mod common;
+
+use common::reference::{self as r, AuxInput, LossConfig, Mask, RefParams, TENSORS};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use saetrain::backend::cpu::{CpuBackend, GradientPass};
-use saetrain::backend::reference::{self as r, AuxInput, LossConfig, Mask, RefParams, TENSORS};
 use saetrain::backend::Backend;
 use saetrain::config::{AuxKind, BudgetKind, SparsifierKind, TrainConfig};
 use saetrain::data::Batch;

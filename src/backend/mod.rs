@@ -4,7 +4,6 @@
 
 pub mod cpu;
 pub mod cuda;
-pub mod reference;
 pub mod tracking;
 
 use crate::config::{BackendChoice, TrainConfig};
@@ -115,40 +114,62 @@ impl PhaseTimes {
     }
 }
 
-/// Build the backend the config asks for; `auto` picks CUDA when a device is usable.
-/// Returns the backend and a sentence saying what was chosen and why.
-pub fn create(cfg: &TrainConfig, state: TrainState) -> Result<(Box<dyn Backend>, String)> {
-    match cfg.backend {
-        BackendChoice::Cpu => {
-            let b = cpu::CpuBackend::new(cfg.clone(), state)?;
-            let why = format!("backend: {} (requested)", b.name());
-            Ok((Box::new(b), why))
-        }
+/// The backend a run will use, decided before the data is opened (so the data can be read in the
+/// precision the backend takes) and built once the training state exists: [`choose`], then
+/// [`Chosen::create`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chosen {
+    kind: Kind,
+    /// Why this backend, the parenthesis of the "backend: ..." sentence.
+    reason: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Cpu,
+    Cuda,
+    CudaEmulator,
+}
+
+/// Resolve the backend the config asks for; `auto` picks CUDA when a device is usable. CUDA is
+/// probed at most once, here; `--backend cuda` without a usable device is an error.
+pub fn choose(cfg: &TrainConfig) -> Result<Chosen> {
+    let (kind, reason) = match cfg.backend {
+        BackendChoice::Cpu => (Kind::Cpu, "requested".to_string()),
         BackendChoice::Cuda => match cuda::probe() {
-            Ok(_) => {
-                let b = cuda::create(cfg, state)?;
-                let why = format!("backend: {} (requested)", b.name());
-                Ok((b, why))
-            }
+            Ok(_) => (Kind::Cuda, "requested".to_string()),
             Err(e) => bail!("--backend cuda: no usable CUDA device: {e}"),
         },
         BackendChoice::CudaEmulator => {
-            let dev = cuda::device::Dev::open_emulator()?;
-            let b = cuda::backend::CudaBackend::on(dev, cfg.clone(), state)?;
-            let why = format!("backend: {} (requested; for checking only: every CUDA thread is a fiber)", b.name());
-            Ok((Box::new(b), why))
+            (Kind::CudaEmulator, "requested; for checking only: every CUDA thread is a fiber".to_string())
         }
         BackendChoice::Auto => match cuda::probe() {
-            Ok(_) => {
-                let b = cuda::create(cfg, state)?;
-                let why = format!("backend: {} (auto: CUDA device found)", b.name());
-                Ok((b, why))
-            }
-            Err(e) => {
-                let b = cpu::CpuBackend::new(cfg.clone(), state)?;
-                let why = format!("backend: {} (auto: {e})", b.name());
-                Ok((Box::new(b), why))
-            }
+            Ok(_) => (Kind::Cuda, "auto: CUDA device found".to_string()),
+            Err(e) => (Kind::Cpu, format!("auto: {e}")),
         },
+    };
+    Ok(Chosen { kind, reason })
+}
+
+impl Chosen {
+    /// Whether the backend takes half-precision batches as they were read: the CUDA backend
+    /// uploads half-precision shards as they are and converts on the device; the CPU trains on f32.
+    pub fn wants_half_input(&self) -> bool {
+        matches!(self.kind, Kind::Cuda | Kind::CudaEmulator)
+    }
+
+    /// Build the chosen backend on `state`. Returns the backend and a sentence saying what was
+    /// chosen and why, e.g. "backend: cpu (2 threads) (requested)".
+    pub fn create(self, cfg: &TrainConfig, state: TrainState) -> Result<(Box<dyn Backend>, String)> {
+        let b: Box<dyn Backend> = match self.kind {
+            Kind::Cpu => Box::new(cpu::CpuBackend::new(cfg.clone(), state)?),
+            Kind::Cuda => cuda::create(cfg, state)?,
+            Kind::CudaEmulator => {
+                let dev = cuda::device::Dev::open_emulator()?;
+                Box::new(cuda::backend::CudaBackend::on(dev, cfg.clone(), state)?)
+            }
+        };
+        let why = format!("backend: {} ({})", b.name(), self.reason);
+        Ok((b, why))
     }
 }

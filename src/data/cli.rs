@@ -1,8 +1,8 @@
 //! `sae data inspect` and `sae data synth`.
 
+use super::dataset::{median, Dataset};
 use super::format::{write_npy, Dtype};
 use super::manifest::{Manifest, ManifestShard, GROUND_TRUTH, MANIFEST};
-use super::shards::{median, Dataset};
 use super::synthetic::{SynthSpec, Synthetic};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;

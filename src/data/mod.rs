@@ -2,14 +2,18 @@
 //! and the activation-shard reader both implement it.
 
 pub mod cli;
+pub mod dataset;
 pub mod format;
 pub mod manifest;
-pub mod shards;
+pub mod order;
+pub mod stream;
 pub mod synthetic;
 
+pub use dataset::Dataset;
 pub use format::Dtype;
 pub use manifest::Manifest;
-pub use shards::{Dataset, ShardOptions, ShardSource};
+pub use order::ShardOptions;
+pub use stream::ShardSource;
 
 use anyhow::Result;
 use std::borrow::Cow;

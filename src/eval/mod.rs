@@ -1,8 +1,7 @@
-//! Evaluation: SAEBench core metrics on held-out batches, ground-truth recovery, weight
-//! metrics, and the `sae eval` driver with its report.
+//! Evaluation: reconstruction and weight metrics, and the `sae eval` driver with its report.
+//! The metrics training reports as it goes (core metrics, ground-truth recovery) live in
+//! [`crate::metrics`].
 
-pub mod core;
 pub mod metrics;
-pub mod recovery;
 pub mod report;
 pub mod run;

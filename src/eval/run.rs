@@ -4,13 +4,13 @@
 //! recovery on synthetic data and the language-model numbers of `ce_eval.json` when present.
 
 use super::metrics::{set_mean, weight_metrics, ReconAccumulator, ReconMetrics, WeightMetrics};
-use super::recovery::{recovery, Recovery};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, InferMode};
 use crate::config::TrainConfig;
 use crate::data::{self, Batch};
 use crate::export::load::{checkpoint_dir, load_sae_with_layout};
 use crate::export::ExportedSae;
+use crate::metrics::recovery::{recovery, Recovery};
 use crate::train::checkpoint::{self, STATE_FILE};
 use crate::train::{CONFIG_FILE, METRICS_FILE};
 use anyhow::{bail, ensure, Context, Result};

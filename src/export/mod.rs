@@ -1,9 +1,9 @@
 //! Checkpoint formats other tools read, loading them back, and CPU inference with them.
 
+pub mod eleuther;
 pub mod infer;
 pub mod load;
 pub mod saelens;
-pub mod sparsify;
 
 pub use load::{load_sae, Layout};
 pub use saelens::ExportedSae;

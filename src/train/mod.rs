@@ -4,11 +4,11 @@ pub mod checkpoint;
 pub mod schedule;
 
 use crate::backend::{self, Backend, InferMode, StepStats};
-use crate::config::{BackendChoice, TrainConfig};
+use crate::config::TrainConfig;
 use crate::data::{self, BatchSource};
-use crate::eval::core::{core_metrics, CoreMetrics};
-use crate::eval::recovery::{recovery, Recovery};
 use crate::export::saelens::ExportedSae;
+use crate::metrics::core::{core_metrics, CoreMetrics};
+use crate::metrics::recovery::{recovery, Recovery};
 use crate::model::{aligned, init, Shape, TrainState};
 use crate::util::atomic::write_json_atomic;
 use anyhow::{bail, Context, Result};
@@ -53,13 +53,9 @@ pub fn run(cfg: TrainConfig, resume: Option<&Path>) -> Result<Summary> {
         None => cfg,
     };
     cfg.validate()?;
-    // The CUDA backend uploads half-precision shards as they are and converts on the device.
-    let on_gpu = match cfg.backend {
-        BackendChoice::Cuda | BackendChoice::CudaEmulator => true,
-        BackendChoice::Auto => backend::cuda::probe().is_ok(),
-        BackendChoice::Cpu => false,
-    };
-    let mut source = data::open_source_with(&cfg, on_gpu)?;
+    // The backend is chosen first: it says whether it takes half-precision batches.
+    let chosen = backend::choose(&cfg)?;
+    let mut source = data::open_source_with(&cfg, chosen.wants_half_input())?;
     let d_in = source.d_in();
     if let Some(d) = cfg.d_in {
         if d != d_in {
@@ -89,7 +85,7 @@ pub fn run(cfg: TrainConfig, resume: Option<&Path>) -> Result<Summary> {
         }
     };
     let start_step = state.step;
-    let (mut backend, why) = backend::create(&cfg, state)?;
+    let (mut backend, why) = chosen.create(&cfg, state)?;
     let eval_set = source.eval_batches(cfg.eval_tokens)?;
     let sched = Schedule { lr: cfg.lr, warmup: cfg.warmup(), total, decay_frac: cfg.decay_frac };
 

@@ -2,6 +2,9 @@
 //! `encoder.bias`, `W_dec [num_latents, d_in]`, `b_dec [d_in]`, exactly the module's parameters:
 //! sparsify loads them strictly) and `cfg.json` (`SparseCoderConfig` fields plus `d_in`, which
 //! `SparseCoder.load_from_disk` requires). sparsify SAEs are TopK SAEs (ReLU, then the k largest).
+//!
+//! Named after EleutherAI, not `sparsify`, so that it is not confused with [`crate::sparsify`] (the
+//! selection rules); the CLI value stays `--format sparsify`.
 
 use super::load::SPARSIFY_WEIGHTS_FILE;
 use super::saelens::{serialize_f32, ExportedSae, CFG_FILE};

@@ -10,7 +10,7 @@
 // Index loops on purpose: they read like the SPEC's sums.
 #![allow(clippy::needless_range_loop)]
 
-use crate::model::{Params, Shape};
+use saetrain::model::{Params, Shape};
 
 /// Parameters (or a gradient) in f64, in the SPEC's shapes. Under aligned training `w_enc`
 /// holds A, the trainable encoder parameter.

@@ -1,0 +1,293 @@
+//! The shard reader's options ([`ShardOptions`]) and where every training row goes, fixed by the
+//! data and the seed: the held-out split, the training chunks, the norm filter and scale (`Core`),
+//! and the reproducible order of rows.
+//!
+//! Layout (fixed by the data alone, independent of the seed):
+//! - the held-out split is `eval_tokens` rows in blocks of [`EVAL_BLOCK`] rows spread evenly over
+//!   the concatenated shards; those rows are never part of a training chunk;
+//! - the remaining rows of each shard are cut into chunks of `chunk_rows` contiguous rows.
+//!
+//! Order of training rows in epoch `e`: shards in a permutation drawn from (seed, e), each shard's
+//! chunks in a permutation drawn from (seed, e, shard). That row sequence is cut into windows of
+//! `shuffle_buffer` rows, and each window is emitted in a uniform permutation drawn from
+//! (seed, e, window): the token-level shuffle buffer. The windows hold row *references*
+//! (`Window`); the stream (`stream.rs`) gathers the rows from the map.
+
+use super::dataset::{median, sample_norms, Dataset};
+use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Rows per held-out block.
+pub const EVAL_BLOCK: usize = 256;
+
+/// Options of the shard reader (the data fields of the training config, plus reader knobs).
+#[derive(Clone, Debug)]
+pub struct ShardOptions {
+    pub tensor: Option<String>,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Token-level shuffle window (rows); 0 or 1 keeps the chunk order.
+    pub shuffle_buffer: usize,
+    /// Held-out rows.
+    pub eval_tokens: usize,
+    /// Scale rows so that E||s x||^2 = d_in.
+    pub normalize: bool,
+    /// Exclude rows with norm > this x median norm (0 disables).
+    pub max_norm_multiple: f64,
+    /// Ready batches kept by the reader thread (0: read on the caller's thread).
+    pub prefetch: usize,
+    /// Return half-precision shards as F16/Bf16 batches instead of converting to f32.
+    pub keep_half: bool,
+    /// Expected input width (error if the data differs).
+    pub d_in: Option<usize>,
+    /// Rows per contiguous chunk (unit of the chunk-order shuffle).
+    pub chunk_rows: usize,
+    /// Rows sampled for the median norm and the scale.
+    pub sample_rows: usize,
+}
+
+impl Default for ShardOptions {
+    fn default() -> Self {
+        Self {
+            tensor: None,
+            batch_size: 1024,
+            seed: 0,
+            shuffle_buffer: 65_536,
+            eval_tokens: 8192,
+            normalize: false,
+            max_norm_multiple: 10.0,
+            prefetch: 4,
+            keep_half: false,
+            d_in: None,
+            chunk_rows: 1024,
+            sample_rows: 10_000,
+        }
+    }
+}
+
+impl ShardOptions {
+    pub fn from_config(cfg: &crate::config::TrainConfig, keep_half: bool) -> Self {
+        Self {
+            tensor: cfg.tensor.clone(),
+            batch_size: cfg.batch_size,
+            seed: cfg.seed,
+            shuffle_buffer: cfg.shuffle_buffer,
+            eval_tokens: cfg.eval_tokens,
+            normalize: cfg.normalize,
+            max_norm_multiple: cfg.max_norm_multiple,
+            prefetch: cfg.prefetch,
+            keep_half,
+            d_in: cfg.d_in,
+            ..Self::default()
+        }
+    }
+}
+
+/// Contiguous rows `[start, start+len)` of one shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seg {
+    pub shard: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Everything fixed after opening: shards, split, filter and scale. Shared with the reader thread.
+#[derive(Debug)]
+pub(super) struct Core {
+    pub(super) ds: Dataset,
+    pub(super) opts: ShardOptions,
+    /// Training chunks of each shard, in file order.
+    chunks: Vec<Vec<Seg>>,
+    /// Held-out segments, in file order.
+    pub(super) eval: Vec<Seg>,
+    pub(super) train_rows: usize,
+    pub(super) eval_rows: usize,
+    pub(super) scale: f32,
+    pub(super) median_norm: f64,
+    /// Squared norm above which a row is excluded (infinite when disabled).
+    pub(super) max_sq: f64,
+    pub(super) window: usize,
+    pub(super) ground_truth: Option<Vec<f32>>,
+}
+
+fn mix(a: u64, b: u64, c: u64) -> u64 {
+    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ c.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn shuffle<T>(v: &mut [T], rng: &mut ChaCha8Rng) {
+    for i in (1..v.len()).rev() {
+        let j = rng.random_range(0..=i);
+        v.swap(i, j);
+    }
+}
+
+const TAG_SHARDS: u64 = 0x5348_4152_4453;
+const TAG_WINDOW: u64 = 0x5749_4E44_4F57;
+
+impl Core {
+    pub(super) fn new(ds: Dataset, opts: ShardOptions) -> Result<Self> {
+        if opts.batch_size == 0 {
+            bail!("invalid --batch-size 0");
+        }
+        if let Some(d) = opts.d_in {
+            if d != ds.d_in {
+                bail!(
+                    "--d-in {d} does not match the data: {} has d_in {} ({})",
+                    ds.spec.display(),
+                    ds.d_in,
+                    ds.shards[0].path.display()
+                );
+            }
+        }
+        if !(opts.max_norm_multiple >= 0.0 && opts.max_norm_multiple.is_finite()) {
+            bail!("invalid --max-norm-multiple {}: must be >= 0 (0 disables)", opts.max_norm_multiple);
+        }
+        let n = ds.total_rows();
+        let e = opts.eval_tokens;
+        if n < opts.batch_size {
+            bail!("{}: only {n} rows, fewer than one batch of --batch-size {}", ds.spec.display(), opts.batch_size);
+        }
+        if e > n / 2 || n - e < opts.batch_size {
+            bail!(
+                "--eval-tokens {e} is too large for {} ({n} rows): the held-out split may take at most half \
+                 the rows and must leave at least one batch ({} rows) for training",
+                ds.spec.display(),
+                opts.batch_size
+            );
+        }
+        // Held-out blocks, spread evenly over the global row space.
+        let t = n - e;
+        let nb = e.div_ceil(EVAL_BLOCK);
+        let mut eval_global = vec![];
+        for i in 0..nb {
+            let len = if i + 1 == nb { e - i * EVAL_BLOCK } else { EVAL_BLOCK };
+            let start = (i as u128 * t as u128 / nb as u128) as usize + i * EVAL_BLOCK;
+            eval_global.push((start, start + len));
+        }
+        // Per-shard segments.
+        let mut chunks = vec![vec![]; ds.shards.len()];
+        let mut eval = vec![];
+        let chunk_rows = opts.chunk_rows.max(1);
+        let mut base = 0;
+        let mut k = 0;
+        for (si, sh) in ds.shards.iter().enumerate() {
+            let (lo, hi) = (base, base + sh.rows);
+            let mut cur = lo;
+            let push_train = |a: usize, b: usize, chunks: &mut Vec<Vec<Seg>>| {
+                let mut s = a;
+                while s < b {
+                    let l = chunk_rows.min(b - s);
+                    chunks[si].push(Seg { shard: si, start: s - lo, len: l });
+                    s += l;
+                }
+            };
+            while cur < hi {
+                while k < eval_global.len() && eval_global[k].1 <= cur {
+                    k += 1;
+                }
+                match eval_global.get(k) {
+                    Some(&(a, b)) if a < hi => {
+                        if a > cur {
+                            push_train(cur, a, &mut chunks);
+                        }
+                        let ea = a.max(cur);
+                        let eb = b.min(hi);
+                        eval.push(Seg { shard: si, start: ea - lo, len: eb - ea });
+                        cur = eb;
+                    }
+                    _ => {
+                        push_train(cur, hi, &mut chunks);
+                        cur = hi;
+                    }
+                }
+            }
+            base = hi;
+        }
+        let train_rows: usize = chunks.iter().flatten().map(|c| c.len).sum();
+        debug_assert_eq!(train_rows, t);
+
+        let (norms, _) = sample_norms(&ds, opts.sample_rows);
+        let med = median(&norms);
+        let max_norm = if opts.max_norm_multiple > 0.0 { opts.max_norm_multiple * med } else { f64::INFINITY };
+        let max_sq = max_norm * max_norm;
+        let kept: Vec<f64> = norms.iter().copied().filter(|&x| x <= max_norm).collect();
+        let scale = if opts.normalize {
+            let ms = kept.iter().map(|x| x * x).sum::<f64>() / kept.len().max(1) as f64;
+            if !(ms > 0.0 && ms.is_finite()) {
+                bail!("{}: cannot normalise: the sampled rows have zero mean squared norm", ds.spec.display());
+            }
+            (ds.d_in as f64 / ms).sqrt() as f32
+        } else {
+            1.0
+        };
+        let ground_truth = ds.ground_truth()?;
+        let window = opts.shuffle_buffer.max(1);
+        Ok(Self {
+            ds,
+            opts,
+            chunks,
+            eval,
+            train_rows,
+            eval_rows: e,
+            scale,
+            median_norm: med,
+            max_sq,
+            window,
+            ground_truth,
+        })
+    }
+
+    /// Training chunks in the order of epoch `epoch`.
+    pub(super) fn epoch_order(&self, epoch: u64) -> Vec<Seg> {
+        let seed = self.opts.seed;
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, epoch, TAG_SHARDS));
+        let mut shards: Vec<usize> = (0..self.chunks.len()).collect();
+        shuffle(&mut shards, &mut rng);
+        let mut out = Vec::with_capacity(self.chunks.iter().map(|c| c.len()).sum());
+        for s in shards {
+            let mut c = self.chunks[s].clone();
+            let mut r = ChaCha8Rng::seed_from_u64(mix(seed, epoch, TAG_SHARDS ^ (s as u64 + 1) << 8));
+            shuffle(&mut c, &mut r);
+            out.extend(c);
+        }
+        out
+    }
+
+    /// Window `window` of epoch `epoch`: its row references in emission order, and its segments.
+    /// `order` is `Core::epoch_order` of that epoch, `order_start` the start row of each of its
+    /// chunks.
+    pub(super) fn window_rows(&self, epoch: u64, window: u64, order: &[Seg], order_start: &[usize]) -> Window {
+        let c = self;
+        let a = window as usize * c.window;
+        let b = (a + c.window).min(c.train_rows);
+        let mut refs = Vec::with_capacity(b - a);
+        let mut segs = vec![];
+        let mut i = order_start.partition_point(|&s| s <= a) - 1;
+        let mut g = a;
+        while g < b {
+            let s = order[i];
+            let off = g - order_start[i];
+            let l = (s.len - off).min(b - g);
+            segs.push(Seg { shard: s.shard, start: s.start + off, len: l });
+            refs.extend((0..l).map(|k| (s.shard as u32, s.start + off + k)));
+            g += l;
+            i += 1;
+        }
+        if c.window > 1 {
+            let mut rng = ChaCha8Rng::seed_from_u64(mix(c.opts.seed, epoch, TAG_WINDOW ^ window << 16));
+            shuffle(&mut refs, &mut rng);
+        }
+        (refs, segs)
+    }
+
+    pub(super) fn windows_per_epoch(&self) -> u64 {
+        self.train_rows.div_ceil(self.window) as u64
+    }
+}
+
+/// A loaded window: row references (shard, row) in emission order, and its segments.
+pub(super) type Window = (Vec<(u32, usize)>, Vec<Seg>);
