@@ -147,48 +147,37 @@ fn gemm_cublas(
                 pre as *mut f32,
                 m,
             ),
-            Precision::Tf32 => blas::gemm_ex(
-                h,
-                CUBLAS_OP_T,
-                CUBLAS_OP_N,
-                m,
-                n,
-                k,
-                ap,
-                w as *const _,
-                CUDA_R_32F,
-                k,
-                b.xc.ptr() as *const _,
-                CUDA_R_32F,
-                k,
-                bp,
-                pre,
-                CUDA_R_32F,
-                m,
-                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-            ),
-            Precision::Bf16 => blas::gemm_ex(
-                h,
-                CUBLAS_OP_T,
-                CUBLAS_OP_N,
-                m,
-                n,
-                k,
-                ap,
-                b.w_bf16.ptr() as *const _,
-                CUDA_R_16BF,
-                k,
-                b.xc_bf16.ptr() as *const _,
-                CUDA_R_16BF,
-                k,
-                bp,
-                pre,
-                CUDA_R_32F,
-                m,
-                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-            ),
+            Precision::Tf32 | Precision::Bf16 => {
+                // tf32: the f32 operands with tensor-core rounding; bf16: the bf16 copies.
+                let (wp, xp, ty, compute) = if prec == Precision::Tf32 {
+                    (w, b.xc.ptr(), CUDA_R_32F, bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32)
+                } else {
+                    (b.w_bf16.ptr(), b.xc_bf16.ptr(), CUDA_R_16BF, bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F)
+                };
+                let (wp, xp) = (wp as *const std::ffi::c_void, xp as *const std::ffi::c_void);
+                let algo = bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT;
+                blas::gemm_ex(
+                    h,
+                    CUBLAS_OP_T,
+                    CUBLAS_OP_N,
+                    m,
+                    n,
+                    k,
+                    ap,
+                    wp,
+                    ty,
+                    k,
+                    xp,
+                    ty,
+                    k,
+                    bp,
+                    pre,
+                    CUDA_R_32F,
+                    m,
+                    compute,
+                    algo,
+                )
+            }
         }
     };
     r.map_err(|e| anyhow!("cuBLAS encoder product ({prec:?}) failed: {e:?}"))
