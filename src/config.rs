@@ -298,6 +298,21 @@ impl TrainConfig {
         Ok(serde_json::from_value(base)?)
     }
 
+    /// The options given on the command line, as config-file keys and values.
+    pub fn given(cli: &TrainConfig, matches: &ArgMatches) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let all = serde_json::to_value(cli)?;
+        let mut out = serde_json::Map::new();
+        for id in matches.ids() {
+            let id = id.as_str();
+            if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                if let Some(v) = all.get(id) {
+                    out.insert(id.to_string(), v.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Read a config file (`.toml` or `.json`); unknown keys are an error that names them.
     pub fn load(path: &Path) -> Result<Self> {
         let text =

@@ -394,6 +394,7 @@ fn eval_export_and_pictures_on_a_run() {
             hook_name: Some("blocks.6.hook_resid_post".into()),
             hook_layer: Some(6),
             context_size: None,
+            overwrite: false,
         })
         .unwrap();
         let back = load_sae(&out).unwrap();

@@ -474,3 +474,46 @@ fn batchtopk_structured_rows() {
         }
     }
 }
+
+/// The oracle of any selection: an exhaustive match, so a new `Selection` variant does not
+/// compile until it has a plain reference here.
+fn oracle(pre: &[f32], rows: usize, cols: usize, sel: &Selection) -> Set {
+    match *sel {
+        Selection::TopK { k } => oracle_topk(pre, rows, cols, k),
+        Selection::BatchTopK { k } => oracle_batchtopk(pre, rows, cols, k),
+        Selection::Wta { m } => oracle_wta(pre, rows, cols, m),
+        Selection::Hybrid { m, k_max } => oracle_cap(&oracle_wta(pre, rows, cols, m), rows, k_max),
+        Selection::Relu => oracle_mask(pre, rows, cols, None),
+        Selection::JumpRelu { theta } => oracle_mask(pre, rows, cols, Some(theta)),
+        Selection::Aux { candidates, k } => {
+            let mut out = vec![];
+            for b in 0..rows {
+                let cand = candidates
+                    .iter()
+                    .map(|&i| (pre[b * cols + i as usize], i as usize))
+                    .filter(|e| positive(e.0))
+                    .collect();
+                out.extend(top_n(cand, k).into_iter().map(|(v, i)| (b, i, v.to_bits())));
+            }
+            out.sort();
+            out
+        }
+    }
+}
+
+/// Every example of the case table (the same list the CUDA self-test runs) against its oracle
+/// on every input kind, including budgets above B and F < k.
+#[test]
+fn case_table_selections_match_their_oracles() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for &(rows, cols) in SHAPES {
+        let inputs = sparsify::cases::SelectionInputs::new(cols);
+        for kind in 0..5 {
+            let pre = gen(&mut rng, rows, cols, kind);
+            for (name, sel) in sparsify::cases::selection_examples(&inputs, cols) {
+                let got = as_set(&sparsify::select(&pre, rows, cols, &sel), &pre, rows, cols);
+                assert_eq!(got, oracle(&pre, rows, cols, &sel), "{name} rows={rows} cols={cols} kind={kind}");
+            }
+        }
+    }
+}

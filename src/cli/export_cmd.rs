@@ -42,6 +42,28 @@ pub struct ExportArgs {
     /// SAELens metadata.context_size.
     #[arg(long)]
     pub context_size: Option<usize>,
+    /// Write into a non-empty --out (replacing the files of the export; others are left alone).
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// Refuse to write into a non-empty directory that is not the run's own unless `overwrite`.
+fn check_out(run: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        bail!("--out {}: exists and is not a directory", out.display());
+    }
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
+    let names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let own = std::fs::canonicalize(out).ok() == std::fs::canonicalize(checkpoint_dir(run)).ok();
+    if names.is_empty() || own || overwrite {
+        return Ok(());
+    }
+    let what = if names.iter().any(|n| n == CONFIG_FILE) { "holds another training run" } else { "is not empty" };
+    bail!(
+        "--out {} {what} ({}); pass --overwrite to write the export there anyway, or choose another --out",
+        out.display(),
+        names.iter().take(4).cloned().collect::<Vec<_>>().join(", ")
+    )
 }
 
 /// The SAE of `path` with normalisation folded in: rebuilt from the trainer state of a run
@@ -66,6 +88,7 @@ pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Op
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
+    check_out(&args.run, &args.out, args.overwrite)?;
     let (mut sae, mut md, extra) =
         sae_for_export(&args.run).with_context(|| format!("export {}", args.run.display()))?;
     if let Some(k) = args.k {
@@ -80,9 +103,6 @@ pub fn run(args: ExportArgs) -> Result<()> {
         if let Some(v) = v {
             md[key] = v;
         }
-    }
-    if args.out.exists() && !args.out.is_dir() {
-        bail!("--out {}: exists and is not a directory", args.out.display());
     }
     match args.format {
         ExportFormat::Saelens => sae.save_saelens(&args.out, md, extra)?,

@@ -1,7 +1,7 @@
 //! `sae train`: resolve the config (defaults < --config file < flags), train, print the summary.
 
 use crate::config::TrainConfig;
-use crate::train::{self, Summary};
+use crate::train::{self, rundir, RunOptions, Summary};
 use anyhow::{Context, Result};
 use clap::{ArgMatches, Args};
 use std::path::PathBuf;
@@ -11,9 +11,14 @@ pub struct TrainArgs {
     /// TOML or JSON file with any of the options below (flags given here override it).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Continue the run in this directory from its last checkpoint.
+    /// Continue the run in this directory from its last checkpoint. Only --steps, --tokens,
+    /// --threads, --quiet, --log-every, --eval-every, --checkpoint-every, --prefetch and
+    /// --backend may differ from the saved config (changes are recorded in resumes.jsonl).
     #[arg(long, conflicts_with = "config")]
     pub resume: Option<PathBuf>,
+    /// Replace a previous run's files in --out (other files are never touched).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     #[command(flatten)]
     pub cfg: TrainConfig,
 }
@@ -21,7 +26,14 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let cfg = TrainConfig::resolve(&args.cfg, matches, args.config.as_deref())?;
     init_threads(cfg.threads)?;
-    let summary = train::run(cfg, args.resume.as_deref())?;
+    let mut opts = RunOptions { overwrite: args.overwrite, ..Default::default() };
+    if let Some(dir) = &args.resume {
+        // Refuse options that differ from the saved config (unless safe to change).
+        if let Ok(saved) = TrainConfig::load(&dir.join(train::CONFIG_FILE)) {
+            opts.resume_changes = rundir::resume_changes(&saved, &TrainConfig::given(&args.cfg, matches)?)?;
+        }
+    }
+    let summary = train::run_with(cfg, args.resume.as_deref(), &opts)?;
     print_summary(&summary);
     Ok(())
 }

@@ -23,7 +23,7 @@ impl ExportedSae {
                 self.architecture
             );
         };
-        let expansion = if self.d_sae % self.d_in == 0 { self.d_sae / self.d_in } else { 0 };
+        let expansion = if self.d_sae.is_multiple_of(self.d_in) { self.d_sae / self.d_in } else { 0 };
         Ok(json!({
             "activation": "topk",
             "expansion_factor": expansion.max(1),

@@ -1,6 +1,7 @@
 //! The training loop: data -> backend steps -> metrics, checkpoints and the final summary.
 
 pub mod checkpoint;
+pub mod rundir;
 pub mod schedule;
 
 use crate::backend::{self, Backend, InferMode, StepStats};
@@ -42,15 +43,31 @@ pub struct Summary {
     pub out: PathBuf,
 }
 
+/// How a run treats its directory.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Replace a previous run's files in `--out` (never anything else).
+    pub overwrite: bool,
+    /// With `--resume`: the options to change, from [`rundir::resume_changes`].
+    pub resume_changes: serde_json::Map<String, serde_json::Value>,
+}
+
 /// Train from scratch (`resume = None`) or continue the run in `resume`.
 pub fn run(cfg: TrainConfig, resume: Option<&Path>) -> Result<Summary> {
-    let mut cfg = match resume {
+    run_with(cfg, resume, &RunOptions::default())
+}
+
+/// [`run`] with the run-directory options.
+pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> Result<Summary> {
+    let (mut cfg, mut lock) = match resume {
         Some(dir) => {
-            let c = TrainConfig::load(&dir.join(CONFIG_FILE))
+            let saved = TrainConfig::load(&dir.join(CONFIG_FILE))
                 .with_context(|| format!("--resume {}: not a run directory", dir.display()))?;
-            TrainConfig { out: dir.to_path_buf(), quiet: cfg.quiet, threads: cfg.threads, ..c }
+            let lock = rundir::lock(dir)?;
+            let c = rundir::apply_changes(&saved, &opts.resume_changes)?;
+            (TrainConfig { out: dir.to_path_buf(), quiet: cfg.quiet, threads: cfg.threads, ..c }, Some(lock))
         }
-        None => cfg,
+        None => (cfg, None),
     };
     cfg.validate()?;
     // The backend is chosen first: it says whether it takes half-precision batches.
@@ -64,14 +81,29 @@ pub fn run(cfg: TrainConfig, resume: Option<&Path>) -> Result<Summary> {
     }
     cfg.d_in = Some(d_in);
     let out = cfg.out.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create output directory {}", out.display()))?;
+    if lock.is_none() {
+        lock = Some(rundir::prepare_new(&out, opts.overwrite)?);
+    }
+    let _lock = lock;
 
     let total = cfg.total_steps();
+    // A run killed before its first checkpoint has only its config: it starts again from step 0.
+    let resume = resume.filter(|dir| dir.join(checkpoint::STATE_FILE).exists());
     let (state, mut tokens, first_batch) = match resume {
         Some(dir) => {
             let (state, meta) = checkpoint::load(dir)?;
+            if total < meta.step {
+                bail!(
+                    "--resume {}: the run has trained {} steps, more than the {total} asked for",
+                    dir.display(),
+                    meta.step
+                );
+            }
             source.seek(&meta.position)?;
             truncate_metrics(&out.join(METRICS_FILE), meta.step)?;
+            if !opts.resume_changes.is_empty() {
+                record_resume(&out, &cfg, meta.step, &opts.resume_changes)?;
+            }
             (state, meta.tokens, None)
         }
         None => {
@@ -125,11 +157,11 @@ pub fn run(cfg: TrainConfig, resume: Option<&Path>) -> Result<Summary> {
         tokens += batch.rows as u64;
         window.add(&stats);
         let done = step + 1;
-        if done % cfg.log_every == 0 || done == total {
+        if done.is_multiple_of(cfg.log_every) || done == total {
             let mut line =
                 window.mean(done, tokens, lr, t0.elapsed().as_secs_f64(), tokens_since(start_step, &cfg, done));
             line["data"] = serde_json::to_value(source.stats())?;
-            if cfg.eval_every > 0 && (done % cfg.eval_every == 0) && done != total {
+            if cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every) && done != total {
                 let m = core_metrics(backend.as_mut(), &eval_set, InferMode::Exported)?;
                 line["eval"] = serde_json::to_value(&m)?;
             }
@@ -144,7 +176,7 @@ pub fn run(cfg: TrainConfig, resume: Option<&Path>) -> Result<Summary> {
             ));
             window = Window::default();
         }
-        if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 && done != total {
+        if cfg.checkpoint_every > 0 && done.is_multiple_of(cfg.checkpoint_every) && done != total {
             save_all(&cfg, backend.as_ref(), source.as_ref(), &out, tokens)?;
         }
     }
@@ -171,6 +203,25 @@ pub fn run(cfg: TrainConfig, resume: Option<&Path>) -> Result<Summary> {
     };
     write_json_atomic(&out.join(SUMMARY_FILE), &summary)?;
     Ok(summary)
+}
+
+/// The new config (so a later resume keeps the change) and a line in `resumes.jsonl` saying
+/// what changed at which step.
+fn record_resume(
+    out: &Path,
+    cfg: &TrainConfig,
+    step: u64,
+    changes: &serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    write_json_atomic(&out.join(CONFIG_FILE), cfg)?;
+    let path = out.join(rundir::RESUMES_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    writeln!(f, "{}", json!({ "at_step": step, "changed": changes }))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn tokens_since(start_step: u64, cfg: &TrainConfig, done: u64) -> u64 {

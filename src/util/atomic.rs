@@ -26,3 +26,8 @@ fn tmp_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
+
+/// Whether `name` is one of our temporary files (`.NAME.PID.tmp`).
+pub fn is_our_temporary(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp") && name.rsplit('.').nth(1).is_some_and(|p| p.parse::<u32>().is_ok())
+}
