@@ -393,7 +393,16 @@ impl TrainConfig {
         if self.sparsifier.per_column() {
             let rate = self.wta_rate();
             if !(rate > 0.0 && rate <= 1.0) {
-                bail!("invalid --rate {rate}: the WTA rate must be in (0, 1]");
+                match self.rate {
+                    Some(_) => bail!("invalid --rate {rate}: the WTA rate must be in (0, 1]"),
+                    None => bail!(
+                        "invalid --k {} for {}: without --rate the WTA rate is k / d_sae = {} / {} = {rate}, which must be in (0, 1]",
+                        self.k,
+                        self.sparsifier.name(),
+                        self.k,
+                        self.d_sae
+                    ),
+                }
             }
         }
         if self.sparsifier == SparsifierKind::Hybrid && self.hybrid_k_max() == 0 {
@@ -450,5 +459,19 @@ impl TrainConfig {
 
     fn per_column_zipf(&self) -> bool {
         self.sparsifier.per_column() && self.budget == BudgetKind::Zipf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_derived_rate_error_names_the_flags_given() {
+        let cfg = TrainConfig { k: 300, d_sae: 256, ..TrainConfig::default() };
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("--k 300") && e.contains("k / d_sae"), "{e}");
+        let cfg = TrainConfig { rate: Some(2.0), ..TrainConfig::default() };
+        assert!(cfg.validate().unwrap_err().to_string().contains("invalid --rate 2"));
     }
 }
