@@ -123,9 +123,13 @@ extern "C" __global__ void latent_finish(const u32* __restrict__ col_ptr, const 
                                          float* __restrict__ dw_dec) {
     __shared__ float scratch[32];
     const u32 i = blockIdx.x;
-    u32 n = col_ptr[i + 1] - col_ptr[i];
-    if (aux_col_ptr) n += aux_col_ptr[i + 1] - aux_col_ptr[i];
-    if (n == 0) return;
+    // Rows no code touched have zero gradients, which this map leaves at zero: skip them when the
+    // host says which rows were touched (col_ptr null: it cannot, e.g. after several aux groups).
+    if (col_ptr) {
+        u32 n = col_ptr[i + 1] - col_ptr[i];
+        if (aux_col_ptr) n += aux_col_ptr[i + 1] - aux_col_ptr[i];
+        if (n == 0) return;
+    }
     const float* w = w_all + (u64)i * d;
     float* ge = dw_enc + (u64)i * d;
     float* gd = dw_dec + (u64)i * d;

@@ -10,12 +10,14 @@ use std::path::{Path, PathBuf};
 
 /// The sparsifier's own types live in `sparsify/`; they are re-exported here because they are
 /// options.
-pub use crate::sparsify::{AuxKind, BudgetKind, SparsifierKind};
+pub use crate::sparsify::{AuxKind, BudgetKind, SparsifierKind, ZipfRounding};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum ThresholdMode {
     /// One theta per latent (default: keeps each latent's firing rate near its budget).
+    #[value(alias = "per_latent")]
+    #[serde(alias = "per-latent")]
     PerLatent,
     /// One scalar theta (the WTA paper's choice: min over latents).
     Global,
@@ -25,6 +27,8 @@ pub enum ThresholdMode {
 #[serde(rename_all = "snake_case")]
 pub enum BDecInit {
     Mean,
+    #[value(alias = "geometric_median")]
+    #[serde(alias = "geometric-median")]
     GeometricMedian,
 }
 
@@ -35,6 +39,8 @@ pub enum BackendChoice {
     Cpu,
     Cuda,
     /// The CUDA backend with every kernel run by the host emulator: for checking, very slow.
+    #[value(alias = "cuda_emulator")]
+    #[serde(alias = "cuda-emulator")]
     CudaEmulator,
 }
 
@@ -56,6 +62,20 @@ pub enum EncoderKind {
     /// The hand-written f32 tiled GEMM whose epilogue applies bias, ReLU and the JumpReLU
     /// threshold and builds batchtopk's first radix histogram (no second pass over B x F).
     Fused,
+}
+
+/// `aux` in a config file: one value (`aux = "aux_k"`, as older configs have it) or a list.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<AuxKind>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(AuxKind),
+        Many(Vec<AuxKind>),
+    }
+    Ok(Option::<OneOrMany>::deserialize(d)?.map(|v| match v {
+        OneOrMany::One(a) => vec![a],
+        OneOrMany::Many(v) => v,
+    }))
 }
 
 /// Every training option. Field names are the config-file keys; flags are the same names in
@@ -82,6 +102,10 @@ pub struct TrainConfig {
     /// Feature-choice budget rule.
     #[arg(long, value_enum, default_value_t = TrainConfig::default().budget)]
     pub budget: BudgetKind,
+    /// Rounding of Zipf budgets: systematic (exactly B*k per batch, no latent starved) or the
+    /// paper's literal floor.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().zipf_rounding)]
+    pub zipf_rounding: ZipfRounding,
     #[arg(long, default_value_t = TrainConfig::default().zipf_alpha)]
     pub zipf_alpha: f64,
     #[arg(long, default_value_t = TrainConfig::default().zipf_beta)]
@@ -98,14 +122,21 @@ pub struct TrainConfig {
     /// Aligned training: constrain W_enc_i . W_dec_i = 1.
     #[arg(long, default_value_t = false)]
     pub aligned: bool,
+    /// Start from the weights of this finished run (W_enc, b_enc, W_dec, b_dec and its running
+    /// densities) with a fresh optimiser, schedule and thresholds; the sparsifier may differ
+    /// (the MC/FC paper's MC -> FC recipe). d_in, d_sae and --aligned must match.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
     /// Decoder bias initialisation from the first batch.
     #[arg(long, value_enum, default_value_t = TrainConfig::default().b_dec_init)]
     pub b_dec_init: BDecInit,
 
     // ---- auxiliary loss ----
-    /// Auxiliary loss (default: aux_k, or aux_zipf for mutual_choice; none for relu).
-    #[arg(long, value_enum)]
-    pub aux: Option<AuxKind>,
+    /// Auxiliary losses, one or a list (`--aux aux-k,aux-zipf`; summed). Default: aux_k for
+    /// topk and batchtopk, aux_k + aux_zipf for mutual_choice, none for wta, hybrid and relu.
+    #[arg(long, value_enum, value_delimiter = ',', num_args = 1..)]
+    #[serde(deserialize_with = "one_or_many")]
+    pub aux: Option<Vec<AuxKind>>,
     /// Latents used by the aux loss per token (default d_in/2).
     #[arg(long)]
     pub k_aux: Option<usize>,
@@ -231,12 +262,14 @@ impl Default for TrainConfig {
             k: 8,
             rate: None,
             budget: BudgetKind::Uniform,
+            zipf_rounding: ZipfRounding::Systematic,
             zipf_alpha: 1.0,
             zipf_beta: 6.8,
             m_max: None,
             k_max: None,
             l1_coeff: 0.05,
             aligned: false,
+            init_from: None,
             b_dec_init: BDecInit::Mean,
             aux: None,
             k_aux: None,
@@ -356,8 +389,19 @@ impl TrainConfig {
     pub fn hybrid_k_max(&self) -> usize {
         self.k_max.unwrap_or(2 * self.k)
     }
-    pub fn aux_kind(&self) -> AuxKind {
-        self.aux.unwrap_or(self.sparsifier.default_aux())
+    /// The aux losses in force (none listed: no aux loss), without repeats.
+    pub fn aux_kinds(&self) -> Vec<AuxKind> {
+        let given: Vec<AuxKind> = match &self.aux {
+            Some(v) => v.clone(),
+            None => self.sparsifier.default_aux().to_vec(),
+        };
+        let mut out: Vec<AuxKind> = vec![];
+        for a in given {
+            if a != AuxKind::None && !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        out
     }
     pub fn k_aux_for(&self, d_in: usize) -> usize {
         self.k_aux.unwrap_or((d_in / 2).max(1))

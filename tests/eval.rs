@@ -29,6 +29,7 @@ fn tiny_sae(architecture: &str) -> ExportedSae {
         threshold: None,
         architecture: architecture.into(),
         k: None,
+        per_token_cap: None,
     }
 }
 
@@ -163,6 +164,7 @@ fn random_sae(architecture: &str, d: usize, f: usize, seed: u64) -> ExportedSae 
         threshold: (architecture == "jumprelu").then_some(th),
         architecture: architecture.into(),
         k: (architecture == "topk").then_some(3),
+        per_token_cap: None,
     }
 }
 

@@ -41,7 +41,7 @@ fn cfg(sparsifier: SparsifierKind, d: usize, f: usize, k: usize) -> TrainConfig 
         d_in: Some(d),
         synth_d_in: d,
         k,
-        aux: Some(AuxKind::None),
+        aux: Some(vec![AuxKind::None]),
         quiet: true,
         ..TrainConfig::default()
     }
@@ -53,7 +53,7 @@ fn case(name: &'static str, sparsifier: SparsifierKind, rows: usize, d: usize, f
 
 /// Every third latent dead, aux_k on.
 fn with_aux(mut c: Case) -> Case {
-    c.cfg.aux = Some(AuxKind::AuxK);
+    c.cfg.aux = Some(vec![AuxKind::AuxK]);
     c.cfg.dead_window = Some(100);
     c.dead = (0..c.cfg.d_sae).filter(|i| i % 3 == 1).collect();
     c
@@ -101,7 +101,7 @@ fn cases() -> Vec<Case> {
     v.push(aligned(case("relu+l1 aligned", Relu, B, D, F, K)));
     v.push(aligned(with_aux(case("batchtopk+aux_k aligned", Batchtopk, B, D, F, K))));
     let mut c = case("mutual_choice+aux_zipf", MutualChoice, B, D, F, K);
-    c.cfg.aux = None; // the default for mutual_choice: aux_zipf
+    c.cfg.aux = Some(vec![AuxKind::AuxZipf]);
     c.densities = true;
     v.push(c);
     for c in &mut v {
@@ -178,8 +178,9 @@ fn loss_cfg(c: &TrainConfig) -> LossConfig {
     }
 }
 
-/// aux_zipf's "dying" latents (SPEC): bottom quarter by running density AND density below
-/// 0.6 x the Zipf prediction for the rank (the rank's budget m_(i) over the batch size).
+/// aux_zipf's "dying" latents (SPEC, the MC/FC paper's Definition 3.1): bottom quarter by
+/// running density, density below 0.6 x the continuous Zipf density of the rank
+/// (N / (rank+beta)^alpha / B), and every lower-ranked latent dying too.
 fn dying(density: &[f32], batch: usize, k: usize, alpha: f64, beta: f64) -> Vec<bool> {
     let f = density.len();
     let mut order: Vec<usize> = (0..f).collect();
@@ -187,10 +188,13 @@ fn dying(density: &[f32], batch: usize, k: usize, alpha: f64, beta: f64) -> Vec<
     let z: f64 = (1..=f).map(|i| (i as f64 + beta).powf(-alpha)).sum();
     let n = (batch * k) as f64 / z;
     let mut out = vec![false; f];
-    for (r, &i) in order.iter().enumerate() {
-        let rank = r + 1;
-        let predicted = (n / (rank as f64 + beta).powf(alpha)).floor() / batch as f64;
-        out[i] = rank > f - f / 4 && (density[i] as f64) < 0.6 * predicted;
+    for r in (f - f / 4..f).rev() {
+        let i = order[r];
+        let predicted = n / ((r + 1) as f64 + beta).powf(alpha) / batch as f64;
+        if (density[i] as f64) >= 0.6 * predicted {
+            break;
+        }
+        out[i] = true;
     }
     out
 }
@@ -211,7 +215,9 @@ struct Tracking<'a> {
 /// The aux set the SPEC prescribes, selected independently in f64 from the reference `pre`;
 /// None when there are no candidates or none of them is positive (no aux term then).
 fn aux_mask(c: &TrainConfig, p: &RefParams, x: &[f64], rows: usize, mask: &Mask, tr: &Tracking) -> Option<Mask> {
-    let cand: Vec<bool> = match c.aux_kind() {
+    let kinds = c.aux_kinds();
+    assert!(kinds.len() <= 1, "the reference has one aux set; {kinds:?}");
+    let cand: Vec<bool> = match kinds.first().copied().unwrap_or(AuxKind::None) {
         AuxKind::None => return None,
         AuxKind::AuxK => tr.since.iter().map(|&s| s >= c.dead_window_tokens()).collect(),
         AuxKind::AuxZipf if tr.step == 0 => return None,

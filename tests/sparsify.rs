@@ -485,6 +485,7 @@ fn oracle(pre: &[f32], rows: usize, cols: usize, sel: &Selection) -> Set {
         Selection::Hybrid { m, k_max } => oracle_cap(&oracle_wta(pre, rows, cols, m), rows, k_max),
         Selection::Relu => oracle_mask(pre, rows, cols, None),
         Selection::JumpRelu { theta } => oracle_mask(pre, rows, cols, Some(theta)),
+        Selection::JumpReluCap { theta, k } => oracle_cap(&oracle_mask(pre, rows, cols, Some(theta)), rows, k),
         Selection::Aux { candidates, k } => {
             let mut out = vec![];
             for b in 0..rows {

@@ -177,7 +177,7 @@ fn aux_run(dir: &Path, aux: AuxKind) -> (Summary, Vec<Value>) {
     let cfg = TrainConfig {
         d_sae: 256,
         steps: 300,
-        aux: Some(aux),
+        aux: Some(vec![aux]),
         dead_window: Some(512),
         ..base(dir, SparsifierKind::Topk)
     };

@@ -253,7 +253,7 @@ pub fn selection_cases(b: usize, f: usize, k: usize) -> Vec<SelectionCase> {
         .chain(std::iter::once(&jumprelu))
         .map(|case| {
             let cfg = bench_config(case, 1, f, b, k);
-            let m = plan::budgets(&cfg, &vec![0.0; f], b);
+            let m = plan::budgets(&cfg, &vec![0.0; f], b, 0);
             SelectionCase { name: case.name.to_string(), cfg, m }
         })
         .collect()

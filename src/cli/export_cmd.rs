@@ -74,7 +74,8 @@ pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Op
         let cfg = TrainConfig::load(&dir.join(CONFIG_FILE))?;
         let (state, meta) = checkpoint::load(&dir)?;
         let w_enc_eff = effective_encoder(&cfg, &state);
-        let sae = ExportedSae::from_training(&cfg, &state.params, &w_enc_eff, &state.theta, meta.input_scale);
+        let theta = crate::sparsify::threshold::exported(&state.theta, &state.theta_set);
+        let sae = ExportedSae::from_training(&cfg, &state.params, &w_enc_eff, &theta, meta.input_scale);
         let md = json!({
             "dataset_path": cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
             "trained_tokens": meta.tokens,

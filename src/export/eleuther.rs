@@ -58,6 +58,12 @@ impl ExportedSae {
         if k == 0 || k > self.d_sae {
             bail!("invalid --k {k}: must lie in 1..={} (d_sae)", self.d_sae);
         }
-        Ok(ExportedSae { threshold: None, architecture: "topk".into(), k: Some(k), ..self.clone() })
+        Ok(ExportedSae {
+            threshold: None,
+            architecture: "topk".into(),
+            k: Some(k),
+            per_token_cap: None,
+            ..self.clone()
+        })
     }
 }

@@ -20,6 +20,9 @@ const CHUNK_ROWS: usize = 4096;
 impl ExportedSae {
     /// The selection rule the exported architecture implies.
     pub fn selection(&self) -> Result<Selection<'_>> {
+        if let (Some(t), Some(cap)) = (&self.threshold, self.per_token_cap) {
+            return Ok(Selection::JumpReluCap { theta: t, k: cap });
+        }
         Ok(match (self.architecture.as_str(), &self.threshold, self.k) {
             ("jumprelu", Some(t), _) | ("batchtopk", Some(t), _) => Selection::JumpRelu { theta: t },
             ("jumprelu", None, _) => bail!("jumprelu SAE without a threshold"),

@@ -313,7 +313,13 @@ pub fn load_saelens(dir: &Path) -> Result<ExportedSae> {
             }
         }
     }
-    Ok(ExportedSae { d_in: d, d_sae: f, w_enc, b_enc, w_dec, b_dec, threshold, architecture, k })
+    let per_token_cap = match cfg.get("per_token_cap") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().map(|c| c as usize).with_context(|| {
+            format!("{}: field 'per_token_cap' is {v}, expected a whole number of latents", cfg_path.display())
+        })?),
+    };
+    Ok(ExportedSae { d_in: d, d_sae: f, w_enc, b_enc, w_dec, b_dec, threshold, architecture, k, per_token_cap })
 }
 
 /// EleutherAI sparsify layout: `sae.safetensors` with `encoder.weight [d_sae, d_in]`,
@@ -373,5 +379,6 @@ pub fn load_sparsify(dir: &Path) -> Result<ExportedSae> {
         threshold: None,
         architecture: "topk".into(),
         k: Some(k),
+        per_token_cap: None,
     })
 }

@@ -41,20 +41,25 @@ pub struct ExportedSae {
     /// SAELens architecture name: "jumprelu", "topk", "batchtopk" or "standard".
     pub architecture: String,
     pub k: Option<usize>,
+    /// After the JumpReLU thresholds, at most this many latents per token (hybrid's inference
+    /// form; SAELens cannot express it and ignores it, saetrain's loader applies it).
+    pub per_token_cap: Option<usize>,
 }
 
 impl ExportedSae {
     /// From training state: `w_enc_eff` is the encoder actually applied (A + alpha W_dec under
-    /// aligned training), `theta` the EMA thresholds, `scale` the input scale.
+    /// aligned training), `theta` the exported thresholds (`sparsify::threshold::exported`),
+    /// `scale` the input scale.
     pub fn from_training(cfg: &TrainConfig, p: &Params, w_enc_eff: &[f32], theta: &[f32], scale: f32) -> Self {
         let s = p.parts();
         let (d, f) = (s.shape.d_in, s.shape.d_sae);
         let arch = cfg.sparsifier.exported();
-        let (threshold, k) = match arch {
+        let (threshold, k, per_token_cap) = match arch {
             // Folding leaves the pre-activations unchanged, so theta carries over as it is.
-            Architecture::JumpRelu => (Some(theta.to_vec()), None),
-            Architecture::TopK => (None, Some(cfg.k)),
-            Architecture::Standard => (None, None),
+            Architecture::JumpRelu => (Some(theta.to_vec()), None, None),
+            Architecture::JumpReluCapped => (Some(theta.to_vec()), None, Some(cfg.hybrid_k_max())),
+            Architecture::TopK => (None, Some(cfg.k), None),
+            Architecture::Standard => (None, None, None),
         };
         let architecture = arch.saelens_name();
         Self {
@@ -67,6 +72,7 @@ impl ExportedSae {
             threshold,
             architecture: architecture.to_string(),
             k,
+            per_token_cap,
         }
     }
 
@@ -142,6 +148,14 @@ impl ExportedSae {
         }
         if architecture == "topk" {
             c["rescale_acts_by_decoder_norm"] = json!(false);
+        }
+        if let Some(cap) = self.per_token_cap {
+            c["per_token_cap"] = json!(cap);
+            c["per_token_cap_note"] = json!(format!(
+                "trained as hybrid: after the thresholds, keep at most {cap} latents per token (the largest). \
+                 SAELens's jumprelu architecture cannot express this and ignores this key, so in SAELens a few \
+                 tokens fire more latents than in training; saetrain's loader (sae eval) applies the cap."
+            ));
         }
         if let Some(e) = extra {
             c["saetrain"] = e;

@@ -14,8 +14,12 @@ use std::cmp::Ordering;
 pub enum AuxKind {
     None,
     /// Gao et al.: reconstruct the residual from dead latents.
+    #[value(alias = "aux_k")]
+    #[serde(alias = "aux-k")]
     AuxK,
     /// MC/FC paper: the same with "dying" latents.
+    #[value(alias = "aux_zipf")]
+    #[serde(alias = "aux-zipf")]
     AuxZipf,
 }
 

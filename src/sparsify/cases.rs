@@ -95,6 +95,8 @@ pub fn selection_examples(inp: &SelectionInputs, cols: usize) -> Vec<(String, Se
         ("hybrid m=5 k_max=4".into(), Selection::Hybrid { m: &inp.m_uniform, k_max: 4 }),
         ("relu".into(), Selection::Relu),
         ("jumprelu".into(), Selection::JumpRelu { theta: &inp.theta }),
+        ("jumprelu cap 3".into(), Selection::JumpReluCap { theta: &inp.theta, k: 3 }),
+        ("jumprelu cap 0".into(), Selection::JumpReluCap { theta: &inp.theta, k: 0 }),
         ("aux top-5 of candidates".into(), Selection::Aux { candidates: &inp.candidates, k: 5 }),
     ]
 }
@@ -110,10 +112,11 @@ pub fn variant_index(s: &Selection) -> usize {
         Selection::Relu => 4,
         Selection::JumpRelu { .. } => 5,
         Selection::Aux { .. } => 6,
+        Selection::JumpReluCap { .. } => 7,
     }
 }
 /// Number of `Selection` variants.
-pub const SELECTION_VARIANTS: usize = 7;
+pub const SELECTION_VARIANTS: usize = 8;
 
 #[cfg(test)]
 mod tests {

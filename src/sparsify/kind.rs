@@ -14,7 +14,9 @@ pub enum SparsifierKind {
     Topk,
     /// The k*B largest activations of the whole batch (Bussmann et al. 2024).
     Batchtopk,
-    /// Same selection as batchtopk; trained with aux_zipf by default (Ayonrinde).
+    /// Same selection as batchtopk; trained with aux_k + aux_zipf by default (Ayonrinde).
+    #[value(alias = "mutual_choice")]
+    #[serde(alias = "mutual-choice")]
     MutualChoice,
     /// Winner-takes-all / feature choice: per latent, the m_j largest of its B values.
     #[value(alias = "feature_choice", alias = "feature-choice")]
@@ -38,6 +40,10 @@ pub enum Architecture {
     JumpRelu,
     /// Plain ReLU.
     Standard,
+    /// JumpReLU, then at most k latents per token: hybrid's inference form. SAELens has no such
+    /// architecture: it is written as `jumprelu` with `per_token_cap` beside it, which
+    /// saetrain's loader applies and SAELens ignores (the export says so).
+    JumpReluCapped,
 }
 
 impl Architecture {
@@ -45,7 +51,7 @@ impl Architecture {
     pub fn saelens_name(self) -> &'static str {
         match self {
             Self::TopK => "topk",
-            Self::JumpRelu => "jumprelu",
+            Self::JumpRelu | Self::JumpReluCapped => "jumprelu",
             Self::Standard => "standard",
         }
     }
@@ -112,12 +118,15 @@ impl SparsifierKind {
         }
     }
 
-    /// The aux loss trained with when `--aux` is not given.
-    pub fn default_aux(self) -> AuxKind {
+    /// The aux losses trained with when `--aux` is not given, as each paper trains them: aux_k
+    /// for topk (Gao et al.) and batchtopk (Bussmann et al.); aux_k + aux_zipf for mutual
+    /// choice (the MC/FC paper's recommendation); none for feature choice (the WTA paper trains
+    /// on MSE only, and a fixed budget per latent leaves no latent dead) and for relu.
+    pub fn default_aux(self) -> &'static [AuxKind] {
         match self {
-            Self::Relu | Self::Jumprelu => AuxKind::None,
-            Self::MutualChoice => AuxKind::AuxZipf,
-            Self::Topk | Self::Batchtopk | Self::Wta | Self::Hybrid => AuxKind::AuxK,
+            Self::Relu | Self::Jumprelu | Self::Wta | Self::Hybrid => &[],
+            Self::MutualChoice => &[AuxKind::AuxK, AuxKind::AuxZipf],
+            Self::Topk | Self::Batchtopk => &[AuxKind::AuxK],
         }
     }
 
@@ -125,7 +134,8 @@ impl SparsifierKind {
     pub fn exported(self) -> Architecture {
         match self {
             Self::Topk => Architecture::TopK,
-            Self::Batchtopk | Self::MutualChoice | Self::Wta | Self::Hybrid | Self::Jumprelu => Architecture::JumpRelu,
+            Self::Batchtopk | Self::MutualChoice | Self::Wta | Self::Jumprelu => Architecture::JumpRelu,
+            Self::Hybrid => Architecture::JumpReluCapped,
             Self::Relu => Architecture::Standard,
         }
     }

@@ -35,7 +35,7 @@ mod wta;
 use crate::sparse::SparseCodes;
 
 pub use aux::AuxKind;
-pub use budget::BudgetKind;
+pub use budget::{BudgetKind, ZipfRounding};
 pub use kind::{Architecture, SparsifierKind};
 pub use topk::cap_rows;
 
@@ -54,6 +54,9 @@ pub enum Selection<'a> {
     Relu,
     /// Entries with pre > theta[j] (and > 0).
     JumpRelu { theta: &'a [f32] },
+    /// JumpReLU, then per token at most `k` of the survivors (the largest): hybrid's inference
+    /// form, which keeps its per-token cap.
+    JumpReluCap { theta: &'a [f32], k: usize },
     /// The aux loss's codes: per token, the k largest positive entries among the candidate
     /// latents (ascending indices).
     Aux { candidates: &'a [u32], k: usize },
@@ -73,6 +76,7 @@ pub fn select(pre: &[f32], rows: usize, cols: usize, sel: &Selection) -> SparseC
         }
         Selection::Relu => mask::relu(pre, rows, cols),
         Selection::JumpRelu { theta } => mask::jumprelu(pre, rows, cols, theta),
+        Selection::JumpReluCap { theta, k } => cap_rows(&mask::jumprelu(pre, rows, cols, theta), k),
         Selection::Aux { candidates, k } => aux::select_aux(pre, rows, cols, candidates, k),
     }
 }

@@ -3,20 +3,24 @@
 //! cannot disagree about what a sparsifier does.
 
 use super::aux::{self, AuxKind, CandidateRule};
-use super::budget::{self, BudgetKind};
-use super::kind::SparsifierKind;
+use super::budget::{self, BudgetKind, ZipfRounding};
+use super::kind::{Architecture, SparsifierKind};
 use super::Selection;
 use crate::config::TrainConfig;
 
-/// Per-latent budgets m_j at batch size `rows` (empty for rules without budgets).
-pub fn budgets(cfg: &TrainConfig, density: &[f32], rows: usize) -> Vec<usize> {
+/// Per-latent budgets m_j at batch size `rows` for step `step` (0-based; systematic Zipf
+/// rounding draws its offset from the seed and the step), empty for rules without budgets.
+pub fn budgets(cfg: &TrainConfig, density: &[f32], rows: usize, step: u64) -> Vec<usize> {
     if !cfg.sparsifier.per_column() {
         return vec![];
     }
-    match cfg.budget {
-        BudgetKind::Uniform => vec![cfg.wta_m(rows); cfg.d_sae],
-        BudgetKind::Zipf => {
-            budget::zipf_budgets(density, rows, cfg.k, cfg.zipf_alpha, cfg.zipf_beta, cfg.m_max_for(rows))
+    let (k, a, b, m_max) = (cfg.k, cfg.zipf_alpha, cfg.zipf_beta, cfg.m_max_for(rows));
+    match (cfg.budget, cfg.zipf_rounding) {
+        (BudgetKind::Uniform, _) => vec![cfg.wta_m(rows); cfg.d_sae],
+        (BudgetKind::Zipf, ZipfRounding::Floor) => budget::zipf_budgets(density, rows, k, a, b, m_max),
+        (BudgetKind::Zipf, ZipfRounding::Systematic) => {
+            let u = budget::rounding_offset(cfg.seed, step);
+            budget::zipf_budgets_exact(density, rows, k, a, b, m_max, u)
         }
     }
 }
@@ -33,20 +37,21 @@ pub fn training<'a>(cfg: &TrainConfig, m: &'a [usize], theta: &'a [f32]) -> Sele
     }
 }
 
-/// The rule of the exported SAE: JumpReLU(theta) for batch-dependent rules, else the training
-/// rule.
+/// The rule of the exported SAE: JumpReLU(theta) for batch-dependent rules (hybrid keeping its
+/// per-token cap after the thresholds), else the training rule. `theta` is the exported form
+/// (`threshold::exported`).
 pub fn exported<'a>(cfg: &TrainConfig, m: &'a [usize], theta: &'a [f32]) -> Selection<'a> {
-    if cfg.sparsifier.batch_dependent() {
-        Selection::JumpRelu { theta }
-    } else {
-        training(cfg, m, theta)
+    match cfg.sparsifier.exported() {
+        Architecture::JumpRelu => Selection::JumpRelu { theta },
+        Architecture::JumpReluCapped => Selection::JumpReluCap { theta, k: cfg.hybrid_k_max() },
+        Architecture::TopK | Architecture::Standard => training(cfg, m, theta),
     }
 }
 
-/// The aux-candidate rule of `cfg`.
-pub fn candidate_rule(cfg: &TrainConfig) -> CandidateRule {
+/// The candidate rule of the aux loss `kind` under `cfg`.
+pub fn candidate_rule(cfg: &TrainConfig, kind: AuxKind) -> CandidateRule {
     CandidateRule {
-        kind: cfg.aux_kind(),
+        kind,
         dead_window: cfg.dead_window_tokens(),
         k: cfg.k,
         zipf_alpha: cfg.zipf_alpha,
@@ -55,12 +60,20 @@ pub fn candidate_rule(cfg: &TrainConfig) -> CandidateRule {
     }
 }
 
-/// Latents eligible for the aux loss at step `step` (0 = before the first update), ascending.
-pub fn aux_candidates(cfg: &TrainConfig, step: u64, since_fired: &[u64], density: &[f32], rows: usize) -> Vec<u32> {
-    if cfg.aux_kind() == AuxKind::None {
-        return vec![];
-    }
-    aux::candidates(&candidate_rule(cfg), step, since_fired, density, rows)
+/// Per aux loss in force, the latents eligible for it at step `step` (0 = before the first
+/// update), ascending. Losses without candidates at this step are left out.
+pub fn aux_candidates(
+    cfg: &TrainConfig,
+    step: u64,
+    since_fired: &[u64],
+    density: &[f32],
+    rows: usize,
+) -> Vec<(AuxKind, Vec<u32>)> {
+    cfg.aux_kinds()
+        .into_iter()
+        .map(|kind| (kind, aux::candidates(&candidate_rule(cfg, kind), step, since_fired, density, rows)))
+        .filter(|(_, c)| !c.is_empty())
+        .collect()
 }
 
 /// The aux selection over `candidates` for inputs of width `d_in`.

@@ -19,6 +19,15 @@ pub fn per_latent_min(codes: &SparseCodes) -> Vec<Option<f32>> {
     out
 }
 
+/// A threshold that no activation passes: what a latent that never fired in training gets.
+pub const NEVER: f32 = f32::MAX;
+
+/// The thresholds inference uses: theta where it was measured, `NEVER` where the latent never
+/// fired while thresholds were tracked (so it cannot fire on every positive pre-activation).
+pub fn exported(theta: &[f32], theta_set: &[bool]) -> Vec<f32> {
+    theta.iter().zip(theta_set).map(|(&t, &set)| if set { t } else { NEVER }).collect()
+}
+
 /// `theta <- decay * theta + (1 - decay) * t`, seeded with the first measurement.
 pub fn ema_update(theta: &mut f32, set: &mut bool, t: f32, decay: f32) {
     if *set {

@@ -110,10 +110,16 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
             write_json_atomic(&out.join(CONFIG_FILE), &cfg)?;
             let _ = std::fs::remove_file(out.join(METRICS_FILE));
             let first = source.next_batch()?;
-            let mut params = init::tied(Shape::new(d_in, cfg.d_sae), cfg.seed, cfg.aligned);
-            let b_dec = init::b_dec_from_batch(&first.to_f32(), d_in, cfg.b_dec_init);
-            params.parts_mut().b_dec.copy_from_slice(&b_dec);
-            (TrainState::new(params), 0u64, Some(first))
+            let state = match &cfg.init_from {
+                Some(run) => init_from(run, &cfg, d_in)?,
+                None => {
+                    let mut params = init::tied(Shape::new(d_in, cfg.d_sae), cfg.seed, cfg.aligned);
+                    let b_dec = init::b_dec_from_batch(&first.to_f32(), d_in, cfg.b_dec_init);
+                    params.parts_mut().b_dec.copy_from_slice(&b_dec);
+                    TrainState::new(params)
+                }
+            };
+            (state, 0u64, Some(first))
         }
     };
     let start_step = state.step;
@@ -205,6 +211,35 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
     Ok(summary)
 }
 
+/// The starting state of `--init-from RUN`: the run's parameters (b_dec included) and running
+/// densities (so Zipf budgets rank latents from the first step), with a fresh optimiser, step
+/// counter, dead counters and thresholds.
+pub fn init_from(run: &Path, cfg: &TrainConfig, d_in: usize) -> Result<TrainState> {
+    let ctx = || format!("--init-from {}", run.display());
+    let theirs = TrainConfig::load(&run.join(CONFIG_FILE)).with_context(ctx)?;
+    let (state, meta) = checkpoint::load(run).with_context(ctx)?;
+    if (meta.d_in, meta.d_sae) != (d_in, cfg.d_sae) {
+        bail!(
+            "--init-from {}: the run has d_in {} and d_sae {}, this one d_in {d_in} and --d-sae {}",
+            run.display(),
+            meta.d_in,
+            meta.d_sae,
+            cfg.d_sae
+        );
+    }
+    if theirs.aligned != cfg.aligned {
+        bail!(
+            "--init-from {}: the run was trained with aligned = {}, this one has --aligned {} (the encoder parameters mean different things)",
+            run.display(),
+            theirs.aligned,
+            cfg.aligned
+        );
+    }
+    let mut fresh = TrainState::new(state.params);
+    fresh.density = state.density;
+    Ok(fresh)
+}
+
 /// The new config (so a later resume keeps the change) and a line in `resumes.jsonl` saying
 /// what changed at which step.
 fn record_resume(
@@ -242,7 +277,8 @@ fn save_all(cfg: &TrainConfig, backend: &dyn Backend, source: &dyn BatchSource, 
     };
     checkpoint::save(out, &state, &meta)?;
     let w_enc_eff = effective_encoder(cfg, &state);
-    let sae = ExportedSae::from_training(cfg, &state.params, &w_enc_eff, &state.theta, source.input_scale());
+    let theta = crate::sparsify::threshold::exported(&state.theta, &state.theta_set);
+    let sae = ExportedSae::from_training(cfg, &state.params, &w_enc_eff, &theta, source.input_scale());
     let md = json!({
         "dataset_path": cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
         "trained_tokens": tokens,

@@ -15,7 +15,7 @@ use crate::config::TrainConfig;
 use crate::data::Batch;
 use crate::model::{aligned, Params, TrainState};
 use crate::sparse::SparseCodes;
-use crate::sparsify::{self, plan, threshold};
+use crate::sparsify::{self, plan, threshold, AuxKind};
 use crate::util::hugepage;
 use anyhow::{ensure, Result};
 use backward::{Contribution, L1Terms};
@@ -101,13 +101,13 @@ impl CpuBackend {
 
     /// The training sparsifier applied to the workspace's `pre`.
     fn select_training(&self, rows: usize) -> SparseCodes {
-        let m = plan::budgets(&self.cfg, &self.state.density, rows);
+        let m = plan::budgets(&self.cfg, &self.state.density, rows, self.state.step);
         let sel = plan::training(&self.cfg, &m, &self.state.theta);
         sparsify::select(&self.ws.pre, rows, self.cfg.d_sae, &sel)
     }
 
-    /// Latents eligible for the aux loss at this step (ascending).
-    fn aux_candidates(&self, rows: usize) -> Vec<u32> {
+    /// Per aux loss, the latents eligible for it at this step (ascending).
+    fn aux_candidates(&self, rows: usize) -> Vec<(AuxKind, Vec<u32>)> {
         let s = &self.state;
         plan::aux_candidates(&self.cfg, s.step, &s.since_fired, &s.density, rows)
     }
@@ -152,8 +152,9 @@ impl Backend for CpuBackend {
         self.encode(&x, rows);
         let codes = match mode {
             InferMode::Exported => {
-                let m = plan::budgets(&self.cfg, &self.state.density, rows);
-                let sel = plan::exported(&self.cfg, &m, &self.state.theta);
+                let m = plan::budgets(&self.cfg, &self.state.density, rows, self.state.step);
+                let theta = threshold::exported(&self.state.theta, &self.state.theta_set);
+                let sel = plan::exported(&self.cfg, &m, &theta);
                 sparsify::select(&self.ws.pre, rows, f, &sel)
             }
             InferMode::Training => self.select_training(rows),
@@ -178,7 +179,7 @@ pub struct GradientPass {
     /// Gradient of the total loss w.r.t. the trainable parameters (A under aligned training).
     pub grad: Params,
     pub codes: SparseCodes,
-    /// Latents that were aux-loss candidates at this step.
+    /// Latents that were aux-loss candidates at this step (summed over the aux losses).
     pub aux_candidates: usize,
 }
 
@@ -219,19 +220,20 @@ impl CpuBackend {
             L1Terms::new(&codes, self.state.params.w_dec(), d, lambda, &mut dec.dpre)
         });
         let candidates = self.aux_candidates(rows);
-        let aux = self.aux_phase(&candidates, rows);
-        let grad = self.latent_grads(&codes, &dec.dpre, aux.as_ref(), l1.as_ref(), project);
+        let aux: Vec<AuxPass> = candidates.iter().filter_map(|(_, c)| self.aux_phase(c, rows)).collect();
+        let grad = self.latent_grads(&codes, &dec.dpre, &aux, l1.as_ref(), project);
         let t4 = Instant::now();
 
         self.times.encode += (t1 - t0).as_secs_f64();
         self.times.select += (t2 - t1).as_secs_f64();
         self.times.decode += (t3 - t2).as_secs_f64();
         self.times.backward += (t4 - t3).as_secs_f64();
-        let aux_loss = aux.as_ref().map_or(0.0, |a| a.loss);
+        let aux_loss = aux.iter().map(|a| a.loss).sum();
         let l1_loss = l1.as_ref().map_or(0.0, |l| l.loss);
         let stats =
             StepStats::from_sums(dec.sse, dec.total_var, aux_loss, l1_loss, codes.nnz(), rows, d, self.dead_count());
-        Ok(GradientPass { stats, grad, codes, aux_candidates: candidates.len() })
+        let aux_candidates = candidates.iter().map(|(_, c)| c.len()).sum();
+        Ok(GradientPass { stats, grad, codes, aux_candidates })
     }
 
     /// Decode with the loss sums, `G = dL_rec/dx_hat = (2/B)(x_hat - x)` into the workspace and
@@ -290,7 +292,7 @@ impl CpuBackend {
         &mut self,
         codes: &SparseCodes,
         dpre: &[f32],
-        aux: Option<&AuxPass>,
+        aux: &[AuxPass],
         l1: Option<&L1Terms>,
         project: bool,
     ) -> Params {
@@ -298,9 +300,9 @@ impl CpuBackend {
         let d = shape.d_in;
         let mut grad = self.ws.grad.take().unwrap_or_else(|| Params::zeros(shape));
         let view = codes.by_latent();
-        let aux_view = aux.map(|a| a.codes.by_latent());
+        let aux_views: Vec<_> = aux.iter().map(|a| a.codes.by_latent()).collect();
         let mut groups = vec![Contribution { codes, view: &view, dpre, g: &self.ws.g }];
-        if let (Some(a), Some(av)) = (aux, &aux_view) {
+        for (a, av) in aux.iter().zip(&aux_views) {
             groups.push(Contribution { codes: &a.codes, view: av, dpre: &a.dpre, g: &a.g });
         }
         let col_sums = linalg::column_sums(&self.ws.g, d);

@@ -125,7 +125,7 @@ impl CudaBackend {
     /// Seconds per encoder product (GEMM and epilogue, for this config's encoder and rule) on
     /// `batch`, averaged over `reps` launches after one warm-up.
     pub fn time_encoder(&mut self, batch: &Batch, reps: usize) -> Result<f64> {
-        let m = plan::budgets(&self.cfg, &self.density, batch.rows);
+        let m = plan::budgets(&self.cfg, &self.density, batch.rows, self.step);
         let theta = self.theta.clone();
         let sel = plan::training(&self.cfg, &m, &theta);
         self.forward_encode(batch, &sel)?;
@@ -193,7 +193,7 @@ impl Backend for CudaBackend {
         let (d, rows) = (self.shape.d_in, batch.rows);
         let mut ph = PhaseTimes::default();
         let mut clock = PhaseClock::start(self.timing, &self.dev)?;
-        let m = plan::budgets(&self.cfg, &self.density, rows);
+        let m = plan::budgets(&self.cfg, &self.density, rows, self.step);
         let theta = self.theta.clone();
         let sel = plan::training(&self.cfg, &m, &theta);
         let hist_ready = self.forward_encode(batch, &sel)?;
@@ -214,21 +214,25 @@ impl Backend for CudaBackend {
         if cx.cfg.sparsifier.has_l1() {
             backward::l1_terms(&cx, ws, lambda)?;
         }
-        let mut aux_loss = 0.0;
-        let mut aux_active = false;
-        if !candidates.is_empty() {
-            select(cx.dev, ws, &plan::aux(cx.cfg, &candidates, d), false)?;
-            if ws.aux.nnz > 0 {
-                aux_active = true;
-                aux_loss = decode::aux_loss(&cx, ws)?;
-                backward::code_grads(cx.dev, &ws.aux, &ws.b.g_aux, cx.w_dec(), d)?;
-            }
-        }
         let [_, o_benc, o_wdec, o_bdec, _] = self.shape.offsets();
         let g = &self.grads;
         let grads = GradPtrs { w_enc: g.at(0), b_enc: g.at(o_benc), w_dec: g.at(o_wdec), b_dec: g.at(o_bdec) };
+        backward::latent_grads(&cx, ws, &grads, false)?;
+        // Each aux loss in turn: its codes, loss, dL/dpre, and its rows added onto the gradient.
+        let mut aux_loss = 0.0;
+        let mut aux_groups = 0;
+        for (_, cand) in &candidates {
+            select(cx.dev, ws, &plan::aux(cx.cfg, cand, d), false)?;
+            if ws.aux.nnz == 0 {
+                continue;
+            }
+            aux_loss += decode::aux_loss(&cx, ws)?;
+            backward::code_grads(cx.dev, &ws.aux, &ws.b.g_aux, cx.w_dec(), d)?;
+            backward::latent_grads(&cx, ws, &grads, true)?;
+            aux_groups += 1;
+        }
         let w_enc_eff = if cx.cfg.aligned { ws.b.w_eff.p() } else { cx.w_enc() };
-        backward::latent_grads(&cx, ws, &grads, w_enc_eff, aux_active, lambda)?;
+        backward::finish(&cx, ws, &grads, w_enc_eff, aux_groups, lambda)?;
         drop(b);
         clock.lap(cx.dev, &mut ph.backward)?;
 
@@ -254,8 +258,11 @@ impl Backend for CudaBackend {
         self.dev.bind()?;
         let (d, f) = (self.shape.d_in, self.shape.d_sae);
         let rows = batch.rows;
-        let m = plan::budgets(&self.cfg, &self.density, rows);
-        let theta = self.theta.clone();
+        let m = plan::budgets(&self.cfg, &self.density, rows, self.step);
+        let theta = match mode {
+            InferMode::Exported => threshold::exported(&self.theta, &self.theta_set),
+            InferMode::Training => self.theta.clone(),
+        };
         let sel = match mode {
             InferMode::Exported => plan::exported(&self.cfg, &m, &theta),
             InferMode::Training => plan::training(&self.cfg, &m, &theta),

@@ -59,44 +59,52 @@ pub struct GradPtrs {
     pub b_dec: Ptr<f32>,
 }
 
-/// Latent-row gradients from the main codes (overwriting) and the aux codes (accumulating),
-/// the L1 and aligned terms, then the b_dec gradient. `w_enc_eff` is the encoder applied.
-pub fn latent_grads(cx: &Ctx, ws: &Ws, grads: &GradPtrs, w_enc_eff: Ptr<f32>, aux: bool, lambda: f32) -> Result<()> {
+/// Latent-row gradients of one group of codes: the main codes overwrite the rows
+/// (`accumulate` false), each aux group adds onto them.
+pub fn latent_grads(cx: &Ctx, ws: &Ws, grads: &GradPtrs, aux: bool) -> Result<()> {
+    let (dev, b) = (cx.dev, &ws.b);
+    let (d, f) = (cx.shape.d_in, cx.shape.d_sae);
+    let (codes, g) = if aux { (&ws.aux, &b.g_aux) } else { (&ws.main, &b.g) };
+    build_csc(dev, codes, f)?;
+    let c = &codes.b;
+    let (cp, tok, pos, val, dpre) = (c.col_ptr.p(), c.tok.p(), c.pos.p(), c.val.p(), c.dpre.p());
+    let lat = L::per_line(f, d);
+    K::latent_grads(
+        dev,
+        lat,
+        cp,
+        tok,
+        pos,
+        val,
+        dpre,
+        g.p(),
+        b.xc.p(),
+        d as u32,
+        aux as i32,
+        grads.w_enc,
+        grads.b_enc,
+        grads.w_dec,
+    )
+}
+
+/// After every group: the L1 and aligned terms of each latent row, then the b_dec gradient.
+/// `aux_groups` is how many aux groups added onto the rows (their per-latent views say which
+/// rows were touched only while at most one is in the workspace). `w_enc_eff` is the encoder
+/// applied.
+pub fn finish(cx: &Ctx, ws: &Ws, grads: &GradPtrs, w_enc_eff: Ptr<f32>, aux_groups: usize, lambda: f32) -> Result<()> {
     let (dev, b) = (cx.dev, &ws.b);
     let (rows, d, f) = (ws.rows, cx.shape.d_in, cx.shape.d_sae);
     let d32 = d as u32;
-    let lat = L::per_line(f, d);
-    let mut groups = vec![(&ws.main, &b.g, 0i32)];
-    if aux {
-        groups.push((&ws.aux, &b.g_aux, 1i32));
-    }
-    for (codes, g, accumulate) in groups {
-        build_csc(dev, codes, f)?;
-        let c = &codes.b;
-        let (cp, tok, pos, val, dpre) = (c.col_ptr.p(), c.tok.p(), c.pos.p(), c.val.p(), c.dpre.p());
-        K::latent_grads(
-            dev,
-            lat,
-            cp,
-            tok,
-            pos,
-            val,
-            dpre,
-            g.p(),
-            b.xc.p(),
-            d32,
-            accumulate,
-            grads.w_enc,
-            grads.b_enc,
-            grads.w_dec,
-        )?;
-    }
     let is_relu = cx.cfg.sparsifier.has_l1();
     if is_relu || cx.cfg.aligned {
-        let aux_cp = if aux { ws.aux.b.col_ptr.p() } else { Ptr::null() };
+        let (main_cp, aux_cp) = match aux_groups {
+            0 => (ws.main.b.col_ptr.p(), Ptr::null()),
+            1 => (ws.main.b.col_ptr.p(), ws.aux.b.col_ptr.p()),
+            _ => (Ptr::null(), Ptr::null()),
+        };
         let (l1, norms) = if is_relu { (b.l1_sums.p(), b.norms.p()) } else { (Ptr::null(), Ptr::null()) };
-        let main_cp = ws.main.b.col_ptr.p();
         let aligned = cx.cfg.aligned as i32;
+        let lat = L::per_line(f, d);
         K::latent_finish(
             dev,
             lat,

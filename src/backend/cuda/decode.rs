@@ -47,10 +47,11 @@ pub fn aux_loss(cx: &Ctx, ws: &Ws) -> Result<f64> {
     let (r32, d32) = (rows as u32, d as u32);
     let bd = (rows * d) as u64;
     decode_rows(dev, &ws.aux, cx.w_dec(), Ptr::null(), d, &b.e_hat)?;
+    debug_assert_eq!(K::ACC_AUX_DEN, K::ACC_AUX_NUM + 1);
+    b.acc.upload_at(K::ACC_AUX_NUM, &[0f64; 2])?; // each aux loss sums afresh
     K::col_sums(dev, L::per_column(d), b.resid.p(), r32, d32, b.colsum_r.p())?;
     K::aux_sums(dev, L::per_line(rows, d), b.resid.p(), b.e_hat.p(), b.colsum_r.p(), r32, d32, b.acc.p())?;
     let mut nd = [0f64; 2];
-    debug_assert_eq!(K::ACC_AUX_DEN, K::ACC_AUX_NUM + 1);
     b.acc.download_at(K::ACC_AUX_NUM, &mut nd)?;
     let (num, den) = (nd[0], nd[1]);
     if den <= 0.0 || !den.is_finite() {

@@ -137,6 +137,19 @@ impl<T: Copy> DevBuf<T> {
         }
         Ok(())
     }
+    /// Copy `src` into the buffer starting at element `offset`.
+    pub fn upload_at(&self, offset: usize, src: &[T]) -> Result<()> {
+        let start = offset * std::mem::size_of::<T>();
+        let n = std::mem::size_of_val(src);
+        ensure_fits(start + n, self.bytes)?;
+        let dst = self.ptr + start as u64;
+        match &self.mem {
+            _ if n == 0 => {}
+            Mem::Host(_) => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst as *mut u8, n) },
+            _ => unsafe { result::memcpy_htod_sync(dst, src) }.map_err(|e| anyhow!("copy to device: {e:?}"))?,
+        }
+        Ok(())
+    }
     pub fn download(&self, dst: &mut [T]) -> Result<()> {
         self.download_at(0, dst)
     }

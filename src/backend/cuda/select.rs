@@ -99,6 +99,17 @@ pub fn select(dev: &Dev, ws: &mut Ws, sel: &Selection, hist_ready: bool) -> Resu
             radix(row_lines, 0, k_max as u32, Ptr::null(), Ptr::null(), ft, fc, b.thr_r.p(), b.cut_r.p())?;
             Mask { thr: b.thr_r.p(), cut: b.cut_r.p(), f_thr: ft, f_cut: fc, ..Mask::new(K::MASK_ROW) }
         }
+        Selection::JumpReluCap { theta, k } => {
+            // The thresholds as a column filter (key > key(theta_j), no ties kept), then the
+            // per-row top-k: the same kernels as hybrid's cap.
+            ensure!(theta.len() == f, "thresholds for {} latents, expected {f}", theta.len());
+            let keys: Vec<u32> = theta.iter().map(|&t| threshold_key(t)).collect();
+            b.thr_c.upload(&keys)?;
+            b.cut_c.upload(&vec![-1i32; f])?;
+            let (ft, fc) = (b.thr_c.p(), b.cut_c.p());
+            radix(row_lines, 0, k as u32, Ptr::null(), Ptr::null(), ft, fc, b.thr_r.p(), b.cut_r.p())?;
+            Mask { thr: b.thr_r.p(), cut: b.cut_r.p(), f_thr: ft, f_cut: fc, ..Mask::new(K::MASK_ROW) }
+        }
         Selection::Relu => Mask::new(K::MASK_THETA),
         Selection::JumpRelu { theta } => {
             ensure!(theta.len() == f, "thresholds for {} latents, expected {f}", theta.len());
@@ -134,6 +145,18 @@ pub fn select(dev: &Dev, ws: &mut Ws, sel: &Selection, hist_ready: bool) -> Resu
         c.idx.p(),
         c.val.p(),
     )
+}
+
+/// The key a kept value must exceed to pass threshold `t` (`v > t` and `v > 0`): the bits of a
+/// positive t, 0 for t <= 0, and above every key for NaN (nothing passes a NaN threshold).
+fn threshold_key(t: f32) -> u32 {
+    if t.is_nan() {
+        u32::MAX
+    } else if t > 0.0 {
+        t.to_bits()
+    } else {
+        0
+    }
 }
 
 /// Feature-choice budgets m_j into `ws.b.kbuf` (as u32).

@@ -228,14 +228,14 @@ pub fn step_configs(s: Sizes) -> Vec<(String, TrainConfig)> {
         (
             "topk + aux_k".into(),
             with(SparsifierKind::Topk, &|c| {
-                c.aux = Some(AuxKind::AuxK);
+                c.aux = Some(vec![AuxKind::AuxK]);
                 c.dead_window = Some(1);
             }),
         ),
         (
             "batchtopk + aux_k".into(),
             with(SparsifierKind::Batchtopk, &|c| {
-                c.aux = Some(AuxKind::AuxK);
+                c.aux = Some(vec![AuxKind::AuxK]);
                 c.dead_window = Some(1);
             }),
         ),

@@ -1,0 +1,307 @@
+//! The seeds' recipes as their papers define them (issue 10): Zipf feature choice that spends
+//! B*k and starves no latent, aux_zipf's dying rule (Definition 3.1), several aux losses at once,
+//! MC -> FC two-phase training, the papers' default aux losses, hybrid's cap at inference, and
+//! both spellings of every value.
+
+use clap::Parser;
+use saetrain::config::{AuxKind, SparsifierKind, TrainConfig};
+use saetrain::export::load::load_sae;
+use saetrain::sparsify::{budget, threshold};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn sae(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sae")).args(args).output().expect("run sae")
+}
+
+fn ok(o: &Output) {
+    assert!(o.status.success(), "sae failed: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Rows of synthetic held-out-like data for a loaded SAE of width d (fixed pattern).
+fn rows(d: usize, n: usize) -> Vec<f32> {
+    (0..n * d).map(|i| (((i * 7919) % 211) as f32 / 70.0 - 1.0).max(0.0)).collect()
+}
+
+// ---- 1. Zipf feature choice -------------------------------------------------------------------
+
+#[test]
+fn zipf_budgets_spend_exactly_bk_and_starve_no_latent() {
+    // The paper's GPT-2 32x setting: the literal floor gives 75 % of latents m = 0 and
+    // under-spends B*k.
+    let (f, b, k) = (24_576usize, 1536usize, 32usize);
+    let density: Vec<f32> = (0..f).map(|i| 1.0 / (1.0 + i as f32)).collect();
+    let floor = budget::zipf_budgets(&density, b, k, 1.0, 6.8, b);
+    assert!(floor.iter().filter(|&&m| m == 0).count() > f / 2, "the literal floor starves most latents");
+    let x = budget::zipf_continuous(&density, b, k, 1.0, 6.8, b);
+    assert!(x.iter().all(|&v| v > 0.0), "every latent has a non-zero expected budget");
+    assert!((x.iter().sum::<f64>() - (b * k) as f64).abs() < 1e-6);
+    let mut mean = vec![0f64; f];
+    let draws = 200;
+    for step in 0..draws {
+        let m = budget::zipf_budgets_exact(&density, b, k, 1.0, 6.8, b, budget::rounding_offset(3, step));
+        assert_eq!(m.iter().sum::<usize>(), b * k, "step {step} spends exactly B*k");
+        for (j, (&mj, &xj)) in m.iter().zip(&x).enumerate() {
+            assert!(mj == xj.floor() as usize || mj == xj.ceil() as usize, "latent {j}: m {mj} vs x {xj}");
+            mean[j] += mj as f64 / draws as f64;
+        }
+    }
+    // E[m_j] = x_j: over 200 draws the tail's average budget is near its expectation.
+    let tail: f64 = mean[f / 2..].iter().sum();
+    let want: f64 = x[f / 2..].iter().sum();
+    assert!((tail - want).abs() < 0.05 * want, "tail budget {tail} vs expected {want}");
+    // The cap is water-filled: a cap of 2 still spends B*k when F * 2 >= B*k.
+    let m = budget::zipf_budgets_exact(&density, b, k, 1.0, 6.8, 2, 0.5);
+    assert!(m.iter().all(|&v| v <= 2) && m.iter().sum::<usize>() == b * k);
+    // Same seed and step, same budgets (resume), on every call.
+    assert_eq!(budget::rounding_offset(3, 17), budget::rounding_offset(3, 17));
+}
+
+#[test]
+fn unfired_latents_never_fire_at_inference() {
+    let t = threshold::exported(&[0.5, 0.0, 2.0], &[true, false, true]);
+    assert_eq!(t, vec![0.5, threshold::NEVER, 2.0]);
+}
+
+/// The issue's reproduction: Zipf feature choice at k = 4 exported an SAE with held-out L0 175.
+#[test]
+fn zipf_feature_choice_exports_an_sae_near_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("zipf");
+    let o = sae(&[
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--sparsifier",
+        "wta",
+        "--budget",
+        "zipf",
+        "--k",
+        "4",
+        "--d-sae",
+        "1024",
+        "--batch-size",
+        "256",
+        "--steps",
+        "300",
+        "--backend",
+        "cpu",
+        "--quiet",
+    ]);
+    ok(&o);
+    let s = json(&out.join("summary.json"));
+    let (l0, train_l0) = (s["eval"]["l0"].as_f64().unwrap(), s["eval_training_sparsifier"]["l0"].as_f64().unwrap());
+    assert!((train_l0 - 4.0).abs() < 0.2, "training L0 {train_l0} should be k = 4 (B*k spent)");
+    assert!(l0 < 8.0, "exported L0 {l0} for k = 4");
+    assert!(s["eval"]["explained_variance"].as_f64().unwrap() > 0.0, "{s}");
+}
+
+// ---- 2. aux_zipf's dying latents ---------------------------------------------------------------
+
+#[test]
+fn dying_latents_follow_definition_3_1() {
+    // F = 8, B = 10, k = 2: continuous Zipf densities by rank
+    // 0.347 0.307 0.276 0.251 0.229 0.211 0.196 0.183; 0.6 x the last two: 0.118, 0.110.
+    // Order: 0, 2, 4, 6, 7, 3, 1, 5; bottom quarter = latents 1 (rank 7) and 5 (rank 8).
+    let density = [0.5f32, 0.065, 0.4, 0.07, 0.3, 0.01, 0.2, 0.1];
+    let dying = budget::dying_latents(&density, 10, 2, 1.0, 6.8);
+    assert_eq!(dying, vec![false, true, false, false, false, true, false, false]);
+    // Condition 3: latent 5 (the lowest rank) is not below its prediction, so nothing above it
+    // counts as dying either, although latent 1 is far below its own.
+    let density = [0.5f32, 0.05, 0.4, 0.07, 0.3, 0.12, 0.2, 0.15];
+    // Order: 0, 2, 4, 6, 7, 5, 3, 1 -> bottom quarter: 3 (rank 7, 0.07 < 0.118), 1 (rank 8, 0.05 < 0.110).
+    assert_eq!(
+        budget::dying_latents(&density, 10, 2, 1.0, 6.8),
+        vec![false, true, false, true, false, false, false, false]
+    );
+    let density = [0.5f32, 0.115, 0.4, 0.07, 0.3, 0.12, 0.2, 0.15];
+    // Order: 0, 2, 4, 6, 7, 5, 1, 3 -> latent 3 (rank 8, 0.07 < 0.110) dying; latent 1 (rank 7,
+    // 0.115 < 0.118) dying too since every lower rank is.
+    assert_eq!(
+        budget::dying_latents(&density, 10, 2, 1.0, 6.8),
+        vec![false, true, false, true, false, false, false, false]
+    );
+    let density = [0.5f32, 0.05, 0.4, 0.2, 0.3, 0.12, 0.2, 0.15];
+    // Order: 0, 2, 4, 3, 6, 7, 5, 1 -> latent 1 (rank 8) dying; latent 5 (rank 7, 0.12 >= 0.118) is
+    // not, which ends the run.
+    assert_eq!(
+        budget::dying_latents(&density, 10, 2, 1.0, 6.8),
+        vec![false, true, false, false, false, false, false, false]
+    );
+}
+
+#[test]
+fn aux_zipf_finds_dying_latents_at_realistic_widths() {
+    // d_sae 4096, B*k = 1024: the floored prediction of the bottom quarter is 0, so nothing was
+    // ever "below 0.6 x prediction" and aux_zipf stayed inert.
+    let f = 4096;
+    let density: Vec<f32> = (0..f).map(|i| if i < 1300 { 0.01 } else { 0.0 }).collect();
+    let dying = budget::dying_latents(&density, 256, 4, 1.0, 6.8);
+    assert_eq!(dying.iter().filter(|&&d| d).count(), f / 4, "the whole dead bottom quarter is dying");
+}
+
+// ---- 3 and 5. aux losses: lists, the papers' defaults -----------------------------------------
+
+#[test]
+fn default_aux_losses_follow_the_papers() {
+    let cfg = |s| TrainConfig { sparsifier: s, ..TrainConfig::default() };
+    assert_eq!(cfg(SparsifierKind::Wta).aux_kinds(), vec![]);
+    assert_eq!(cfg(SparsifierKind::Hybrid).aux_kinds(), vec![]);
+    assert_eq!(cfg(SparsifierKind::Topk).aux_kinds(), vec![AuxKind::AuxK]);
+    assert_eq!(cfg(SparsifierKind::MutualChoice).aux_kinds(), vec![AuxKind::AuxK, AuxKind::AuxZipf]);
+    assert_eq!(cfg(SparsifierKind::Relu).aux_kinds(), vec![]);
+}
+
+#[test]
+fn mutual_choice_trains_with_aux_k_and_aux_zipf_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mc");
+    ok(&sae(&[
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--sparsifier",
+        "mutual-choice",
+        "--aux",
+        "aux-k,aux_zipf",
+        "--dead-window",
+        "256",
+        "--d-sae",
+        "512",
+        "--batch-size",
+        "128",
+        "--steps",
+        "60",
+        "--backend",
+        "cpu",
+        "--quiet",
+    ]));
+    assert_eq!(json(&out.join("config.json"))["aux"], serde_json::json!(["aux_k", "aux_zipf"]));
+    // An old config with one value still loads.
+    let old = dir.path().join("old.json");
+    std::fs::write(&old, r#"{"aux": "aux_k"}"#).unwrap();
+    assert_eq!(TrainConfig::load(&old).unwrap().aux, Some(vec![AuxKind::AuxK]));
+}
+
+// ---- 4. MC -> FC ---------------------------------------------------------------------------------
+
+#[test]
+fn mc_then_fc_starts_phase_two_from_phase_ones_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p1, p2) = (dir.path().join("mc"), dir.path().join("fc"));
+    let common = ["--d-sae", "256", "--k", "4", "--batch-size", "128", "--backend", "cpu", "--quiet"];
+    let mut a = vec!["train", "--out", p1.to_str().unwrap(), "--sparsifier", "mutual_choice", "--steps", "40"];
+    a.extend_from_slice(&common);
+    ok(&sae(&a));
+    let mut b = vec!["train", "--out", p2.to_str().unwrap(), "--sparsifier", "wta", "--budget", "zipf"];
+    b.extend_from_slice(&["--aux", "none", "--steps", "20", "--init-from", p1.to_str().unwrap()]);
+    b.extend_from_slice(&common);
+    ok(&sae(&b));
+    // Phase two's starting state is phase one's final parameters, bit for bit, with a fresh
+    // optimiser and thresholds.
+    let cfg2 = TrainConfig::load(&p2.join("config.json")).unwrap();
+    let start = saetrain::train::init_from(&p1, &cfg2, cfg2.d_in.unwrap()).unwrap();
+    let (end1, _) = saetrain::train::checkpoint::load(&p1).unwrap();
+    assert_eq!(start.params.data, end1.params.data);
+    assert_eq!(start.density, end1.density);
+    assert!(start.adam_m.data.iter().all(|&v| v == 0.0) && start.step == 0 && start.theta_set.iter().all(|s| !s));
+    // Shapes must match.
+    let bad = dir.path().join("bad");
+    let o = sae(&[
+        "train",
+        "--out",
+        bad.to_str().unwrap(),
+        "--d-sae",
+        "128",
+        "--init-from",
+        p1.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("d_sae 256"));
+}
+
+// ---- 9. hybrid keeps its cap at inference --------------------------------------------------------
+
+#[test]
+fn hybrid_exports_its_per_token_cap_and_every_loader_applies_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hybrid");
+    ok(&sae(&[
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--sparsifier",
+        "hybrid",
+        "--k",
+        "4",
+        "--k-max",
+        "3",
+        "--d-sae",
+        "256",
+        "--batch-size",
+        "128",
+        "--steps",
+        "80",
+        "--backend",
+        "cpu",
+        "--quiet",
+    ]));
+    let cfg = json(&out.join("cfg.json"));
+    assert_eq!(cfg["architecture"], "jumprelu");
+    assert_eq!(cfg["per_token_cap"], 3);
+    assert!(cfg["per_token_cap_note"].as_str().unwrap().contains("SAELens"));
+    let sae_ = load_sae(&out).unwrap();
+    assert_eq!(sae_.per_token_cap, Some(3));
+    let codes = sae_.encode(&rows(sae_.d_in, 200), 200).unwrap();
+    let max = (0..200).map(|b| codes.row(b).0.len()).max().unwrap();
+    assert!(max <= 3, "a token fired {max} latents past the cap of 3");
+}
+
+// ---- 8. both spellings ---------------------------------------------------------------------------
+
+/// Every value the README's flag list shows is accepted by the CLI, in its spelling and in the
+/// other one (dashes and underscores), and config files take both too.
+#[test]
+fn readme_flag_values_parse_in_both_spellings() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("Common training flags").expect("README lists the common flags");
+    let block: String =
+        readme[start..].lines().skip(2).take_while(|l| l.starts_with("    ")).collect::<Vec<_>>().join(" ");
+    let words: Vec<&str> = block.split_whitespace().collect();
+    let mut checked = 0;
+    for (i, w) in words.iter().enumerate() {
+        let (Some(flag), Some(value)) = (w.strip_prefix("--"), words.get(i + 1)) else { continue };
+        if value.starts_with("--") || *value == "|" || *value == "N" || value.ends_with('/') || value.contains("NAME") {
+            continue;
+        }
+        for v in value.split('|') {
+            // Numbers have one spelling; names take dashes and underscores alike.
+            let spellings = if v.chars().any(|c| c.is_ascii_digit()) {
+                vec![v.to_string()]
+            } else {
+                vec![v.to_string(), v.replace('_', "-"), v.replace('-', "_")]
+            };
+            for spelling in spellings {
+                let args = ["sae", "train", &format!("--{flag}"), &spelling];
+                saetrain::cli::Cli::try_parse_from(args)
+                    .unwrap_or_else(|e| panic!("README value --{flag} {spelling} is refused: {e}"));
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 30, "only {checked} README values checked");
+    for text in [
+        r#"{"sparsifier": "mutual-choice", "aux": ["aux-k", "aux_zipf"], "b_dec_init": "geometric-median"}"#,
+        r#"{"sparsifier": "mutual_choice", "threshold_mode": "per-latent", "backend": "cuda_emulator"}"#,
+    ] {
+        let p = std::env::temp_dir().join(format!("saetrain-spell-{}.json", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        let c = TrainConfig::load(&p).unwrap_or_else(|e| panic!("{text}: {e:#}"));
+        assert_eq!(c.sparsifier, SparsifierKind::MutualChoice);
+        let _ = std::fs::remove_file(p);
+    }
+}
