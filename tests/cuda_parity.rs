@@ -37,6 +37,13 @@ fn emulated_cuda_matches_cpu() {
     let report = run_selftest_on(Target::Emulator).expect("emulated selftest could not run");
     println!("{report}");
     assert!(report.passed(), "emulated CUDA backend differs from the CPU reference:\n{report}");
-    // Every selection rule, decode, code gradients and the f32 whole-step configurations ran.
-    assert!(report.checks.len() >= 40, "only {} checks ran", report.checks.len());
+    // Every selection rule, every kernel alone and the f32 whole-step configurations ran.
+    assert!(report.checks.len() >= 150, "only {} checks ran", report.checks.len());
+    // Every kernel has a check of its own at both sizes (the sel_* kernels through the
+    // selection checks, which compare every Selection variant's kept set).
+    for k in cuda::device::kernel_names() {
+        let named = |c: &&cuda::selftest::Check| c.name.split_whitespace().any(|w| w == k);
+        let n = report.checks.iter().filter(named).count();
+        assert!(k.starts_with("sel_") || n >= 2, "kernel {k} has {n} parity checks, expected one per size set");
+    }
 }

@@ -16,6 +16,7 @@ pub mod encode;
 pub mod launch;
 pub mod memory;
 pub mod nvtx;
+pub mod parity;
 pub mod select;
 pub mod selftest;
 pub mod workspace;

@@ -3,7 +3,8 @@
 //! 1. Selection kernels, fed the same B x F matrix as the CPU sparsifiers (quantised values, so
 //!    ties are everywhere): the kept set, order and values must be identical.
 //! 2. Decode and code gradients on those codes: max abs error <= 1e-5 relative to the scale.
-//! 3. Whole training steps for every sparsifier (and aux_k, aligned, tf32, bf16 variants) on
+//! 3. Every other kernel alone against its CPU twin (parity.rs), at both sizes.
+//! 4. Whole training steps for every sparsifier (and aux_k, aligned, tf32, bf16 variants) on
 //!    awkward sizes (B = 300, d = 70, F = 333) from the same initial state: losses and parameters
 //!    after three steps within 1e-3 (f32 encoder) or 3e-2 (tf32 / bf16).
 
@@ -11,6 +12,7 @@ use super::backend::CudaBackend;
 use super::device::Dev;
 use super::kernels as K;
 use super::launch as L;
+use super::parity;
 use super::select::select;
 use super::workspace::{Dims, Ws};
 use crate::backend::cpu::{backward as cpu_bwd, decode as cpu_dec, CpuBackend};
@@ -73,7 +75,7 @@ impl SelftestReport {
     pub fn passed(&self) -> bool {
         self.checks.iter().all(|c| c.passed)
     }
-    fn push(&mut self, name: impl Into<String>, passed: bool, detail: impl Into<String>) {
+    pub(super) fn push(&mut self, name: impl Into<String>, passed: bool, detail: impl Into<String>) {
         self.checks.push(Check { name: name.into(), passed, detail: detail.into() });
     }
 }
@@ -110,8 +112,11 @@ pub fn run_selftest_on(target: Target) -> Result<SelftestReport> {
         rep.device, dev.origin, s.rows, s.d_in, s.d_sae
     );
     selection_checks(&dev, s, "", &mut rep)?;
+    parity::kernel_checks(&dev, s, &mut rep)?;
     // Tiny lines: F = 5 < k = 7 and budgets m up to 11 > B = 9.
-    selection_checks(&dev, Sizes { rows: 9, d_in: 6, d_sae: 5 }, " B=9 F=5", &mut rep)?;
+    let tiny = Sizes { rows: 9, d_in: 6, d_sae: 5 };
+    selection_checks(&dev, tiny, " B=9 F=5", &mut rep)?;
+    parity::kernel_checks(&dev, tiny, &mut rep)?;
     drop(dev);
     for (name, cfg) in step_configs(s) {
         if target == Target::Emulator && cfg.precision != Precision::F32 {
