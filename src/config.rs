@@ -8,6 +8,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+pub use crate::sparsify::threshold::Calibration;
 /// The sparsifier's own types live in `sparsify/`; they are re-exported here because they are
 /// options.
 pub use crate::sparsify::{AuxKind, BudgetKind, SparsifierKind, ZipfRounding};
@@ -152,6 +153,11 @@ pub struct TrainConfig {
     /// Step from which the inference threshold EMA runs (default min(1000, steps/10)).
     #[arg(long)]
     pub threshold_start: Option<u64>,
+    /// Calibrate the exported thresholds on the held-out rows at the end of training, so that
+    /// the exported L0 matches the training rule's (global for batchtopk / mutual_choice, per
+    /// latent for wta / hybrid); `none` keeps the plain EMA of batch minima.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().threshold_calibration)]
+    pub threshold_calibration: Calibration,
     /// EMA decay of the inference threshold (default 0.999; shorter runs use 1 - 10/steps
     /// after threshold_start, at least 0.9, so early minima do not linger in theta).
     #[arg(long)]
@@ -277,6 +283,7 @@ impl Default for TrainConfig {
             dead_window: None,
             threshold_mode: ThresholdMode::PerLatent,
             threshold_start: None,
+            threshold_calibration: Calibration::HeldOut,
             threshold_decay: None,
             batch_size: 1024,
             steps: 3000,

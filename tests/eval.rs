@@ -446,6 +446,7 @@ fn folded_input_scale_matches_training_backend() {
         params.parts_mut().b_dec.iter_mut().enumerate().for_each(|(i, b)| *b = 0.1 * i as f32);
         let mut state = TrainState::new(params);
         state.theta = (0..f).map(|i| 0.1 + 0.02 * i as f32).collect();
+        state.theta_set = vec![true; f]; // measured thresholds (unset ones never fire)
         let w_eff = saetrain::train::effective_encoder(&cfg, &state);
         let sae = ExportedSae::from_training(&cfg, &state.params, &w_eff, &state.theta, s);
         let x = inputs(d, rows);

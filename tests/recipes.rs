@@ -305,3 +305,59 @@ fn readme_flag_values_parse_in_both_spellings() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+// ---- 10. calibrated thresholds --------------------------------------------------------------------
+
+#[test]
+fn calibrated_thresholds_match_the_training_l0() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, extra) in [
+        ("batchtopk", &["--sparsifier", "batchtopk"][..]),
+        ("mutual_choice", &["--sparsifier", "mutual_choice"][..]),
+        ("wta", &["--sparsifier", "wta"][..]),
+        ("wta_zipf", &["--sparsifier", "wta", "--budget", "zipf"][..]),
+        ("hybrid", &["--sparsifier", "hybrid"][..]),
+    ] {
+        let out = dir.path().join(name);
+        let mut a = vec!["train", "--out", out.to_str().unwrap(), "--k", "8", "--d-sae", "512", "--batch-size", "256"];
+        a.extend_from_slice(&["--steps", "150", "--eval-tokens", "2048", "--backend", "cpu", "--quiet"]);
+        a.extend_from_slice(extra);
+        ok(&sae(&a));
+        let s = json(&out.join("summary.json"));
+        let c = &s["calibration"];
+        let (target, got) = (c["target_l0"].as_f64().unwrap(), c["calibrated_l0"].as_f64().unwrap());
+        assert!((got - target).abs() <= 0.05 * target, "{name}: calibrated L0 {got} vs training {target}: {c}");
+        assert!(
+            (s["eval"]["l0"].as_f64().unwrap() - got).abs() < 1e-9,
+            "{name}: the summary reports the calibrated SAE"
+        );
+        let mode = if name.starts_with("wta") || name == "hybrid" { "per_latent" } else { "global" };
+        assert_eq!(c["mode"], mode, "{name}");
+        // cfg.json records it, and the exported file loads to the same L0 on those rows.
+        let cfg = json(&out.join("cfg.json"));
+        assert_eq!(cfg["metadata"]["threshold_calibration"]["calibrated_l0"], c["calibrated_l0"], "{name}");
+    }
+    // The plain EMA stays available.
+    let out = dir.path().join("ema");
+    ok(&sae(&[
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--sparsifier",
+        "batchtopk",
+        "--k",
+        "8",
+        "--d-sae",
+        "512",
+        "--batch-size",
+        "256",
+        "--steps",
+        "150",
+        "--threshold-calibration",
+        "none",
+        "--backend",
+        "cpu",
+        "--quiet",
+    ]));
+    assert!(json(&out.join("summary.json"))["calibration"].is_null());
+}

@@ -84,6 +84,8 @@ pub trait Backend {
     fn infer(&mut self, batch: &Batch, mode: InferMode) -> Result<Inference>;
     /// A host copy of the full training state (for checkpoints and exports).
     fn state(&self) -> Result<TrainState>;
+    /// Replace the inference thresholds (calibration at the end of training).
+    fn set_thresholds(&mut self, theta: &[f32], theta_set: &[bool]) -> Result<()>;
     /// Seconds spent per phase since the last call (and reset), for `sae bench step`.
     fn take_phase_times(&mut self) -> PhaseTimes {
         PhaseTimes::default()

@@ -2,6 +2,21 @@
 
 use crate::config::{ThresholdMode, TrainConfig};
 use crate::sparse::SparseCodes;
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+/// Whether the exported thresholds are calibrated at the end of training (see
+/// `train::calibrate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Calibration {
+    /// Calibrate on the held-out rows (default).
+    #[value(alias = "held_out")]
+    #[serde(alias = "held-out")]
+    HeldOut,
+    /// Keep the EMA of batch minima as it is.
+    None,
+}
 
 /// The smallest kept activation of the batch (batchtopk / mutual_choice).
 pub fn batch_min(codes: &SparseCodes) -> Option<f32> {

@@ -1,5 +1,6 @@
 //! The training loop: data -> backend steps -> metrics, checkpoints and the final summary.
 
+pub mod calibrate;
 pub mod checkpoint;
 pub mod rundir;
 pub mod schedule;
@@ -40,6 +41,8 @@ pub struct Summary {
     /// Held-out metrics with the training sparsifier, for comparison.
     pub eval_training_sparsifier: CoreMetrics,
     pub recovery: Option<Recovery>,
+    /// What threshold calibration did (batch-dependent sparsifiers).
+    pub calibration: Option<calibrate::CalibrationReport>,
     pub out: PathBuf,
 }
 
@@ -188,7 +191,14 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
     }
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
-    save_all(&cfg, backend.as_ref(), source.as_ref(), &out, tokens)?;
+    let calibration = calibrate::calibrate(&cfg, backend.as_mut(), &eval_set)?;
+    if let (Some(c), false) = (&calibration, cfg.quiet) {
+        eprintln!(
+            "thresholds calibrated ({}) on {} held-out tokens: exported L0 {:.2} (EMA thresholds {:.2}), training rule {:.2}",
+            c.mode, c.tokens, c.calibrated_l0, c.ema_l0, c.target_l0
+        );
+    }
+    save_all_with(&cfg, backend.as_ref(), source.as_ref(), &out, tokens, calibration.as_ref())?;
 
     let eval = core_metrics(backend.as_mut(), &eval_set, InferMode::Exported)?;
     let eval_training_sparsifier = core_metrics(backend.as_mut(), &eval_set, InferMode::Training)?;
@@ -205,6 +215,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         eval,
         eval_training_sparsifier,
         recovery,
+        calibration,
         out: out.clone(),
     };
     write_json_atomic(&out.join(SUMMARY_FILE), &summary)?;
@@ -265,6 +276,18 @@ fn tokens_since(start_step: u64, cfg: &TrainConfig, done: u64) -> u64 {
 
 /// Trainer state (for --resume) and the SAELens checkpoint.
 fn save_all(cfg: &TrainConfig, backend: &dyn Backend, source: &dyn BatchSource, out: &Path, tokens: u64) -> Result<()> {
+    save_all_with(cfg, backend, source, out, tokens, None)
+}
+
+/// [`save_all`], recording a threshold calibration in `cfg.json`'s metadata.
+fn save_all_with(
+    cfg: &TrainConfig,
+    backend: &dyn Backend,
+    source: &dyn BatchSource,
+    out: &Path,
+    tokens: u64,
+    calibration: Option<&calibrate::CalibrationReport>,
+) -> Result<()> {
     let state = backend.state()?;
     let shape = state.shape();
     let meta = StateMeta {
@@ -283,6 +306,7 @@ fn save_all(cfg: &TrainConfig, backend: &dyn Backend, source: &dyn BatchSource, 
         "dataset_path": cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
         "trained_tokens": tokens,
         "input_scale_folded": source.input_scale(),
+        "threshold_calibration": calibration,
     });
     sae.save(out, cfg, md)
 }

@@ -168,6 +168,17 @@ impl Backend for CpuBackend {
         Ok(self.state.clone())
     }
 
+    fn set_thresholds(&mut self, theta: &[f32], theta_set: &[bool]) -> Result<()> {
+        ensure!(
+            theta.len() == self.cfg.d_sae && theta_set.len() == theta.len(),
+            "thresholds for {} latents",
+            theta.len()
+        );
+        self.state.theta.copy_from_slice(theta);
+        self.state.theta_set.copy_from_slice(theta_set);
+        Ok(())
+    }
+
     fn take_phase_times(&mut self) -> PhaseTimes {
         std::mem::take(&mut self.times)
     }

@@ -278,6 +278,17 @@ impl Backend for CudaBackend {
         Ok(Inference { codes, x_hat })
     }
 
+    fn set_thresholds(&mut self, theta: &[f32], theta_set: &[bool]) -> Result<()> {
+        ensure!(
+            theta.len() == self.cfg.d_sae && theta_set.len() == theta.len(),
+            "thresholds for {} latents",
+            theta.len()
+        );
+        self.theta.copy_from_slice(theta);
+        self.theta_set.copy_from_slice(theta_set);
+        Ok(())
+    }
+
     fn take_phase_times(&mut self) -> PhaseTimes {
         std::mem::take(&mut self.phases)
     }
