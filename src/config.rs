@@ -54,6 +54,18 @@ pub enum Precision {
     Bf16,
 }
 
+/// Whether decoder rows are held at unit norm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DecoderNorm {
+    /// Project each decoder gradient row onto the row's tangent space, renormalise after each
+    /// step (WTA paper 3.1, Gao et al., dictionary_learning).
+    Unit,
+    /// No projection, no renormalisation: the norms are free, and relu's L1 weighted by
+    /// ||W_dec_i|| is what keeps them in check (the bimodality paper's setting).
+    Free,
+}
+
 /// How the CUDA backend computes the encoder pre-activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -120,6 +132,12 @@ pub struct TrainConfig {
     /// ReLU sparsifier: L1 coefficient (penalty lambda * sum_i z_i ||W_dec_i||, mean over tokens).
     #[arg(long, default_value_t = TrainConfig::default().l1_coeff)]
     pub l1_coeff: f64,
+    /// ReLU sparsifier: the L1 coefficient rises linearly from 0 over this many steps.
+    #[arg(long, default_value_t = TrainConfig::default().l1_warmup_steps)]
+    pub l1_warmup_steps: u64,
+    /// Decoder rows at unit norm (projection + renormalisation) or free.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().decoder_norm)]
+    pub decoder_norm: DecoderNorm,
     /// Aligned training: constrain W_enc_i . W_dec_i = 1.
     #[arg(long, default_value_t = false)]
     pub aligned: bool,
@@ -274,6 +292,8 @@ impl Default for TrainConfig {
             m_max: None,
             k_max: None,
             l1_coeff: 0.05,
+            l1_warmup_steps: 0,
+            decoder_norm: DecoderNorm::Unit,
             aligned: false,
             init_from: None,
             b_dec_init: BDecInit::Mean,
@@ -409,6 +429,12 @@ impl TrainConfig {
             }
         }
         out
+    }
+    /// relu's L1 coefficient per token at step `step` (0-based), with its linear warm-up.
+    pub fn l1_lambda(&self, step: u64, rows: usize) -> f32 {
+        let warm =
+            if self.l1_warmup_steps > 0 { ((step + 1) as f64 / self.l1_warmup_steps as f64).min(1.0) } else { 1.0 };
+        (self.l1_coeff * warm) as f32 / rows as f32
     }
     pub fn k_aux_for(&self, d_in: usize) -> usize {
         self.k_aux.unwrap_or((d_in / 2).max(1))

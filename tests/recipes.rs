@@ -361,3 +361,53 @@ fn calibrated_thresholds_match_the_training_l0() {
     ]));
     assert!(json(&out.join("summary.json"))["calibration"].is_null());
 }
+
+// ---- 6. the bimodality paper's setting -------------------------------------------------------------
+
+#[test]
+fn free_decoder_norms_and_l1_warmup() {
+    let dir = tempfile::tempdir().unwrap();
+    let norms = |run: &Path| -> Vec<f32> {
+        let (state, _) = saetrain::train::checkpoint::load(run).unwrap();
+        state.params.w_dec().chunks(state.shape().d_in).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).collect()
+    };
+    let mut runs = vec![];
+    for (name, extra) in [
+        ("unit", &[][..]),
+        ("free", &["--decoder-norm", "free", "--l1-warmup-steps", "20"][..]),
+        ("free_aligned", &["--decoder-norm", "free", "--aligned"][..]),
+    ] {
+        let out = dir.path().join(name);
+        let mut a = vec!["train", "--out", out.to_str().unwrap(), "--sparsifier", "relu", "--d-sae", "256"];
+        a.extend_from_slice(&[
+            "--batch-size",
+            "128",
+            "--steps",
+            "60",
+            "--lr",
+            "3e-3",
+            "--log-every",
+            "1",
+            "--backend",
+            "cpu",
+        ]);
+        a.push("--quiet");
+        a.extend_from_slice(extra);
+        ok(&sae(&a));
+        runs.push(out);
+    }
+    assert!(norms(&runs[0]).iter().all(|n| (n - 1.0).abs() < 1e-4), "unit decoder rows");
+    for run in &runs[1..] {
+        let n = norms(run);
+        let spread = n.iter().cloned().fold(f32::MIN, f32::max) - n.iter().cloned().fold(f32::MAX, f32::min);
+        assert!(spread > 1e-3, "{}: free decoder norms did not move (spread {spread})", run.display());
+    }
+    // The L1 term rises linearly from 0: (step+1)/20 of its weight on the first step.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(runs[1].join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let l1 = |i: usize| lines[i]["l1_loss"].as_f64().unwrap();
+    assert!(l1(0) > 0.0 && l1(0) < 0.2 * l1(30), "L1 at step 1 {} vs step 31 {}", l1(0), l1(30));
+}

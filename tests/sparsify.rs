@@ -354,15 +354,18 @@ fn zipf_budgets_properties() {
 
 #[test]
 fn dying_latents_bottom_quarter_below_prediction() {
-    // F=8, B=10, k=2: predicted densities by rank 0.3 0.3 0.2 0.2 0.2 0.2 0.1 0.1.
-    // Order: 0, 2, 4, 6, 7, 3, 1, 5. Bottom quarter = latents 1 (0.065 >= 0.6*0.1) and 5 (0.01).
-    // Latent 3 is far below its prediction (0.07 < 0.12) but not in the bottom quarter.
+    // F=8, B=10, k=2: continuous Zipf densities by rank (Definition 3.1; the floored budgets'
+    // 0.3 .. 0.1 made every low rank look alive) 0.347 0.307 0.276 0.251 0.229 0.211 0.196 0.183.
+    // Order: 0, 2, 4, 6, 7, 3, 1, 5. Bottom quarter = latents 1 (0.065 < 0.6*0.196) and 5 (0.01).
+    // Latent 3 is far below its prediction (0.07 < 0.15) but not in the bottom quarter.
     let density = [0.5f32, 0.065, 0.4, 0.07, 0.3, 0.01, 0.2, 0.1];
     let dying = budget::dying_latents(&density, 10, 2, 1.0, 6.8);
-    assert_eq!(dying, vec![false, false, false, false, false, true, false, false]);
-    let density = [0.5f32, 0.05, 0.4, 0.07, 0.3, 0.01, 0.2, 0.1];
-    let dying = budget::dying_latents(&density, 10, 2, 1.0, 6.8);
     assert_eq!(dying, vec![false, true, false, false, false, true, false, false]);
+    // Order 0, 2, 4, 6, 7, 3, 1, 5: latent 1 (rank 7) at 0.119 is above 0.6 x 0.196 = 0.118, so
+    // alive; latent 5 (rank 8) below it is dying.
+    let density = [0.5f32, 0.119, 0.4, 0.125, 0.3, 0.01, 0.2, 0.13];
+    let dying = budget::dying_latents(&density, 10, 2, 1.0, 6.8);
+    assert_eq!(dying, vec![false, false, false, false, false, true, false, false]);
 }
 
 #[test]

@@ -11,7 +11,7 @@ pub mod encode;
 pub mod linalg;
 
 use super::{Backend, InferMode, Inference, PhaseTimes, StepStats};
-use crate::config::TrainConfig;
+use crate::config::{DecoderNorm, TrainConfig};
 use crate::data::Batch;
 use crate::model::{aligned, Params, TrainState};
 use crate::sparse::SparseCodes;
@@ -138,7 +138,8 @@ impl Backend for CpuBackend {
             self.state.shape().d_in
         );
         let x = batch.to_f32();
-        let pass = self.gradients(&x, batch.rows, true)?;
+        let unit = self.cfg.decoder_norm == DecoderNorm::Unit;
+        let pass = self.gradients(&x, batch.rows, unit)?;
         self.apply(pass.grad, &pass.codes, batch.rows, lr);
         Ok(pass.stats)
     }
@@ -227,7 +228,7 @@ impl CpuBackend {
         let mut dec = self.decode_phase(&codes, x, rows);
         let t3 = Instant::now();
         let l1 = self.cfg.sparsifier.has_l1().then(|| {
-            let lambda = self.cfg.l1_coeff as f32 / rows as f32;
+            let lambda = self.cfg.l1_lambda(self.state.step, rows);
             L1Terms::new(&codes, self.state.params.w_dec(), d, lambda, &mut dec.dpre)
         });
         let candidates = self.aux_candidates(rows);
@@ -358,12 +359,18 @@ impl CpuBackend {
             t,
         };
         let s = &mut self.state;
-        // [W_enc | b_enc] and b_dec plainly; W_dec rows fused with their renormalisation.
+        // [W_enc | b_enc] and b_dec plainly; W_dec rows fused with their renormalisation (or
+        // plainly too when decoder norms are free).
         let [_, _, dec0, dec1, _] = s.params.shape.offsets();
         let (p, g, m, v) = (&mut s.params.data, &grad.data, &mut s.adam_m.data, &mut s.adam_v.data);
-        adam::adam_step(&mut p[..dec0], &g[..dec0], &mut m[..dec0], &mut v[..dec0], h);
-        adam::adam_step_renorm_rows(&mut p[dec0..dec1], &g[dec0..dec1], &mut m[dec0..dec1], &mut v[dec0..dec1], d, h);
-        adam::adam_step(&mut p[dec1..], &g[dec1..], &mut m[dec1..], &mut v[dec1..], h);
+        if cfg.decoder_norm == DecoderNorm::Free {
+            adam::adam_step(p, g, m, v, h);
+        } else {
+            adam::adam_step(&mut p[..dec0], &g[..dec0], &mut m[..dec0], &mut v[..dec0], h);
+            let dec = dec0..dec1;
+            adam::adam_step_renorm_rows(&mut p[dec.clone()], &g[dec.clone()], &mut m[dec.clone()], &mut v[dec], d, h);
+            adam::adam_step(&mut p[dec1..], &g[dec1..], &mut m[dec1..], &mut v[dec1..], h);
+        }
         self.ws.grad = Some(grad);
         self.update_tracking(codes, rows);
         self.state.step = t;

@@ -40,14 +40,17 @@ pub struct DevState<'a> {
 }
 
 /// One Adam step: [W_enc | b_enc] and b_dec plainly, W_dec rows fused with their projection and
-/// renormalisation.
-pub fn step(dev: &Dev, shape: Shape, s: &DevState, h: Folded) -> Result<()> {
+/// renormalisation (`unit_decoder`), or every parameter plainly (free decoder norms).
+pub fn step(dev: &Dev, shape: Shape, s: &DevState, h: Folded, unit_decoder: bool) -> Result<()> {
     let [_, _, o_wdec, o_bdec, _] = shape.offsets();
     let (d, f) = (shape.d_in, shape.d_sae);
     let flat = |off: usize, n: usize| {
         let (p, g, m, v) = (s.params.at(off), s.grads.at(off), s.m.at(off), s.v.at(off));
         K::adam_flat(dev, L::elementwise(n as u64), p, g, m, v, n as u64, h.b1, h.b2, h.step_size, h.eps)
     };
+    if !unit_decoder {
+        return flat(0, shape.len());
+    }
     flat(0, o_wdec)?;
     let (p, g, m, v) = (s.params.at(o_wdec), s.grads.at(o_wdec), s.m.at(o_wdec), s.v.at(o_wdec));
     K::adam_dec_rows(dev, L::per_line(f, d), p, g, m, v, d as u32, h.b1, h.b2, h.step_size, h.eps)?;

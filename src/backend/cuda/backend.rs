@@ -210,7 +210,7 @@ impl Backend for CudaBackend {
 
         let b = nvtx::range("backward");
         backward::code_grads(cx.dev, &ws.main, &ws.b.g, cx.w_dec(), d)?;
-        let lambda = cx.cfg.l1_coeff as f32 / rows as f32;
+        let lambda = cx.cfg.l1_lambda(self.step, rows);
         if cx.cfg.sparsifier.has_l1() {
             backward::l1_terms(&cx, ws, lambda)?;
         }
@@ -240,7 +240,7 @@ impl Backend for CudaBackend {
         let c = cx.cfg;
         let h = Folded::new(lr, c.adam_beta1, c.adam_beta2, c.adam_eps, t);
         let state = DevState { params: &self.params, grads: &self.grads, m: &self.adam_m, v: &self.adam_v };
-        adam::step(cx.dev, self.shape, &state, h)?;
+        adam::step(cx.dev, self.shape, &state, h, cx.cfg.decoder_norm == crate::config::DecoderNorm::Unit)?;
         let (counts, minbits) = adam::latent_stats(cx.dev, ws)?;
         let acc: Vec<f64> = ws.b.acc.to_vec(K::ACC_SLOTS)?;
         let nnz = ws.main.nnz;

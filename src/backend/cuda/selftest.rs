@@ -17,7 +17,7 @@ use super::select::select;
 use super::workspace::{Dims, Ws};
 use crate::backend::cpu::{backward as cpu_bwd, decode as cpu_dec, CpuBackend};
 use crate::backend::{Backend, InferMode};
-use crate::config::{AuxKind, EncoderKind, Precision, SparsifierKind, TrainConfig};
+use crate::config::{AuxKind, DecoderNorm, EncoderKind, Precision, SparsifierKind, TrainConfig};
 use crate::data::Batch;
 use crate::model::{init, Shape, TrainState};
 use crate::sparse::SparseCodes;
@@ -247,6 +247,14 @@ pub fn step_configs(s: Sizes) -> Vec<(String, TrainConfig)> {
         ("topk aligned".into(), with(SparsifierKind::Topk, &|c| c.aligned = true)),
         ("wta aligned".into(), with(SparsifierKind::Wta, &|c| c.aligned = true)),
         ("relu aligned".into(), with(SparsifierKind::Relu, &|c| c.aligned = true)),
+        (
+            "relu free decoder norms, aligned, L1 warm-up".into(),
+            with(SparsifierKind::Relu, &|c| {
+                c.decoder_norm = DecoderNorm::Free;
+                c.aligned = true;
+                c.l1_warmup_steps = 2;
+            }),
+        ),
         // The hand-written encoder (what the emulator always runs, as it has no cuBLAS).
         ("batchtopk fused encoder".into(), with(SparsifierKind::Batchtopk, &|c| c.encoder = EncoderKind::Fused)),
         ("topk fused encoder".into(), with(SparsifierKind::Topk, &|c| c.encoder = EncoderKind::Fused)),
