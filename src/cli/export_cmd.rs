@@ -1,14 +1,20 @@
 //! `sae export RUN --format saelens|sparsify --out DIR`
 
 use crate::config::TrainConfig;
-use crate::export::load::{checkpoint_dir, load_sae_with_layout};
+use crate::export::load::{checkpoint_dir, load_sae_with_layout, SPARSIFY_WEIGHTS_FILE};
+use crate::export::saelens::{CFG_FILE, WEIGHTS_FILE};
 use crate::export::ExportedSae;
 use crate::train::checkpoint::{self, STATE_FILE};
 use crate::train::{effective_encoder, CONFIG_FILE};
+use crate::util::atomic::is_our_temporary;
+use crate::util::sweep::{describe, sweep_stale_temporaries};
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use serde_json::json;
 use std::path::{Path, PathBuf};
+
+/// Every file an export writes (in either layout): whose stale temporaries it sweeps.
+pub const EXPORT_FILES: &[&str] = &[CFG_FILE, WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ExportFormat {
@@ -53,7 +59,12 @@ fn check_out(run: &Path, out: &Path, overwrite: bool) -> Result<()> {
         bail!("--out {}: exists and is not a directory", out.display());
     }
     let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
-    let names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    // Temporaries a killed export left are ours (swept next), not the user's files.
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !is_our_temporary(n))
+        .collect();
     let own = std::fs::canonicalize(out).ok() == std::fs::canonicalize(checkpoint_dir(run)).ok();
     if names.is_empty() || own || overwrite {
         return Ok(());
@@ -89,6 +100,9 @@ pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Op
 
 pub fn run(args: ExportArgs) -> Result<()> {
     check_out(&args.run, &args.out, args.overwrite)?;
+    for line in describe(&sweep_stale_temporaries(&args.out, EXPORT_FILES)?) {
+        eprintln!("{line}");
+    }
     let (mut sae, mut md, extra) =
         sae_for_export(&args.run).with_context(|| format!("export {}", args.run.display()))?;
     if let Some(k) = args.k {

@@ -85,6 +85,11 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         lock = Some(rundir::prepare_new(&out, opts.overwrite)?);
     }
     let _lock = lock;
+    // Temporaries of writers killed mid-write, before anything is written here.
+    let swept = rundir::sweep_temporaries(&out)?;
+    if !cfg.quiet {
+        crate::util::sweep::describe(&swept).iter().for_each(|l| eprintln!("{l}"));
+    }
 
     let total = cfg.total_steps();
     // A run killed before its first checkpoint has only its config: it starts again from step 0.
@@ -135,11 +140,12 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         );
     }
     let bar = progress_bar(&cfg, total, start_step);
+    let metrics_path = out.join(METRICS_FILE);
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(out.join(METRICS_FILE))
-        .with_context(|| format!("cannot open {}", out.join(METRICS_FILE).display()))?;
+        .open(&metrics_path)
+        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
 
     let t0 = Instant::now();
     let mut window = Window::default();
@@ -165,7 +171,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
                 let m = core_metrics(backend.as_mut(), &eval_set, InferMode::Exported)?;
                 line["eval"] = serde_json::to_value(&m)?;
             }
-            writeln!(metrics, "{line}")?;
+            writeln!(metrics, "{line}").with_context(|| format!("cannot write {}", metrics_path.display()))?;
             bar.set_position(done);
             bar.set_message(format!(
                 "loss {:.4} L0 {:.1} EV {:.3} dead {}",
