@@ -464,3 +464,25 @@ fn folded_input_scale_matches_training_backend() {
         }
     }
 }
+
+#[test]
+fn a_picture_that_cannot_be_written_names_its_file() {
+    use saetrain::plot::{histogram, line_panels, HistSpec, Panel, Sample, Series};
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-dir");
+    let spec = HistSpec { title: "t".into(), x_label: "x".into(), range: None, bins: 4, integer: false, note: None };
+    let sample = [Sample { label: "a".into(), values: vec![0.1, 0.2, 0.3] }];
+    let panel = Panel {
+        title: "t".into(),
+        x_label: "x".into(),
+        y_label: "y".into(),
+        series: vec![Series { label: "a".into(), points: vec![(0.0, 1.0), (1.0, 2.0)] }],
+        log_y: false,
+    };
+    let h = missing.join("alignment.png");
+    let e = format!("{:#}", histogram(&h, &sample, &spec).unwrap_err());
+    assert!(e.contains(&h.display().to_string()), "{e}");
+    let l = missing.join("training_curves.png");
+    let e = format!("{:#}", line_panels(&l, &[panel]).unwrap_err());
+    assert!(e.contains(&l.display().to_string()), "{e}");
+}

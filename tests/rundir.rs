@@ -1,49 +1,12 @@
 //! Run directories that never lie (issue 11): refusals, `--resume` option checks, the lock,
-//! and resuming a run killed before its first checkpoint. Every case drives the `sae` binary as
-//! a user would.
+//! resuming a run killed before its first checkpoint, failed writes that leave no temporary and
+//! the last good checkpoint, and the start-up sweep of stale temporaries. Every case drives the
+//! `sae` binary as a user would.
 
+mod common;
+
+use common::cli::{ok, sae, sae_with_file_size_limit, stderr, temporaries, train};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn sae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sae")).args(args).output().expect("run sae")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A tiny run (about a second) into `out` with extra flags.
-fn train(out: &Path, extra: &[&str]) -> Output {
-    let mut a = vec![
-        "train",
-        "--out",
-        out.to_str().unwrap(),
-        "--synth-d-in",
-        "16",
-        "--synth-features",
-        "32",
-        "--d-sae",
-        "64",
-        "--k",
-        "4",
-        "--batch-size",
-        "64",
-        "--steps",
-        "20",
-        "--eval-tokens",
-        "256",
-        "--backend",
-        "cpu",
-        "--quiet",
-    ];
-    a.extend_from_slice(extra);
-    sae(&a)
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "sae failed: {}", stderr(o));
-}
 
 #[test]
 fn train_refuses_a_directory_holding_other_files() {
@@ -160,4 +123,85 @@ fn a_run_killed_before_its_first_checkpoint_resumes_from_step_zero() {
         std::fs::read(full.join("sae_weights.safetensors")).unwrap(),
         "resumed-from-zero run differs from the uninterrupted one"
     );
+}
+
+#[test]
+fn a_failed_checkpoint_write_names_the_file_leaves_no_temporary_and_the_last_checkpoint_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    ok(&train(&out, &["--checkpoint-every", "10"]));
+    let good = std::fs::read(out.join("trainer_state.safetensors")).unwrap();
+    // Extend it to 40 steps with every file limited to 16 KiB: the config and metrics fit, the
+    // 27 KB trainer state of the checkpoint at step 30 does not (EFBIG half-way through).
+    let run = out.to_str().unwrap();
+    let o = sae_with_file_size_limit(16 * 1024, &["train", "--resume", run, "--steps", "40", "--quiet"]);
+    assert!(!o.status.success(), "a failed checkpoint write must fail the run");
+    let e = stderr(&o);
+    let target = out.join("trainer_state.safetensors").display().to_string();
+    assert!(e.contains(&target) && e.contains("File too large"), "the error must name {target}: {e}");
+    assert_eq!(temporaries(&out), Vec::<String>::new(), "the failed write left its temporary");
+    assert_eq!(std::fs::read(out.join("trainer_state.safetensors")).unwrap(), good, "last good checkpoint changed");
+    let (_, meta) = saetrain::train::checkpoint::load(&out).expect("the last good checkpoint loads");
+    assert_eq!(meta.step, 20);
+    ok(&sae(&["train", "--resume", run, "--steps", "40", "--quiet"]));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 40);
+}
+
+/// Plant temporaries in `dir`: ours of a dead writer (must go), ours of a live writer and the
+/// user's look-alikes (must stay). Returns (stale, kept).
+fn plant_temporaries(dir: &Path, stale_names: &[&str]) -> (Vec<String>, Vec<String>) {
+    // A pid no process has (checked rather than assumed).
+    let dead = 999_999u32;
+    assert!(!Path::new(&format!("/proc/{dead}")).exists(), "pid {dead} is alive here");
+    let live = std::process::id();
+    let stale: Vec<String> = stale_names.iter().map(|n| format!(".{n}.{dead}.tmp")).collect();
+    let kept: Vec<String> = [
+        format!(".trainer_state.safetensors.{live}.tmp"), // a live writer's
+        ".notes.tmp".into(),
+        "x.tmp".into(),
+        format!(".notes.{dead}.tmp"), // our pattern, but not a file we write
+    ]
+    .into();
+    for n in stale.iter().chain(&kept) {
+        std::fs::write(dir.join(n), b"partial").unwrap();
+    }
+    (stale, kept)
+}
+
+fn assert_swept(dir: &Path, stale: &[String], kept: &[String], what: &str) {
+    for n in stale {
+        assert!(!dir.join(n).exists(), "{what}: stale {n} was not removed");
+    }
+    for n in kept {
+        assert!(dir.join(n).exists(), "{what}: {n} must not be touched");
+    }
+}
+
+#[test]
+fn stale_temporaries_of_dead_writers_are_swept_at_start_up_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    // Resume: a kill -9 during a checkpoint left the state's and the weights' temporaries.
+    let out = dir.path().join("run");
+    ok(&train(&out, &[]));
+    let (stale, kept) = plant_temporaries(&out, &["trainer_state.safetensors", "sae_weights.safetensors"]);
+    ok(&sae(&["train", "--resume", out.to_str().unwrap(), "--steps", "25", "--quiet"]));
+    assert_swept(&out, &stale, &kept, "train --resume");
+
+    // A new run into a directory holding only a dead writer's temporary.
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir(&fresh).unwrap();
+    std::fs::write(fresh.join(".config.json.999999.tmp"), b"{").unwrap();
+    ok(&train(&fresh, &[]));
+    assert_eq!(temporaries(&fresh), Vec::<String>::new(), "new run");
+
+    // Export into the run's own directory after an export was killed.
+    for n in &kept {
+        std::fs::remove_file(out.join(n)).unwrap();
+    }
+    let (stale, kept) = plant_temporaries(&out, &["cfg.json", "sae_weights.safetensors"]);
+    let run = out.to_str().unwrap();
+    ok(&sae(&["export", run, "--format", "saelens", "--out", run]));
+    assert_swept(&out, &stale, &kept, "export");
 }

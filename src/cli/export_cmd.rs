@@ -1,14 +1,20 @@
 //! `sae export RUN --format saelens|sparsify --out DIR`
 
 use crate::config::TrainConfig;
-use crate::export::load::{checkpoint_dir, load_sae_with_layout};
+use crate::export::load::{checkpoint_dir, load_sae_with_layout, SPARSIFY_WEIGHTS_FILE};
+use crate::export::saelens::{CFG_FILE, WEIGHTS_FILE};
 use crate::export::ExportedSae;
 use crate::train::checkpoint::{self, STATE_FILE};
 use crate::train::{effective_encoder, CONFIG_FILE};
+use crate::util::atomic::is_our_temporary;
+use crate::util::sweep::{describe, sweep_stale_temporaries};
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use serde_json::json;
 use std::path::{Path, PathBuf};
+
+/// Every file an export writes (in either layout): whose stale temporaries it sweeps.
+pub const EXPORT_FILES: &[&str] = &[CFG_FILE, WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ExportFormat {
@@ -53,7 +59,12 @@ fn check_out(run: &Path, out: &Path, overwrite: bool) -> Result<()> {
         bail!("--out {}: exists and is not a directory", out.display());
     }
     let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
-    let names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    // Temporaries a killed export left are ours (swept next), not the user's files.
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !is_our_temporary(n))
+        .collect();
     let own = std::fs::canonicalize(out).ok() == std::fs::canonicalize(checkpoint_dir(run)).ok();
     if names.is_empty() || own || overwrite {
         return Ok(());
@@ -64,6 +75,24 @@ fn check_out(run: &Path, out: &Path, overwrite: bool) -> Result<()> {
         out.display(),
         names.iter().take(4).cloned().collect::<Vec<_>>().join(", ")
     )
+}
+
+/// Say so when a run's own SAELens weights cannot be read: the export is rebuilt from its
+/// trainer state (always, since that is the latest checkpoint), so a corrupt or missing
+/// `sae_weights.safetensors` is harmless, but it should not pass unnoticed.
+fn rebuild_note(path: &Path) -> Option<String> {
+    let dir = checkpoint_dir(path);
+    if !(dir.join(CONFIG_FILE).is_file() && dir.join(STATE_FILE).is_file()) {
+        return None;
+    }
+    let weights = dir.join(WEIGHTS_FILE);
+    let why = match load_sae_with_layout(&dir) {
+        Ok(_) => return None,
+        Err(_) if !weights.exists() => "is missing".to_string(),
+        Err(e) => format!("cannot be read: {e:#}"),
+    };
+    let what = if weights.exists() { "the run's SAELens weights".to_string() } else { weights.display().to_string() };
+    Some(format!("note: {what} {why}; exporting the SAE rebuilt from {}", dir.join(STATE_FILE).display()))
 }
 
 /// The SAE of `path` with normalisation folded in: rebuilt from the trainer state of a run
@@ -90,6 +119,12 @@ pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Op
 
 pub fn run(args: ExportArgs) -> Result<()> {
     check_out(&args.run, &args.out, args.overwrite)?;
+    for line in describe(&sweep_stale_temporaries(&args.out, EXPORT_FILES)?) {
+        eprintln!("{line}");
+    }
+    if let Some(note) = rebuild_note(&args.run) {
+        eprintln!("{note}");
+    }
     let (mut sae, mut md, extra) =
         sae_for_export(&args.run).with_context(|| format!("export {}", args.run.display()))?;
     if let Some(k) = args.k {

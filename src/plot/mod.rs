@@ -4,6 +4,9 @@
 //!
 //! Two kinds of picture: line charts (training curves, one or more panels) and histograms
 //! (one or more series overlaid as translucent bars with an outline, counts as fractions).
+//! Both are drawn in memory and written atomically by [`output::render_png`].
+
+pub mod output;
 
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
@@ -87,16 +90,14 @@ fn pad(lo: f64, hi: f64, frac: f64) -> (f64, f64) {
 
 /// Line chart with the panels stacked vertically.
 pub fn line_panels(path: &Path, panels: &[Panel]) -> Result<()> {
-    register_fonts();
     let h = (HEIGHT as usize * panels.len().max(1) * 2 / 3).max(HEIGHT as usize) as u32;
-    let root = BitMapBackend::new(path, (WIDTH, h)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let areas = root.split_evenly((panels.len().max(1), 1));
-    for (panel, area) in panels.iter().zip(areas.iter()) {
-        draw_lines(area, panel)?;
-    }
-    root.present().map_err(err)?;
-    Ok(())
+    output::render_png(path, (WIDTH, h), |root| {
+        let areas = root.split_evenly((panels.len().max(1), 1));
+        for (panel, area) in panels.iter().zip(areas.iter()) {
+            draw_lines(area, panel)?;
+        }
+        Ok(())
+    })
 }
 
 fn draw_lines(area: &DrawingArea<BitMapBackend<'_>, Shift>, p: &Panel) -> Result<()> {
@@ -247,17 +248,18 @@ pub fn bin(samples: &[Sample], spec: &HistSpec) -> (Vec<f64>, Vec<Vec<f64>>) {
 
 /// Histogram of one or more samples, overlaid.
 pub fn histogram(path: &Path, samples: &[Sample], spec: &HistSpec) -> Result<()> {
-    register_fonts();
+    output::render_png(path, (WIDTH, HEIGHT), |root| draw_histogram(root, samples, spec))
+}
+
+fn draw_histogram(root: &DrawingArea<BitMapBackend<'_>, Shift>, samples: &[Sample], spec: &HistSpec) -> Result<()> {
     let (edges, fracs) = bin(samples, spec);
-    let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
     let (x0, x1) = (edges[0], *edges.last().expect("edges"));
     let y1 = fracs.iter().flatten().copied().fold(0.0, f64::max).max(1e-9) * 1.1;
     let caption = match &spec.note {
         Some(n) => format!("{}  ({n})", spec.title),
         None => spec.title.clone(),
     };
-    let mut c = ChartBuilder::on(&root)
+    let mut c = ChartBuilder::on(root)
         .caption(caption, (FONT, 20))
         .margin(12)
         .margin_right(36)
@@ -299,6 +301,5 @@ pub fn histogram(path: &Path, samples: &[Sample], spec: &HistSpec) -> Result<()>
     if samples.len() > 1 {
         legend(&mut c)?;
     }
-    root.present().map_err(err)?;
     Ok(())
 }

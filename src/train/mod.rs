@@ -88,6 +88,11 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         lock = Some(rundir::prepare_new(&out, opts.overwrite)?);
     }
     let _lock = lock;
+    // Temporaries of writers killed mid-write, before anything is written here.
+    let swept = rundir::sweep_temporaries(&out)?;
+    if !cfg.quiet {
+        crate::util::sweep::describe(&swept).iter().for_each(|l| eprintln!("{l}"));
+    }
 
     let total = cfg.total_steps();
     // A run killed before its first checkpoint has only its config: it starts again from step 0.
@@ -144,11 +149,12 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         );
     }
     let bar = progress_bar(&cfg, total, start_step);
+    let metrics_path = out.join(METRICS_FILE);
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(out.join(METRICS_FILE))
-        .with_context(|| format!("cannot open {}", out.join(METRICS_FILE).display()))?;
+        .open(&metrics_path)
+        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
 
     let t0 = Instant::now();
     let mut window = Window::default();
@@ -174,7 +180,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
                 let m = core_metrics(backend.as_mut(), &eval_set, InferMode::Exported)?;
                 line["eval"] = serde_json::to_value(&m)?;
             }
-            writeln!(metrics, "{line}")?;
+            writeln!(metrics, "{line}").with_context(|| format!("cannot write {}", metrics_path.display()))?;
             bar.set_position(done);
             bar.set_message(format!(
                 "loss {:.4} L0 {:.1} EV {:.3} dead {}",
@@ -199,6 +205,10 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         );
     }
     save_all_with(&cfg, backend.as_ref(), source.as_ref(), &out, tokens, calibration.as_ref())?;
+    // Even with --quiet: data that was silently left out is worth a line.
+    if let Some(w) = skipped_warning(&source.stats(), &metrics_path) {
+        eprintln!("{w}");
+    }
 
     let eval = core_metrics(backend.as_mut(), &eval_set, InferMode::Exported)?;
     let eval_training_sparsifier = core_metrics(backend.as_mut(), &eval_set, InferMode::Training)?;
@@ -268,6 +278,19 @@ fn record_resume(
         .with_context(|| format!("cannot open {}", path.display()))?;
     writeln!(f, "{}", json!({ "at_step": step, "changed": changes }))
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The end-of-run line about batches skipped for NaN/Inf values (counted over the whole run,
+/// resumes included, as in the metrics), if any were.
+fn skipped_warning(stats: &data::SourceStats, metrics: &Path) -> Option<String> {
+    let n = stats.skipped_nonfinite_batches;
+    (n > 0).then(|| {
+        format!(
+            "warning: skipped {n} training batch{} holding NaN/Inf values (not trained on; data.skipped_nonfinite_batches in {})",
+            if n == 1 { "" } else { "es" },
+            metrics.display()
+        )
+    })
 }
 
 fn tokens_since(start_step: u64, cfg: &TrainConfig, done: u64) -> u64 {

@@ -170,3 +170,9 @@ pub fn apply_changes(saved: &TrainConfig, changes: &Map<String, Value>) -> Resul
     }
     Ok(serde_json::from_value(v)?)
 }
+
+/// Remove the temporaries that writers of this run killed mid-write left in `dir` (call it with
+/// the lock held): see [`crate::util::sweep`].
+pub fn sweep_temporaries(dir: &Path) -> Result<Vec<(PathBuf, u32)>> {
+    crate::util::sweep::sweep_stale_temporaries(dir, RUN_FILES)
+}

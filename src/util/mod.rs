@@ -3,3 +3,4 @@
 pub mod atomic;
 pub mod hugepage;
 pub mod stats;
+pub mod sweep;

@@ -3,4 +3,5 @@
 // A test binary uses only part of what is here.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod reference;
