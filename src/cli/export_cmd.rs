@@ -77,6 +77,24 @@ fn check_out(run: &Path, out: &Path, overwrite: bool) -> Result<()> {
     )
 }
 
+/// Say so when a run's own SAELens weights cannot be read: the export is rebuilt from its
+/// trainer state (always, since that is the latest checkpoint), so a corrupt or missing
+/// `sae_weights.safetensors` is harmless, but it should not pass unnoticed.
+fn rebuild_note(path: &Path) -> Option<String> {
+    let dir = checkpoint_dir(path);
+    if !(dir.join(CONFIG_FILE).is_file() && dir.join(STATE_FILE).is_file()) {
+        return None;
+    }
+    let weights = dir.join(WEIGHTS_FILE);
+    let why = match load_sae_with_layout(&dir) {
+        Ok(_) => return None,
+        Err(_) if !weights.exists() => "is missing".to_string(),
+        Err(e) => format!("cannot be read: {e:#}"),
+    };
+    let what = if weights.exists() { "the run's SAELens weights".to_string() } else { weights.display().to_string() };
+    Some(format!("note: {what} {why}; exporting the SAE rebuilt from {}", dir.join(STATE_FILE).display()))
+}
+
 /// The SAE of `path` with normalisation folded in: rebuilt from the trainer state of a run
 /// directory, else read from a checkpoint. Also returns the SAELens metadata and extra block.
 pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Option<serde_json::Value>)> {
@@ -102,6 +120,9 @@ pub fn run(args: ExportArgs) -> Result<()> {
     check_out(&args.run, &args.out, args.overwrite)?;
     for line in describe(&sweep_stale_temporaries(&args.out, EXPORT_FILES)?) {
         eprintln!("{line}");
+    }
+    if let Some(note) = rebuild_note(&args.run) {
+        eprintln!("{note}");
     }
     let (mut sae, mut md, extra) =
         sae_for_export(&args.run).with_context(|| format!("export {}", args.run.display()))?;

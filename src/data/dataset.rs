@@ -64,6 +64,10 @@ pub fn glob_match(pat: &str, name: &str) -> bool {
     rec(&p, &n)
 }
 
+fn has_ext(path: &Path, ext: &str) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case(ext))
+}
+
 fn is_shard_name(name: &str) -> bool {
     let l = name.to_ascii_lowercase();
     (l.ends_with(".npy") || l.ends_with(".safetensors")) && l != GROUND_TRUTH
@@ -143,6 +147,13 @@ impl Dataset {
     /// the manifest when present.
     pub fn open(spec: &Path, tensor: Option<&str>) -> Result<Self> {
         let (files, manifest_path, root) = resolve(spec)?;
+        if let (Some(t), Some(npy)) = (tensor, files.iter().find(|f| has_ext(f, "npy"))) {
+            bail!(
+                "--tensor {t}: {} is a .npy file, which holds one unnamed array; --tensor chooses a tensor \
+                 in .safetensors shards only (drop it for .npy data)",
+                npy.display()
+            );
+        }
         let manifest = match &manifest_path {
             Some(p) => Some((p.clone(), Manifest::load(p)?)),
             None => None,

@@ -4,7 +4,7 @@
 use super::format::{Dtype, Shard};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Component, Path};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const GROUND_TRUTH: &str = "ground_truth.npy";
@@ -60,6 +60,9 @@ impl Manifest {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
         let m: Manifest =
             serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))?;
+        for s in &m.shards {
+            check_inside(path, &s.file)?;
+        }
         if let Some(t) = m.total_rows {
             let s: usize = m.shards.iter().map(|s| s.rows).sum();
             if t != s {
@@ -78,7 +81,9 @@ impl Manifest {
     pub fn check(&self, manifest_path: &Path, shard: &Shard) -> Result<()> {
         let name = shard.path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let mp = manifest_path.display();
-        let Some(entry) = self.shards.iter().find(|s| s.file == name) else {
+        // By file name, or by path for an entry in a sub-directory (`sub/a.npy`).
+        let dir = manifest_path.parent().unwrap_or(Path::new(""));
+        let Some(entry) = self.shards.iter().find(|s| s.file == name || dir.join(&s.file) == shard.path) else {
             bail!("{}: not listed in {mp} (field shards)", shard.path.display());
         };
         if shard.d_in != self.d_in {
@@ -92,4 +97,21 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// A shard entry must name a file inside the manifest's directory: a relative path without
+/// `..` (an entry like `../good.npy` would read data from outside the dataset).
+fn check_inside(manifest_path: &Path, file: &str) -> Result<()> {
+    let mp = manifest_path.display();
+    if file.is_empty() {
+        bail!("{mp}: field shards: an entry has an empty file name");
+    }
+    if Path::new(file).components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+        let dir = manifest_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        bail!(
+            "{mp}: field shards: file '{file}' escapes the dataset directory {}; entries must be paths inside it",
+            dir.display()
+        );
+    }
+    Ok(())
 }

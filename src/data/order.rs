@@ -45,6 +45,9 @@ pub struct ShardOptions {
     pub chunk_rows: usize,
     /// Rows sampled for the median norm and the scale.
     pub sample_rows: usize,
+    /// The data is an evaluation set (`sae eval --data`): it has no training split, so up to
+    /// `eval_tokens` of all its rows are held out, not at most half, and no batch is drawn.
+    pub evaluation_set: bool,
 }
 
 impl Default for ShardOptions {
@@ -62,6 +65,7 @@ impl Default for ShardOptions {
             d_in: None,
             chunk_rows: 1024,
             sample_rows: 10_000,
+            evaluation_set: false,
         }
     }
 }
@@ -147,11 +151,13 @@ impl Core {
             bail!("invalid --max-norm-multiple {}: must be >= 0 (0 disables)", opts.max_norm_multiple);
         }
         let n = ds.total_rows();
-        let e = opts.eval_tokens;
-        if n < opts.batch_size {
+        // An evaluation set gives all its rows when asked for more; a training set keeps at
+        // least half of them, and one batch, for training.
+        let e = if opts.evaluation_set { opts.eval_tokens.min(n) } else { opts.eval_tokens };
+        if n < opts.batch_size && !opts.evaluation_set {
             bail!("{}: only {n} rows, fewer than one batch of --batch-size {}", ds.spec.display(), opts.batch_size);
         }
-        if e > n / 2 || n - e < opts.batch_size {
+        if !opts.evaluation_set && (e > n / 2 || n - e < opts.batch_size) {
             bail!(
                 "--eval-tokens {e} is too large for {} ({n} rows): the held-out split may take at most half \
                  the rows and must leave at least one batch ({} rows) for training",

@@ -287,6 +287,9 @@ impl BatchSource for ShardSource {
         self.core.opts.batch_size
     }
     fn next_batch(&mut self) -> Result<Batch> {
+        if self.core.opts.evaluation_set {
+            bail!("{}: opened as an evaluation set, which has no training rows", self.core.ds.spec.display());
+        }
         if self.core.opts.prefetch == 0 {
             let s = self.sync.get_or_insert_with(|| Stream::new(self.core.clone(), self.pos.clone()));
             let b = s.next_batch();
@@ -390,16 +393,18 @@ impl BatchSource for ShardSource {
     fn describe(&self) -> String {
         let c = &self.core;
         let ds = &c.ds;
+        let split = match c.opts.evaluation_set {
+            true => format!("evaluation set: {} rows held out", c.eval_rows),
+            false => format!("{} training rows, {} held out", c.train_rows, c.eval_rows),
+        };
         let mut s = format!(
-            "activation shards {}: {} shard(s), {} rows x d_in {} {} ({:.2} GB); {} training rows, {} held out",
+            "activation shards {}: {} shard(s), {} rows x d_in {} {} ({:.2} GB); {split}",
             ds.spec.display(),
             ds.shards.len(),
             ds.total_rows(),
             ds.d_in,
             ds.dtype,
             ds.total_bytes() as f64 / 1e9,
-            c.train_rows,
-            c.eval_rows
         );
         if let Some((_, m)) = &ds.manifest {
             if let Some(model) = &m.model {

@@ -7,7 +7,7 @@ use super::metrics::{set_mean, weight_metrics, ReconAccumulator, ReconMetrics, W
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, InferMode};
 use crate::config::TrainConfig;
-use crate::data::{self, Batch};
+use crate::data::{self, Batch, BatchSource, ShardOptions, ShardSource};
 use crate::export::load::{checkpoint_dir, load_sae_with_layout};
 use crate::export::ExportedSae;
 use crate::metrics::recovery::{recovery, Recovery};
@@ -103,7 +103,17 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     cfg.eval_tokens = tokens;
     cfg.quiet = true;
 
-    let mut source = data::open_source(&cfg)?;
+    // A separate evaluation set has no training split, so all of it may be used; the run's own
+    // data keeps its split, so that only rows the run never trained on are used.
+    let separate =
+        opts.data.as_deref().is_some_and(|p| !same_data(p, run_cfg.as_ref().and_then(|c| c.data.as_deref())));
+    let mut source: Box<dyn BatchSource> = match (&cfg.data, separate) {
+        (Some(p), true) => {
+            let o = ShardOptions { evaluation_set: true, ..ShardOptions::from_config(&cfg, false) };
+            Box::new(ShardSource::open(p, o)?)
+        }
+        _ => data::open_source(&cfg)?,
+    };
     ensure!(
         source.d_in() == sae.d_in,
         "the data has width {} but the SAE in {} has d_in {}",
@@ -113,6 +123,10 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     );
     let batches = source.eval_batches(tokens)?;
     ensure!(!batches.is_empty(), "the data gave no held-out tokens");
+    let got: usize = batches.iter().map(|b| b.rows).sum();
+    if opts.tokens.is_some_and(|t| got < t) {
+        eprintln!("note: --tokens {tokens}: the data has {got} usable held-out rows; evaluating on those");
+    }
     let scale = source.input_scale();
     let raw: Vec<Vec<f32>> = batches.iter().map(|b| unscale(&b.to_f32(), scale)).collect();
     let mean = set_mean(raw.iter().map(|v| v.as_slice()), sae.d_in);
@@ -147,6 +161,13 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
         ce_eval,
         curves,
     })
+}
+
+/// Whether `given` names the run's own training data (`run`): the same path, or one that
+/// resolves to the same file or directory.
+fn same_data(given: &Path, run: Option<&Path>) -> bool {
+    let Some(run) = run else { return false };
+    given == run || matches!((given.canonicalize(), run.canonicalize()), (Ok(a), Ok(b)) if a == b)
 }
 
 fn unscale(x: &[f32], scale: f32) -> Vec<f32> {

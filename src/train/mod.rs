@@ -189,6 +189,10 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
     save_all(&cfg, backend.as_ref(), source.as_ref(), &out, tokens)?;
+    // Even with --quiet: data that was silently left out is worth a line.
+    if let Some(w) = skipped_warning(&source.stats(), &metrics_path) {
+        eprintln!("{w}");
+    }
 
     let eval = core_metrics(backend.as_mut(), &eval_set, InferMode::Exported)?;
     let eval_training_sparsifier = core_metrics(backend.as_mut(), &eval_set, InferMode::Training)?;
@@ -228,6 +232,19 @@ fn record_resume(
         .with_context(|| format!("cannot open {}", path.display()))?;
     writeln!(f, "{}", json!({ "at_step": step, "changed": changes }))
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The end-of-run line about batches skipped for NaN/Inf values (counted over the whole run,
+/// resumes included, as in the metrics), if any were.
+fn skipped_warning(stats: &data::SourceStats, metrics: &Path) -> Option<String> {
+    let n = stats.skipped_nonfinite_batches;
+    (n > 0).then(|| {
+        format!(
+            "warning: skipped {n} training batch{} holding NaN/Inf values (not trained on; data.skipped_nonfinite_batches in {})",
+            if n == 1 { "" } else { "es" },
+            metrics.display()
+        )
+    })
 }
 
 fn tokens_since(start_step: u64, cfg: &TrainConfig, done: u64) -> u64 {

@@ -1,0 +1,215 @@
+//! Hostile but fair use of `sae train | eval | export` (issue 11), one row per case: what is set
+//! up, the command, whether it must succeed, what stderr must say and what must hold after.
+//! Failed writes are real ones: the child runs under a file-size limit (see
+//! `common::cli::sae_with_file_size_limit`).
+
+mod common;
+
+use common::cli::{ok, sae, sae_with_file_size_limit, stderr, temporaries, train};
+use saetrain::data::format::write_npy;
+use saetrain::data::Dtype;
+use std::path::Path;
+use std::process::Output;
+
+struct Case {
+    name: &'static str,
+    /// Builds the case in the directory; returns the command line after `sae`.
+    setup: fn(&Path) -> Vec<String>,
+    /// Limit on the size of every file the command writes (bytes).
+    file_size_limit: Option<u64>,
+    succeeds: bool,
+    /// Each must appear in stderr.
+    says: &'static [&'static str],
+    /// What must hold afterwards (panics otherwise).
+    after: fn(&Path, &Output),
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// `rows` x 16 float32 activations; every `nan_every`-th row (when > 0) holds a NaN.
+fn acts(path: &Path, rows: usize, nan_every: usize) {
+    let d = 16;
+    let mut x: Vec<f32> = (0..rows * d).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5).collect();
+    if nan_every > 0 {
+        for r in (nan_every / 2..rows).step_by(nan_every) {
+            x[r * d + 3] = f32::NAN;
+        }
+    }
+    write_npy(path, Dtype::Float32, rows, d, &x).unwrap();
+}
+
+/// Train flags for data on disk (d_in 16).
+fn train_on(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["train", "--data", &s(data), "--out", &s(out)].map(String::from).into();
+    let rest = ["--d-sae", "64", "--k", "4", "--batch-size", "64", "--steps", "40", "--eval-tokens", "256"];
+    a.extend(rest.iter().chain(&["--backend", "cpu", "--quiet"]).chain(extra).map(|x| x.to_string()));
+    a
+}
+
+fn no_temporaries(dir: &Path) {
+    assert_eq!(temporaries(dir), Vec::<String>::new(), "temporaries left in {}", dir.display());
+}
+
+fn nothing(_: &Path, _: &Output) {}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "--tensor with .npy data is refused",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            let mut a = train_on(&d.join("acts.npy"), &d.join("run"), &[]);
+            a.extend(["--tensor".into(), "acts".into()]);
+            a
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["--tensor acts", "acts.npy", ".safetensors"],
+        after: |d, _| assert!(!d.join("run").join("trainer_state.safetensors").exists()),
+    },
+    Case {
+        name: "a manifest entry outside the dataset directory is said to escape it",
+        setup: |d| {
+            acts(&d.join("good.npy"), 1024, 0);
+            std::fs::create_dir(d.join("ds")).unwrap();
+            let m = r#"{"d_in": 16, "dtype": "float32", "shards": [{"file": "../good.npy", "rows": 1024}]}"#;
+            std::fs::write(d.join("ds/manifest.json"), m).unwrap();
+            train_on(&d.join("ds"), &d.join("run"), &[])
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["../good.npy", "escapes the dataset directory", "manifest.json"],
+        after: nothing,
+    },
+    Case {
+        name: "a manifest entry in a sub-directory is found by its path",
+        setup: |d| {
+            std::fs::create_dir_all(d.join("ds/part")).unwrap();
+            acts(&d.join("ds/part/a.npy"), 1024, 0);
+            let m = r#"{"d_in": 16, "dtype": "float32", "shards": [{"file": "part/a.npy", "rows": 1024}]}"#;
+            std::fs::write(d.join("ds/manifest.json"), m).unwrap();
+            ["data", "inspect", &s(&d.join("ds"))].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &[],
+        after: nothing,
+    },
+    Case {
+        name: "export from a run with corrupt weights says it rebuilds from the trainer state",
+        setup: |d| {
+            ok(&train(&d.join("run"), &[]));
+            std::fs::write(d.join("run/sae_weights.safetensors"), b"\x08\0\0\0\0\0\0\0garbage!").unwrap();
+            ["export", &s(&d.join("run")), "--format", "saelens", "--out", &s(&d.join("exp"))].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &["note:", "sae_weights.safetensors", "trainer_state.safetensors"],
+        after: |d, _| {
+            saetrain::export::load::load_sae(&d.join("exp")).unwrap();
+        },
+    },
+    Case {
+        name: "skipped NaN/Inf batches are reported at the end, even with --quiet",
+        setup: |d| {
+            acts(&d.join("nan.npy"), 2048, 150);
+            train_on(&d.join("nan.npy"), &d.join("run"), &[])
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &["warning:", "NaN/Inf"],
+        after: |d, o| {
+            let e = stderr(o);
+            let n: u64 = e.split("skipped ").nth(1).and_then(|t| t.split(' ').next()).unwrap().parse().unwrap();
+            let last = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
+            let line: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+            assert!(n > 0 && line["data"]["skipped_nonfinite_batches"] == n, "{e} vs {line}");
+        },
+    },
+    Case {
+        name: "eval --data on a separate evaluation set may use more than half of it",
+        setup: |d| {
+            ok(&train(&d.join("run"), &[]));
+            acts(&d.join("evalset.npy"), 2048, 0);
+            let (run, data, ev) = (s(&d.join("run")), s(&d.join("evalset.npy")), s(&d.join("ev")));
+            ["eval", &run, "--data", &data, "--tokens", "1800", "--no-plots", "--out", &ev].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &[],
+        after: |d, _| {
+            let tokens = json(&d.join("ev/eval.json"))["runs"][0]["exported"]["tokens"].as_u64().unwrap();
+            assert_eq!(tokens, 1800);
+        },
+    },
+    Case {
+        name: "a failed PNG write names the file and leaves the previous picture whole",
+        setup: |d| {
+            ok(&train(&d.join("run"), &[]));
+            let (run, ev) = (s(&d.join("run")), s(&d.join("ev")));
+            ok(&sae(&["eval", &run, "--out", &ev]));
+            ["eval", &run, "--out", &ev].map(String::from).into()
+        },
+        // eval.json (12 KB) fits; training_curves.png (about 290 KB) does not.
+        file_size_limit: Some(20 * 1024),
+        succeeds: false,
+        says: &["/ev/training_curves.png", "File too large"],
+        after: |d, _| {
+            no_temporaries(&d.join("ev"));
+            for e in std::fs::read_dir(d.join("ev")).unwrap().flatten() {
+                let (p, bytes) = (e.path(), std::fs::read(e.path()).unwrap());
+                if p.extension().is_some_and(|x| x == "png") {
+                    assert!(bytes.ends_with(b"IEND\xaeB`\x82"), "{} is truncated", p.display());
+                }
+            }
+        },
+    },
+    Case {
+        name: "a failed export write names the file and leaves no temporary",
+        setup: |d| {
+            ok(&train(&d.join("run"), &[]));
+            ["export", &s(&d.join("run")), "--format", "saelens", "--out", &s(&d.join("exp"))].map(String::from).into()
+        },
+        // The 9 KB weights do not fit.
+        file_size_limit: Some(4096),
+        succeeds: false,
+        says: &["/exp/sae_weights.safetensors", "File too large"],
+        after: |d, _| no_temporaries(&d.join("exp")),
+    },
+];
+
+#[test]
+fn hostile_cases() {
+    let mut failed = vec![];
+    for case in CASES {
+        let dir = tempfile::tempdir().unwrap();
+        let args = (case.setup)(dir.path());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = match case.file_size_limit {
+            Some(limit) => sae_with_file_size_limit(limit, &args),
+            None => sae(&args),
+        };
+        let e = stderr(&o);
+        let mut why = vec![];
+        if o.status.success() != case.succeeds {
+            why.push(format!("exit {:?}, expected success = {}", o.status.code(), case.succeeds));
+        }
+        why.extend(case.says.iter().filter(|w| !e.contains(*w)).map(|w| format!("stderr lacks {w:?}")));
+        if why.is_empty() {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (case.after)(dir.path(), &o)));
+            if let Err(p) = r {
+                let msg = p.downcast_ref::<String>().cloned().or(p.downcast_ref::<&str>().map(|s| s.to_string()));
+                why.push(format!("after: {}", msg.unwrap_or_default()));
+            }
+        }
+        if !why.is_empty() {
+            failed.push(format!("{}: {}\n  sae {}\n  stderr: {}", case.name, why.join("; "), args.join(" "), e.trim()));
+        }
+    }
+    assert!(failed.is_empty(), "{} of {} hostile cases failed:\n{}", failed.len(), CASES.len(), failed.join("\n"));
+}
