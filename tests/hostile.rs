@@ -87,6 +87,20 @@ const CASES: &[Case] = &[
         after: nothing,
     },
     Case {
+        name: "a manifest entry in a sub-directory is found by its path",
+        setup: |d| {
+            std::fs::create_dir_all(d.join("ds/part")).unwrap();
+            acts(&d.join("ds/part/a.npy"), 1024, 0);
+            let m = r#"{"d_in": 16, "dtype": "float32", "shards": [{"file": "part/a.npy", "rows": 1024}]}"#;
+            std::fs::write(d.join("ds/manifest.json"), m).unwrap();
+            ["data", "inspect", &s(&d.join("ds"))].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &[],
+        after: nothing,
+    },
+    Case {
         name: "export from a run with corrupt weights says it rebuilds from the trainer state",
         setup: |d| {
             ok(&train(&d.join("run"), &[]));
