@@ -126,6 +126,10 @@ pub struct TrainConfig {
     /// Largest per-latent budget under Zipf budgets (default: the batch size).
     #[arg(long)]
     pub m_max: Option<usize>,
+    /// wta: for this many steps after the thresholds' first measurement, only entries above their
+    /// latent's threshold compete for the budgets (the WTA paper's initial phase; 0: off).
+    #[arg(long, default_value_t = TrainConfig::default().wta_theta_steps)]
+    pub wta_theta_steps: u64,
     /// Hybrid: at most this many WTA survivors per token (default 2k).
     #[arg(long)]
     pub k_max: Option<usize>,
@@ -290,6 +294,7 @@ impl Default for TrainConfig {
             zipf_alpha: 1.0,
             zipf_beta: 6.8,
             m_max: None,
+            wta_theta_steps: 0,
             k_max: None,
             l1_coeff: 0.05,
             l1_warmup_steps: 0,

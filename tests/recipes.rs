@@ -411,3 +411,45 @@ fn free_decoder_norms_and_l1_warmup() {
     let l1 = |i: usize| lines[i]["l1_loss"].as_f64().unwrap();
     assert!(l1(0) > 0.0 && l1(0) < 0.2 * l1(30), "L1 at step 1 {} vs step 31 {}", l1(0), l1(30));
 }
+
+// ---- 5. the WTA paper's theta phase ---------------------------------------------------------------
+
+#[test]
+fn wta_theta_phase_filters_by_threshold_before_the_budgets() {
+    use saetrain::backend::cpu::CpuBackend;
+    use saetrain::model::{init, Shape, TrainState};
+    let (d, f, rows) = (12, 40, 64);
+    let cfg = TrainConfig {
+        sparsifier: SparsifierKind::Wta,
+        d_in: Some(d),
+        d_sae: f,
+        batch_size: rows,
+        rate: Some(0.25),
+        threshold_start: Some(0),
+        wta_theta_steps: 5,
+        ..TrainConfig::default()
+    };
+    assert!(!saetrain::sparsify::plan::in_theta_phase(&cfg, 0), "no threshold measured at step 0");
+    assert!(saetrain::sparsify::plan::in_theta_phase(&cfg, 1) && saetrain::sparsify::plan::in_theta_phase(&cfg, 5));
+    assert!(!saetrain::sparsify::plan::in_theta_phase(&cfg, 6));
+    let x: Vec<f32> = (0..rows * d).map(|i| ((i * 37 % 23) as f32 / 11.0) - 0.5).collect();
+    let mut state = TrainState::new(init::tied(Shape::new(d, f), 1, false));
+    state.step = 2;
+    // Latent 0's threshold is above everything, latent 1's at 0.5; the others unset (no filter).
+    state.theta[0] = 1e9;
+    state.theta[1] = 0.5;
+    state.theta_set[0] = true;
+    state.theta_set[1] = true;
+    let mut be = CpuBackend::new(cfg.clone(), state.clone()).unwrap();
+    let codes = be.gradients(&x, rows, true).unwrap().codes;
+    let kept =
+        |i: u32| -> Vec<f32> { codes.idx.iter().zip(&codes.val).filter(|(&j, _)| j == i).map(|(_, &v)| v).collect() };
+    assert!(kept(0).is_empty(), "latent 0 is above no threshold");
+    assert!(kept(1).iter().all(|&v| v > 0.5), "latent 1 kept {:?}", kept(1));
+    assert!(codes.nnz() > kept(1).len(), "unfiltered latents still compete");
+    // Outside the phase the plain rule keeps latent 0 again.
+    state.step = 9;
+    let mut be = CpuBackend::new(cfg, state).unwrap();
+    let codes = be.gradients(&x, rows, true).unwrap().codes;
+    assert!(codes.idx.contains(&0));
+}

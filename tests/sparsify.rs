@@ -485,6 +485,13 @@ fn oracle(pre: &[f32], rows: usize, cols: usize, sel: &Selection) -> Set {
         Selection::TopK { k } => oracle_topk(pre, rows, cols, k),
         Selection::BatchTopK { k } => oracle_batchtopk(pre, rows, cols, k),
         Selection::Wta { m } => oracle_wta(pre, rows, cols, m),
+        Selection::WtaAbove { m, theta } => {
+            let above: Vec<f32> = pre
+                .chunks(cols)
+                .flat_map(|r| r.iter().zip(theta).map(|(&v, &t)| if v > t { v } else { 0.0 }))
+                .collect();
+            oracle_wta(&above, rows, cols, m)
+        }
         Selection::Hybrid { m, k_max } => oracle_cap(&oracle_wta(pre, rows, cols, m), rows, k_max),
         Selection::Relu => oracle_mask(pre, rows, cols, None),
         Selection::JumpRelu { theta } => oracle_mask(pre, rows, cols, Some(theta)),

@@ -92,6 +92,7 @@ pub fn selection_examples(inp: &SelectionInputs, cols: usize) -> Vec<(String, Se
         ("batchtopk k=F (keep all)".into(), Selection::BatchTopK { k: cols }),
         ("wta m=5".into(), Selection::Wta { m: &inp.m_uniform }),
         ("wta varied m".into(), Selection::Wta { m: &inp.m_varied }),
+        ("wta above theta".into(), Selection::WtaAbove { m: &inp.m_varied, theta: &inp.theta }),
         ("hybrid m=5 k_max=4".into(), Selection::Hybrid { m: &inp.m_uniform, k_max: 4 }),
         ("relu".into(), Selection::Relu),
         ("jumprelu".into(), Selection::JumpRelu { theta: &inp.theta }),
@@ -113,10 +114,11 @@ pub fn variant_index(s: &Selection) -> usize {
         Selection::JumpRelu { .. } => 5,
         Selection::Aux { .. } => 6,
         Selection::JumpReluCap { .. } => 7,
+        Selection::WtaAbove { .. } => 8,
     }
 }
 /// Number of `Selection` variants.
-pub const SELECTION_VARIANTS: usize = 8;
+pub const SELECTION_VARIANTS: usize = 9;
 
 #[cfg(test)]
 mod tests {

@@ -48,6 +48,9 @@ pub enum Selection<'a> {
     BatchTopK { k: usize },
     /// Per latent j, the m[j] largest positive entries of its column.
     Wta { m: &'a [usize] },
+    /// WTA with budgets m among the entries above theta[j] (the WTA paper's initial phase: "theta
+    /// is used to sparsify activations before the WTA step").
+    WtaAbove { m: &'a [usize], theta: &'a [f32] },
     /// WTA with budgets m, then per token at most k_max of the survivors.
     Hybrid { m: &'a [usize], k_max: usize },
     /// Every positive entry.
@@ -70,6 +73,15 @@ pub fn select(pre: &[f32], rows: usize, cols: usize, sel: &Selection) -> SparseC
         Selection::TopK { k } => topk::topk(pre, rows, cols, k),
         Selection::BatchTopK { k } => batchtopk::batchtopk(pre, rows, cols, k),
         Selection::Wta { m } => wta::wta(pre, rows, cols, m),
+        Selection::WtaAbove { m, theta } => {
+            assert_eq!(theta.len(), cols, "thresholds for {} latents, expected {cols}", theta.len());
+            // Entries at or below their threshold are no candidates (NaN thresholds pass nothing).
+            let above: Vec<f32> = pre
+                .chunks(cols.max(1))
+                .flat_map(|r| r.iter().zip(theta).map(|(&v, &t)| if v > t { v } else { 0.0 }))
+                .collect();
+            wta::wta(&above, rows, cols, m)
+        }
         Selection::Hybrid { m, k_max } => {
             let w = wta::wta(pre, rows, cols, m);
             cap_rows(&w, k_max)

@@ -37,6 +37,33 @@ pub fn training<'a>(cfg: &TrainConfig, m: &'a [usize], theta: &'a [f32]) -> Sele
     }
 }
 
+/// Whether step `step` (0-based) is in feature choice's theta phase: the first
+/// `--wta-theta-steps` steps after the thresholds have their first measurement.
+pub fn in_theta_phase(cfg: &TrainConfig, step: u64) -> bool {
+    let start = cfg.threshold_start_step();
+    cfg.sparsifier == SparsifierKind::Wta
+        && cfg.wta_theta_steps > 0
+        && step > start
+        && step <= start + cfg.wta_theta_steps
+}
+
+/// The rule a training step uses: the training rule, except in feature choice's theta phase,
+/// where only entries above their latent's threshold (`filter`, from `threshold::prefilter`)
+/// compete for the budgets.
+pub fn step_rule<'a>(
+    cfg: &TrainConfig,
+    m: &'a [usize],
+    theta: &'a [f32],
+    filter: &'a [f32],
+    step: u64,
+) -> Selection<'a> {
+    if in_theta_phase(cfg, step) {
+        Selection::WtaAbove { m, theta: filter }
+    } else {
+        training(cfg, m, theta)
+    }
+}
+
 /// The rule of the exported SAE: JumpReLU(theta) for batch-dependent rules (hybrid keeping its
 /// per-token cap after the thresholds), else the training rule. `theta` is the exported form
 /// (`threshold::exported`).

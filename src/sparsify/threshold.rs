@@ -43,6 +43,12 @@ pub fn exported(theta: &[f32], theta_set: &[bool]) -> Vec<f32> {
     theta.iter().zip(theta_set).map(|(&t, &set)| if set { t } else { NEVER }).collect()
 }
 
+/// The thresholds that pre-filter feature choice in its theta phase: theta where measured, 0
+/// (no filter beyond ReLU) where not yet.
+pub fn prefilter(theta: &[f32], theta_set: &[bool]) -> Vec<f32> {
+    theta.iter().zip(theta_set).map(|(&t, &set)| if set { t } else { 0.0 }).collect()
+}
+
 /// `theta <- decay * theta + (1 - decay) * t`, seeded with the first measurement.
 pub fn ema_update(theta: &mut f32, set: &mut bool, t: f32, decay: f32) {
     if *set {

@@ -99,10 +99,21 @@ impl CpuBackend {
         self.ws.pre = pre;
     }
 
-    /// The training sparsifier applied to the workspace's `pre`.
-    fn select_training(&self, rows: usize) -> SparseCodes {
-        let m = plan::budgets(&self.cfg, &self.state.density, rows, self.state.step);
-        let sel = plan::training(&self.cfg, &m, &self.state.theta);
+    /// The training sparsifier applied to the workspace's `pre` (`in_step`: as a training step
+    /// applies it, with feature choice's theta phase).
+    fn select_training(&self, rows: usize, in_step: bool) -> SparseCodes {
+        let s = &self.state;
+        let m = plan::budgets(&self.cfg, &s.density, rows, s.step);
+        let filter = if in_step && plan::in_theta_phase(&self.cfg, s.step) {
+            threshold::prefilter(&s.theta, &s.theta_set)
+        } else {
+            vec![]
+        };
+        let sel = if in_step {
+            plan::step_rule(&self.cfg, &m, &s.theta, &filter, s.step)
+        } else {
+            plan::training(&self.cfg, &m, &s.theta)
+        };
         sparsify::select(&self.ws.pre, rows, self.cfg.d_sae, &sel)
     }
 
@@ -158,7 +169,7 @@ impl Backend for CpuBackend {
                 let sel = plan::exported(&self.cfg, &m, &theta);
                 sparsify::select(&self.ws.pre, rows, f, &sel)
             }
-            InferMode::Training => self.select_training(rows),
+            InferMode::Training => self.select_training(rows, false),
         };
         let mut x_hat = vec![0f32; rows * d];
         decode::decode(&codes, self.state.params.w_dec(), Some(self.state.params.b_dec()), d, &mut x_hat);
@@ -223,7 +234,7 @@ impl CpuBackend {
         let t0 = Instant::now();
         self.encode(x, rows);
         let t1 = Instant::now();
-        let codes = self.select_training(rows);
+        let codes = self.select_training(rows, true);
         let t2 = Instant::now();
         let mut dec = self.decode_phase(&codes, x, rows);
         let t3 = Instant::now();

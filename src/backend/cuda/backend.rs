@@ -195,7 +195,12 @@ impl Backend for CudaBackend {
         let mut clock = PhaseClock::start(self.timing, &self.dev)?;
         let m = plan::budgets(&self.cfg, &self.density, rows, self.step);
         let theta = self.theta.clone();
-        let sel = plan::training(&self.cfg, &m, &theta);
+        let filter = if plan::in_theta_phase(&self.cfg, self.step) {
+            threshold::prefilter(&self.theta, &self.theta_set)
+        } else {
+            vec![]
+        };
+        let sel = plan::step_rule(&self.cfg, &m, &theta, &filter, self.step);
         let hist_ready = self.forward_encode(batch, &sel)?;
         clock.lap(&self.dev, &mut ph.encode)?;
         let candidates = plan::aux_candidates(&self.cfg, self.step, &self.since_fired, &self.density, rows);

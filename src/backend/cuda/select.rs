@@ -99,14 +99,16 @@ pub fn select(dev: &Dev, ws: &mut Ws, sel: &Selection, hist_ready: bool) -> Resu
             radix(row_lines, 0, k_max as u32, Ptr::null(), Ptr::null(), ft, fc, b.thr_r.p(), b.cut_r.p())?;
             Mask { thr: b.thr_r.p(), cut: b.cut_r.p(), f_thr: ft, f_cut: fc, ..Mask::new(K::MASK_ROW) }
         }
+        Selection::WtaAbove { m, theta } => {
+            let (ft, fc) = upload_filter(ws, theta)?;
+            upload_budgets(ws, m)?;
+            radix(col_lines, 1, 0, b.kbuf.p(), Ptr::null(), ft, fc, b.thr_c.p(), b.cut_c.p())?;
+            Mask { thr: b.thr_c.p(), cut: b.cut_c.p(), f_thr: ft, f_cut: fc, ..Mask::new(K::MASK_COL) }
+        }
         Selection::JumpReluCap { theta, k } => {
             // The thresholds as a column filter (key > key(theta_j), no ties kept), then the
             // per-row top-k: the same kernels as hybrid's cap.
-            ensure!(theta.len() == f, "thresholds for {} latents, expected {f}", theta.len());
-            let keys: Vec<u32> = theta.iter().map(|&t| threshold_key(t)).collect();
-            b.thr_c.upload(&keys)?;
-            b.cut_c.upload(&vec![-1i32; f])?;
-            let (ft, fc) = (b.thr_c.p(), b.cut_c.p());
+            let (ft, fc) = upload_filter(ws, theta)?;
             radix(row_lines, 0, k as u32, Ptr::null(), Ptr::null(), ft, fc, b.thr_r.p(), b.cut_r.p())?;
             Mask { thr: b.thr_r.p(), cut: b.cut_r.p(), f_thr: ft, f_cut: fc, ..Mask::new(K::MASK_ROW) }
         }
@@ -157,6 +159,17 @@ fn threshold_key(t: f32) -> u32 {
     } else {
         0
     }
+}
+
+/// Thresholds as a column filter in `ws.b.flt_t` / `flt_c`: an entry passes when its key is
+/// above its latent's threshold key (cut-off -1: no ties pass).
+fn upload_filter(ws: &Ws, theta: &[f32]) -> Result<(Ptr<u32>, Ptr<i32>)> {
+    let f = ws.dims.f;
+    ensure!(theta.len() == f, "thresholds for {} latents, expected {f}", theta.len());
+    let keys: Vec<u32> = theta.iter().map(|&t| threshold_key(t)).collect();
+    ws.b.flt_t.upload(&keys)?;
+    ws.b.flt_c.upload(&vec![-1i32; f])?;
+    Ok((ws.b.flt_t.p(), ws.b.flt_c.p()))
 }
 
 /// Feature-choice budgets m_j into `ws.b.kbuf` (as u32).

@@ -246,6 +246,7 @@ pub fn step_configs(s: Sizes) -> Vec<(String, TrainConfig)> {
         ),
         ("topk aligned".into(), with(SparsifierKind::Topk, &|c| c.aligned = true)),
         ("wta aligned".into(), with(SparsifierKind::Wta, &|c| c.aligned = true)),
+        ("wta theta phase".into(), with(SparsifierKind::Wta, &|c| c.wta_theta_steps = 2)),
         ("relu aligned".into(), with(SparsifierKind::Relu, &|c| c.aligned = true)),
         (
             "relu free decoder norms, aligned, L1 warm-up".into(),

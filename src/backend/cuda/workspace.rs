@@ -109,6 +109,9 @@ buffers! {
         thr_c: u32 = s.f, Workspace;
         cut_c: i32 = s.f, Workspace;
         kbuf: u32 = s.f, Workspace;
+        /// A per-latent filter applied before a rule (threshold keys, tie cut-offs = -1).
+        flt_t: u32 = s.f, Workspace;
+        flt_c: i32 = s.f, Workspace;
         /// Aux candidates (1 = candidate).
         cmask: u8 = s.f, Workspace;
         theta: f32 = s.f, Workspace;
