@@ -106,12 +106,7 @@ fn zipf_feature_choice_exports_an_sae_near_its_budget() {
 fn dying_latents_follow_definition_3_1() {
     // F = 8, B = 10, k = 2: continuous Zipf densities by rank
     // 0.347 0.307 0.276 0.251 0.229 0.211 0.196 0.183; 0.6 x the last two: 0.118, 0.110.
-    // Order: 0, 2, 4, 6, 7, 3, 1, 5; bottom quarter = latents 1 (rank 7) and 5 (rank 8).
-    let density = [0.5f32, 0.065, 0.4, 0.07, 0.3, 0.01, 0.2, 0.1];
-    let dying = budget::dying_latents(&density, 10, 2, 1.0, 6.8);
-    assert_eq!(dying, vec![false, true, false, false, false, true, false, false]);
-    // Condition 3: latent 5 (the lowest rank) is not below its prediction, so nothing above it
-    // counts as dying either, although latent 1 is far below its own.
+    // (The plain two-latent case is tests/sparsify.rs::dying_latents_bottom_quarter_below_prediction.)
     let density = [0.5f32, 0.05, 0.4, 0.07, 0.3, 0.12, 0.2, 0.15];
     // Order: 0, 2, 4, 6, 7, 5, 3, 1 -> bottom quarter: 3 (rank 7, 0.07 < 0.118), 1 (rank 8, 0.05 < 0.110).
     assert_eq!(
