@@ -3,8 +3,11 @@
 //! Every number is reported next to a physical reference: the step time as a multiple of the
 //! encoder GEMM alone (the floor: everything else should be cheap), the GEMM as GFLOP/s, and
 //! selection as GB/s of `pre` scanned and a fraction of the measured memory read bandwidth.
+//! On the CPU the GEMM is also put against this machine's measured FMA peak ([`peak`]), and every
+//! phase against the GEMM.
 
 pub mod cuda;
+pub mod peak;
 
 use crate::backend::cpu::{encode, CpuBackend};
 use crate::backend::{Backend, PhaseTimes};
@@ -59,6 +62,8 @@ pub struct StepRow {
     pub step_over_gemm: f64,
     /// Per-phase milliseconds per step.
     pub phases_ms: PhaseTimes,
+    /// Each phase's time as a fraction of the encoder GEMM (encode includes the GEMM itself).
+    pub phases_over_gemm: PhaseTimes,
     pub l0: f64,
 }
 
@@ -71,22 +76,54 @@ pub struct StepReport {
     pub threads: usize,
     pub gemm_ms: f64,
     pub gemm_gflops: f64,
+    /// This machine's measured f32 FMA peak on the bench's threads (None: no FMA loop for this CPU).
+    pub fma_peak: Option<peak::FmaPeak>,
+    /// gemm_gflops / fma_peak.gflops.
+    pub gemm_frac_peak: Option<f64>,
+    /// Process CPU time / (wall time x threads) while the GEMM was timed: near 1 on an idle
+    /// machine; lower means other processes had the cores, and every time here is inflated.
+    pub cpu_share: f64,
     pub rows: Vec<StepRow>,
+}
+
+/// `phases` (any unit) as fractions of a GEMM time in the same unit.
+pub fn phase_fractions(phases: &PhaseTimes, gemm: f64) -> PhaseTimes {
+    let f = |v: f64| v / gemm;
+    PhaseTimes {
+        encode: f(phases.encode),
+        select: f(phases.select),
+        decode: f(phases.decode),
+        backward: f(phases.backward),
+        optimizer: f(phases.optimizer),
+    }
 }
 
 /// Time the encoder's matrix product alone (`xc W^T`, no bias, no centring), best of `reps`.
 pub fn time_gemm(d_in: usize, d_sae: usize, batch: usize, reps: usize) -> f64 {
+    time_gemm_share(d_in, d_sae, batch, reps).0
+}
+
+/// [`time_gemm`], and the share of the pool's cores the process had during the timed products
+/// ([`peak::cpu_share`]).
+pub fn time_gemm_share(d_in: usize, d_sae: usize, batch: usize, reps: usize) -> (f64, f64) {
     let x = random(batch * d_in, 1);
     let w = random(d_sae * d_in, 2);
     let mut pre = vec![0f32; batch * d_sae];
     encode::matmul_abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
-    (0..reps.max(1))
+    let (cpu0, wall0) = (peak::process_cpu_seconds(), Instant::now());
+    let best = (0..reps.max(1))
         .map(|_| {
             let t = Instant::now();
             encode::matmul_abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
             t.elapsed().as_secs_f64()
         })
-        .fold(f64::INFINITY, f64::min)
+        .fold(f64::INFINITY, f64::min);
+    let share = peak::cpu_share(
+        peak::process_cpu_seconds() - cpu0,
+        wall0.elapsed().as_secs_f64(),
+        rayon::current_num_threads(),
+    );
+    (best, share)
 }
 
 /// Time whole training steps per sparsifier (after one warm-up step), split into phases.
@@ -98,8 +135,10 @@ pub fn bench_step(
     k: usize,
     steps: usize,
 ) -> Result<StepReport> {
-    let gemm_s = time_gemm(d_in, d_sae, batch, 3);
+    let (gemm_s, cpu_share) = time_gemm_share(d_in, d_sae, batch, 3);
+    let threads = rayon::current_num_threads();
     let flops = 2.0 * batch as f64 * d_in as f64 * d_sae as f64;
+    let fma_peak = peak::measure();
     let mut rows = vec![];
     for case in cases {
         let cfg = bench_config(case, d_in, d_sae, batch, k);
@@ -120,9 +159,12 @@ pub fn bench_step(
         d_sae,
         batch,
         k,
-        threads: rayon::current_num_threads(),
+        threads,
         gemm_ms: gemm_s * 1e3,
         gemm_gflops: flops / gemm_s / 1e9,
+        gemm_frac_peak: fma_peak.as_ref().map(|p| flops / gemm_s / 1e9 / p.gflops),
+        fma_peak,
+        cpu_share,
         rows,
     })
 }
@@ -154,19 +196,21 @@ impl StepRow {
         l0_sum: f64,
     ) -> Self {
         let ms = |v: f64| v * 1e3 / steps as f64;
+        let phases_ms = PhaseTimes {
+            encode: ms(phases.encode),
+            select: ms(phases.select),
+            decode: ms(phases.decode),
+            backward: ms(phases.backward),
+            optimizer: ms(phases.optimizer),
+        };
         StepRow {
             sparsifier: name.to_string(),
             step_ms: per_step * 1e3,
             tokens_per_s: batch as f64 / per_step,
             gemm_ms: gemm_s * 1e3,
             step_over_gemm: per_step / gemm_s,
-            phases_ms: PhaseTimes {
-                encode: ms(phases.encode),
-                select: ms(phases.select),
-                decode: ms(phases.decode),
-                backward: ms(phases.backward),
-                optimizer: ms(phases.optimizer),
-            },
+            phases_over_gemm: phase_fractions(&phases_ms, gemm_s * 1e3),
+            phases_ms,
             l0: l0_sum / steps as f64,
         }
     }
@@ -263,4 +307,48 @@ pub fn selection_cases(b: usize, f: usize, k: usize) -> Vec<SelectionCase> {
 pub fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n).map(|_| StandardNormal.sample(&mut rng)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_row_arithmetic() {
+        // 4 steps of 1000 tokens at 0.2 s each, GEMM 0.1 s; phases summed over the 4 steps.
+        let phases = PhaseTimes { encode: 0.48, select: 0.08, decode: 0.12, backward: 0.1, optimizer: 0.02 };
+        let r = StepRow::new("topk", 1000, 4, 0.2, 0.1, &phases, 128.0);
+        assert!((r.step_ms - 200.0).abs() < 1e-9);
+        assert!((r.tokens_per_s - 5000.0).abs() < 1e-9);
+        assert!((r.step_over_gemm - 2.0).abs() < 1e-12);
+        assert!((r.l0 - 32.0).abs() < 1e-12);
+        // Per step: encode 120 ms, select 20, decode 30, backward 25, adam 5 of a 100 ms GEMM.
+        let want = PhaseTimes { encode: 1.2, select: 0.2, decode: 0.3, backward: 0.25, optimizer: 0.05 };
+        for (got, want) in [
+            (r.phases_over_gemm.encode, want.encode),
+            (r.phases_over_gemm.select, want.select),
+            (r.phases_over_gemm.decode, want.decode),
+            (r.phases_over_gemm.backward, want.backward),
+            (r.phases_over_gemm.optimizer, want.optimizer),
+        ] {
+            assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        }
+        assert!((r.phases_ms.encode - 120.0).abs() < 1e-9);
+        assert!((phase_fractions(&r.phases_ms, r.gemm_ms).total() - r.phases_over_gemm.total()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn cpu_step_report_has_peak_fraction() {
+        let r = bench_step(&crate::sparsify::cases::CASES[..1], 16, 64, 32, 4, 1).unwrap();
+        let row = &r.rows[0];
+        assert!((row.phases_over_gemm.select - row.phases_ms.select / r.gemm_ms).abs() < 1e-9);
+        if let (Some(p), Some(f)) = (&r.fma_peak, r.gemm_frac_peak) {
+            assert!((f - r.gemm_gflops / p.gflops).abs() < 1e-12);
+            assert!(f > 0.0);
+        }
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json["rows"][0]["phases_over_gemm"]["encode"].is_number());
+        assert!(json.get("gemm_frac_peak").is_some() && json.get("fma_peak").is_some());
+        assert!(r.cpu_share > 0.0 && r.cpu_share <= 1.5, "{}", r.cpu_share);
+    }
 }

@@ -102,6 +102,69 @@ fn print_cuda_step(r: &bench::cuda::CudaStepReport) {
     }
     let rows: Vec<(&str, &bench::StepRow)> = r.rows.iter().map(|r| (r.encoder.as_str(), &r.row)).collect();
     print_step_table(&rows, 3);
+    print_fraction_table(&rows);
+}
+
+/// Each phase of each row as a fraction of the encoder GEMM (encode contains the GEMM itself, so
+/// encode - 1 is what the encoder spends beyond the product).
+fn print_fraction_table(rows: &[(&str, &bench::StepRow)]) {
+    let lw = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+    let label = |l: &str| if lw == 0 { String::new() } else { format!("{l:<lw$} ") };
+    println!(
+        "{}{:<14} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7} (x encoder GEMM)",
+        label(if lw == 0 { "" } else { "encoder" }),
+        "phase / GEMM",
+        "encode",
+        "select",
+        "decode",
+        "backward",
+        "adam",
+        "step"
+    );
+    for (l, row) in rows {
+        let f = &row.phases_over_gemm;
+        println!(
+            "{}{:<14} {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>7.2} {:>7.2}",
+            label(l),
+            row.sparsifier,
+            f.encode,
+            f.select,
+            f.decode,
+            f.backward,
+            f.optimizer,
+            row.step_over_gemm
+        );
+    }
+}
+
+/// The CPU header: shape, threads, the GEMM and its fraction of the measured FMA peak.
+fn cpu_header(r: &bench::StepReport) -> String {
+    let mut s = format!(
+        "cpu step bench: d_in={} d_sae={} batch={} k={} threads={}; encoder GEMM {:.1} ms = {:.0} GFLOP/s",
+        r.d_in, r.d_sae, r.batch, r.k, r.threads, r.gemm_ms, r.gemm_gflops
+    );
+    match (&r.fma_peak, r.gemm_frac_peak) {
+        (Some(p), Some(f)) => {
+            s += &format!(
+                " = {:.0}% of the FMA peak\n  FMA peak {:.0} GFLOP/s = {} threads x {:.2} GHz x {:.1} FLOP/cycle ({})",
+                100.0 * f,
+                p.gflops,
+                p.threads,
+                p.ghz,
+                p.flop_per_cycle,
+                p.method
+            )
+        }
+        _ => s += "\n  FMA peak: not measured (no FMA loop for this CPU)",
+    }
+    if r.cpu_share < 0.9 {
+        s += &format!(
+            "\n  note: the GEMM got {:.0}% of its {} threads' CPU time (other processes share the cores): every time here is inflated",
+            100.0 * r.cpu_share,
+            r.threads
+        );
+    }
+    s
 }
 
 /// The step table: one line per (label, row); `label` is the encoder on CUDA, empty on the CPU.
@@ -166,12 +229,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 return Ok(());
             }
             let r = bench::bench_step(&kinds, a.d_in, a.d_sae, a.batch, a.k, a.steps)?;
-            println!(
-                "cpu step bench: d_in={} d_sae={} batch={} k={} threads={}; encoder GEMM {:.1} ms = {:.0} GFLOP/s",
-                r.d_in, r.d_sae, r.batch, r.k, r.threads, r.gemm_ms, r.gemm_gflops
-            );
+            println!("{}", cpu_header(&r));
             let rows: Vec<(&str, &bench::StepRow)> = r.rows.iter().map(|row| ("", row)).collect();
             print_step_table(&rows, 1);
+            print_fraction_table(&rows);
             if let Some(path) = a.json {
                 crate::util::atomic::write_json_atomic(&path, &r)?;
             }
