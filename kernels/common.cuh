@@ -14,6 +14,7 @@ typedef unsigned long long u64;
 #define SAE_ACC_L1 3         // relu's L1 penalty
 #define SAE_ACC_AUX_NUM 4    // aux: ||E - E_hat||^2
 #define SAE_ACC_AUX_DEN 5    // aux: ||E - mean(E)||^2
+#define SAE_ACC_GRAD_SQ 6    // ||g||^2 of the whole gradient (--grad-clip)
 #define SAE_ACC_SLOTS 8
 #define SAE_MASK_THETA 0     // v > 0 && v > theta[i] (theta null: relu); cmask applies
 #define SAE_MASK_ROW 1       // per-row cut (rT[b], rc[b]) on the filtered key

@@ -70,13 +70,19 @@ def load_sae(path, torch):
             w_dec = w_dec / n[:, None]
             w_enc = w_enc * n[:, None]
             b_enc = b_enc * n
-        if cfg.get("normalize_activations", "none") not in ("none", "expected_average_only_in"):
-            raise SystemExit(f"{d}: normalize_activations {cfg['normalize_activations']!r} is not supported")
+        norm = cfg.get("normalize_activations", "none")
+        if norm not in ("none", "expected_average_only_in", "layer_norm"):
+            raise SystemExit(f"{d}: normalize_activations {norm!r} is not supported")
+        if norm == "layer_norm":
+            # SAELens: (x - mean) / (std + 1e-5), unbiased std; saetrain's per-token exports are
+            # their training rule exactly, i.e. eps 0 (export/saelens.rs).
+            ln_eps = 0.0 if "per_token_normalize" in (cfg.get("saetrain") or {}) else 1e-5
         layout = "saelens"
     elif os.path.exists(os.path.join(d, "sae.safetensors")):
         t = {k: v.float() for k, v in load_file(os.path.join(d, "sae.safetensors")).items()}
         w_enc, b_enc, w_dec, b_dec = t["encoder.weight"], t["encoder.bias"], t["W_dec"], t["b_dec"]
         arch, threshold, k = "topk", None, cfg["k"]
+        norm = "none"
         layout = "sparsify"
     else:
         raise SystemExit(f"{d}: no sae_weights.safetensors or sae.safetensors")
@@ -89,7 +95,13 @@ def load_sae(path, torch):
     def encode_decode(x):
         dev = x.device
         we, be, wd, bd = (v.to(dev) for v in (w_enc, b_enc, w_dec, b_dec))
-        pre = (x.float() - bd) @ we.T + be
+        xf = x.float()
+        if norm == "layer_norm":
+            mu = xf.mean(dim=-1, keepdim=True)
+            std = (xf - mu).std(dim=-1, keepdim=True)
+            den = std + ln_eps
+            xf = torch.where(den > 0, (xf - mu) / den.clamp_min(1e-30), torch.zeros_like(xf))
+        pre = (xf - bd) @ we.T + be
         act = torch.relu(pre)
         if arch == "jumprelu" or (arch == "batchtopk" and threshold is not None):
             act = act * (pre > threshold.to(dev))
@@ -100,7 +112,10 @@ def load_sae(path, torch):
             flat = act.flatten()
             vals, idx = flat.topk(min(k * act.shape[0], flat.numel()))
             act = torch.zeros_like(flat).scatter_(0, idx, vals).view_as(act)
-        return (act @ wd + bd).to(x.dtype)
+        out = act @ wd + bd
+        if norm == "layer_norm":
+            out = out * std + mu
+        return out.to(x.dtype)
 
     return encode_decode, cfg, layout
 

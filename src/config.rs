@@ -66,6 +66,53 @@ pub enum DecoderNorm {
     Free,
 }
 
+/// Input normalisation applied by the data pipeline to training and held-out rows alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalize {
+    /// Raw activations.
+    None,
+    /// One scale s for the whole data set so that E||s x||^2 = d_in (SAELens'
+    /// expected_average_only_in); folded into exported weights.
+    Global,
+    /// Per token: x -> (x - mean(x)) / ||x - mean(x)||_2 (the MC/FC paper, section 5); a row whose
+    /// centred norm is 0 stays 0. Exported as SAELens `layer_norm` with sqrt(d_in - 1) folded in.
+    #[value(alias = "per_token")]
+    #[serde(alias = "per-token")]
+    PerToken,
+}
+
+impl Normalize {
+    /// The value as the command line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Normalize::None => "none",
+            Normalize::Global => "global",
+            Normalize::PerToken => "per-token",
+        }
+    }
+}
+
+/// `normalize` in a config file: a mode in either spelling, or the bool older configs have
+/// (true = global, false = none).
+fn bool_or_normalize<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Normalize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bool(bool),
+        Name(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Bool(true) => Ok(Normalize::Global),
+        Raw::Bool(false) => Ok(Normalize::None),
+        Raw::Name(s) => Normalize::from_str(&s, false).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "invalid normalize '{s}': expected none, global or per_token (or true / false, as older configs have it)"
+            ))
+        }),
+    }
+}
+
 /// How the CUDA backend computes the encoder pre-activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -208,6 +255,14 @@ pub struct TrainConfig {
     pub adam_beta2: f64,
     #[arg(long, default_value_t = TrainConfig::default().adam_eps)]
     pub adam_eps: f64,
+    /// AdamW's decoupled weight decay (torch.optim.AdamW): W <- W (1 - lr * wd) before the Adam
+    /// update, on W_enc (A under --aligned) and W_dec only, never the biases. 0: plain Adam.
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
+    pub weight_decay: f64,
+    /// Scale the whole gradient (every parameter, after the decoder projection) so that its
+    /// global L2 norm is at most this, before Adam (torch.nn.utils.clip_grad_norm_). 0: off.
+    #[arg(long, default_value_t = TrainConfig::default().grad_clip)]
+    pub grad_clip: f64,
     /// Decay of the per-latent running density (used by Zipf budgets and aux_zipf).
     #[arg(long, default_value_t = TrainConfig::default().density_decay)]
     pub density_decay: f64,
@@ -227,9 +282,13 @@ pub struct TrainConfig {
     /// Held-out tokens for evaluation (never trained on).
     #[arg(long, default_value_t = TrainConfig::default().eval_tokens)]
     pub eval_tokens: usize,
-    /// Scale inputs so that E||x||^2 = d_in (SAELens' expected_average_only_in).
-    #[arg(long, default_value_t = TrainConfig::default().normalize)]
-    pub normalize: bool,
+    /// Input normalisation: none, global (one scale so that E||x||^2 = d_in, SAELens'
+    /// expected_average_only_in) or per-token ((x - mean) / ||x - mean|| per row, the MC/FC
+    /// paper's). `--normalize` alone means global, as it did when it was a switch.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "global",
+          default_value_t = TrainConfig::default().normalize)]
+    #[serde(deserialize_with = "bool_or_normalize")]
+    pub normalize: Normalize,
     /// Exclude rows whose norm exceeds this multiple of the median norm (0 disables).
     #[arg(long, default_value_t = TrainConfig::default().max_norm_multiple)]
     pub max_norm_multiple: f64,
@@ -319,13 +378,15 @@ impl Default for TrainConfig {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_eps: 1e-8,
+            weight_decay: 0.0,
+            grad_clip: 0.0,
             density_decay: 0.99,
             seed: 0,
             data: None,
             tensor: None,
             shuffle_buffer: 65_536,
             eval_tokens: 8192,
-            normalize: false,
+            normalize: Normalize::None,
             max_norm_multiple: 10.0,
             prefetch: 4,
             synth_features: 512,
@@ -507,6 +568,12 @@ impl TrainConfig {
                 bail!("invalid {name} {v}: must be in [0, 1)");
             }
         }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            bail!("invalid --weight-decay {}: must be >= 0 (0: plain Adam)", self.weight_decay);
+        }
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            bail!("invalid --grad-clip {}: must be >= 0 (0: no clipping)", self.grad_clip);
+        }
         let td = self.threshold_decay_value();
         if !(0.0..1.0).contains(&td) {
             bail!("invalid --threshold-decay {td}: must be in [0, 1)");
@@ -522,6 +589,13 @@ impl TrainConfig {
         }
         if self.zipf_alpha <= 0.0 || self.zipf_beta < 0.0 {
             bail!("invalid --zipf-alpha/--zipf-beta: alpha must be > 0 and beta >= 0");
+        }
+        if let (Normalize::PerToken, Some(d)) =
+            (self.normalize, self.d_in.or(self.data.is_none().then_some(self.synth_d_in)))
+        {
+            if d < 2 {
+                bail!("invalid --normalize per-token with d_in {d}: a centred row of width 1 is always 0");
+            }
         }
         if self.data.is_none() {
             if self.synth_features == 0 || self.synth_d_in == 0 {

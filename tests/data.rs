@@ -666,7 +666,7 @@ fn real_sample_massive_activations() {
     // Default settings (10k-row sample, normalised): the scale brings E||x||^2 to d_in.
     let cfg = saetrain::config::TrainConfig {
         data: Some(p.clone()),
-        normalize: true,
+        normalize: saetrain::config::Normalize::Global,
         batch_size: 4096,
         ..Default::default()
     };

@@ -6,7 +6,7 @@ use saetrain::eval::metrics::{reconstruction_metrics, weight_metrics};
 use saetrain::eval::report::write_outputs;
 use saetrain::eval::run::{evaluate, EvalOptions};
 use saetrain::export::load::{load_sae, load_sae_with_layout, Layout, SPARSIFY_WEIGHTS_FILE};
-use saetrain::export::saelens::{serialize_f32, transpose, CFG_FILE, WEIGHTS_FILE};
+use saetrain::export::saelens::{serialize_f32, transpose, RunTimeNorm, CFG_FILE, WEIGHTS_FILE};
 use saetrain::export::ExportedSae;
 use saetrain::metrics::recovery::recovery;
 use saetrain::sparse::SparseCodes;
@@ -30,6 +30,7 @@ fn tiny_sae(architecture: &str) -> ExportedSae {
         architecture: architecture.into(),
         k: None,
         per_token_cap: None,
+        norm: RunTimeNorm::None,
     }
 }
 
@@ -165,6 +166,7 @@ fn random_sae(architecture: &str, d: usize, f: usize, seed: u64) -> ExportedSae 
         architecture: architecture.into(),
         k: (architecture == "topk").then_some(3),
         per_token_cap: None,
+        norm: RunTimeNorm::None,
     }
 }
 

@@ -455,7 +455,14 @@ fn cpu_projected_gradient_matches_reference() {
 #[test]
 fn cpu_steps_match_reference_adam() {
     let steps = 3;
-    for (n, c) in cases().iter().enumerate() {
+    // Every case with plain Adam, and some with AdamW's decay and an active gradient clip (the
+    // bound is far below these gradients' norms, and far above Adam's eps per element).
+    let mut all = cases();
+    for c in cases().into_iter().filter(|c| ["topk", "relu+l1 aligned", "batchtopk+aux_k aligned"].contains(&c.name)) {
+        let name: &'static str = Box::leak(format!("{} adamw+clip", c.name).into_boxed_str());
+        all.push(Case { name, cfg: TrainConfig { weight_decay: 0.3, grad_clip: 1e-3, ..c.cfg.clone() }, ..c });
+    }
+    for (n, c) in all.iter().enumerate() {
         let mut cf = c.cfg.clone();
         cf.threshold_start = Some(0);
         cf.threshold_decay = Some(0.9);
@@ -464,7 +471,14 @@ fn cpu_steps_match_reference_adam() {
         let params = random_params(d, f, c.cfg.aligned, 400 + n as u64);
         let mut be = backend(&c, params.clone());
         let lc = loss_cfg(&c.cfg);
-        let h = r::AdamHyper { lr: 1e-3, beta1: c.cfg.adam_beta1, beta2: c.cfg.adam_beta2, eps: c.cfg.adam_eps };
+        let h = r::AdamHyper {
+            lr: 1e-3,
+            beta1: c.cfg.adam_beta1,
+            beta2: c.cfg.adam_beta2,
+            eps: c.cfg.adam_eps,
+            weight_decay: c.cfg.weight_decay,
+            clip: c.cfg.grad_clip as f32 as f64,
+        };
         let mut p = RefParams::from_params(&params);
         let len = p.flat().len();
         let (mut m, mut v) = (vec![0.0; len], vec![0.0; len]);
@@ -485,6 +499,10 @@ fn cpu_steps_match_reference_adam() {
                 assert!(aux.is_some(), "{}: aux_zipf should be active", c.name);
             }
             let (_, g) = r::loss_and_grad(&p, &lc, &x, rows, &mask, aux.as_ref());
+            if h.clip > 0.0 {
+                let norm = r::projected_grad_norm(&p, &g);
+                assert!(norm > 10.0 * h.clip, "{}: the clip should be active (||g|| {norm})", c.name);
+            }
             let fw = r::forward(&p, &lc, &x, rows, &mask);
             be.step(&Batch::from_f32(rows, d, x32), h.lr as f32).unwrap();
             r::train_step(&mut p, &g, &mut m, &mut v, step0 + t, h);

@@ -448,3 +448,294 @@ fn wta_theta_phase_filters_by_threshold_before_the_budgets() {
     let codes = be.gradients(&x, rows, true).unwrap().codes;
     assert!(codes.idx.contains(&0));
 }
+
+// ---- 7. MC/FC section 5: per-token normalisation, AdamW, gradient clipping -----------------------
+
+/// Raw rows far from normalised: an offset, a scale, a zero row and a constant row.
+fn raw_rows(d: usize, n: usize) -> Vec<f32> {
+    let mut x: Vec<f32> = (0..n * d).map(|i| 3.0 + 5.0 * (((i * 7919) % 211) as f32 / 105.0 - 1.0)).collect();
+    x[..d].fill(0.0);
+    x[d..2 * d].fill(2.5);
+    x
+}
+
+#[test]
+fn per_token_normalisation_gives_centred_unit_rows() {
+    use saetrain::config::Normalize;
+    use saetrain::data::normalize::per_token;
+    let d = 16;
+    let (y, stats) = per_token(&raw_rows(d, 50), d);
+    for (b, row) in y.chunks(d).enumerate() {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+        let norm = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(mean.abs() < 1e-7, "row {b}: mean {mean}");
+        match b {
+            0 | 1 => {
+                assert!(row.iter().all(|&v| v == 0.0) && stats[b].norm == 0.0, "row {b} (zero / constant) stays 0")
+            }
+            _ => assert!((norm - 1.0).abs() < 1e-6, "row {b}: norm {norm}"),
+        }
+    }
+    // The pipeline applies it to training and held-out batches alike.
+    let cfg = TrainConfig { normalize: Normalize::PerToken, batch_size: 64, synth_d_in: d, ..TrainConfig::default() };
+    let mut src = saetrain::data::open_source(&cfg).unwrap();
+    let mut batches = vec![src.next_batch().unwrap()];
+    batches.extend(src.eval_batches(100).unwrap());
+    for b in &batches {
+        for row in b.to_f32().chunks(d) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let norm = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+            assert!(mean.abs() < 1e-6 && (norm - 1.0).abs() < 1e-5, "mean {mean}, norm {norm}");
+        }
+    }
+    // Both spellings on the command line and in config files; `--normalize` alone and the bools
+    // of older config files keep their meaning.
+    let parse = |args: &[&str]| {
+        let mut a = vec!["sae", "train"];
+        a.extend_from_slice(args);
+        match saetrain::cli::Cli::try_parse_from(a).unwrap().command {
+            saetrain::cli::Command::Train(t) => t.cfg.normalize,
+            _ => unreachable!(),
+        }
+    };
+    assert_eq!(parse(&["--normalize", "per-token"]), Normalize::PerToken);
+    assert_eq!(parse(&["--normalize", "per_token"]), Normalize::PerToken);
+    assert_eq!(parse(&["--normalize"]), Normalize::Global);
+    assert_eq!(parse(&[]), Normalize::None);
+    let dir = tempfile::tempdir().unwrap();
+    for (text, want) in [
+        ("normalize = true", Normalize::Global),
+        ("normalize = false", Normalize::None),
+        ("normalize = \"per-token\"", Normalize::PerToken),
+        ("normalize = \"per_token\"", Normalize::PerToken),
+    ] {
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        assert_eq!(TrainConfig::load(&p).unwrap().normalize, want, "{text}");
+    }
+    std::fs::write(dir.path().join("c.toml"), "normalize = \"layer\"").unwrap();
+    let e = format!("{:#}", TrainConfig::load(&dir.path().join("c.toml")).unwrap_err());
+    assert!(e.contains("normalize") && e.contains("per_token"), "{e}");
+}
+
+/// A plain reimplementation of SAELens's forward pass on raw rows: `layer_norm` with the
+/// unbiased std and eps 1e-5 (sae_lens/saes/sae.py, run_time_activation_ln_in), then the
+/// architecture's encoder on the file's weights, in f64.
+fn saelens_topk_codes(sae: &saetrain::export::ExportedSae, x: &[f32], k: usize) -> Vec<Vec<(u32, f64)>> {
+    let (d, f) = (sae.d_in, sae.d_sae);
+    x.chunks(d)
+        .map(|row| {
+            let mu = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let std = (row.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / (d - 1) as f64).sqrt();
+            let y: Vec<f64> = row.iter().map(|&v| (v as f64 - mu) / (std + 1e-5)).collect();
+            let mut pre: Vec<(u32, f64)> = (0..f)
+                .map(|i| {
+                    let w = &sae.w_enc[i * d..(i + 1) * d];
+                    let p: f64 = (0..d).map(|j| (y[j] - sae.b_dec[j] as f64) * w[j] as f64).sum();
+                    (i as u32, p + sae.b_enc[i] as f64)
+                })
+                .collect();
+            pre.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let mut kept: Vec<(u32, f64)> = pre.into_iter().take(k).filter(|p| p.1 > 0.0).collect();
+            kept.sort_by_key(|p| p.0);
+            kept
+        })
+        .collect()
+}
+
+#[test]
+fn per_token_runs_export_saes_that_normalise_raw_rows() {
+    use saetrain::backend::{cpu::CpuBackend, Backend, InferMode};
+    use saetrain::data::{normalize, Batch};
+    use saetrain::export::saelens::RunTimeNorm;
+    let dir = tempfile::tempdir().unwrap();
+    for sparsifier in ["topk", "wta"] {
+        let out = dir.path().join(sparsifier);
+        ok(&sae(&[
+            "train",
+            "--out",
+            out.to_str().unwrap(),
+            "--sparsifier",
+            sparsifier,
+            "--normalize",
+            "per-token",
+            "--k",
+            "4",
+            "--d-sae",
+            "128",
+            "--synth-d-in",
+            "32",
+            "--batch-size",
+            "128",
+            "--steps",
+            "40",
+            "--backend",
+            "cpu",
+            "--quiet",
+        ]));
+        let cfg_json = json(&out.join("cfg.json"));
+        assert_eq!(cfg_json["normalize_activations"], "layer_norm", "{sparsifier}");
+        assert!(cfg_json["saetrain"]["per_token_normalize"]["note"].as_str().unwrap().contains("SAELens"));
+        let exported = load_sae(&out).unwrap();
+        assert_eq!(exported.norm, RunTimeNorm::LayerNorm { eps: 0.0 });
+
+        // The loader on raw rows = the backend (the run's state, exported sparsifier) on the
+        // normalised rows, codes and (mapped back) reconstructions.
+        let (d, n) = (exported.d_in, 200);
+        let x = raw_rows(d, n);
+        let cfg = TrainConfig::load(&out.join("config.json")).unwrap();
+        let (state, _) = saetrain::train::checkpoint::load(&out).unwrap();
+        let mut backend = CpuBackend::new(cfg, state).unwrap();
+        let (xn, stats) = normalize::per_token(&x, d);
+        let inf = backend.infer(&Batch::from_f32(n, d, xn), InferMode::Exported).unwrap();
+        let (codes, x_hat) = exported.forward(&x, n).unwrap();
+        assert!(codes.nnz() > 0, "{sparsifier}: no codes");
+        assert_eq!(codes.idx, inf.codes.idx, "{sparsifier}: the loader's codes on raw rows");
+        for (a, b) in codes.val.iter().zip(&inf.codes.val) {
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{sparsifier}: {a} vs {b}");
+        }
+        let mut want = inf.x_hat.clone();
+        normalize::denormalize(&mut want, &stats, d);
+        for (a, b) in x_hat.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{sparsifier}: x_hat {a} vs {b}");
+        }
+        // A SAELens user feeding raw rows with layer_norm (eps 1e-5) gets the same codes: the
+        // eps moves the inputs by 1e-5 sqrt(d - 1) / ||x - mean|| relative, far below the gaps here.
+        if sparsifier == "topk" {
+            let theirs = saelens_topk_codes(&exported, &x, 4);
+            for (b, row) in theirs.iter().enumerate() {
+                let (ix, vs) = codes.row(b);
+                assert_eq!(ix, row.iter().map(|p| p.0).collect::<Vec<_>>().as_slice(), "row {b}");
+                for (a, (_, v)) in vs.iter().zip(row) {
+                    assert!((*a as f64 - v).abs() < 1e-3 * v.abs().max(1.0), "row {b}: {a} vs SAELens {v}");
+                }
+            }
+        }
+        // `sae eval` reads the run on raw activations: exported and training rules agree (topk).
+        let e = saetrain::eval::run::evaluate(&out, "r", &saetrain::eval::run::EvalOptions::default()).unwrap();
+        let (ex, tr) = (e.exported.explained_variance, e.training.as_ref().unwrap().explained_variance);
+        if sparsifier == "topk" {
+            assert!((ex - tr).abs() < 1e-4, "exported EV {ex} vs training EV {tr}");
+        }
+        assert!(ex > 0.0, "{sparsifier}: exported EV {ex} on raw rows");
+    }
+    // A SAELens layer_norm file from elsewhere loads with SAELens's eps; the sparsify layout,
+    // which has no normalisation, is refused for a per-token SAE.
+    let other = dir.path().join("other");
+    let mut c = json(&dir.path().join("topk").join("cfg.json"));
+    c.as_object_mut().unwrap().remove("saetrain");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("cfg.json"), c.to_string()).unwrap();
+    std::fs::copy(dir.path().join("topk").join("sae_weights.safetensors"), other.join("sae_weights.safetensors"))
+        .unwrap();
+    assert_eq!(load_sae(&other).unwrap().norm, RunTimeNorm::LayerNorm { eps: 1e-5 });
+    let o = sae(&[
+        "export",
+        dir.path().join("topk").to_str().unwrap(),
+        "--format",
+        "sparsify",
+        "--out",
+        dir.path().join("sp").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("per-token"));
+}
+
+/// A fresh CPU backend on a tied initialisation (d 16, F 64), free decoder norms so that the
+/// optimiser's effect on W_dec is not hidden by the renormalisation.
+fn optimiser_backend(cfg: TrainConfig, step: u64, v: f32) -> saetrain::backend::cpu::CpuBackend {
+    use saetrain::model::{init, Shape, TrainState};
+    let mut params = init::tied(Shape::new(16, 64), 5, false);
+    params.parts_mut().b_enc.iter_mut().enumerate().for_each(|(i, b)| *b = 0.01 * (i % 5) as f32);
+    params.parts_mut().b_dec.iter_mut().enumerate().for_each(|(i, b)| *b = 0.1 * i as f32 - 0.5);
+    let mut state = TrainState::new(params);
+    state.step = step;
+    state.adam_v.data.fill(v);
+    saetrain::backend::cpu::CpuBackend::new(cfg, state).unwrap()
+}
+
+fn optimiser_cfg() -> TrainConfig {
+    TrainConfig {
+        sparsifier: SparsifierKind::Topk,
+        d_sae: 64,
+        d_in: Some(16),
+        k: 4,
+        aux: Some(vec![AuxKind::None]),
+        decoder_norm: saetrain::config::DecoderNorm::Free,
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn adamw_decays_the_weights_but_not_the_biases() {
+    use saetrain::model::Params;
+    use saetrain::sparse::SparseCodes;
+    let (lr, wd) = (0.01f32, 0.5);
+    let mut be = optimiser_backend(TrainConfig { weight_decay: wd, ..optimiser_cfg() }, 0, 0.0);
+    let before = be.state_ref().params.clone();
+    // A zero gradient: Adam's own update is 0, what moves is torch.optim.AdamW's p *= 1 - lr * wd.
+    be.apply(Params::zeros(before.shape), &SparseCodes::empty(8, 64), 8, lr);
+    let after = &be.state_ref().params;
+    let factor = (1.0 - lr as f64 * wd) as f32;
+    let (a, b) = (after.parts(), before.parts());
+    for (name, got, was, decayed) in [
+        ("W_enc", a.w_enc, b.w_enc, true),
+        ("b_enc", a.b_enc, b.b_enc, false),
+        ("W_dec", a.w_dec, b.w_dec, true),
+        ("b_dec", a.b_dec, b.b_dec, false),
+    ] {
+        for (g, w) in got.iter().zip(was) {
+            let want = if decayed { w * factor } else { *w };
+            assert_eq!(*g, want, "{name}: {g} vs {want}");
+        }
+    }
+    // Options: flags and config keys, errors naming them.
+    let c =
+        saetrain::cli::Cli::try_parse_from(["sae", "train", "--weight-decay", "0.1", "--grad-clip", "1.5"]).unwrap();
+    let saetrain::cli::Command::Train(t) = c.command else { unreachable!() };
+    assert_eq!((t.cfg.weight_decay, t.cfg.grad_clip), (0.1, 1.5));
+    for (cfg, flag) in [
+        (TrainConfig { weight_decay: -1.0, ..TrainConfig::default() }, "--weight-decay"),
+        (TrainConfig { grad_clip: f64::NAN, ..TrainConfig::default() }, "--grad-clip"),
+    ] {
+        assert!(cfg.validate().unwrap_err().to_string().contains(flag), "{flag}");
+    }
+}
+
+#[test]
+fn grad_clip_bounds_the_update() {
+    use saetrain::backend::Backend;
+    use saetrain::data::Batch;
+    // A gradient spike (inputs 50x their usual size) at a late step whose second moments are
+    // those of gradients of norm C: clipped to C, the update obeys the bound
+    // ||dp|| <= step_size (1 - beta1) C / sqrt(beta2 v); unclipped it is far larger.
+    let (rows, d, n, lr) = (128usize, 16usize, 2 * 64 * 16 + 64 + 16, 1e-3f32);
+    let x: Vec<f32> = rows_of(d, rows).iter().map(|v| 50.0 * v).collect();
+    let batch = Batch::from_f32(rows, d, x.clone());
+    let mut probe = optimiser_backend(optimiser_cfg(), 10_000, 0.0);
+    let g = probe.gradients(&x, rows, false).unwrap().grad.data;
+    let norm = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    let clip = norm / 1000.0;
+    let v = (clip * clip / n as f64) as f32; // per-element second moment of a norm-C gradient
+    let t = 10_001f64;
+    let step_size = lr as f64 * (1.0 - 0.999f64.powf(t)).sqrt() / (1.0 - 0.9f64.powf(t));
+    let bound = step_size * 0.1 * clip / (0.999 * v as f64).sqrt();
+    let mut moved = vec![];
+    for c in [0.0, clip] {
+        let mut be = optimiser_backend(TrainConfig { grad_clip: c, ..optimiser_cfg() }, 10_000, v);
+        let before = be.state_ref().params.data.clone();
+        be.step(&batch, lr).unwrap();
+        let after = &be.state_ref().params.data;
+        moved.push(after.iter().zip(&before).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>().sqrt());
+        // The gradient Adam saw: m = (1 - beta1) g_clipped from zero moments.
+        let m = be.state_ref().adam_m.data.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() / 0.1;
+        let seen = if c > 0.0 { clip } else { norm };
+        assert!((m - seen).abs() < 1e-3 * seen, "clip {c}: Adam saw a gradient of norm {m}, expected {seen}");
+    }
+    assert!(moved[1] <= bound * 1.001, "clipped update {} above the bound {bound}", moved[1]);
+    assert!(moved[0] > 10.0 * bound, "unclipped update {} vs bound {bound}: the spike should show", moved[0]);
+}
+
+/// Rows with a fixed pattern and non-zero mean (inputs of the optimiser tests).
+fn rows_of(d: usize, n: usize) -> Vec<f32> {
+    (0..n * d).map(|i| (((i * 7919) % 211) as f32 / 70.0 - 1.0).max(0.0) + 0.1).collect()
+}

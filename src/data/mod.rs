@@ -5,6 +5,7 @@ pub mod cli;
 pub mod dataset;
 pub mod format;
 pub mod manifest;
+pub mod normalize;
 pub mod order;
 pub mod stream;
 pub mod synthetic;
@@ -92,7 +93,7 @@ pub trait BatchSource: Send {
 }
 
 /// The trainer's constructor: the built-in synthetic data when `cfg.data` is None, else the
-/// activation-shard reader (f32 batches).
+/// activation-shard reader (f32 batches); normalised per token under `--normalize per-token`.
 pub fn open_source(cfg: &crate::config::TrainConfig) -> Result<Box<dyn BatchSource>> {
     open_source_with(cfg, false)
 }
@@ -100,6 +101,16 @@ pub fn open_source(cfg: &crate::config::TrainConfig) -> Result<Box<dyn BatchSour
 /// As [`open_source`]; `keep_half`: half-precision shards are returned as F16/Bf16 batches
 /// (for a consumer that converts on the device) instead of f32.
 pub fn open_source_with(cfg: &crate::config::TrainConfig, keep_half: bool) -> Result<Box<dyn BatchSource>> {
+    let raw = open_raw(cfg, keep_half)?;
+    match cfg.normalize {
+        crate::config::Normalize::PerToken => Ok(Box::new(normalize::PerToken::new(raw)?)),
+        _ => Ok(raw),
+    }
+}
+
+/// The source before per-token normalisation (the global scale, a property of the whole data
+/// set, is applied by the shard reader itself).
+fn open_raw(cfg: &crate::config::TrainConfig, keep_half: bool) -> Result<Box<dyn BatchSource>> {
     match &cfg.data {
         None => {
             let spec = synthetic::SynthSpec {

@@ -31,7 +31,8 @@ pub struct ShardOptions {
     pub shuffle_buffer: usize,
     /// Held-out rows.
     pub eval_tokens: usize,
-    /// Scale rows so that E||s x||^2 = d_in.
+    /// Scale rows so that E||s x||^2 = d_in (`--normalize global`; per-token normalisation is
+    /// applied on top of the reader, data/normalize.rs).
     pub normalize: bool,
     /// Exclude rows with norm > this x median norm (0 disables).
     pub max_norm_multiple: f64,
@@ -78,7 +79,7 @@ impl ShardOptions {
             seed: cfg.seed,
             shuffle_buffer: cfg.shuffle_buffer,
             eval_tokens: cfg.eval_tokens,
-            normalize: cfg.normalize,
+            normalize: cfg.normalize == crate::config::Normalize::Global,
             max_norm_multiple: cfg.max_norm_multiple,
             prefetch: cfg.prefetch,
             keep_half,

@@ -6,8 +6,8 @@
 use super::metrics::{set_mean, weight_metrics, ReconAccumulator, ReconMetrics, WeightMetrics};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, InferMode};
-use crate::config::TrainConfig;
-use crate::data::{self, Batch, BatchSource, ShardOptions, ShardSource};
+use crate::config::{Normalize, TrainConfig};
+use crate::data::{self, normalize, Batch, BatchSource, ShardOptions, ShardSource};
 use crate::export::load::{checkpoint_dir, load_sae_with_layout};
 use crate::export::ExportedSae;
 use crate::metrics::recovery::{recovery, Recovery};
@@ -91,12 +91,11 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
             dir.display()
         ),
     };
-    if cfg.data.is_some() {
-        // Raw activations: the exported SAE has the run's normalisation folded in.
-        cfg.normalize = false;
-        if opts.data.is_some() {
-            cfg.d_in = None;
-        }
+    // Raw activations: the exported SAE has the run's global scale folded in and applies its
+    // per-token normalisation itself (`normalize_activations: layer_norm`).
+    cfg.normalize = Normalize::None;
+    if cfg.data.is_some() && opts.data.is_some() {
+        cfg.d_in = None;
     }
     let tokens = opts.tokens.or(run_cfg.as_ref().map(|c| c.eval_tokens)).unwrap_or(DEFAULT_EVAL_TOKENS);
     ensure!(tokens > 0, "invalid --tokens 0: must be >= 1");
@@ -189,7 +188,8 @@ pub fn eval_exported(sae: &ExportedSae, batches: &[Batch], raw: &[Vec<f32>], mea
 }
 
 /// Metrics of the training sparsifier: the run's trainer state on the CPU backend, fed the
-/// activations as it saw them in training (times its input scale), reconstructions scaled back.
+/// activations as it saw them in training (times its input scale, or normalised per token),
+/// reconstructions mapped back to raw units.
 fn eval_training(
     dir: &Path,
     cfg: TrainConfig,
@@ -200,12 +200,19 @@ fn eval_training(
     let (state, meta) = checkpoint::load(dir)?;
     let s = meta.input_scale;
     let f = state.shape().d_sae;
+    let per_token = cfg.normalize == Normalize::PerToken;
     let mut backend = CpuBackend::new(cfg, state).with_context(|| format!("{}", dir.display()))?;
     let mut acc = ReconAccumulator::new(mean, f);
     for (b, x) in batches.iter().zip(raw) {
-        let xs: Vec<f32> = x.iter().map(|v| v * s).collect();
+        let (xs, stats) = match per_token {
+            true => normalize::per_token(x, b.d_in),
+            false => (x.iter().map(|v| v * s).collect(), vec![]),
+        };
         let inf = backend.infer(&Batch::from_f32(b.rows, b.d_in, xs), InferMode::Training)?;
-        let x_hat = unscale(&inf.x_hat, s);
+        let mut x_hat = unscale(&inf.x_hat, s);
+        if per_token {
+            normalize::denormalize(&mut x_hat, &stats, b.d_in);
+        }
         acc.add(x, &inf.codes, &x_hat);
     }
     Ok(acc.finish())

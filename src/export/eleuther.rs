@@ -7,7 +7,7 @@
 //! selection rules); the CLI value stays `--format sparsify`.
 
 use super::load::SPARSIFY_WEIGHTS_FILE;
-use super::saelens::{serialize_f32, ExportedSae, CFG_FILE};
+use super::saelens::{serialize_f32, ExportedSae, RunTimeNorm, CFG_FILE};
 use crate::util::atomic::{write_atomic, write_json_atomic};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -23,6 +23,12 @@ impl ExportedSae {
                 self.architecture
             );
         };
+        if self.norm != RunTimeNorm::None {
+            bail!(
+                "the sparsify layout has no input normalisation, and this SAE expects per-token normalised \
+                 inputs (trained with --normalize per-token): export it with --format saelens (layer_norm)"
+            );
+        }
         let expansion = if self.d_sae.is_multiple_of(self.d_in) { self.d_sae / self.d_in } else { 0 };
         Ok(json!({
             "activation": "topk",

@@ -7,9 +7,13 @@
 //! | `topk` | per token the k largest positive |
 //! | `batchtopk` | JumpReLU when a threshold is stored, else the k*B largest of the batch |
 //! | `standard` | every positive entry (ReLU) |
+//!
+//! With a run-time normalisation (SAELens `layer_norm`) each row is normalised before encoding
+//! and the reconstruction mapped back to raw units, as SAELens's `encode` / `forward` do.
 
-use super::saelens::ExportedSae;
+use super::saelens::{ExportedSae, RunTimeNorm};
 use crate::backend::cpu::{decode, encode};
+use crate::data::normalize::{row_stats, RowStats};
 use crate::sparse::SparseCodes;
 use crate::sparsify::{self, Selection};
 use anyhow::{bail, ensure, Result};
@@ -38,7 +42,8 @@ impl ExportedSae {
         self.architecture == "batchtopk" && self.threshold.is_none()
     }
 
-    /// Dense pre-activations (rows x d_sae).
+    /// Dense pre-activations (rows x d_sae) of rows in the weights' input space (`encode` and
+    /// `forward` normalise raw rows first when the SAE has a run-time normalisation).
     pub fn pre_activations(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let (d, f) = (self.d_in, self.d_sae);
         ensure!(x.len() == rows * d, "input has {} values, expected {rows} x {d}", x.len());
@@ -49,11 +54,37 @@ impl ExportedSae {
         Ok(pre)
     }
 
-    /// Sparse codes of `x` (rows x d_in).
+    /// The rows the weights apply to, and per row the (mean, std) that map a reconstruction
+    /// back (empty without a run-time normalisation).
+    fn normalized<'a>(&self, x: &'a [f32]) -> (std::borrow::Cow<'a, [f32]>, Vec<(f64, f64)>) {
+        let RunTimeNorm::LayerNorm { eps } = self.norm else { return (x.into(), vec![]) };
+        let d = self.d_in;
+        // torch.std's default is unbiased: ||x - mean|| / sqrt(d - 1).
+        let unbiased = ((d.max(2) - 1) as f64).sqrt();
+        let mut y = x.to_vec();
+        let mut stats = Vec::with_capacity(x.len() / d.max(1));
+        for row in y.chunks_mut(d) {
+            let RowStats { mean, norm } = row_stats(row);
+            let std = norm / unbiased;
+            let den = std + eps as f64;
+            let inv = if den > 0.0 { 1.0 / den } else { 0.0 };
+            row.iter_mut().for_each(|v| *v = ((*v as f64 - mean) * inv) as f32);
+            stats.push((mean, std));
+        }
+        (y.into(), stats)
+    }
+
+    /// Sparse codes of `x` (rows x d_in, raw activations).
     pub fn encode(&self, x: &[f32], rows: usize) -> Result<SparseCodes> {
-        let sel = self.selection()?;
         let (d, f) = (self.d_in, self.d_sae);
         ensure!(x.len() == rows * d, "input has {} values, expected {rows} x {d}", x.len());
+        self.encode_normalized(&self.normalized(x).0, rows, f)
+    }
+
+    /// Sparse codes of rows already in the weights' input space.
+    fn encode_normalized(&self, x: &[f32], rows: usize, f: usize) -> Result<SparseCodes> {
+        let sel = self.selection()?;
+        let d = self.d_in;
         if self.batch_dependent() || rows <= CHUNK_ROWS {
             let pre = self.pre_activations(x, rows)?;
             return Ok(sparsify::select(&pre, rows, f, &sel));
@@ -71,17 +102,25 @@ impl ExportedSae {
         Ok(SparseCodes::from_rows(f, lists))
     }
 
-    /// `x_hat = z W_dec + b_dec`.
+    /// `x_hat = z W_dec + b_dec`, in the weights' input space (normalised rows under a run-time
+    /// normalisation; [`Self::forward`] maps it back to raw units).
     pub fn decode(&self, codes: &SparseCodes) -> Vec<f32> {
         let mut x_hat = vec![0f32; codes.rows * self.d_in];
         decode::decode(codes, &self.w_dec, Some(&self.b_dec), self.d_in, &mut x_hat);
         x_hat
     }
 
-    /// Codes and reconstruction of `x` (rows x d_in).
+    /// Codes and reconstruction (raw units) of raw activations `x` (rows x d_in).
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<(SparseCodes, Vec<f32>)> {
-        let codes = self.encode(x, rows)?;
-        let x_hat = self.decode(&codes);
+        let (d, f) = (self.d_in, self.d_sae);
+        ensure!(x.len() == rows * d, "input has {} values, expected {rows} x {d}", x.len());
+        let (y, stats) = self.normalized(x);
+        let codes = self.encode_normalized(&y, rows, f)?;
+        let mut x_hat = self.decode(&codes);
+        // SAELens's run_time_activation_ln_out: x_hat * std + mean (no eps).
+        for (row, (mean, std)) in x_hat.chunks_mut(d).zip(stats) {
+            row.iter_mut().for_each(|v| *v = (*v as f64 * std + mean) as f32);
+        }
         Ok((codes, x_hat))
     }
 }

@@ -6,7 +6,7 @@
 //! the file and the field: a missing tensor, a tensor of the wrong shape, a `cfg.json` value that
 //! disagrees with the tensors, an unknown architecture.
 
-use super::saelens::{ExportedSae, CFG_FILE, WEIGHTS_FILE};
+use super::saelens::{ExportedSae, RunTimeNorm, CFG_FILE, SAELENS_LN_EPS, WEIGHTS_FILE};
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
@@ -277,15 +277,20 @@ pub fn load_saelens(dir: &Path) -> Result<ExportedSae> {
         _ => None,
     };
 
-    match cfg_str(&cfg, &cfg_path, "normalize_activations")? {
+    let norm = match cfg_str(&cfg, &cfg_path, "normalize_activations")? {
         // SAELens applies no run-time transform for these when loading from disk.
-        None | Some("none") | Some("expected_average_only_in") => {}
+        None | Some("none") | Some("expected_average_only_in") => RunTimeNorm::None,
+        // saetrain's per-token exports: the training rule exactly; anyone else's: SAELens's.
+        Some("layer_norm") => match cfg.get("saetrain").and_then(|e| e.get("per_token_normalize")) {
+            Some(_) => RunTimeNorm::LayerNorm { eps: 0.0 },
+            None => RunTimeNorm::LayerNorm { eps: SAELENS_LN_EPS },
+        },
         Some(other) => bail!(
-            "{}: field 'normalize_activations' is '{other}': per-token input normalisation is not supported \
-             (supported: none, expected_average_only_in)",
+            "{}: field 'normalize_activations' is '{other}', which this loader does not support \
+             (supported: none, expected_average_only_in, layer_norm)",
             cfg_path.display()
         ),
-    }
+    };
     if let Some(s) = t.has("scaling_factor").then(|| t.get("scaling_factor", &[f], "[d_sae]")).transpose()? {
         ensure!(
             s.iter().all(|v| *v == 1.0),
@@ -319,7 +324,7 @@ pub fn load_saelens(dir: &Path) -> Result<ExportedSae> {
             format!("{}: field 'per_token_cap' is {v}, expected a whole number of latents", cfg_path.display())
         })?),
     };
-    Ok(ExportedSae { d_in: d, d_sae: f, w_enc, b_enc, w_dec, b_dec, threshold, architecture, k, per_token_cap })
+    Ok(ExportedSae { d_in: d, d_sae: f, w_enc, b_enc, w_dec, b_dec, threshold, architecture, k, per_token_cap, norm })
 }
 
 /// EleutherAI sparsify layout: `sae.safetensors` with `encoder.weight [d_sae, d_in]`,
@@ -380,5 +385,6 @@ pub fn load_sparsify(dir: &Path) -> Result<ExportedSae> {
         architecture: "topk".into(),
         k: Some(k),
         per_token_cap: None,
+        norm: RunTimeNorm::None,
     })
 }

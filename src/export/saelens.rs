@@ -4,6 +4,15 @@
 //! Input normalisation (scale s applied to raw activations during training) is folded in, so
 //! the files work on raw activations: `W_enc' = s W_enc`, `W_dec' = W_dec / s`, `b_dec' = b_dec / s`.
 //!
+//! Per-token normalisation (`--normalize per-token`) depends on the row and cannot be folded; it
+//! is written as SAELens's `normalize_activations: "layer_norm"`, which computes
+//! `y = (x - mean) / (std + 1e-5)` with torch's unbiased `std` = ||x - mean|| / sqrt(d - 1)
+//! (sae_lens/saes/sae.py, `run_time_activation_ln_in`), i.e. sqrt(d - 1) times our unit-norm
+//! row up to that eps. The constant sqrt(d - 1) is folded like a global scale of 1/sqrt(d - 1),
+//! and SAELens maps the reconstruction back with `x_hat * std + mean`, our inverse exactly.
+//! `saetrain.per_token_normalize` records this; saetrain's loader then applies the rule
+//! without the eps, exactly as training did.
+//!
 //! `cfg.json` follows SAELens 6.x (`SAEConfig.to_dict()`): top-level `architecture`, `d_in`, `d_sae`,
 //! `dtype`, `device`, `apply_b_dec_to_input`, `normalize_activations`, `reshape_activations`,
 //! `metadata {model_name, hook_name, ..., sae_lens_version}` and, for `topk`, `k` and
@@ -11,7 +20,7 @@
 //! file as a pre-6.0 config and rebuilds `metadata` from top-level keys. The safetensors file holds
 //! exactly the tensors SAELens' module has (its `load_state_dict` is strict).
 
-use crate::config::TrainConfig;
+use crate::config::{Normalize, TrainConfig};
 use crate::model::Params;
 use crate::sparsify::Architecture;
 use crate::util::atomic::{write_atomic, write_json_atomic};
@@ -24,6 +33,22 @@ pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
 pub const CFG_FILE: &str = "cfg.json";
 /// The SAELens release whose config format `cfg.json` follows.
 pub const SAELENS_FORMAT_VERSION: &str = "6.18.0";
+
+/// A run-time transform of each input row before encoding (SAELens `normalize_activations`),
+/// undone on the reconstruction.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RunTimeNorm {
+    /// None (also SAELens `expected_average_only_in`, whose scale is folded into the weights).
+    None,
+    /// SAELens `layer_norm`: `y = (x - mean) / (std + eps)` with the unbiased std
+    /// `||x - mean|| / sqrt(d - 1)`; reconstruction `x_hat * std + mean`. SAELens's eps is 1e-5;
+    /// saetrain's per-token exports are read with eps 0 (a row with std 0 maps to 0), which is
+    /// their training rule exactly.
+    LayerNorm { eps: f32 },
+}
+
+/// SAELens's `layer_norm` epsilon (`run_time_activation_ln_in(x, eps=1e-5)`).
+pub const SAELENS_LN_EPS: f32 = 1e-5;
 
 /// Inference-time weights in the SPEC's orientation (W_enc F x d), normalisation folded in.
 #[derive(Clone, Debug, PartialEq)]
@@ -44,13 +69,30 @@ pub struct ExportedSae {
     /// After the JumpReLU thresholds, at most this many latents per token (hybrid's inference
     /// form; SAELens cannot express it and ignores it, saetrain's loader applies it).
     pub per_token_cap: Option<usize>,
+    /// The input transform applied before encoding (per-token normalised training).
+    pub norm: RunTimeNorm,
 }
 
 impl ExportedSae {
     /// From training state: `w_enc_eff` is the encoder actually applied (A + alpha W_dec under
     /// aligned training), `theta` the exported thresholds (`sparsify::threshold::exported`),
-    /// `scale` the input scale.
+    /// `scale` the input scale. Per-token training is exported for SAELens `layer_norm`, whose
+    /// normalised rows are sqrt(d - 1) times ours: that factor is folded like a scale of
+    /// 1/sqrt(d - 1), so the pre-activations (and theta) are unchanged.
     pub fn from_training(cfg: &TrainConfig, p: &Params, w_enc_eff: &[f32], theta: &[f32], scale: f32) -> Self {
+        let mut sae = Self::folded(cfg, p, w_enc_eff, theta, scale);
+        if cfg.normalize == Normalize::PerToken {
+            let s = ((sae.d_in - 1) as f64).sqrt();
+            sae.w_enc.iter_mut().for_each(|v| *v = (*v as f64 / s) as f32);
+            sae.w_dec.iter_mut().for_each(|v| *v = (*v as f64 * s) as f32);
+            sae.b_dec.iter_mut().for_each(|v| *v = (*v as f64 * s) as f32);
+            sae.norm = RunTimeNorm::LayerNorm { eps: 0.0 };
+        }
+        sae
+    }
+
+    /// [`Self::from_training`] with the global scale folded, before any per-token export form.
+    fn folded(cfg: &TrainConfig, p: &Params, w_enc_eff: &[f32], theta: &[f32], scale: f32) -> Self {
         let s = p.parts();
         let (d, f) = (s.shape.d_in, s.shape.d_sae);
         let arch = cfg.sparsifier.exported();
@@ -73,6 +115,7 @@ impl ExportedSae {
             architecture: architecture.to_string(),
             k,
             per_token_cap,
+            norm: RunTimeNorm::None,
         }
     }
 
@@ -139,7 +182,10 @@ impl ExportedSae {
             "dtype": "float32",
             "device": "cpu",
             "apply_b_dec_to_input": true,
-            "normalize_activations": "none",
+            "normalize_activations": match self.norm {
+                RunTimeNorm::None => "none",
+                RunTimeNorm::LayerNorm { .. } => "layer_norm",
+            },
             "reshape_activations": "none",
             "metadata": md,
         });
@@ -159,6 +205,21 @@ impl ExportedSae {
         }
         if let Some(e) = extra {
             c["saetrain"] = e;
+        }
+        if self.norm == (RunTimeNorm::LayerNorm { eps: 0.0 }) {
+            if !c["saetrain"].is_object() {
+                c["saetrain"] = json!({});
+            }
+            c["saetrain"]["per_token_normalize"] = json!({
+                "rule": "x -> (x - mean(x)) / ||x - mean(x)||_2 per token (a row with ||x - mean(x)|| = 0 maps to 0)",
+                "folded": format!("sqrt(d_in - 1) = {}: W_enc / it, W_dec and b_dec * it", ((self.d_in - 1) as f64).sqrt()),
+                "note": "trained on per-token normalised activations (--normalize per-token). SAELens's layer_norm \
+                         gives (x - mean) / (std + 1e-5) with the unbiased std ||x - mean|| / sqrt(d_in - 1), which is \
+                         sqrt(d_in - 1) times the training rule except for that 1e-5 (relative difference \
+                         1e-5 * sqrt(d_in - 1) / ||x - mean||); sqrt(d_in - 1) is folded into the weights, so SAELens \
+                         gives the training codes on raw activations up to that 1e-5. saetrain's loader applies \
+                         the rule without it.",
+            });
         }
         c
     }

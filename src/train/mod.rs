@@ -256,6 +256,15 @@ pub fn init_from(run: &Path, cfg: &TrainConfig, d_in: usize) -> Result<TrainStat
             cfg.aligned
         );
     }
+    if theirs.normalize != cfg.normalize {
+        bail!(
+            "--init-from {}: the run was trained with --normalize {}, this one has --normalize {} (its weights \
+             expect inputs normalised as it trained on them)",
+            run.display(),
+            theirs.normalize.name(),
+            cfg.normalize.name()
+        );
+    }
     let mut fresh = TrainState::new(state.params);
     fresh.density = state.density;
     Ok(fresh)

@@ -443,13 +443,16 @@ pub fn renormalize_decoder(p: &mut RefParams) {
     }
 }
 
-/// Adam hyper-parameters (torch.optim.Adam, no weight decay).
+/// Adam hyper-parameters (torch.optim.Adam; with `weight_decay` torch.optim.AdamW, applied to
+/// W_enc and W_dec only), and torch.nn.utils.clip_grad_norm_'s bound (0: no clipping).
 #[derive(Clone, Copy, Debug)]
 pub struct AdamHyper {
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
+    pub weight_decay: f64,
+    pub clip: f64,
 }
 
 /// Textbook Adam, step number `t` (1-based): m, v moments, bias-corrected, then
@@ -467,15 +470,34 @@ pub fn adam_step(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], t: u64,
     }
 }
 
-/// One whole optimiser step: project the decoder gradient, Adam, renormalise the decoder rows.
-/// `m`, `v` are flat in the crate's layout; `t` is the 1-based step number.
+/// One whole optimiser step: project the decoder gradient, clip the whole gradient's norm
+/// (`g *= C / (||g|| + 1e-6)` when that is < 1), AdamW's decay `W *= 1 - lr wd` of W_enc and W_dec
+/// (torch applies it first; the moments do not depend on p, so that order is this one), Adam,
+/// renormalise the decoder rows. `m`, `v` are flat in the crate's layout; `t` is the 1-based step.
 pub fn train_step(p: &mut RefParams, grad: &RefParams, m: &mut [f64], v: &mut [f64], t: u64, h: AdamHyper) {
     let mut g = grad.clone();
     project_decoder(&mut g, p);
+    let mut gf = g.flat();
+    if h.clip > 0.0 {
+        let norm = gf.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let c = h.clip / (norm + 1e-6);
+        if c < 1.0 {
+            gf.iter_mut().for_each(|x| *x *= c);
+        }
+    }
+    let decay = 1.0 - h.lr * h.weight_decay;
+    p.w_enc.iter_mut().chain(p.w_dec.iter_mut()).for_each(|w| *w *= decay);
     let mut flat = p.flat();
-    adam_step(&mut flat, &g.flat(), m, v, t, h);
+    adam_step(&mut flat, &gf, m, v, t, h);
     *p = RefParams::from_flat(p.d, p.f, &flat);
     renormalize_decoder(p);
+}
+
+/// The global L2 norm of the projected gradient (what --grad-clip bounds).
+pub fn projected_grad_norm(p: &RefParams, grad: &RefParams) -> f64 {
+    let mut g = grad.clone();
+    project_decoder(&mut g, p);
+    g.flat().iter().map(|x| x * x).sum::<f64>().sqrt()
 }
 
 /// Threshold EMA: the first measurement seeds theta, then `theta <- decay theta + (1-decay) t`.

@@ -6,6 +6,7 @@
 
 pub mod adam;
 pub mod backward;
+pub mod clip;
 pub mod decode;
 pub mod encode;
 pub mod linalg;
@@ -355,33 +356,43 @@ impl CpuBackend {
         grad
     }
 
-    /// Adam step with `grad` (already projected), decoder renormalisation, then the dead-latent,
-    /// density and threshold bookkeeping for the batch's `codes`.
+    /// Adam step with `grad` (already projected; clipped here under --grad-clip, with AdamW's
+    /// decay under --weight-decay), decoder renormalisation, then the dead-latent, density and
+    /// threshold bookkeeping for the batch's `codes`.
     pub fn apply(&mut self, grad: Params, codes: &SparseCodes, rows: usize, lr: f32) {
         let started = Instant::now();
         let cfg = &self.cfg;
         let d = self.state.shape().d_in;
         let t = self.state.step + 1;
+        let clip = cfg.grad_clip as f32;
+        let gscale = if clip > 0.0 { clip::coefficient(clip::sum_sq(&grad.data), clip) } else { 1.0 };
         let h = adam::AdamHyper {
             lr,
             beta1: cfg.adam_beta1 as f32,
             beta2: cfg.adam_beta2 as f32,
             eps: cfg.adam_eps as f32,
             t,
+            decay: adam::decay_factor(lr, cfg.weight_decay),
+            gscale,
         };
         let s = &mut self.state;
-        // [W_enc | b_enc] and b_dec plainly; W_dec rows fused with their renormalisation (or
-        // plainly too when decoder norms are free).
-        let [_, _, dec0, dec1, _] = s.params.shape.offsets();
+        // W_enc and W_dec with weight decay, the biases without; W_dec rows fused with their
+        // renormalisation (or plainly too when decoder norms are free).
+        let [_, b_enc, dec0, dec1, _] = s.params.shape.offsets();
+        let end = s.params.data.len();
         let (p, g, m, v) = (&mut s.params.data, &grad.data, &mut s.adam_m.data, &mut s.adam_v.data);
-        if cfg.decoder_norm == DecoderNorm::Free {
-            adam::adam_step(p, g, m, v, h);
-        } else {
-            adam::adam_step(&mut p[..dec0], &g[..dec0], &mut m[..dec0], &mut v[..dec0], h);
-            let dec = dec0..dec1;
-            adam::adam_step_renorm_rows(&mut p[dec.clone()], &g[dec.clone()], &mut m[dec.clone()], &mut v[dec], d, h);
-            adam::adam_step(&mut p[dec1..], &g[dec1..], &mut m[dec1..], &mut v[dec1..], h);
-        }
+        let mut range = |r: std::ops::Range<usize>, h: adam::AdamHyper, renorm: bool| {
+            let (p, g, m, v) = (&mut p[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r]);
+            if renorm {
+                adam::adam_step_renorm_rows(p, g, m, v, d, h)
+            } else {
+                adam::adam_step(p, g, m, v, h)
+            }
+        };
+        range(0..b_enc, h, false);
+        range(b_enc..dec0, h.without_decay(), false);
+        range(dec0..dec1, h, cfg.decoder_norm == DecoderNorm::Unit);
+        range(dec1..end, h.without_decay(), false);
         self.ws.grad = Some(grad);
         self.update_tracking(codes, rows);
         self.state.step = t;

@@ -5,7 +5,7 @@
 //! theta) lives on the host and is updated with the CPU's own code from per-latent counts and
 //! minima computed on the device.
 
-use super::adam::{self, DevState, Folded};
+use super::adam::{self, Clip, DevState, Folded};
 use super::backward::{self, GradPtrs};
 use super::decode;
 use super::device::{Dev, DevBuf, Ptr};
@@ -243,9 +243,13 @@ impl Backend for CudaBackend {
 
         let t = self.step + 1;
         let c = cx.cfg;
-        let h = Folded::new(lr, c.adam_beta1, c.adam_beta2, c.adam_eps, t);
+        let h = Folded::new(lr, c.adam_beta1, c.adam_beta2, c.adam_eps, t, c.weight_decay);
         let state = DevState { params: &self.params, grads: &self.grads, m: &self.adam_m, v: &self.adam_v };
-        adam::step(cx.dev, self.shape, &state, h, cx.cfg.decoder_norm == crate::config::DecoderNorm::Unit)?;
+        let clip = (c.grad_clip > 0.0).then(|| Clip { bound: c.grad_clip as f32, gsq: ws.b.acc.at(K::ACC_GRAD_SQ) });
+        if clip.is_some() {
+            ws.b.acc.upload_at(K::ACC_GRAD_SQ, &[0f64])?; // each step sums afresh
+        }
+        adam::step(cx.dev, self.shape, &state, h, cx.cfg.decoder_norm == crate::config::DecoderNorm::Unit, clip)?;
         let (counts, minbits) = adam::latent_stats(cx.dev, ws)?;
         let acc: Vec<f64> = ws.b.acc.to_vec(K::ACC_SLOTS)?;
         let nnz = ws.main.nnz;

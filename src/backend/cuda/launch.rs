@@ -49,7 +49,8 @@ pub fn elementwise(n: u64) -> Launch {
 }
 
 /// One block per line (a token row or a latent column) of `width` elements: threads grow with
-/// the width up to LINE_THREADS (selection, decode, code_grads, latent grads, row reductions).
+/// the width up to LINE_THREADS (selection, decode, code_grads, latent grads, row reductions,
+/// adam_dec_rows and sum_sq_dec_rows).
 pub fn per_line(lines: usize, width: usize) -> Launch {
     let threads = (width.next_power_of_two() as u32).clamp(32, LINE_THREADS);
     check(Launch { grid: (blocks_for(lines as u64, 1), 1, 1), block: (threads, 1, 1), shmem: 0 })
@@ -72,6 +73,13 @@ pub fn single_thread() -> Launch {
 
 /// Grid-stride histogram over `n` keys (sel_batch_hist).
 pub fn batch_hist(n: u64) -> Launch {
+    let blocks = n.div_ceil(LINE_THREADS as u64).clamp(1, HIST_BLOCKS as u64) as u32;
+    check(Launch { grid: (blocks, 1, 1), block: (LINE_THREADS, 1, 1), shmem: 0 })
+}
+
+/// Grid-stride reduction over `n` elements, at most HIST_BLOCKS blocks each adding its partial
+/// sum once (sum_sq).
+pub fn grid_stride(n: u64) -> Launch {
     let blocks = n.div_ceil(LINE_THREADS as u64).clamp(1, HIST_BLOCKS as u64) as u32;
     check(Launch { grid: (blocks, 1, 1), block: (LINE_THREADS, 1, 1), shmem: 0 })
 }

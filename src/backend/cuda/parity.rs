@@ -11,12 +11,13 @@
 //! differs; 1e-9 relative for the f64 accumulators.
 
 use super::adam::Folded;
-use super::device::{Dev, Ptr};
+use super::device::{Dev, DevBuf, Ptr};
 use super::kernels as K;
 use super::launch as L;
 use super::selftest::{max_rel, SelftestReport, Sizes};
 use crate::backend::cpu::adam::{self as cpu_adam, AdamHyper};
 use crate::backend::cpu::backward::{self as cpu_bwd, Contribution, L1Terms};
+use crate::backend::cpu::clip as cpu_clip;
 use crate::backend::cpu::{decode as cpu_dec, encode as cpu_enc, linalg};
 use crate::model::aligned;
 use crate::sparse::{LatentView, SparseCodes};
@@ -651,8 +652,6 @@ fn adam_checks(dev: &Dev, inp: &ParityInputs, c: &mut Checks) {
     let Sizes { d_in: d, d_sae: f, .. } = inp.s;
     let mut rng = ChaCha8Rng::seed_from_u64(0x5ae_000a);
     let (lr, beta1, beta2, eps, t) = (1e-2f32, 0.9f64, 0.999f64, 1e-8f64, 3u64);
-    let h = Folded::new(lr, beta1, beta2, eps, t);
-    let hyper = AdamHyper { lr, beta1: beta1 as f32, beta2: beta2 as f32, eps: eps as f32, t };
     // A state after a few steps: m ~ 0.1 g, v ~ 0.01 g^2, some gradients exactly zero.
     let state = |rng: &mut ChaCha8Rng, n: usize| {
         let p = normal(rng, n, 0.05, 0.0); // small, so that p's error is the step's
@@ -662,48 +661,121 @@ fn adam_checks(dev: &Dev, inp: &ParityInputs, c: &mut Checks) {
         let v: Vec<f32> = normal(rng, n, 0.03, 0.0).iter().map(|x| x * x).collect();
         (p, g, m, v)
     };
+    // Plain Adam, then AdamW's decay with an active clip (bound a third of the gradient's norm;
+    // the kernels read the squared norm from the device, here the CPU's).
+    for (tag, wd, clip_frac) in [("", 0.0, 0.0), (" adamw + clip", 0.5, 1.0 / 3.0)] {
+        let h = Folded::new(lr, beta1, beta2, eps, t, wd);
+        let plain =
+            AdamHyper { lr, beta1: beta1 as f32, beta2: beta2 as f32, eps: eps as f32, t, decay: 1.0, gscale: 1.0 };
+        // `gsq`: the squared norm the kernel is given; the CPU twin gets the factor it implies.
+        let clipped = |gsq: f64| -> Result<(AdamHyper, f32, Option<DevBuf<f64>>)> {
+            if clip_frac == 0.0 {
+                return Ok((plain, 0.0, None));
+            }
+            let bound = (clip_frac * gsq.sqrt()) as f32;
+            let hyper = AdamHyper { decay: h.decay, gscale: cpu_clip::coefficient(gsq, bound), ..plain };
+            Ok((hyper, bound, Some(dev.upload(&[gsq])?)))
+        };
+        let ptr = |b: &Option<DevBuf<f64>>| b.as_ref().map_or(Ptr::null(), |b| b.p());
 
-    c.run("adam_flat vs cpu::adam::adam_step", || {
-        let n = f * d + f;
-        let (p0, g, m0, v0) = state(&mut rng, n);
-        let (p, gg, m, v) = (dev.upload(&p0)?, dev.upload(&g)?, dev.upload(&m0)?, dev.upload(&v0)?);
-        let n64 = n as u64;
-        K::adam_flat(dev, L::elementwise(n64), p.p(), gg.p(), m.p(), v.p(), n64, h.b1, h.b2, h.step_size, h.eps)?;
-        let (mut wp, mut wm, mut wv) = (p0.clone(), m0, v0);
-        cpu_adam::adam_step(&mut wp, &g, &mut wm, &mut wv, hyper);
-        // The update itself (p is ~1, the step ~lr), so that a wrong step size shows.
-        let (gp, cpu_step): (Vec<f32>, Vec<f32>) = (p.to_vec(n)?, wp.iter().zip(&p0).map(|(a, b)| a - b).collect());
-        let gpu_step: Vec<f32> = gp.iter().zip(&p0).map(|(a, b)| a - b).collect();
-        let step_scale = cpu_step.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-        let step_err = err(&gpu_step, &cpu_step) / step_scale.min(1.0);
-        Ok(within(
-            &[("p", err(&gp, &wp)), ("step", step_err), ("m", err(&m.to_vec(n)?, &wm)), ("v", err(&v.to_vec(n)?, &wv))],
-            TOL,
-        ))
+        c.run(&format!("adam_flat{tag} vs cpu::adam::adam_step"), || {
+            let n = f * d + f;
+            let (p0, g, m0, v0) = state(&mut rng, n);
+            let (hyper, bound, gsq) = clipped(cpu_clip::sum_sq(&g))?;
+            let (p, gg, m, v) = (dev.upload(&p0)?, dev.upload(&g)?, dev.upload(&m0)?, dev.upload(&v0)?);
+            let n64 = n as u64;
+            let (b1, b2, st, e, dc) = (h.b1, h.b2, h.step_size, h.eps, hyper.decay);
+            K::adam_flat(
+                dev,
+                L::elementwise(n64),
+                p.p(),
+                gg.p(),
+                m.p(),
+                v.p(),
+                n64,
+                b1,
+                b2,
+                st,
+                e,
+                dc,
+                ptr(&gsq),
+                bound,
+            )?;
+            let (mut wp, mut wm, mut wv) = (p0.clone(), m0, v0);
+            cpu_adam::adam_step(&mut wp, &g, &mut wm, &mut wv, hyper);
+            // The update itself (p is ~1, the step ~lr), so that a wrong step size shows.
+            let (gp, cpu_step): (Vec<f32>, Vec<f32>) = (p.to_vec(n)?, wp.iter().zip(&p0).map(|(a, b)| a - b).collect());
+            let gpu_step: Vec<f32> = gp.iter().zip(&p0).map(|(a, b)| a - b).collect();
+            let step_scale = cpu_step.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+            let step_err = err(&gpu_step, &cpu_step) / step_scale.min(1.0);
+            Ok(within(
+                &[
+                    ("p", err(&gp, &wp)),
+                    ("step", step_err),
+                    ("m", err(&m.to_vec(n)?, &wm)),
+                    ("v", err(&v.to_vec(n)?, &wv)),
+                ],
+                TOL,
+            ))
+        });
+
+        c.run(&format!("adam_dec_rows{tag} vs cpu::adam::{{project_out, adam_step_renorm_rows}}"), || {
+            let n = f * d;
+            let (_, g0, m0, v0) = state(&mut rng, n);
+            let mut g0 = g0;
+            g0[(f - 1) * d..].fill(0.0); // a row without gradient
+            let w0 = inp.w_dec.clone(); // row 1 is zero, row 2 has norm 3
+            let (mut wp, mut wg, mut wm, mut wv) = (w0.clone(), g0.clone(), m0.clone(), v0.clone());
+            for (gr, wr) in wg.chunks_mut(d).zip(wp.chunks(d)) {
+                cpu_adam::project_out(gr, wr);
+            }
+            let (hyper, bound, gsq) = clipped(cpu_clip::sum_sq(&wg))?;
+            let (w, g, m, v) = (dev.upload(&w0)?, dev.upload(&g0)?, dev.upload(&m0)?, dev.upload(&v0)?);
+            let (b1, b2, st, e, dc) = (h.b1, h.b2, h.step_size, h.eps, hyper.decay);
+            let l = L::per_line(f, d);
+            K::adam_dec_rows(dev, l, w.p(), g.p(), m.p(), v.p(), d as u32, b1, b2, st, e, dc, ptr(&gsq), bound)?;
+            cpu_adam::adam_step_renorm_rows(&mut wp, &wg, &mut wm, &mut wv, d, hyper);
+            Ok(within(
+                &[
+                    ("W_dec", err(&w.to_vec(n)?, &wp)),
+                    ("projected g", err(&g.to_vec(n)?, &wg)),
+                    ("m", err(&m.to_vec(n)?, &wm)),
+                    ("v", err(&v.to_vec(n)?, &wv)),
+                ],
+                TOL,
+            ))
+        });
+    }
+
+    // The gradient's squared norm (--grad-clip): added onto what the slot holds.
+    c.run("sum_sq vs cpu::clip::sum_sq", || {
+        let mut detail = vec![];
+        // The last length is past one full grid (1024 blocks of 256), so the grid stride turns.
+        for n in [1, d, f * d + f, 1024 * 256 + 3] {
+            let x = normal(&mut rng, n, 0.1, 0.0);
+            let (xd, out) = (dev.upload(&x)?, dev.upload(&[0.25f64])?);
+            K::sum_sq(dev, L::grid_stride(n as u64), xd.p(), n as u64, out.p())?;
+            let (got, want) = (out.to_vec(1)?[0], 0.25 + cpu_clip::sum_sq(&x));
+            let e = err64(got, want);
+            if e > TOL_F64 {
+                return Ok(Verdict { ok: false, detail: format!("n = {n}: {got} vs CPU {want} (rel err {e:.2e})") });
+            }
+            detail.push(format!("{e:.1e}"));
+        }
+        Ok(Verdict { ok: true, detail: format!("max rel err {} (tol {TOL_F64:.0e})", detail.join(", ")) })
     });
-
-    c.run("adam_dec_rows vs cpu::adam::{project_out, adam_step_renorm_rows}", || {
+    c.run("sum_sq_dec_rows vs cpu::adam::project_out + cpu::clip::sum_sq", || {
         let n = f * d;
-        let (_, g0, m0, v0) = state(&mut rng, n);
-        let mut g0 = g0;
-        g0[(f - 1) * d..].fill(0.0); // a row without gradient
-        let w0 = inp.w_dec.clone(); // row 1 is zero, row 2 has norm 3
-        let (w, g, m, v) = (dev.upload(&w0)?, dev.upload(&g0)?, dev.upload(&m0)?, dev.upload(&v0)?);
-        K::adam_dec_rows(dev, L::per_line(f, d), w.p(), g.p(), m.p(), v.p(), d as u32, h.b1, h.b2, h.step_size, h.eps)?;
-        let (mut wp, mut wg, mut wm, mut wv) = (w0, g0, m0, v0);
-        for (gr, wr) in wg.chunks_mut(d).zip(wp.chunks(d)) {
+        let g0 = normal(&mut rng, n, 0.1, 0.0);
+        let mut wg = g0.clone();
+        for (gr, wr) in wg.chunks_mut(d).zip(inp.w_dec.chunks(d)) {
             cpu_adam::project_out(gr, wr);
         }
-        cpu_adam::adam_step_renorm_rows(&mut wp, &wg, &mut wm, &mut wv, d, hyper);
-        Ok(within(
-            &[
-                ("W_dec", err(&w.to_vec(n)?, &wp)),
-                ("projected g", err(&g.to_vec(n)?, &wg)),
-                ("m", err(&m.to_vec(n)?, &wm)),
-                ("v", err(&v.to_vec(n)?, &wv)),
-            ],
-            TOL,
-        ))
+        let (w, g, out) = (dev.upload(&inp.w_dec)?, dev.upload(&g0)?, dev.upload(&[0.25f64])?);
+        K::sum_sq_dec_rows(dev, L::per_line(f, d), w.p(), g.p(), d as u32, out.p())?;
+        let (got, want) = (out.to_vec(1)?[0], 0.25 + cpu_clip::sum_sq(&wg));
+        // Each row's projection is an f32 dot product in another order: f32 tolerance.
+        Ok(within(&[("||Pg||^2", err64(got, want))], TOL))
     });
 
     c.run("latent_stats vs SparseCodes::col_counts, threshold::per_latent_min", || {
