@@ -40,13 +40,18 @@ pub const NEVER: f32 = f32::MAX;
 /// The thresholds inference uses: theta where it was measured, `NEVER` where the latent never
 /// fired while thresholds were tracked (so it cannot fire on every positive pre-activation).
 pub fn exported(theta: &[f32], theta_set: &[bool]) -> Vec<f32> {
-    theta.iter().zip(theta_set).map(|(&t, &set)| if set { t } else { NEVER }).collect()
+    measured_or(theta, theta_set, NEVER)
 }
 
 /// The thresholds that pre-filter feature choice in its theta phase: theta where measured, 0
 /// (no filter beyond ReLU) where not yet.
 pub fn prefilter(theta: &[f32], theta_set: &[bool]) -> Vec<f32> {
-    theta.iter().zip(theta_set).map(|(&t, &set)| if set { t } else { 0.0 }).collect()
+    measured_or(theta, theta_set, 0.0)
+}
+
+/// theta where it was measured, `fill` where not.
+fn measured_or(theta: &[f32], theta_set: &[bool], fill: f32) -> Vec<f32> {
+    theta.iter().zip(theta_set).map(|(&t, &set)| if set { t } else { fill }).collect()
 }
 
 /// `theta <- decay * theta + (1 - decay) * t`, seeded with the first measurement.
