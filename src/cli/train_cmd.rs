@@ -24,8 +24,17 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
-    let cfg = TrainConfig::resolve(&args.cfg, matches, args.config.as_deref())?;
+    let (cfg, opts) = prepare(&args, matches)?;
     init_threads(cfg.threads)?;
+    let summary = train::run_with(cfg, args.resume.as_deref(), &opts)?;
+    print_summary(&summary);
+    Ok(())
+}
+
+/// The resolved config and run options of parsed `sae train` arguments (shared with the Python
+/// package, which parses its keyword arguments as these flags).
+pub fn prepare(args: &TrainArgs, matches: &ArgMatches) -> Result<(TrainConfig, RunOptions)> {
+    let cfg = TrainConfig::resolve(&args.cfg, matches, args.config.as_deref())?;
     let mut opts = RunOptions { overwrite: args.overwrite, ..Default::default() };
     if let Some(dir) = &args.resume {
         // Refuse options that differ from the saved config (unless safe to change).
@@ -33,9 +42,7 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
             opts.resume_changes = rundir::resume_changes(&saved, &TrainConfig::given(&args.cfg, matches)?)?;
         }
     }
-    let summary = train::run_with(cfg, args.resume.as_deref(), &opts)?;
-    print_summary(&summary);
-    Ok(())
+    Ok((cfg, opts))
 }
 
 /// Size rayon's global pool once (the CPU backend and the GEMM share it).

@@ -146,6 +146,12 @@ impl Dataset {
     /// Open and validate every shard: format, header, dtype, shape, size; shared d_in and dtype;
     /// the manifest when present.
     pub fn open(spec: &Path, tensor: Option<&str>) -> Result<Self> {
+        if let Some(name) = super::memory::name_of(spec) {
+            let sh = Shard::in_memory(name)?;
+            let (d_in, dtype) = (sh.d_in, sh.dtype);
+            let root = PathBuf::from(".");
+            return Ok(Self { spec: spec.to_path_buf(), shards: vec![sh], d_in, dtype, manifest: None, root });
+        }
         let (files, manifest_path, root) = resolve(spec)?;
         if let (Some(t), Some(npy)) = (tensor, files.iter().find(|f| has_ext(f, "npy"))) {
             bail!(
@@ -211,6 +217,9 @@ impl Dataset {
 
     /// `ground_truth.npy` beside the shards, checked against d_in.
     pub fn ground_truth(&self) -> Result<Option<Vec<f32>>> {
+        if super::memory::name_of(&self.spec).is_some() {
+            return Ok(None);
+        }
         let p = self.root.join(GROUND_TRUTH);
         if !p.is_file() {
             return Ok(None);

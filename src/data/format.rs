@@ -59,7 +59,23 @@ pub struct Shard {
     pub rows: usize,
     pub d_in: usize,
     pub offset: usize,
-    pub mmap: Mmap,
+    pub storage: Storage,
+}
+
+/// Where a shard's bytes are: a read-only file map, or memory registered by the caller
+/// ([`super::memory`]).
+pub enum Storage {
+    Mapped(Mmap),
+    Memory(std::sync::Arc<super::memory::MemoryView>),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Memory(v) => v.bytes(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Shard {
@@ -114,7 +130,14 @@ impl Shard {
                 have - need
             );
         }
-        Ok(Self { path: path.to_path_buf(), dtype, rows, d_in, offset, mmap })
+        Ok(Self { path: path.to_path_buf(), dtype, rows, d_in, offset, storage: Storage::Mapped(mmap) })
+    }
+
+    /// The shard of registered memory `memory:NAME` (validated when it was registered).
+    pub fn in_memory(name: &str) -> Result<Self> {
+        let v = super::memory::lookup(name)?;
+        let path = PathBuf::from(format!("{}{name}", super::memory::PREFIX));
+        Ok(Self { path, dtype: v.dtype, rows: v.rows, d_in: v.d_in, offset: 0, storage: Storage::Memory(v) })
     }
 
     pub fn row_bytes(&self) -> usize {
@@ -124,7 +147,7 @@ impl Shard {
     /// Raw little-endian bytes of rows `[start, start+n)` (a view into the map).
     pub fn bytes(&self, start: usize, n: usize) -> &[u8] {
         let rb = self.row_bytes();
-        &self.mmap[self.offset + start * rb..self.offset + (start + n) * rb]
+        &self.storage.bytes()[self.offset + start * rb..self.offset + (start + n) * rb]
     }
 
     /// Byte size of the data.
@@ -143,18 +166,21 @@ impl Shard {
     /// Hint the kernel that rows `[start, start+n)` will be read soon.
     pub fn will_need(&self, start: usize, n: usize) {
         let rb = self.row_bytes();
-        let _ = self.mmap.advise_range(memmap2::Advice::WillNeed, self.offset + start * rb, n * rb);
+        if let Storage::Mapped(m) = &self.storage {
+            let _ = m.advise_range(memmap2::Advice::WillNeed, self.offset + start * rb, n * rb);
+        }
     }
 
     /// Drop rows `[start, start+n)` from this process's resident set (they stay in the page cache).
     pub fn dont_need(&self, start: usize, n: usize) {
         let rb = self.row_bytes();
-        let (a, b) = page_range(self.offset + start * rb, self.offset + (start + n) * rb, self.mmap.len());
+        let Storage::Mapped(m) = &self.storage else { return };
+        let (a, b) = page_range(self.offset + start * rb, self.offset + (start + n) * rb, m.len());
         if b > a {
             // SAFETY: the map is read-only and never written: after MADV_DONTNEED a later access
             // re-reads the same file bytes, so no reference can observe different contents.
             unsafe {
-                let _ = self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a);
+                let _ = m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a);
             }
         }
     }

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod dataset;
 pub mod format;
 pub mod manifest;
+pub mod memory;
 pub mod normalize;
 pub mod order;
 pub mod stream;

@@ -46,14 +46,36 @@ pub struct Summary {
     pub out: PathBuf,
 }
 
-/// How a run treats its directory.
-#[derive(Clone, Debug, Default)]
+/// Called after every step with (steps done, total steps, the step's statistics). An error stops
+/// the run: a checkpoint of the steps done is written first, so `--resume` continues from there,
+/// and the error is returned wrapped in [`Interrupted`]. The Python package reports progress and
+/// turns Ctrl-C into such an error.
+pub type StepHook = std::sync::Arc<dyn Fn(u64, u64, &StepStats) -> Result<()> + Send + Sync>;
+
+/// How a run treats its directory, and who watches it.
+#[derive(Clone, Default)]
 pub struct RunOptions {
     /// Replace a previous run's files in `--out` (never anything else).
     pub overwrite: bool,
     /// With `--resume`: the options to change, from [`rundir::resume_changes`].
     pub resume_changes: serde_json::Map<String, serde_json::Value>,
+    pub on_step: Option<StepHook>,
 }
+
+/// A run stopped by its [`StepHook`] after `step` steps, with a checkpoint written at that step.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub step: u64,
+    pub out: PathBuf,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted after step {}; resume with --resume {}", self.step, self.out.display())
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// Train from scratch (`resume = None`) or continue the run in `resume`.
 pub fn run(cfg: TrainConfig, resume: Option<&Path>) -> Result<Summary> {
@@ -193,6 +215,13 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         }
         if cfg.checkpoint_every > 0 && done.is_multiple_of(cfg.checkpoint_every) && done != total {
             save_all(&cfg, backend.as_ref(), source.as_ref(), &out, tokens)?;
+        }
+        if let Some(hook) = &opts.on_step {
+            if let Err(why) = hook(done, total, &stats) {
+                bar.finish_and_clear();
+                save_all(&cfg, backend.as_ref(), source.as_ref(), &out, tokens)?;
+                return Err(why.context(Interrupted { step: done, out: out.clone() }));
+            }
         }
     }
     bar.finish_and_clear();
