@@ -24,8 +24,14 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
-    let cfg = TrainConfig::resolve(&args.cfg, matches, args.config.as_deref())?;
+    let mut cfg = TrainConfig::resolve(&args.cfg, matches, args.config.as_deref())?;
     init_threads(cfg.threads)?;
+    if args.resume.is_none() {
+        // The fitted values go into config.json: a resume reads them back, it does not refit.
+        if let Some(line) = crate::eval::zipf_fit::apply_zipf_from(&mut cfg)? {
+            eprintln!("{line}");
+        }
+    }
     let mut opts = RunOptions { overwrite: args.overwrite, ..Default::default() };
     if let Some(dir) = &args.resume {
         // Refuse options that differ from the saved config (unless safe to change).
