@@ -41,8 +41,8 @@ pub fn pearson(x: &[f64], y: &[f64]) -> Option<f64> {
 pub struct Shape {
     pub skewness: f64,
     pub excess_kurtosis: f64,
-    /// > 5/9 (the value of a uniform distribution) suggests bimodality; a normal sample gives
-    /// about 1/3, two equal point masses 1.
+    /// Above 5/9 (the value of a uniform distribution) suggests bimodality; a normal sample
+    /// gives about 1/3, two equal point masses 1.
     pub bimodality_coefficient: f64,
 }
 
