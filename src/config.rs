@@ -170,6 +170,10 @@ pub struct TrainConfig {
     pub zipf_alpha: f64,
     #[arg(long, default_value_t = TrainConfig::default().zipf_beta)]
     pub zipf_beta: f64,
+    /// Take --zipf-alpha and --zipf-beta from a Zipf fit of this run's feature densities (its
+    /// eval/eval.json, else by evaluating it); the values used are saved in config.json.
+    #[arg(long, value_name = "RUN", conflicts_with_all = ["zipf_alpha", "zipf_beta"])]
+    pub zipf_from: Option<PathBuf>,
     /// Largest per-latent budget under Zipf budgets (default: the batch size).
     #[arg(long)]
     pub m_max: Option<usize>,
@@ -352,6 +356,7 @@ impl Default for TrainConfig {
             zipf_rounding: ZipfRounding::Systematic,
             zipf_alpha: 1.0,
             zipf_beta: 6.8,
+            zipf_from: None,
             m_max: None,
             wta_theta_steps: 0,
             k_max: None,

@@ -1,4 +1,4 @@
-//! `sae eval RUN_OR_CHECKPOINT... [--data PATH] [--tokens N] [--compare] [--out DIR]`
+//! `sae eval RUN_OR_CHECKPOINT... [--data PATH] [--tokens N] [--compare] [--against B] [--out DIR]`
 
 use crate::eval::report::{labels, write_outputs, EVAL_FILE, REPORT_FILE};
 use crate::eval::run::{evaluate, EvalOptions};
@@ -20,6 +20,10 @@ pub struct EvalArgs {
     /// Overlay all inputs in one set of pictures.
     #[arg(long, default_value_t = false)]
     pub compare: bool,
+    /// Compare each input's latents with this SAE's (run directory or checkpoint, same d_in):
+    /// maximum cosine similarity of decoder and encoder rows.
+    #[arg(long, value_name = "RUN_OR_CHECKPOINT")]
+    pub against: Option<PathBuf>,
     /// Output directory (default: RUN/eval for one input, sae-eval for several).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -37,7 +41,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let names = labels(&args.inputs);
     let mut evals = vec![];
     for (path, label) in args.inputs.iter().zip(&names) {
-        let e = evaluate(path, label, &opts).with_context(|| format!("evaluating {}", path.display()))?;
+        let mut e = evaluate(path, label, &opts).with_context(|| format!("evaluating {}", path.display()))?;
+        if let Some(b) = &args.against {
+            e.against = Some(crate::eval::mcs::against(path, b, &e.weights.alignment)?);
+        }
         evals.push(e);
     }
     let out = match &args.out {

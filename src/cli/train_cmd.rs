@@ -34,7 +34,13 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
 /// The resolved config and run options of parsed `sae train` arguments (shared with the Python
 /// package, which parses its keyword arguments as these flags).
 pub fn prepare(args: &TrainArgs, matches: &ArgMatches) -> Result<(TrainConfig, RunOptions)> {
-    let cfg = TrainConfig::resolve(&args.cfg, matches, args.config.as_deref())?;
+    let mut cfg = TrainConfig::resolve(&args.cfg, matches, args.config.as_deref())?;
+    if args.resume.is_none() {
+        // The fitted values go into config.json: a resume reads them back, it does not refit.
+        if let Some(line) = crate::eval::zipf_fit::apply_zipf_from(&mut cfg)? {
+            eprintln!("{line}");
+        }
+    }
     let mut opts = RunOptions { overwrite: args.overwrite, ..Default::default() };
     if let Some(dir) = &args.resume {
         // Refuse options that differ from the saved config (unless safe to change).

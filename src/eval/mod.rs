@@ -2,6 +2,8 @@
 //! The metrics training reports as it goes (core metrics, ground-truth recovery) live in
 //! [`crate::metrics`].
 
+pub mod mcs;
 pub mod metrics;
 pub mod report;
 pub mod run;
+pub mod zipf_fit;

@@ -76,9 +76,40 @@ fn rows() -> Vec<Row> {
         }),
         ("MMCS (ground truth)", |c| c.e.recovery.filter(|_| !c.training).map(|r| format!("{:.4}", r.mmcs))),
         ("recovered > 0.9", |c| c.e.recovery.filter(|_| !c.training).map(|r| format!("{:.4}", r.frac_above_0_9))),
+        ("Zipf alpha", |c| c.e.zipf_fit.as_ref().filter(|_| !c.training).map(|z| format!("{:.4}", z.alpha))),
+        ("Zipf beta", |c| c.e.zipf_fit.as_ref().filter(|_| !c.training).map(|z| format!("{:.3}", z.beta))),
+        ("Zipf R^2 (all / middle)", |c| {
+            let r = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or("-".into());
+            c.e.zipf_fit.as_ref().filter(|_| !c.training).map(|z| format!("{} / {}", r(z.r2), r(z.r2_middle)))
+        }),
+        ("MCS dec mean / median", |c| against(c).map(|a| mcs_pair(a.decoder.summary.mean, a.decoder.summary.median))),
+        ("MCS dec > 0.9 / < 0.5", |c| {
+            against(c).map(|a| mcs_pair(a.decoder.summary.frac_above_0_9, a.decoder.summary.frac_below_0_5))
+        }),
+        ("MCS dec bimodality", |c| {
+            against(c).and_then(|a| a.decoder.summary.shape.map(|s| f(s.bimodality_coefficient, 4).unwrap()))
+        }),
+        ("MCS enc mean / median", |c| against(c).map(|a| mcs_pair(a.encoder.summary.mean, a.encoder.summary.median))),
+        ("MCS enc > 0.9 / < 0.5", |c| {
+            against(c).map(|a| mcs_pair(a.encoder.summary.frac_above_0_9, a.encoder.summary.frac_below_0_5))
+        }),
+        ("MCS enc bimodality", |c| {
+            against(c).and_then(|a| a.encoder.summary.shape.map(|s| f(s.bimodality_coefficient, 4).unwrap()))
+        }),
+        ("corr(MCS dec, alignment)", |c| {
+            against(c).and_then(|a| a.decoder_mcs_vs_alignment).map(|r| format!("{r:.4}"))
+        }),
         ("CE loss score", |c| ce(c, "ce_loss_score")),
         ("KL score", |c| ce(c, "kl_div_score")),
     ]
+}
+
+fn against<'a>(c: &'a Column) -> Option<&'a super::mcs::Against> {
+    c.e.against.as_ref().filter(|_| !c.training)
+}
+
+fn mcs_pair(a: f64, b: f64) -> String {
+    format!("{a:.4} / {b:.4}")
 }
 
 fn metrics<'a>(c: &'a Column) -> &'a super::metrics::ReconMetrics {
@@ -271,6 +302,26 @@ fn picture_set(evals: &[SaeEval], out: &Path, prefix: &str) -> Result<Vec<Pictur
         },
     )?;
 
+    // Zipf-Mandelbrot fit of the density-rank curve.
+    let fits: Vec<(String, &[f64], &super::zipf_fit::ZipfFit)> = evals
+        .iter()
+        .filter_map(|e| e.zipf_fit.as_ref().map(|z| (e.label.clone(), e.exported.density.as_slice(), z)))
+        .collect();
+    if !fits.is_empty() {
+        let path = put("zipf_fit", "Feature density by rank (log-log) with its Zipf-Mandelbrot fit".into());
+        super::zipf_fit::picture(&path, &fits)?;
+    }
+    for e in evals {
+        if let Some(a) = &e.against {
+            let name = if evals.len() > 1 { format!("mcs_{}", e.label) } else { "mcs".into() };
+            let path = put(
+                &name,
+                format!("Max cosine of {}'s latents to {}'s (decoder and encoder rows)", e.label, a.path.display()),
+            );
+            super::mcs::picture(&path, &e.label, a)?;
+        }
+    }
+
     // Alignment score.
     let al: Vec<Sample> =
         evals.iter().map(|e| Sample { label: e.label.clone(), values: e.weights.alignment.clone() }).collect();
@@ -352,6 +403,8 @@ pub fn write_outputs(evals: &[SaeEval], out: &Path, compare: bool, draw: bool) -
             "enc_dec_cosine": "cos(W_enc_i, W_dec_i)",
             "near_zero": "|value| < 0.1",
             "near_one": "value > 0.9",
+            "zipf_fit": "density of rank r (live latents, descending) = scale / (r + beta)^alpha: OLS of ln density on ln(r + beta), beta by grid + golden-section search on [0, 10 n]; r2 on all live ranks, r2_middle on ranks floor(n/10)+1 ..= n - floor(n/10); dead latents left out",
+            "against": "per latent i of this SAE: mcs[i] = max_j cos(row_i, row_j of the --against SAE), decoder and encoder rows separately; argmax[i] = that j; bimodality_coefficient = Sarle's (G1^2 + 1) / (G2 + 3(n-1)^2/((n-2)(n-3))); *_vs_alignment = Pearson correlation with W_enc_i . W_dec_i",
         },
         "runs": evals,
     });

@@ -68,6 +68,10 @@ pub struct SaeEval {
     pub ce_eval: Option<serde_json::Value>,
     /// Training curves from `metrics.jsonl` (run directories only).
     pub curves: Vec<CurvePoint>,
+    /// Zipf-Mandelbrot fit of the exported densities by rank (`None`: fewer than 3 alive).
+    pub zipf_fit: Option<super::zipf_fit::ZipfFit>,
+    /// `--against B`: this SAE's latents against B's (maximum cosine similarity).
+    pub against: Option<super::mcs::Against>,
 }
 
 /// Evaluate the SAE at `path` (run directory, checkpoint directory or weight file).
@@ -142,6 +146,7 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     let recovery = source.ground_truth().map(|gt| recovery(gt, &sae.w_dec, sae.d_in));
     let ce_eval = read_ce_eval(&dir)?;
     let curves = read_curves(&dir.join(METRICS_FILE))?;
+    let zipf_fit = super::zipf_fit::fit(&exported.density);
     Ok(SaeEval {
         label: label.to_string(),
         path: dir.clone(),
@@ -159,6 +164,8 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
         recovery,
         ce_eval,
         curves,
+        zipf_fit,
+        against: None,
     })
 }
 

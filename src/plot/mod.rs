@@ -303,3 +303,52 @@ fn draw_histogram(root: &DrawingArea<BitMapBackend<'_>, Shift>, samples: &[Sampl
     }
     Ok(())
 }
+
+/// One panel with both axes logarithmic (points with x <= 0 or y <= 0 are dropped); `log_y` is
+/// ignored. The first series of each pair is drawn as dots, the second as a line (data, fit).
+pub fn log_log(path: &Path, p: &Panel) -> Result<()> {
+    output::render_png(path, (WIDTH, HEIGHT), |root| {
+        let pts = |s: &Series| -> Vec<(f64, f64)> {
+            s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite() && *x > 0.0 && *y > 0.0).collect()
+        };
+        let all: Vec<(f64, f64)> = p.series.iter().flat_map(pts).collect();
+        let (x0, x1) = bounds(all.iter().map(|q| q.0)).unwrap_or((1.0, 10.0));
+        let (y0, y1) = bounds(all.iter().map(|q| q.1)).unwrap_or((0.1, 1.0));
+        let (x0, x1) = (x0 * 0.8, x1.max(x0 * 10.0) * 1.25);
+        let (y0, y1) = (y0 * 0.8, y1.max(y0 * 10.0) * 1.25);
+        let mut c = ChartBuilder::on(root)
+            .caption(&p.title, (FONT, 20))
+            .margin(12)
+            .margin_right(36)
+            .x_label_area_size(42)
+            .y_label_area_size(80)
+            .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
+            .map_err(err)?;
+        c.configure_mesh()
+            .x_desc(&p.x_label)
+            .y_desc(&p.y_label)
+            .label_style((FONT, 14))
+            .light_line_style(RGBColor(238, 238, 238))
+            .x_label_formatter(&|v| format_tick(*v))
+            .y_label_formatter(&|v| format!("{v:.1e}"))
+            .draw()
+            .map_err(err)?;
+        for (i, s) in p.series.iter().enumerate() {
+            let col = color(i / 2);
+            if i % 2 == 0 {
+                c.draw_series(pts(s).into_iter().map(|q| Circle::new(q, 2, col.mix(0.6).filled())))
+                    .map_err(err)?
+                    .label(&s.label)
+                    .legend(move |(x, y)| Circle::new((x + 10, y), 4, col.filled()));
+            } else {
+                // One curve: a contrasting fit line; several: each fit in its curve's colour.
+                let line = if p.series.len() <= 2 { color(1) } else { col };
+                c.draw_series(LineSeries::new(pts(s), line.stroke_width(2)))
+                    .map_err(err)?
+                    .label(&s.label)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], line.stroke_width(2)));
+            }
+        }
+        legend(&mut c)
+    })
+}
