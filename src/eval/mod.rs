@@ -2,6 +2,7 @@
 //! The metrics training reports as it goes (core metrics, ground-truth recovery) live in
 //! [`crate::metrics`].
 
+pub mod history;
 pub mod metrics;
 pub mod report;
 pub mod run;
