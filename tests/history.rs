@@ -44,7 +44,11 @@ fn json(p: &Path) -> serde_json::Value {
 
 /// Plain f64: per latent `W_enc_i . W_dec_i` of F x d row-major matrices.
 fn plain_alignment(w_enc: &[f32], w_dec: &[f32], d: usize) -> Vec<f64> {
-    w_enc.chunks(d).zip(w_dec.chunks(d)).map(|(e, w)| e.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum()).collect()
+    w_enc
+        .chunks(d)
+        .zip(w_dec.chunks(d))
+        .map(|(e, w)| e.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum())
+        .collect()
 }
 
 fn plain_quantile(v: &[f64], q: f64) -> f64 {

@@ -51,7 +51,8 @@ fn a_two_by_two_sweep_writes_its_runs_table_and_pictures_then_skips_resumes_and_
         assert!(out.join(r).join("summary.json").is_file(), "{r}");
     }
     // The numbers: each row against the run's own `sae eval`, and FVU = 1 - EV.
-    let res: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let runs = res["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 4);
     for (row, name) in runs.iter().zip(RUNS) {

@@ -145,7 +145,12 @@ pub fn pictures(h: &HistoryEval, out: &Path) -> Result<Vec<(String, String)>> {
     ];
     let file = "history_alignment.png".to_string();
     plot::line_panels(&out.join(&file), &panels)?;
-    pics.push((file, format!("Alignment and encoder/decoder cosine histograms per step ({source}; cf. the bimodality paper's Fig. 16)")));
+    pics.push((
+        file,
+        format!(
+            "Alignment and encoder/decoder cosine histograms per step ({source}; cf. the bimodality paper's Fig. 16)"
+        ),
+    ));
 
     // The MC/FC paper's density over training: running-density quantiles, dead share, histograms.
     if !h.log.is_empty() {
@@ -171,7 +176,10 @@ pub fn pictures(h: &HistoryEval, out: &Path) -> Result<Vec<(String, String)>> {
         let idx = thin(h.log.len(), MAX_CURVES);
         let dens: Vec<Series> = idx
             .iter()
-            .map(|&i| Series { label: format!("step {}", h.log[i].step), points: h.log[i].density.log10_hist.fractions() })
+            .map(|&i| Series {
+                label: format!("step {}", h.log[i].step),
+                points: h.log[i].density.log10_hist.fractions(),
+            })
             .collect();
         let panels = [
             Panel {

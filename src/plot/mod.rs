@@ -115,6 +115,8 @@ fn draw_lines(area: &DrawingArea<BitMapBackend<'_>, Shift>, p: &Panel) -> Result
     let x_fmt = |v: &f64| match v.abs() {
         a if a >= 1000.0 => format!("{:.0}k", v / 1000.0),
         a if a >= 10.0 || v.fract() == 0.0 => format!("{v:.0}"),
+        // Ticks that should be 0 but carry rounding error (-5.6e-17).
+        a if a < 1e-9 => "0".into(),
         _ => format_tick(*v),
     };
     if log_y {

@@ -66,7 +66,8 @@ pub fn table(def: &Definition, results: &[RunResult]) -> Vec<Vec<String>> {
 pub fn csv(def: &Definition, results: &[RunResult]) -> String {
     let mut s = String::new();
     let head: Vec<String> = def.over.iter().map(|a| a.option.clone()).collect();
-    let _ = writeln!(s, "name,{},explained_variance,fvu,l0,frac_dead,mse,mmcs,frac_recovered_0_9,status", head.join(","));
+    let _ =
+        writeln!(s, "name,{},explained_variance,fvu,l0,frac_dead,mse,mmcs,frac_recovered_0_9,status", head.join(","));
     let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
     for r in results {
         let vals: Vec<&str> = r.values.iter().map(|(_, v)| v.as_str()).collect();
@@ -126,7 +127,9 @@ pub fn write(dir: &Path, def: &Definition, results: &[RunResult], draw: bool) ->
                         points: line(results, &x_axis.values, &xs, get, Some(w)),
                     })
                     .collect(),
-                None => vec![Series { label: title.to_string(), points: line(results, &x_axis.values, &xs, get, None) }],
+                None => {
+                    vec![Series { label: title.to_string(), points: line(results, &x_axis.values, &xs, get, None) }]
+                }
             };
             let file = format!("sweep_{stem}.png");
             plot::line_panels(

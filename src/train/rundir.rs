@@ -83,11 +83,9 @@ pub fn prepare_new(dir: &Path, overwrite: bool) -> Result<RunLock> {
     // user's own file, never ours to remove.
     let is_run = names.iter().any(|n| n == CONFIG_FILE)
         && names.iter().any(|n| [METRICS_FILE, STATE_FILE, SUMMARY_FILE].contains(&n.as_str()));
-    let (ours, mut theirs): (Vec<String>, Vec<String>) =
-        names.into_iter().partition(|n| {
-            is_run
-                && (RUN_FILES.contains(&n.as_str()) || (n == CHECKPOINTS_DIR && history::only_ours(&dir.join(n))))
-        });
+    let (ours, mut theirs): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
+        is_run && (RUN_FILES.contains(&n.as_str()) || (n == CHECKPOINTS_DIR && history::only_ours(&dir.join(n))))
+    });
     if theirs.is_empty() && ours.is_empty() {
         return Ok(lock);
     }
