@@ -328,6 +328,14 @@ pub struct TrainConfig {
     /// Save a resumable checkpoint every this many steps (0: only at the end).
     #[arg(long, default_value_t = TrainConfig::default().checkpoint_every)]
     pub checkpoint_every: u64,
+    /// Keep the SAE every this many steps (and at the end) in checkpoints/step_NNNNNN/, never
+    /// overwritten (0: off). See docs/train.md, "Training history".
+    #[arg(long, default_value_t = TrainConfig::default().keep_checkpoints)]
+    pub keep_checkpoints: u64,
+    /// Weight and density summaries into history.jsonl every this many steps (default: every
+    /// logging step; 0: off).
+    #[arg(long)]
+    pub history_every: Option<u64>,
     #[arg(long, value_enum, default_value_t = TrainConfig::default().backend)]
     pub backend: BackendChoice,
     /// Encoder-product precision on CUDA.
@@ -403,6 +411,8 @@ impl Default for TrainConfig {
             log_every: 50,
             eval_every: 500,
             checkpoint_every: 1000,
+            keep_checkpoints: 0,
+            history_every: None,
             backend: BackendChoice::Auto,
             precision: Precision::F32,
             encoder: EncoderKind::Cublas,

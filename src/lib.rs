@@ -14,5 +14,6 @@ pub mod model;
 pub mod plot;
 pub mod sparse;
 pub mod sparsify;
+pub mod sweep;
 pub mod train;
 pub mod util;

@@ -30,6 +30,10 @@ pub struct EvalArgs {
     /// Skip the PNG pictures.
     #[arg(long, default_value_t = false)]
     pub no_plots: bool,
+    /// The training history of one run (its kept checkpoints and history.jsonl) instead of its
+    /// final SAE; output default RUN/eval-history.
+    #[arg(long, default_value_t = false, conflicts_with = "compare")]
+    pub history: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -38,6 +42,9 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> Result<()> {
     super::train_cmd::init_threads(args.threads)?;
     let opts = EvalOptions { data: args.data.clone(), tokens: args.tokens };
+    if args.history {
+        return history(&args, &opts);
+    }
     let names = labels(&args.inputs);
     let mut evals = vec![];
     for (path, label) in args.inputs.iter().zip(&names) {
@@ -57,6 +64,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
         println!("{}: {} ({} layout, {}), data: {}", e.label, e.path.display(), e.layout, e.architecture, e.data);
     }
     print!("{table}");
+    println!("wrote {} and {} in {}", EVAL_FILE, REPORT_FILE, out.display());
+    Ok(())
+}
+
+/// `sae eval --history RUN`.
+fn history(args: &EvalArgs, opts: &EvalOptions) -> Result<()> {
+    use crate::eval::history::{evaluate_history, write_history};
+    anyhow::ensure!(args.inputs.len() == 1, "--history takes one run directory, not {}", args.inputs.len());
+    let run = &args.inputs[0];
+    let h = evaluate_history(run, opts)?;
+    let out = args.out.clone().unwrap_or_else(|| run.join("eval-history"));
+    let text = write_history(&h, &out, !args.no_plots)?;
+    for n in &h.notes {
+        eprintln!("note: {n}");
+    }
+    print!("{text}");
     println!("wrote {} and {} in {}", EVAL_FILE, REPORT_FILE, out.display());
     Ok(())
 }

@@ -3,6 +3,7 @@
 pub mod bench_cmd;
 pub mod eval_cmd;
 pub mod export_cmd;
+pub mod sweep_cmd;
 pub mod train_cmd;
 
 use anyhow::Result;
@@ -35,6 +36,8 @@ pub enum Command {
     Eval(eval_cmd::EvalArgs),
     /// Write a run's SAE in the SAELens or sparsify layout.
     Export(export_cmd::ExportArgs),
+    /// Train and evaluate one run per point of a grid over one or two options.
+    Sweep(sweep_cmd::SweepArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -56,5 +59,6 @@ pub fn main() -> Result<()> {
         }
         Command::Eval(args) => eval_cmd::run(args),
         Command::Export(args) => export_cmd::run(args),
+        Command::Sweep(args) => sweep_cmd::run(args),
     }
 }

@@ -3,6 +3,7 @@
 //! [`crate::metrics`].
 
 pub mod mcs;
+pub mod history;
 pub mod metrics;
 pub mod report;
 pub mod run;

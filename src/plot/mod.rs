@@ -112,7 +112,13 @@ fn draw_lines(area: &DrawingArea<BitMapBackend<'_>, Shift>, p: &Panel) -> Result
     let log_y = p.log_y && y0 > 0.0 && y1 / y0 > 20.0;
     let mut chart = ChartBuilder::on(area);
     chart.caption(&p.title, (FONT, 22)).margin(12).margin_right(36).x_label_area_size(42).y_label_area_size(80);
-    let x_fmt = |v: &f64| if v.abs() >= 1000.0 { format!("{:.0}k", v / 1000.0) } else { format!("{v:.0}") };
+    let x_fmt = |v: &f64| match v.abs() {
+        a if a >= 1000.0 => format!("{:.0}k", v / 1000.0),
+        a if a >= 10.0 || v.fract() == 0.0 => format!("{v:.0}"),
+        // Ticks that should be 0 but carry rounding error (-5.6e-17).
+        a if a < 1e-9 => "0".into(),
+        _ => format_tick(*v),
+    };
     if log_y {
         let (y0, y1) = (y0 * 0.8, y1 * 1.25);
         let mut c = chart.build_cartesian_2d(x0..x1, (y0..y1).log_scale()).map_err(err)?;

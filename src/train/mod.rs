@@ -2,6 +2,7 @@
 
 pub mod calibrate;
 pub mod checkpoint;
+pub mod history;
 pub mod rundir;
 pub mod schedule;
 
@@ -131,6 +132,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
             }
             source.seek(&meta.position)?;
             truncate_metrics(&out.join(METRICS_FILE), meta.step)?;
+            history::truncate(&out, meta.step)?;
             if !opts.resume_changes.is_empty() {
                 record_resume(&out, &cfg, meta.step, &opts.resume_changes)?;
             }
@@ -139,6 +141,9 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         None => {
             write_json_atomic(&out.join(CONFIG_FILE), &cfg)?;
             let _ = std::fs::remove_file(out.join(METRICS_FILE));
+            // A resumed run that had no trainer state yet starts again: so does its history.
+            let _ = std::fs::remove_file(out.join(history::HISTORY_FILE));
+            history::truncate(&out, 0)?;
             let first = source.next_batch()?;
             let state = match &cfg.init_from {
                 Some(run) => init_from(run, &cfg, d_in)?,
@@ -178,6 +183,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         .open(&metrics_path)
         .with_context(|| format!("cannot open {}", metrics_path.display()))?;
 
+    let mut recorder = history::Recorder::open(&cfg, &out)?;
     let t0 = Instant::now();
     let mut window = Window::default();
     let mut pending = first_batch;
@@ -213,6 +219,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
             ));
             window = Window::default();
         }
+        recorder.after_step(&cfg, backend.as_ref(), source.as_ref(), &out, (done, total, tokens))?;
         if cfg.checkpoint_every > 0 && done.is_multiple_of(cfg.checkpoint_every) && done != total {
             save_all(&cfg, backend.as_ref(), source.as_ref(), &out, tokens)?;
         }
@@ -234,6 +241,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         );
     }
     save_all_with(&cfg, backend.as_ref(), source.as_ref(), &out, tokens, calibration.as_ref())?;
+    history::keep_final(&cfg, backend.as_ref(), source.as_ref(), &out, tokens, calibration.as_ref())?;
     // Even with --quiet: data that was silently left out is worth a line.
     if let Some(w) = skipped_warning(&source.stats(), &metrics_path) {
         eprintln!("{w}");
@@ -360,16 +368,28 @@ fn save_all_with(
         tokens,
     };
     checkpoint::save(out, &state, &meta)?;
-    let w_enc_eff = effective_encoder(cfg, &state);
+    export(cfg, &state, source.input_scale(), out, tokens, calibration)
+}
+
+/// The SAELens checkpoint (`cfg.json` + `sae_weights.safetensors`) of `state` in `dir`.
+pub(crate) fn export(
+    cfg: &TrainConfig,
+    state: &TrainState,
+    input_scale: f32,
+    dir: &Path,
+    tokens: u64,
+    calibration: Option<&calibrate::CalibrationReport>,
+) -> Result<()> {
+    let w_enc_eff = effective_encoder(cfg, state);
     let theta = crate::sparsify::threshold::exported(&state.theta, &state.theta_set);
-    let sae = ExportedSae::from_training(cfg, &state.params, &w_enc_eff, &theta, source.input_scale());
+    let sae = ExportedSae::from_training(cfg, &state.params, &w_enc_eff, &theta, input_scale);
     let md = json!({
         "dataset_path": cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
         "trained_tokens": tokens,
-        "input_scale_folded": source.input_scale(),
+        "input_scale_folded": input_scale,
         "threshold_calibration": calibration,
     });
-    sae.save(out, cfg, md)
+    sae.save(dir, cfg, md)
 }
 
 /// The encoder actually applied (A + alpha W_dec under aligned training).
@@ -385,7 +405,7 @@ pub fn effective_encoder(cfg: &TrainConfig, state: &TrainState) -> Vec<f32> {
 }
 
 /// Keep only the metric lines of steps <= `step` (a resumed run rewrites what follows).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+pub(crate) fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
     let kept: String = text
         .lines()

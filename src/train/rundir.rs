@@ -3,6 +3,7 @@
 //! `--overwrite`, and two writers never share a directory.
 
 use super::checkpoint::STATE_FILE;
+use super::history::{self, CHECKPOINTS_DIR, HISTORY_FILE};
 use super::{CONFIG_FILE, METRICS_FILE, SUMMARY_FILE};
 use crate::config::TrainConfig;
 use crate::export::saelens::{CFG_FILE, WEIGHTS_FILE};
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 pub const LOCK_FILE: &str = ".sae.lock";
 /// Every file a training run writes: what `--overwrite` replaces (and nothing else).
 pub const RUN_FILES: &[&str] =
-    &[CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, STATE_FILE, WEIGHTS_FILE, CFG_FILE, RESUMES_FILE];
+    &[CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, STATE_FILE, WEIGHTS_FILE, CFG_FILE, RESUMES_FILE, HISTORY_FILE];
 /// One line per resume that changed an option.
 pub const RESUMES_FILE: &str = "resumes.jsonl";
 
@@ -64,7 +65,7 @@ pub fn lock(dir: &Path) -> Result<RunLock> {
 
 /// Make `dir` ready for a new run and lock it: created when missing; refused when it holds
 /// anything but a lock, unless `overwrite`, which removes the files a previous run wrote there
-/// (`RUN_FILES`) and refuses if anything else is in it.
+/// (`RUN_FILES` and its kept checkpoints, `checkpoints/`) and refuses if anything else is in it.
 pub fn prepare_new(dir: &Path, overwrite: bool) -> Result<RunLock> {
     if dir.exists() && !dir.is_dir() {
         bail!("--out {}: exists and is not a directory", dir.display());
@@ -82,8 +83,9 @@ pub fn prepare_new(dir: &Path, overwrite: bool) -> Result<RunLock> {
     // user's own file, never ours to remove.
     let is_run = names.iter().any(|n| n == CONFIG_FILE)
         && names.iter().any(|n| [METRICS_FILE, STATE_FILE, SUMMARY_FILE].contains(&n.as_str()));
-    let (ours, mut theirs): (Vec<String>, Vec<String>) =
-        names.into_iter().partition(|n| is_run && RUN_FILES.contains(&n.as_str()));
+    let (ours, mut theirs): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
+        is_run && (RUN_FILES.contains(&n.as_str()) || (n == CHECKPOINTS_DIR && history::only_ours(&dir.join(n))))
+    });
     if theirs.is_empty() && ours.is_empty() {
         return Ok(lock);
     }
@@ -110,6 +112,10 @@ pub fn prepare_new(dir: &Path, overwrite: bool) -> Result<RunLock> {
         );
     }
     for name in &ours {
+        if name == CHECKPOINTS_DIR {
+            history::remove_all(dir)?;
+            continue;
+        }
         let p = dir.join(name);
         std::fs::remove_file(&p).with_context(|| format!("--overwrite: cannot remove {}", p.display()))?;
     }
@@ -117,10 +123,22 @@ pub fn prepare_new(dir: &Path, overwrite: bool) -> Result<RunLock> {
 }
 
 /// Options `--resume` may change, each safe because it does not change what has been trained:
-/// the length of the run (to extend it), threads, output and logging cadence, prefetching and
+/// the length of the run (to extend it), threads, output and logging cadence (kept checkpoints
+/// and the history included: those already written stay), prefetching and
 /// the backend (which computes the same step within rounding).
-pub const SAFE_ON_RESUME: &[&str] =
-    &["steps", "tokens", "threads", "quiet", "log_every", "eval_every", "checkpoint_every", "prefetch", "backend"];
+pub const SAFE_ON_RESUME: &[&str] = &[
+    "steps",
+    "tokens",
+    "threads",
+    "quiet",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "history_every",
+    "prefetch",
+    "backend",
+];
 
 /// The options given with `--resume` (name -> value, config-file keys) checked against the
 /// saved config: an error naming every option that differs and may not change; else the
@@ -174,5 +192,7 @@ pub fn apply_changes(saved: &TrainConfig, changes: &Map<String, Value>) -> Resul
 /// Remove the temporaries that writers of this run killed mid-write left in `dir` (call it with
 /// the lock held): see [`crate::util::sweep`].
 pub fn sweep_temporaries(dir: &Path) -> Result<Vec<(PathBuf, u32)>> {
-    crate::util::sweep::sweep_stale_temporaries(dir, RUN_FILES)
+    let mut swept = crate::util::sweep::sweep_stale_temporaries(dir, RUN_FILES)?;
+    swept.extend(history::sweep_temporaries(dir)?);
+    Ok(swept)
 }

@@ -1,0 +1,266 @@
+//! `sae sweep`: train one run per point of a grid over one or two options, in-process and one
+//! after another, into `SWEEP/OPTION=V[,OPTION2=W]/`, then evaluate each and draw the WTA
+//! paper's Figure 2 (each core metric against the first option's values, one line per value of
+//! the second). The definition (grid + shared config) is stored in `SWEEP/sweep.json`; running
+//! the same command again skips finished runs, resumes interrupted ones (`train --resume`'s
+//! machinery) and refuses a changed definition. See docs/train.md, "Sweeps".
+
+pub mod report;
+
+use crate::config::TrainConfig;
+use crate::eval::run::{evaluate, EvalOptions};
+use crate::train::{self, rundir, RunOptions, CONFIG_FILE, SUMMARY_FILE};
+use crate::util::atomic::write_json_atomic;
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+pub const SWEEP_FILE: &str = "sweep.json";
+/// Options that say how a run is carried out, not what it trains: they may differ between
+/// invocations of the same sweep (as on `--resume`) and may not be swept.
+pub const HOW_NOT_WHAT: &[&str] = &["out", "quiet", "threads", "prefetch", "backend"];
+
+/// One swept option: its config-file key and its values as written (`k=16,32` -> "k", ["16", "32"]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Axis {
+    pub option: String,
+    pub values: Vec<String>,
+}
+
+impl Axis {
+    /// `OPTION=V1,V2,...` (the option as a config key or a flag name, `d-sae` or `d_sae`).
+    pub fn parse(s: &str) -> Result<Self> {
+        let (name, values) =
+            s.split_once('=').with_context(|| format!("--over {s}: expected OPTION=V1,V2,... (e.g. k=16,32,64)"))?;
+        let option = name.trim().trim_start_matches("--").replace('-', "_");
+        let values: Vec<String> = values.split(',').map(|v| v.trim().to_string()).collect();
+        ensure!(!option.is_empty(), "--over {s}: no option name");
+        ensure!(values.iter().all(|v| !v.is_empty()), "--over {s}: an empty value");
+        for v in &values {
+            ensure!(
+                v.chars().all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c)),
+                "--over {s}: value '{v}' is not usable in a directory name (letters, digits, '.', '_', '-', '+')"
+            );
+            ensure!(values.iter().filter(|w| *w == v).count() == 1, "--over {s}: value '{v}' repeats");
+        }
+        Ok(Axis { option, values })
+    }
+}
+
+/// What `sweep.json` holds: the grid and the config every run shares.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Definition {
+    pub over: Vec<Axis>,
+    pub base: TrainConfig,
+}
+
+/// One grid point.
+#[derive(Clone, Debug)]
+pub struct Point {
+    /// (option, value as written), in the order of `--over`.
+    pub values: Vec<(String, String)>,
+    pub name: String,
+    pub cfg: TrainConfig,
+}
+
+/// A config value from its command-line spelling: a number or bool when it reads as one, else
+/// the string (enum names, paths).
+fn json_value(raw: &str) -> Value {
+    match serde_json::from_str::<Value>(raw) {
+        Ok(v @ (Value::Number(_) | Value::Bool(_))) => v,
+        _ => Value::String(raw.to_string()),
+    }
+}
+
+impl Definition {
+    /// Check the axes against the config's keys and expand the grid (first axis outermost).
+    pub fn points(&self, sweep_dir: &Path) -> Result<Vec<Point>> {
+        ensure!(
+            (1..=2).contains(&self.over.len()),
+            "sae sweep takes one or two --over options, not {}",
+            self.over.len()
+        );
+        let base = serde_json::to_value(&self.base)?;
+        for a in &self.over {
+            ensure!(
+                base.get(&a.option).is_some(),
+                "--over {}: not a training option (see sae train --help; config-file keys or flag names)",
+                a.option
+            );
+            ensure!(
+                !HOW_NOT_WHAT.contains(&a.option.as_str()),
+                "--over {}: says how runs are carried out, not what they train; it cannot be swept",
+                a.option
+            );
+        }
+        ensure!(
+            self.over.len() < 2 || self.over[0].option != self.over[1].option,
+            "--over {} is given twice",
+            self.over[0].option
+        );
+        let second: Vec<Option<&String>> = match self.over.get(1) {
+            Some(a) => a.values.iter().map(Some).collect(),
+            None => vec![None],
+        };
+        let mut points = vec![];
+        for v0 in &self.over[0].values {
+            for v1 in &second {
+                let mut values = vec![(self.over[0].option.clone(), v0.clone())];
+                if let Some(v1) = v1 {
+                    values.push((self.over[1].option.clone(), (*v1).clone()));
+                }
+                let name = values.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+                let mut c = base.clone();
+                for (k, v) in &values {
+                    c[k] = json_value(v);
+                }
+                c["out"] = Value::String(sweep_dir.join(&name).display().to_string());
+                let cfg: TrainConfig = serde_json::from_value(c).with_context(|| format!("sweep point {name}"))?;
+                cfg.validate().with_context(|| format!("sweep point {name}"))?;
+                points.push(Point { values, name, cfg });
+            }
+        }
+        Ok(points)
+    }
+
+    /// Why `self` may not continue the sweep defined by `saved`: every difference in the grid
+    /// and in the shared options, except [`HOW_NOT_WHAT`].
+    pub fn differences(&self, saved: &Definition) -> Result<Vec<String>> {
+        let mut out = vec![];
+        let show = |o: &[Axis]| {
+            o.iter().map(|a| format!("--over {}={}", a.option, a.values.join(","))).collect::<Vec<_>>().join(" ")
+        };
+        if self.over != saved.over {
+            out.push(format!("the grid is {} (the sweep has {})", show(&self.over), show(&saved.over)));
+        }
+        let (a, b) = (serde_json::to_value(&self.base)?, serde_json::to_value(&saved.base)?);
+        let (Value::Object(a), Value::Object(b)) = (a, b) else { bail!("configs are JSON objects") };
+        for (k, v) in &a {
+            let old = b.get(k).cloned().unwrap_or(Value::Null);
+            if !HOW_NOT_WHAT.contains(&k.as_str()) && old != *v {
+                out.push(format!("--{} {} (the sweep has {})", k.replace('_', "-"), v, old));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What happened to one run in this invocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Trained,
+    Resumed,
+    /// Finished in an earlier invocation: not trained again.
+    Skipped,
+}
+
+/// One run's results (its `sae eval` numbers, exported sparsifier).
+#[derive(Clone, Debug, Serialize)]
+pub struct RunResult {
+    pub name: String,
+    pub values: Vec<(String, String)>,
+    pub path: PathBuf,
+    pub status: Status,
+    pub explained_variance: f64,
+    /// Fraction of variance unexplained, `nmse = 1 - explained_variance`.
+    pub fvu: f64,
+    pub l0: f64,
+    pub frac_dead: f64,
+    pub mse: f64,
+    /// Synthetic data: mean max cosine of the ground-truth directions to the decoder rows.
+    pub mmcs: Option<f64>,
+    pub frac_recovered_0_9: Option<f64>,
+}
+
+/// The sweep directory: created, locked, its definition stored or checked.
+pub fn prepare(dir: &Path, def: &Definition) -> Result<rundir::RunLock> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("--out {}: exists and is not a directory", dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let lock = rundir::lock(dir)?;
+    let file = dir.join(SWEEP_FILE);
+    if file.is_file() {
+        let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let saved: Definition =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a sweep definition", file.display()))?;
+        let diff = def.differences(&saved)?;
+        if !diff.is_empty() {
+            bail!(
+                "{} holds a sweep with another definition ({}): continuing it would mix results of different \
+                 settings; run it as it was defined (see {}) or choose another --out",
+                dir.display(),
+                diff.join("; "),
+                file.display()
+            );
+        }
+    } else {
+        let others: Vec<String> = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != rundir::LOCK_FILE && !crate::util::atomic::is_our_temporary(n))
+            .collect();
+        if !others.is_empty() {
+            bail!(
+                "--out {} is not empty ({}) and holds no {SWEEP_FILE}: choose another --out",
+                dir.display(),
+                others.join(", ")
+            );
+        }
+    }
+    write_json_atomic(&file, def)?;
+    Ok(lock)
+}
+
+/// Train (or skip, or resume) every point, then evaluate each run.
+pub fn run(dir: &Path, def: &Definition, log: &mut dyn FnMut(String)) -> Result<Vec<RunResult>> {
+    let points = def.points(dir)?;
+    let _lock = prepare(dir, def)?;
+    let n = points.len();
+    let mut statuses = vec![];
+    for (i, p) in points.iter().enumerate() {
+        let run_dir = &p.cfg.out;
+        let status = if run_dir.join(SUMMARY_FILE).is_file() {
+            log(format!("[{}/{n}] {}: finished earlier, skipped", i + 1, p.name));
+            Status::Skipped
+        } else if run_dir.join(CONFIG_FILE).is_file() {
+            log(format!("[{}/{n}] {}: interrupted earlier, resuming", i + 1, p.name));
+            let saved = TrainConfig::load(&run_dir.join(CONFIG_FILE))?;
+            let given: Map<String, Value> = match serde_json::to_value(&p.cfg)? {
+                Value::Object(m) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
+                _ => Map::new(),
+            };
+            let changes = rundir::resume_changes(&saved, &given).with_context(|| format!("resuming {}", p.name))?;
+            let opts = RunOptions { resume_changes: changes, ..Default::default() };
+            train::run_with(p.cfg.clone(), Some(run_dir), &opts).with_context(|| format!("sweep run {}", p.name))?;
+            Status::Resumed
+        } else {
+            log(format!("[{}/{n}] {}: training", i + 1, p.name));
+            train::run_with(p.cfg.clone(), None, &RunOptions::default())
+                .with_context(|| format!("sweep run {}", p.name))?;
+            Status::Trained
+        };
+        statuses.push(status);
+    }
+    let mut results = vec![];
+    for (p, status) in points.iter().zip(statuses) {
+        let e = evaluate(&p.cfg.out, &p.name, &EvalOptions::default())
+            .with_context(|| format!("evaluating {}", p.cfg.out.display()))?;
+        results.push(RunResult {
+            name: p.name.clone(),
+            values: p.values.clone(),
+            path: p.cfg.out.clone(),
+            status,
+            explained_variance: e.exported.explained_variance,
+            fvu: e.exported.nmse,
+            l0: e.exported.l0,
+            frac_dead: e.exported.frac_dead,
+            mse: e.exported.mse,
+            mmcs: e.recovery.map(|r| r.mmcs),
+            frac_recovered_0_9: e.recovery.map(|r| r.frac_above_0_9),
+        });
+    }
+    Ok(results)
+}

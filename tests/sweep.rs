@@ -1,0 +1,128 @@
+//! `sae sweep` (issue 13 item 4): a 2 x 2 grid on the synthetic default, its table and pictures,
+//! skipping finished runs, resuming an interrupted one and refusing a changed definition.
+
+mod common;
+
+use common::cli::{ok, sae, stderr};
+use std::path::Path;
+
+const SHARED: &[&str] = &[
+    "--synth-d-in",
+    "16",
+    "--synth-features",
+    "32",
+    "--d-sae",
+    "64",
+    "--batch-size",
+    "64",
+    "--steps",
+    "50",
+    "--eval-tokens",
+    "256",
+    "--backend",
+    "cpu",
+    "--quiet",
+];
+
+fn sweep(out: &Path, over: &[&str], extra: &[&str]) -> std::process::Output {
+    let mut a = vec!["sweep", "--out", out.to_str().unwrap()];
+    for o in over {
+        a.extend(["--over", o]);
+    }
+    a.push("--");
+    a.extend_from_slice(SHARED);
+    a.extend_from_slice(extra);
+    sae(&a)
+}
+
+const GRID: &[&str] = &["k=2,4", "sparsifier=topk,wta"];
+const RUNS: [&str; 4] = ["k=2,sparsifier=topk", "k=2,sparsifier=wta", "k=4,sparsifier=topk", "k=4,sparsifier=wta"];
+
+fn mtime(p: &Path) -> std::time::SystemTime {
+    std::fs::metadata(p).unwrap().modified().unwrap()
+}
+
+#[test]
+fn a_two_by_two_sweep_writes_its_runs_table_and_pictures_then_skips_resumes_and_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sw");
+    ok(&sweep(&out, GRID, &[]));
+    for r in RUNS {
+        assert!(out.join(r).join("summary.json").is_file(), "{r}");
+    }
+    // The numbers: each row against the run's own `sae eval`, and FVU = 1 - EV.
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let runs = res["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4);
+    for (row, name) in runs.iter().zip(RUNS) {
+        assert_eq!(row["name"], name);
+        let e = saetrain::eval::run::evaluate(&out.join(name), name, &Default::default()).unwrap();
+        assert_eq!(row["explained_variance"].as_f64().unwrap(), e.exported.explained_variance);
+        assert_eq!(row["l0"].as_f64().unwrap(), e.exported.l0);
+        assert_eq!(row["frac_dead"].as_f64().unwrap(), e.exported.dead as f64 / 64.0);
+        assert_eq!(row["mmcs"].as_f64().unwrap(), e.recovery.unwrap().mmcs);
+        let (ev, fvu) = (row["explained_variance"].as_f64().unwrap(), row["fvu"].as_f64().unwrap());
+        assert!((ev + fvu - 1.0).abs() < 1e-12);
+        assert_eq!(row["status"], "trained");
+    }
+    // topk keeps exactly k per token.
+    assert_eq!(runs[0]["l0"].as_f64().unwrap(), 2.0);
+    assert_eq!(runs[2]["l0"].as_f64().unwrap(), 4.0);
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5);
+    assert!(csv.starts_with("name,k,sparsifier,explained_variance,fvu"), "{csv}");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for p in ["fvu", "explained_variance", "l0", "frac_dead", "mse", "mmcs"] {
+        let bytes = std::fs::read(out.join(format!("sweep_{p}.png"))).unwrap();
+        assert!(bytes.len() > 2000 && bytes.starts_with(b"\x89PNG"), "sweep_{p}.png");
+        assert!(md.contains(&format!("(sweep_{p}.png)")), "report.md lacks {p}");
+    }
+
+    // Again: every run is skipped, nothing is rewritten.
+    let w = out.join(RUNS[1]).join("sae_weights.safetensors");
+    let before = mtime(&w);
+    let o = sweep(&out, GRID, &[]);
+    ok(&o);
+    assert_eq!(stderr(&o).matches("finished earlier, skipped").count(), 4, "{}", stderr(&o));
+    assert_eq!(mtime(&w), before);
+    // An interrupted run (killed before it finished: no summary, no final weights) is resumed.
+    let r = out.join(RUNS[3]);
+    for f in ["summary.json", "trainer_state.safetensors", "sae_weights.safetensors", "cfg.json"] {
+        std::fs::remove_file(r.join(f)).unwrap();
+    }
+    let o = sweep(&out, GRID, &[]);
+    ok(&o);
+    assert!(stderr(&o).contains(&format!("{}: interrupted earlier, resuming", RUNS[3])), "{}", stderr(&o));
+    assert!(r.join("summary.json").is_file());
+    assert_eq!(mtime(&w), before);
+
+    // A changed grid or shared option is refused, naming the difference.
+    let o = sweep(&out, &["k=2,8", "sparsifier=topk,wta"], &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("k=2,8") && stderr(&o).contains("mix results"), "{}", stderr(&o));
+    let o = sweep(&out, GRID, &["--lr", "0.01"]);
+    assert!(!o.status.success() && stderr(&o).contains("--lr 0.01"), "{}", stderr(&o));
+    // Options that say how, not what, may change.
+    ok(&sweep(&out, GRID, &["--threads", "1"]));
+}
+
+#[test]
+fn sweep_refuses_bad_grids_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sw");
+    for (over, says) in [
+        (&["nope=1,2"][..], "not a training option"),
+        (&["k=2,2"][..], "repeats"),
+        (&["out=a,b"][..], "cannot be swept"),
+        (&["k=2,4", "seed=1,2", "lr=0.1"][..], "one or two"),
+        (&["sparsifier=topk,bogus"][..], "sparsifier=bogus"),
+    ] {
+        let o = sweep(&out, over, &[]);
+        assert!(!o.status.success(), "{over:?}");
+        assert!(stderr(&o).contains(says), "{over:?}: {}", stderr(&o));
+    }
+    let o = sweep(&out, &["k=2,4"], &["--k", "3"]);
+    assert!(!o.status.success() && stderr(&o).contains("is swept"), "{}", stderr(&o));
+    assert!(!out.join("k=2").exists());
+}
