@@ -66,6 +66,19 @@ pub enum DecoderNorm {
     Free,
 }
 
+/// How the CPU backend computes the products with the codes (decode, dL/dz, the two weight
+/// gradients): as sparse gathers (cost nnz x d) or as dense GEMMs (cost B x F x d, at GEMM speed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DenseCodes {
+    /// Per step from the codes' density: dense above `backend::cpu::dense::DENSE_ABOVE`.
+    Auto,
+    /// Always the sparse gathers.
+    Never,
+    /// Always the dense GEMMs (when no aux loss is active at the step).
+    Always,
+}
+
 /// Input normalisation applied by the data pipeline to training and held-out rows alike.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -196,6 +209,10 @@ pub struct TrainConfig {
     /// Aligned training: constrain W_enc_i . W_dec_i = 1.
     #[arg(long, default_value_t = false)]
     pub aligned: bool,
+    /// CPU backend: compute decode and backward as dense GEMMs when the codes are dense (auto:
+    /// chosen per step from the number of kept entries; relu at initialisation keeps half of B x F).
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().dense_codes)]
+    pub dense_codes: DenseCodes,
     /// Start from the weights of this finished run (W_enc, b_enc, W_dec, b_dec and its running
     /// densities) with a fresh optimiser, schedule and thresholds; the sparsifier may differ
     /// (the MC/FC paper's MC -> FC recipe). d_in, d_sae and --aligned must match.
@@ -372,6 +389,7 @@ impl Default for TrainConfig {
             l1_warmup_steps: 0,
             decoder_norm: DecoderNorm::Unit,
             aligned: false,
+            dense_codes: DenseCodes::Auto,
             init_from: None,
             b_dec_init: BDecInit::Mean,
             aux: None,

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use saetrain::backend::cpu::{CpuBackend, GradientPass};
 use saetrain::backend::Backend;
-use saetrain::config::{AuxKind, BudgetKind, SparsifierKind, TrainConfig};
+use saetrain::config::{AuxKind, BudgetKind, DenseCodes, SparsifierKind, TrainConfig};
 use saetrain::data::Batch;
 use saetrain::model::{Params, Shape, TrainState};
 use saetrain::sparse::SparseCodes;
@@ -56,6 +56,13 @@ fn with_aux(mut c: Case) -> Case {
     c.cfg.aux = Some(vec![AuxKind::AuxK]);
     c.cfg.dead_window = Some(100);
     c.dead = (0..c.cfg.d_sae).filter(|i| i % 3 == 1).collect();
+    c
+}
+
+/// The same case on the dense path (decode and backward as GEMMs, `--dense-codes always`).
+fn dense(mut c: Case, name: &'static str) -> Case {
+    c.name = name;
+    c.cfg.dense_codes = DenseCodes::Always;
     c
 }
 
@@ -100,6 +107,10 @@ fn cases() -> Vec<Case> {
     v.push(aligned(case("topk aligned", Topk, B, D, F, K)));
     v.push(aligned(case("relu+l1 aligned", Relu, B, D, F, K)));
     v.push(aligned(with_aux(case("batchtopk+aux_k aligned", Batchtopk, B, D, F, K))));
+    v.push(dense(case("relu+l1", Relu, B, D, F, K), "relu+l1 dense"));
+    v.push(dense(aligned(case("relu+l1 aligned", Relu, B, D, F, K)), "relu+l1 aligned dense"));
+    v.push(dense(case("topk", Topk, B, D, F, K), "topk dense"));
+    v.push(dense(case("hybrid F<k_max", Hybrid, 9, 6, 4, 3), "hybrid F<k_max dense"));
     let mut c = case("mutual_choice+aux_zipf", MutualChoice, B, D, F, K);
     c.cfg.aux = Some(vec![AuxKind::AuxZipf]);
     c.densities = true;
@@ -432,6 +443,24 @@ fn cpu_gradient_matches_reference() {
                 assert!(dense[e] > 0.0, "{}: kept a non-positive entry", c.name);
             }
         }
+    }
+}
+
+/// The dense and the sparse paths give the same gradients and loss (every case without an
+/// active aux loss, which always takes the sparse path), projected as in training.
+#[test]
+fn dense_and_sparse_paths_agree() {
+    for (n, c) in cases().iter().enumerate().filter(|(_, c)| c.dead.is_empty() && !c.densities) {
+        let [sparse, dense] = [DenseCodes::Never, DenseCodes::Always].map(|mode| {
+            let mut c = c.clone();
+            c.cfg.dense_codes = mode;
+            prepare(&c, 500 + n as u64, true)
+        });
+        let e = assert_close(&format!("{}: dense vs sparse path", c.name), &dense.fast_grad(), &sparse.fast_grad(), 1e-5);
+        let (a, b) = (&dense.pass.stats, &sparse.pass.stats);
+        assert!((a.loss - b.loss).abs() <= 1e-5 * b.loss.abs().max(1e-3), "{}: loss {} vs {}", c.name, a.loss, b.loss);
+        assert_eq!(dense.pass.codes.nnz(), sparse.pass.codes.nnz(), "{}", c.name);
+        eprintln!("{:<26} dense vs sparse: {}", c.name, fmt_errs(&e));
     }
 }
 

@@ -182,7 +182,10 @@ fn resume_after_a_kill_keeps_the_kept_checkpoints_and_continues() {
     }
     let child = Child(std::process::Command::new(env!("CARGO_BIN_EXE_sae")).args(&args).spawn().unwrap());
     let t0 = std::time::Instant::now();
-    while !run.join("checkpoints/step_000030/config.json").is_file() {
+    // Both the kept checkpoint of step 30 and a trainer state at least that far (written
+    // separately, so one can exist without the other for a moment).
+    let state_at_30 = || saetrain::train::checkpoint::load(&run).is_ok_and(|(_, m)| m.step >= 30);
+    while !(run.join("checkpoints/step_000030/config.json").is_file() && state_at_30()) {
         assert!(t0.elapsed().as_secs() < 60, "no kept checkpoint appeared");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
@@ -197,7 +200,8 @@ fn resume_after_a_kill_keeps_the_kept_checkpoints_and_continues() {
             (k, b)
         })
         .collect();
-    assert!(before.len() >= 3, "{before:?}");
+    let names: Vec<&String> = before.iter().map(|(k, _)| k).collect();
+    assert!(before.len() >= 3, "kept checkpoints up to step {s}: {names:?}");
     let steps = (s + 25).to_string();
     ok(&sae(&["train", "--resume", run.to_str().unwrap(), "--steps", &steps, "--quiet"]));
     for (k, b) in &before {

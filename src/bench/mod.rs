@@ -11,7 +11,7 @@ pub mod peak;
 
 use crate::backend::cpu::{encode, CpuBackend};
 use crate::backend::{Backend, PhaseTimes};
-use crate::config::{SparsifierKind, TrainConfig};
+use crate::config::{AuxKind, DenseCodes, SparsifierKind, TrainConfig};
 use crate::data::synthetic::{SynthSpec, Synthetic};
 use crate::data::{Batch, BatchSource};
 use crate::model::{init, Shape, TrainState};
@@ -126,6 +126,28 @@ pub fn time_gemm_share(d_in: usize, d_sae: usize, batch: usize, reps: usize) -> 
     (best, share)
 }
 
+/// What a step bench varies beyond the shape.
+#[derive(Clone, Copy, Debug)]
+pub struct StepBenchOptions {
+    /// Fraction of latents held dead before every step, so the aux loss is active (cases whose
+    /// sparsifier has no default aux loss get aux_k). 0: no latent dead, aux inactive.
+    pub dead_fraction: f64,
+    /// The CPU backend's choice of sparse or dense products with the codes.
+    pub dense_codes: DenseCodes,
+}
+
+impl Default for StepBenchOptions {
+    fn default() -> Self {
+        Self { dead_fraction: 0.0, dense_codes: DenseCodes::Auto }
+    }
+}
+
+/// Every `1 / fraction`-th latent (spread over the index range), `round(fraction * d_sae)` of them.
+pub fn dead_latents(d_sae: usize, fraction: f64) -> Vec<usize> {
+    let n = ((fraction.clamp(0.0, 1.0) * d_sae as f64).round() as usize).min(d_sae);
+    (0..n).map(|j| j * d_sae / n.max(1)).collect()
+}
+
 /// Time whole training steps per sparsifier (after one warm-up step), split into phases.
 pub fn bench_step(
     cases: &[Case],
@@ -135,24 +157,50 @@ pub fn bench_step(
     k: usize,
     steps: usize,
 ) -> Result<StepReport> {
+    bench_step_with(cases, d_in, d_sae, batch, k, steps, StepBenchOptions::default())
+}
+
+/// [`bench_step`] with dead latents and a choice of products.
+pub fn bench_step_with(
+    cases: &[Case],
+    d_in: usize,
+    d_sae: usize,
+    batch: usize,
+    k: usize,
+    steps: usize,
+    opts: StepBenchOptions,
+) -> Result<StepReport> {
     let (gemm_s, cpu_share) = time_gemm_share(d_in, d_sae, batch, 3);
     let threads = rayon::current_num_threads();
     let flops = 2.0 * batch as f64 * d_in as f64 * d_sae as f64;
     let fma_peak = peak::measure();
     let mut rows = vec![];
     for case in cases {
-        let cfg = bench_config(case, d_in, d_sae, batch, k);
+        let mut cfg = bench_config(case, d_in, d_sae, batch, k);
+        cfg.dense_codes = opts.dense_codes;
+        let dead = dead_latents(d_sae, opts.dead_fraction);
+        let mut name = case.name.to_string();
+        if !dead.is_empty() {
+            if cfg.aux_kinds().is_empty() {
+                cfg.aux = Some(vec![AuxKind::AuxK]);
+            }
+            name = format!("{name} +aux");
+        }
         let (mut be, mut src) = bench_setup(&cfg)?;
         let batches: Vec<Batch> = (0..steps + 1).map(|_| src.next_batch()).collect::<Result<_>>()?;
+        be.mark_dead(&dead);
         be.step(&batches[0], 1e-4)?;
         be.take_phase_times();
-        let t = Instant::now();
+        let mut elapsed = 0.0;
         let mut l0 = 0.0;
         for b in &batches[1..] {
+            be.mark_dead(&dead);
+            let t = Instant::now();
             l0 += be.step(b, 1e-4)?.l0;
+            elapsed += t.elapsed().as_secs_f64();
         }
-        let per_step = t.elapsed().as_secs_f64() / steps as f64;
-        rows.push(StepRow::new(case.name, batch, steps, per_step, gemm_s, &be.take_phase_times(), l0));
+        let per_step = elapsed / steps as f64;
+        rows.push(StepRow::new(&name, batch, steps, per_step, gemm_s, &be.take_phase_times(), l0));
     }
     Ok(StepReport {
         d_in,

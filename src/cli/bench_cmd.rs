@@ -61,6 +61,13 @@ pub struct StepArgs {
     /// Encoder precision for cuBLAS on CUDA.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
+    /// CPU: hold this fraction of latents dead before every step, so the aux loss runs (rows
+    /// marked "+aux"; sparsifiers without a default aux loss get aux_k).
+    #[arg(long, default_value_t = 0.0)]
+    pub dead_fraction: f64,
+    /// CPU: sparse or dense products with the codes (as `sae train --dense-codes`).
+    #[arg(long, value_enum, default_value_t = crate::config::DenseCodes::Auto)]
+    pub dense_codes: crate::config::DenseCodes,
 }
 
 #[derive(Args, Debug)]
@@ -228,7 +235,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
                 return Ok(());
             }
-            let r = bench::bench_step(&kinds, a.d_in, a.d_sae, a.batch, a.k, a.steps)?;
+            let opts = bench::StepBenchOptions { dead_fraction: a.dead_fraction, dense_codes: a.dense_codes };
+            let r = bench::bench_step_with(&kinds, a.d_in, a.d_sae, a.batch, a.k, a.steps, opts)?;
             println!("{}", cpu_header(&r));
             let rows: Vec<(&str, &bench::StepRow)> = r.rows.iter().map(|row| ("", row)).collect();
             print_step_table(&rows, 1);

@@ -138,6 +138,7 @@ pub const SAFE_ON_RESUME: &[&str] = &[
     "history_every",
     "prefetch",
     "backend",
+    "dense_codes",
 ];
 
 /// The options given with `--resume` (name -> value, config-file keys) checked against the

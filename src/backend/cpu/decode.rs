@@ -110,19 +110,9 @@ pub fn decode_residual_grads(
                 for (&i, &v) in ix.iter().zip(vs) {
                     axpy(h, v, &w_dec[i as usize * d..(i as usize + 1) * d]);
                 }
-                let (mut se, mut xx, mut hh, mut xh_) = (0f64, 0f64, 0f64, 0f64);
-                for j in 0..d {
-                    let rj = h[j] - xb[j];
-                    res[j] = rj;
-                    gr[j] = scale * rj;
-                    se += (rj as f64) * (rj as f64);
-                    xx += (xb[j] as f64) * (xb[j] as f64);
-                    hh += (h[j] as f64) * (h[j] as f64);
-                    xh_ += (xb[j] as f64) * (h[j] as f64);
-                }
+                let (se, cos) = residual_rows(h, xb, scale, d, res, gr);
                 acc.0 += se;
-                let den = (xx * hh).sqrt();
-                acc.1 += if den > 0.0 { xh_ / den } else { 0.0 };
+                acc.1 += cos;
                 for &i in ix {
                     dzc[off] = dot(gr, &w_dec[i as usize * d..(i as usize + 1) * d]);
                     off += 1;
@@ -132,6 +122,28 @@ pub fn decode_residual_grads(
         })
         .collect();
     sums.iter().fold((0.0, 0.0), |a, s| (a.0 + s.0, a.1 + s.1))
+}
+
+/// `r = h - x`, `g = scale * r` for a chunk of rows (h, x, r, g: rows x d); returns
+/// (sum ||r||^2, sum cos(x, h)) in row order, in f64.
+pub fn residual_rows(h: &[f32], x: &[f32], scale: f32, d: usize, res: &mut [f32], g: &mut [f32]) -> (f64, f64) {
+    let mut acc = (0f64, 0f64);
+    for (((h, xb), res), gr) in h.chunks(d).zip(x.chunks(d)).zip(res.chunks_mut(d)).zip(g.chunks_mut(d)) {
+        let (mut se, mut xx, mut hh, mut xh) = (0f64, 0f64, 0f64, 0f64);
+        for j in 0..d {
+            let rj = h[j] - xb[j];
+            res[j] = rj;
+            gr[j] = scale * rj;
+            se += (rj as f64) * (rj as f64);
+            xx += (xb[j] as f64) * (xb[j] as f64);
+            hh += (h[j] as f64) * (h[j] as f64);
+            xh += (xb[j] as f64) * (h[j] as f64);
+        }
+        acc.0 += se;
+        let den = (xx * hh).sqrt();
+        acc.1 += if den > 0.0 { xh / den } else { 0.0 };
+    }
+    acc
 }
 
 /// sum_b ||x_b - mean(X)||^2 (two passes, stable for inputs with a large mean).

@@ -8,11 +8,12 @@ pub mod adam;
 pub mod backward;
 pub mod clip;
 pub mod decode;
+pub mod dense;
 pub mod encode;
 pub mod linalg;
 
 use super::{Backend, InferMode, Inference, PhaseTimes, StepStats};
-use crate::config::{DecoderNorm, TrainConfig};
+use crate::config::{DecoderNorm, DenseCodes, TrainConfig};
 use crate::data::Batch;
 use crate::model::{aligned, Params, TrainState};
 use crate::sparse::SparseCodes;
@@ -39,6 +40,9 @@ struct Workspace {
     residual: Vec<f32>,
     g: Vec<f32>,
     grad: Option<Params>,
+    /// Dense path only ([`dense`]): the codes as B x F (then dL/dpre), and B x F scratch.
+    z_dense: Vec<f32>,
+    work: Vec<f32>,
 }
 
 /// Everything the forward pass produced that the backward pass and the statistics need.
@@ -66,6 +70,15 @@ impl CpuBackend {
 
     pub fn state_ref(&self) -> &TrainState {
         &self.state
+    }
+
+    /// Mark `latents` dead (not fired for the whole dead window), so that the next step's aux
+    /// losses have candidates: for benches that time the aux path at a chosen dead fraction.
+    pub fn mark_dead(&mut self, latents: &[usize]) {
+        let w = self.cfg.dead_window_tokens();
+        for &i in latents {
+            self.state.since_fired[i] = w;
+        }
     }
 
     /// The encoder actually applied: W_enc, or A + alpha W_dec under aligned training.
@@ -237,15 +250,16 @@ impl CpuBackend {
         let t1 = Instant::now();
         let codes = self.select_training(rows, true);
         let t2 = Instant::now();
-        let mut dec = self.decode_phase(&codes, x, rows);
+        let candidates = self.aux_candidates(rows);
+        let dense = self.dense_products(&codes, &candidates);
+        let mut dec = self.decode_phase(&codes, x, rows, dense);
         let t3 = Instant::now();
         let l1 = self.cfg.sparsifier.has_l1().then(|| {
             let lambda = self.cfg.l1_lambda(self.state.step, rows);
             L1Terms::new(&codes, self.state.params.w_dec(), d, lambda, &mut dec.dpre)
         });
-        let candidates = self.aux_candidates(rows);
         let aux: Vec<AuxPass> = candidates.iter().filter_map(|(_, c)| self.aux_phase(c, rows)).collect();
-        let grad = self.latent_grads(&codes, &dec.dpre, &aux, l1.as_ref(), project);
+        let grad = self.latent_grads(&codes, &dec.dpre, &aux, l1.as_ref(), project, dense);
         let t4 = Instant::now();
 
         self.times.encode += (t1 - t0).as_secs_f64();
@@ -262,7 +276,19 @@ impl CpuBackend {
 
     /// Decode with the loss sums, `G = dL_rec/dx_hat = (2/B)(x_hat - x)` into the workspace and
     /// `dZ = G W_dec^T` at the kept entries.
-    fn decode_phase(&mut self, codes: &SparseCodes, x: &[f32], rows: usize) -> Decoded {
+    /// Whether this step's products with the codes run as dense GEMMs (`--dense-codes`; never
+    /// while an aux loss has candidates: its codes take the sparse path with the main ones).
+    fn dense_products(&self, codes: &SparseCodes, aux: &[(AuxKind, Vec<u32>)]) -> bool {
+        let aux_active = aux.iter().any(|(_, c)| !c.is_empty());
+        match self.cfg.dense_codes {
+            _ if aux_active => false,
+            DenseCodes::Never => false,
+            DenseCodes::Always => true,
+            DenseCodes::Auto => dense::dense_is_cheaper(codes.nnz(), codes.rows, codes.cols),
+        }
+    }
+
+    fn decode_phase(&mut self, codes: &SparseCodes, x: &[f32], rows: usize, dense: bool) -> Decoded {
         let d = self.state.shape().d_in;
         let mut x_hat = std::mem::take(&mut self.ws.x_hat);
         let mut residual = std::mem::take(&mut self.ws.residual);
@@ -273,17 +299,25 @@ impl CpuBackend {
         let scale = 2.0 / rows as f32;
         let mut dpre = vec![0f32; codes.nnz()];
         let p = &self.state.params;
-        let (sse, _cos) = decode::decode_residual_grads(
-            codes,
-            p.w_dec(),
-            p.b_dec(),
-            x,
-            scale,
-            &mut x_hat,
-            &mut residual,
-            &mut g,
-            &mut dpre,
-        );
+        let (sse, _cos) = if dense {
+            dense::scatter(codes, &codes.val, &mut self.ws.z_dense);
+            let (z, work) = (&self.ws.z_dense, &mut self.ws.work);
+            dense::decode_residual_grads(
+                codes, z, p.w_dec(), p.b_dec(), x, scale, &mut x_hat, &mut residual, &mut g, &mut dpre, work,
+            )
+        } else {
+            decode::decode_residual_grads(
+                codes,
+                p.w_dec(),
+                p.b_dec(),
+                x,
+                scale,
+                &mut x_hat,
+                &mut residual,
+                &mut g,
+                &mut dpre,
+            )
+        };
         let total_var = decode::total_variance(x, d);
         self.ws.x_hat = x_hat;
         self.ws.residual = residual;
@@ -319,6 +353,7 @@ impl CpuBackend {
         aux: &[AuxPass],
         l1: Option<&L1Terms>,
         project: bool,
+        dense: bool,
     ) -> Params {
         let shape = self.state.shape();
         let d = shape.d_in;
@@ -334,7 +369,7 @@ impl CpuBackend {
         let gp = grad.parts_mut();
         let (a_all, w_all) = (params.w_enc, params.w_dec);
         let is_aligned = self.cfg.aligned;
-        backward::latent_row_grads(&groups, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec, |i, touched, ge, gd| {
+        let extra = |i: usize, touched: bool, ge: &mut [f32], gd: &mut [f32]| {
             if !touched {
                 return;
             }
@@ -350,7 +385,17 @@ impl CpuBackend {
             if project {
                 adam::project_out(gd, w);
             }
-        });
+        };
+        if dense {
+            let z = &mut self.ws.z_dense;
+            let touched = dense::latent_row_grads(codes, z, dpre, &self.ws.g, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec);
+            use rayon::prelude::*;
+            gp.w_enc.par_chunks_mut(d).zip(gp.w_dec.par_chunks_mut(d)).enumerate().for_each(|(i, (ge, gd))| {
+                extra(i, touched[i], ge, gd);
+            });
+        } else {
+            backward::latent_row_grads(&groups, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec, extra);
+        }
         let db_dec = backward::b_dec_grad(&col_sums, self.encoder(), gp.b_enc, d);
         gp.b_dec.copy_from_slice(&db_dec);
         grad

@@ -1,0 +1,142 @@
+//! The dense path of decode and backward, for codes dense enough that GEMMs beat gathers.
+//!
+//! The sparse path costs nnz x d gathered multiply-adds per product; a GEMM costs B x F x d at
+//! a large fraction of the FMA peak. ReLU at initialisation keeps about half of B x F, where the
+//! gathers are tens of times slower than four GEMMs (`sae bench step` shows both). With
+//! `Z` (B x F, the kept codes, zero elsewhere), `G = dL/dx_hat` and `dP` (B x F, dL/dpre at the
+//! kept entries):
+//! - decode `x_hat = b_dec + Z W_dec`;
+//! - code gradients `dZ = G W_dec^T`, read at the kept entries;
+//! - `dW_dec = Z^T G`, `dW_enc = dP^T xc`, `db_enc = column sums of dP`.
+//!
+//! Same mathematics as `decode.rs` / `backward.rs` (tested against them); only the order of the
+//! additions differs.
+
+use super::decode::residual_rows;
+use super::linalg::ROW_CHUNK;
+use crate::sparse::SparseCodes;
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+/// `auto` takes the dense path above this fraction of kept entries (nnz / (B x F)). Measured
+/// with `sae bench step --sparsifier relu` at 512/4096 and 576/4608 (see docs/SPEC.md "CPU
+/// products"): the sparse step costs about 45 GEMM-times per unit of density beyond the GEMM,
+/// the dense products about 4 GEMM-times whatever the density, so they cross near 0.09.
+pub const DENSE_ABOVE: f64 = 0.08;
+
+/// Whether `auto` takes the dense path for `nnz` kept entries of a `rows x cols` batch.
+pub fn dense_is_cheaper(nnz: usize, rows: usize, cols: usize) -> bool {
+    nnz as f64 > DENSE_ABOVE * rows as f64 * cols as f64
+}
+
+fn par() -> Par {
+    match rayon::current_num_threads() {
+        0 | 1 => Par::Seq,
+        n => Par::rayon(n),
+    }
+}
+
+/// `out (m x n) = op(a) op(b)` on row-major slices, `at`/`bt`: use the transpose of the stored
+/// matrix (`a` stored m x k, or k x m when `at`; `b` stored k x n, or n x k when `bt`).
+#[allow(clippy::too_many_arguments)]
+fn gemm(a: &[f32], at: bool, b: &[f32], bt: bool, m: usize, n: usize, k: usize, out: &mut [f32]) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let lhs = if at { MatRef::from_row_major_slice(a, k, m).transpose() } else { MatRef::from_row_major_slice(a, m, k) };
+    let rhs = if bt { MatRef::from_row_major_slice(b, n, k).transpose() } else { MatRef::from_row_major_slice(b, k, n) };
+    matmul(MatMut::from_row_major_slice_mut(out, m, n), Accum::Replace, lhs, rhs, 1.0f32, par());
+}
+
+/// The codes as a dense B x F matrix in `z` (resized, zero where nothing is kept).
+pub fn scatter(codes: &SparseCodes, vals: &[f32], z: &mut Vec<f32>) {
+    let f = codes.cols;
+    crate::util::hugepage::resize_f32(z, codes.rows * f);
+    z.par_chunks_mut(f.max(1)).enumerate().for_each(|(b, row)| {
+        row.fill(0.0);
+        let (ix, _) = codes.row(b);
+        let base = codes.row_ptr[b];
+        for (k, &i) in ix.iter().enumerate() {
+            row[i as usize] = vals[base + k];
+        }
+    });
+}
+
+/// Dense twin of `decode::decode_residual_grads`: `x_hat`, `residual`, `g = scale * residual`
+/// and `dz` at the kept entries, with `z` holding the dense codes ([`scatter`]) and `work` a
+/// B x F scratch buffer. Returns (sum ||r||^2, sum cos(x, x_hat)) over the same row chunks.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_residual_grads(
+    codes: &SparseCodes,
+    z: &[f32],
+    w_dec: &[f32],
+    b_dec: &[f32],
+    x: &[f32],
+    scale: f32,
+    x_hat: &mut [f32],
+    residual: &mut [f32],
+    g: &mut [f32],
+    dz: &mut [f32],
+    work: &mut Vec<f32>,
+) -> (f64, f64) {
+    let (rows, f, d) = (codes.rows, codes.cols, b_dec.len());
+    gemm(z, false, w_dec, false, rows, d, f, x_hat);
+    x_hat.par_chunks_mut(d.max(1)).for_each(|r| r.iter_mut().zip(b_dec).for_each(|(v, b)| *v += b));
+    let n = d * ROW_CHUNK;
+    let sums: Vec<(f64, f64)> = x_hat
+        .par_chunks(n)
+        .zip(x.par_chunks(n))
+        .zip(residual.par_chunks_mut(n))
+        .zip(g.par_chunks_mut(n))
+        .map(|(((h, xc), r), gr)| residual_rows(h, xc, scale, d, r, gr))
+        .collect();
+    crate::util::hugepage::resize_f32(work, rows * f);
+    gemm(g, false, w_dec, true, rows, f, d, work);
+    gather(codes, work, dz);
+    sums.iter().fold((0.0, 0.0), |a, s| (a.0 + s.0, a.1 + s.1))
+}
+
+/// `out[e] = dense[b, i]` for every kept entry e = (b, i).
+fn gather(codes: &SparseCodes, dense: &[f32], out: &mut [f32]) {
+    let f = codes.cols;
+    for b in 0..codes.rows {
+        let (ix, _) = codes.row(b);
+        let base = codes.row_ptr[b];
+        for (k, &i) in ix.iter().enumerate() {
+            out[base + k] = dense[b * f + i as usize];
+        }
+    }
+}
+
+/// Dense twin of `backward::latent_row_grads` for one group: `dw_dec = Z^T G`, then `z` is
+/// overwritten with dP (the kept entries' `dpre`) for `dw_enc = dP^T xc`; `db_enc` = per-latent
+/// sums of `dpre`. Returns whether each latent had a kept entry.
+#[allow(clippy::too_many_arguments)]
+pub fn latent_row_grads(
+    codes: &SparseCodes,
+    z: &mut Vec<f32>,
+    dpre: &[f32],
+    g: &[f32],
+    xc: &[f32],
+    d: usize,
+    dw_enc: &mut [f32],
+    db_enc: &mut [f32],
+    dw_dec: &mut [f32],
+) -> Vec<bool> {
+    let (rows, f) = (codes.rows, codes.cols);
+    gemm(z, true, g, false, f, d, rows, dw_dec);
+    scatter(codes, dpre, z);
+    gemm(z, true, xc, false, f, d, rows, dw_enc);
+    db_enc.fill(0.0);
+    let mut touched = vec![false; f];
+    for (&i, &dp) in codes.idx.iter().zip(dpre) {
+        db_enc[i as usize] += dp;
+        touched[i as usize] = true;
+    }
+    touched
+}
