@@ -334,12 +334,17 @@ fn save_all_with(
     let w_enc_eff = effective_encoder(cfg, &state);
     let theta = crate::sparsify::threshold::exported(&state.theta, &state.theta_set);
     let sae = ExportedSae::from_training(cfg, &state.params, &w_enc_eff, &theta, source.input_scale());
-    let md = json!({
+    let mut md = json!({
         "dataset_path": cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
         "trained_tokens": tokens,
         "input_scale_folded": source.input_scale(),
         "threshold_calibration": calibration,
     });
+    // Where the activations come from (model, hook, context, BOS), from the data's manifest:
+    // what SAELens / SAEBench and scripts/ce_eval.py need to splice the SAE back in.
+    if let Some(m) = source.manifest() {
+        md.as_object_mut().expect("an object").extend(m.saelens_metadata());
+    }
     sae.save(out, cfg, md)
 }
 
