@@ -303,7 +303,8 @@ printf '{{"ce_loss_score": 0.875, "kl_div_score": 0.75, "ce_loss_without_sae": 3
     .unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
     let r = run.to_str().unwrap();
-    let o = sae(&["eval", r, "--model", "m.gguf", "--hook", "blocks.2.hook_resid_pre", "--python", fake.to_str().unwrap()]);
+    let o =
+        sae(&["eval", r, "--model", "m.gguf", "--hook", "blocks.2.hook_resid_pre", "--python", fake.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("CE loss score") && stdout.contains("0.8750") && stdout.contains("0.7500"), "{stdout}");
