@@ -1,52 +1,69 @@
 #!/usr/bin/env python3
-"""Language-model scores of an SAE: splice its reconstruction into a causal LM at the hooked
-layer and compare next-token losses (SAEBench "core" reconstruction metrics).
+"""Language-model scores of an SAE: splice its reconstruction into the causal LM at the hook its
+activations were harvested from, and compare next-token losses (SAEBench "core" metrics).
 
-    CE loss score = (H_0 - H*) / (H_0 - H_orig)
-    KL score      = 1 - KL_sae / KL_zero
+    CE loss score = (H_zero - H_sae) / (H_zero - H_clean)       (SAEBench ce_loss_score)
+    KL score      = (KL_zero - KL_sae) / KL_zero                (SAEBench kl_div_score)
 
-H_orig: cross-entropy of the unmodified model; H*: with the activations at the hook replaced by
-the SAE's reconstruction; H_0: with them zero-ablated. KL_sae / KL_zero: mean per-token
-KL(p_orig || p_patched) for the SAE splice / the zero ablation. As in SAEBench (with
-exclude_special_tokens_from_reconstruction), positions holding a BOS, EOS or pad token keep their
-original activations in the SAE splice and are left out of every mean (for the CE terms, the
-position whose token is the input of the prediction).
+H_clean: mean next-token cross-entropy of the unmodified model; H_sae: with the activations at
+the hook replaced by the SAE's reconstruction; H_zero: with them zero-ablated (every position, as
+SAEBench). KL_*: mean per-position KL(p_clean || p_patched) of the next-token distributions. As
+SAEBench with exclude_special_tokens_from_reconstruction, positions holding a BOS, EOS or pad
+token keep their clean activations in the SAE splice and are left out of every mean (for the CE
+terms: the position whose token is the input of the prediction). Also reported, beyond SAEBench:
+the same two scores against mean ablation (every position replaced by the mean clean activation
+at the hook over the evaluated non-special positions), `*_mean_ablation`.
 
-Token ids come from the harvester's shards: every `tokens.npy` under --tokens (a directory),
-sorted by path; each is [sequences, context] or flat (then cut into --context long rows).
+Tokens: the harvester's token windows of --tokens (default: cfg.json metadata.dataset_path), a
+harvested directory (manifest.json shards[].tokens_file, else tokens/windows_*.npy; layout in
+scripts/saetrain_hooks.py) or one (windows, context) int .npy file; at most --max-tokens positions.
+
+Hook: --hook NAME, else --layer L (= blocks.L.hook_resid_pre, harvest.py's default), else
+cfg.json metadata.hook_name, which `sae train` copies from the shards' manifest: the SAE is
+spliced where it was harvested. Model: --model, else metadata.model_name (an id, a directory or
+a .gguf file).
+
+--replay-acts: instead of an SAE, splice the harvested activations themselves back in (position
+0, whose activation the harvester does not store, keeps its clean value). H_sae must then equal
+H_clean: a check that harvest and splice use the same hook point, tokens and model (exact for
+float32 shards up to float rounding, ~1e-6).
 
 The SAE is read from a run directory or an exported checkpoint: SAELens layout (`cfg.json` +
 `sae_weights.safetensors`, normalisation already folded in) or sparsify layout (`cfg.json` +
-`sae.safetensors`). Model and hook default to cfg.json's `metadata.model_name` /
-`metadata.hook_name` (`blocks.L.hook_resid_post`, `blocks.L.hook_resid_pre`, or sparsify's
-`layers.L`).
+`sae.safetensors`). It runs in float32.
 
 Writes ce_eval.json (default: into the SAE directory, where `sae eval` picks it up).
-Needs torch, transformers, safetensors and numpy; prints "skipped" and exits 0 without torch.
+Needs torch, transformers, safetensors and numpy (gguf + accelerate for .gguf models); prints
+"skipped" and exits 0 without torch.
 """
 
 import argparse
-import glob
 import json
 import os
-import re
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import saetrain_hooks as hooks  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sae", required=True, help="run directory or SAE checkpoint directory")
-    p.add_argument("--tokens", required=True, help="harvester shards directory (tokens.npy per shard)")
-    p.add_argument("--model", help="Hugging Face model id or local path (default: cfg metadata.model_name)")
-    p.add_argument("--hook", help="blocks.L.hook_resid_post | blocks.L.hook_resid_pre | layers.L (default: cfg)")
-    p.add_argument("--layer", type=int, help="shorthand for --hook blocks.L.hook_resid_post")
-    p.add_argument("--context", type=int, default=128, help="row length when tokens.npy is flat")
+    p.add_argument("--sae", help="run directory or SAE checkpoint directory")
+    p.add_argument("--replay-acts", action="store_true",
+                   help="splice the harvested activations of --tokens back instead of an SAE (identity check)")
+    p.add_argument("--tokens", help="harvested directory or windows .npy (default: cfg metadata.dataset_path)")
+    p.add_argument("--model", help="Hugging Face id, local directory or .gguf file (default: cfg metadata.model_name)")
+    p.add_argument("--hook", help="blocks.L.hook_resid_pre | blocks.L.hook_resid_post | layers.L (default: cfg)")
+    p.add_argument("--layer", type=int, help=f"shorthand for --hook blocks.L.hook_{hooks.DEFAULT_KIND}")
     p.add_argument("--max-tokens", type=int, default=65536, help="stop after this many token positions")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    p.add_argument("--out", help="output file (default: SAE_DIR/ce_eval.json)")
-    return p.parse_args(argv)
+    p.add_argument("--out", help="output file (default: SAE_DIR/ce_eval.json; with --replay-acts and no --sae: none)")
+    args = p.parse_args(argv)
+    if not args.sae and not args.replay_acts:
+        p.error("give --sae DIR (or --replay-acts)")
+    return args
 
 
 def load_sae(path, torch):
@@ -120,47 +137,37 @@ def load_sae(path, torch):
     return encode_decode, cfg, layout
 
 
-def token_rows(tokens_dir, context, max_tokens, np):
-    files = sorted(glob.glob(os.path.join(tokens_dir, "**", "tokens.npy"), recursive=True))
-    if not files:
-        raise SystemExit(f"{tokens_dir}: no tokens.npy found")
-    rows, total = [], 0
-    for f in files:
-        a = np.load(f, mmap_mode="r")
-        if a.ndim == 1:
-            n = (a.shape[0] // context) * context
-            a = a[:n].reshape(-1, context)
-        elif a.ndim != 2:
-            raise SystemExit(f"{f}: expected a 1-D or 2-D array, found shape {a.shape}")
-        for r in a:
-            rows.append(np.asarray(r, dtype=np.int64))
-            total += r.shape[0]
-            if total >= max_tokens:
-                return rows, files
-    return rows, files
+def load_acts(path, np, torch):
+    """An activation shard as a float32 tensor (bfloat16 `<V2` shards widened)."""
+    a = np.load(path, mmap_mode="r")
+    if a.dtype.kind == "V" and a.dtype.itemsize == 2:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.array(a, dtype=np.float32))
 
 
-def find_blocks(model, torch):
-    """The model's list of transformer blocks (the ModuleList with num_hidden_layers entries)."""
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    best = None
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.ModuleList) and (n is None or len(m) == n):
-            if best is None or name.count(".") < best[0].count("."):
-                best = (name, m)
-    if best is None:
-        raise SystemExit("cannot find the model's transformer blocks")
-    return best[1]
-
-
-def parse_hook(hook):
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(post|pre)", hook or "")
-    if m:
-        return int(m.group(1)), m.group(2)
-    m = re.fullmatch(r"(?:model\.)?(?:layers|h|transformer\.h|gpt_neox\.layers)\.(\d+)", hook or "")
-    if m:
-        return int(m.group(1)), "post"
-    raise SystemExit(f"unsupported hook {hook!r}: use blocks.L.hook_resid_post, blocks.L.hook_resid_pre or layers.L")
+def load_windows(tokens, max_tokens, replay, np, torch):
+    """(windows [n, ctx] int64, stored activations [n, ctx-1, d] or None, files used)."""
+    shards = hooks.harvested_shards(tokens)
+    wins, acts, used, total = [], [], [], 0
+    for acts_path, tok_path in shards:
+        w = np.load(tok_path, mmap_mode="r")
+        if w.ndim != 2:
+            raise SystemExit(f"{tok_path}: expected (windows, context), found shape {w.shape}")
+        take = min(w.shape[0], -(-(max_tokens - total) // w.shape[1]))
+        wins.append(torch.from_numpy(np.asarray(w[:take], dtype=np.int64)))
+        used.append(tok_path)
+        if replay:
+            if acts_path is None:
+                raise SystemExit(f"--replay-acts: {tokens} has no manifest.json naming the activation shards")
+            x = load_acts(acts_path, np, torch)
+            per = w.shape[1] - 1
+            if x.shape[0] != w.shape[0] * per:
+                raise SystemExit(f"{acts_path}: {x.shape[0]} rows but {tok_path} has {w.shape[0]} windows of {per}")
+            acts.append(x[: take * per].reshape(take, per, -1))
+        total += take * w.shape[1]
+        if total >= max_tokens:
+            break
+    return torch.cat(wins), (torch.cat(acts) if replay else None), used
 
 
 def main(argv=None):
@@ -168,121 +175,177 @@ def main(argv=None):
     try:
         import numpy as np
         import torch
-        import transformers
+        import transformers  # noqa: F401
     except ImportError as e:
         print(f"skipped: {e.name} is not installed (needs torch, transformers, safetensors, numpy)")
         return 0
 
-    encode_decode, cfg, layout = load_sae(args.sae, torch)
+    if args.sae:
+        encode_decode, cfg, layout = load_sae(args.sae, torch)
+    else:
+        encode_decode, cfg, layout = None, {}, "replay"
     md = cfg.get("metadata") or {}
-    model_name = args.model or md.get("model_name")
-    if not model_name:
+    tokens = args.tokens or md.get("dataset_path")
+    if not tokens or tokens == "synthetic" or not os.path.exists(tokens):
+        raise SystemExit(f"no token windows: give --tokens DIR (cfg.json metadata.dataset_path is {tokens!r})")
+    man = hooks.read_manifest(tokens) if os.path.isdir(tokens) else {}
+    model_name = args.model or md.get("model_name") or man.get("model")
+    if not model_name or model_name == "synthetic":
         raise SystemExit("no model: give --model (cfg.json metadata.model_name is empty)")
-    hook = f"blocks.{args.layer}.hook_resid_post" if args.layer is not None else (args.hook or md.get("hook_name"))
+    if args.hook:
+        hook = args.hook
+    elif args.layer is not None:
+        hook = hooks.hook_name(args.layer, hooks.DEFAULT_KIND)
+    else:
+        hook = md.get("hook_name") or man.get("hook")
     if not hook:
-        raise SystemExit("no hook: give --layer or --hook (cfg.json metadata.hook_name is empty)")
-    layer, where = parse_hook(hook)
+        raise SystemExit("no hook: give --hook or --layer (cfg.json metadata.hook_name is empty)")
+    hooks.parse_hook(hook)
+    harvested = man.get("hook")
+    if harvested and hooks.parse_hook(harvested) != hooks.parse_hook(hook):
+        print(f"warning: splicing at {hook} but {tokens} was harvested at {harvested}", file=sys.stderr)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
-    tok = transformers.AutoTokenizer.from_pretrained(model_name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_name, torch_dtype=dtype).to(device).eval()
-    blocks = find_blocks(model, torch)
-    if layer >= len(blocks):
-        raise SystemExit(f"hook {hook}: the model has {len(blocks)} blocks")
+    model = hooks.load_model(model_name, getattr(torch, args.dtype), device)
+    tok = hooks.load_tokenizer(model_name)
     special = sorted({t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None})
+    windows, stored, files = load_windows(tokens, args.max_tokens, args.replay_acts, np, torch)
 
-    state = {"mode": None, "mask": None}
+    state = {"mode": None}
+
+    class Captured(Exception):
+        pass
 
     def patch(h):
-        if state["mode"] == "sae":
+        mode = state["mode"]
+        if mode == "capture":
+            state["h"] = h
+            raise Captured
+        if mode == "sae":
             flat = h.reshape(-1, h.shape[-1])
             rec = encode_decode(flat).reshape(h.shape)
-            return torch.where(state["mask"][..., None], rec, h)
-        if state["mode"] == "zero":
+            return torch.where(state["keep"][..., None], rec, h)
+        if mode == "replay":
+            out = h.clone()
+            out[:, 1:] = state["stored"].to(h.dtype)
+            return out
+        if mode == "zero":
             return torch.zeros_like(h)
+        if mode == "mean":
+            return state["mean"].to(h.dtype).expand_as(h).clone()
         return h
 
-    def post_hook(_module, _inputs, output):
-        if isinstance(output, tuple):
-            return (patch(output[0]),) + tuple(output[1:])
-        return patch(output)
+    handle = hooks.attach(model, hook, patch)
+    batches = [(i, min(i + args.batch_size, len(windows))) for i in range(0, len(windows), args.batch_size)]
 
-    def pre_hook(_module, args_, kwargs):
-        if args_:
-            return (patch(args_[0]),) + tuple(args_[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = patch(kwargs["hidden_states"])
-        return args_, kwargs
+    def keep_mask(ids):
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        for t in special:
+            keep &= ids != t
+        return keep
 
-    if where == "post":
-        handle = blocks[layer].register_forward_hook(post_hook)
-    else:
-        handle = blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    rows, files = token_rows(args.tokens, args.context, args.max_tokens, np)
-    sums = {k: 0.0 for k in ("ce_orig", "ce_sae", "ce_zero", "kl_sae", "kl_zero")}
-    n_ce = n_kl = 0
     with torch.no_grad():
-        for i in range(0, len(rows), args.batch_size):
-            chunk = rows[i : i + args.batch_size]
-            width = min(len(r) for r in chunk)
-            ids = torch.tensor(np.stack([r[:width] for r in chunk]), device=device)
-            keep = torch.ones_like(ids, dtype=torch.bool)
-            for t in special:
-                keep &= ids != t
-            state["mask"] = keep
-            logp = {}
-            for mode in ("orig", "sae", "zero"):
-                state["mode"] = None if mode == "orig" else mode
-                logits = model(ids).logits.float()
-                logp[mode] = torch.log_softmax(logits, dim=-1)
-            state["mode"] = None
-            target = ids[:, 1:]
-            ce_mask = keep[:, :-1]
-            for mode in ("orig", "sae", "zero"):
-                nll = -logp[mode][:, :-1].gather(-1, target[..., None]).squeeze(-1)
-                sums[f"ce_{mode}"] += nll[ce_mask].sum().item()
-            p = logp["orig"].exp()
-            for mode in ("sae", "zero"):
-                kl = (p * (logp["orig"] - logp[mode])).sum(-1)
-                sums[f"kl_{mode}"] += kl[keep].sum().item()
-            n_ce += int(ce_mask.sum().item())
-            n_kl += int(keep.sum().item())
-    handle.remove()
-    if n_ce == 0:
-        raise SystemExit("no token positions left after excluding special tokens")
+        # Pass 1: the mean clean activation at the hook over non-special positions.
+        acc, count = None, 0
+        state["mode"] = "capture"
+        for a, b in batches:
+            ids = windows[a:b].to(device)
+            try:
+                model(ids)
+            except Captured:
+                pass
+            h, keep = state.pop("h").float(), keep_mask(ids)
+            s_ = h[keep].sum(0)
+            acc = s_ if acc is None else acc + s_
+            count += int(keep.sum())
+        if count == 0:
+            raise SystemExit("no token positions left after excluding special tokens")
+        state["mean"] = acc / count
 
-    h_orig, h_sae, h_zero = (sums[k] / n_ce for k in ("ce_orig", "ce_sae", "ce_zero"))
-    kl_sae, kl_zero = sums["kl_sae"] / n_kl, sums["kl_zero"] / n_kl
+        modes = ["sae" if encode_decode else "replay", "zero", "mean"]
+        sums = {k: 0.0 for k in ["ce_clean"] + [f"ce_{m}" for m in modes] + [f"kl_{m}" for m in modes]}
+        n_ce = n_kl = 0
+        for a, b in batches:
+            ids = windows[a:b].to(device)
+            keep = keep_mask(ids)
+            state["keep"] = keep
+            if stored is not None:
+                state["stored"] = stored[a:b].to(device)
+            target, ce_mask = ids[:, 1:], keep[:, :-1]
+
+            def ce_and_logp(mode):
+                state["mode"] = mode
+                logp = torch.log_softmax(model(ids).logits.float(), dim=-1)
+                nll = -logp[:, :-1].gather(-1, target[..., None]).squeeze(-1)
+                return nll[ce_mask].sum().item(), logp
+
+            ce, logp_clean = ce_and_logp(None)
+            sums["ce_clean"] += ce
+            p_clean = logp_clean.exp()
+            for mode in modes:
+                ce, logp = ce_and_logp(mode)
+                sums[f"ce_{mode}"] += ce
+                kl = (p_clean * (logp_clean - logp)).sum(-1)
+                sums[f"kl_{mode}"] += kl[keep].sum().item()
+                del logp
+            state["mode"] = None
+            n_ce += int(ce_mask.sum())
+            n_kl += int(keep.sum())
+    handle.remove()
+
+    ce = {m: sums[f"ce_{m}"] / n_ce for m in ["clean"] + modes}
+    kl = {m: sums[f"kl_{m}"] / n_kl for m in modes}
+    spliced = modes[0]
+
+    def score(h_abl, h, h0):
+        return (h_abl - h) / (h_abl - h0) if h_abl != h0 else None
+
     result = {
-        "ce_loss_score": (h_zero - h_sae) / (h_zero - h_orig) if h_zero != h_orig else None,
-        "kl_div_score": 1.0 - kl_sae / kl_zero if kl_zero > 0 else None,
-        "ce_loss_without_sae": h_orig,
-        "ce_loss_with_sae": h_sae,
-        "ce_loss_with_ablation": h_zero,
-        "kl_div_with_sae": kl_sae,
-        "kl_div_with_ablation": kl_zero,
+        "ce_loss_score": score(ce["zero"], ce[spliced], ce["clean"]),
+        "kl_div_score": (kl["zero"] - kl[spliced]) / kl["zero"] if kl["zero"] > 0 else None,
+        "ce_loss_without_sae": ce["clean"],
+        "ce_loss_with_sae": ce[spliced],
+        "ce_loss_with_ablation": ce["zero"],
+        "kl_div_with_sae": kl[spliced],
+        "kl_div_with_ablation": kl["zero"],
+        "ce_loss_score_mean_ablation": score(ce["mean"], ce[spliced], ce["clean"]),
+        "kl_div_score_mean_ablation": (kl["mean"] - kl[spliced]) / kl["mean"] if kl["mean"] > 0 else None,
+        "ce_loss_with_mean_ablation": ce["mean"],
+        "kl_div_with_mean_ablation": kl["mean"],
         "tokens_ce": n_ce,
         "tokens_kl": n_kl,
-        "sequences": len(rows),
+        "sequences": len(windows),
+        "context_size": int(windows.shape[1]),
         "model": model_name,
         "hook": hook,
-        "sae": os.path.abspath(args.sae),
+        "sae": os.path.abspath(args.sae) if args.sae else None,
         "sae_layout": layout,
+        "tokens": os.path.abspath(tokens),
         "token_files": len(files),
         "excluded_token_ids": special,
         "dtype": args.dtype,
+        "definitions": "SAEBench core: ce_loss_score = (H_zero - H_sae) / (H_zero - H_clean), kl_div_score = "
+        "(KL_zero - KL_sae) / KL_zero, KL(p_clean || p_patched) per position; *_mean_ablation: the same "
+        "against mean ablation (docs/eval.md)",
     }
-    out = args.out or os.path.join(args.sae if os.path.isdir(args.sae) else os.path.dirname(args.sae), "ce_eval.json")
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, out)
-    print(f"CE loss score {result['ce_loss_score']}, KL score {result['kl_div_score']} over {n_ce} tokens -> {out}")
-    return 0
+    out = args.out
+    if out is None and args.sae:
+        out = os.path.join(args.sae if os.path.isdir(args.sae) else os.path.dirname(args.sae), "ce_eval.json")
+    if out:
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, out)
+    what = "replayed activations" if args.replay_acts else "SAE"
+    print(
+        f"{hook}: CE clean {ce['clean']:.6f}, with {what} {ce[spliced]:.6f}, zero-ablated {ce['zero']:.6f}, "
+        f"mean-ablated {ce['mean']:.6f}; CE loss score {result['ce_loss_score']}, KL score {result['kl_div_score']} "
+        f"over {n_ce} tokens" + (f" -> {out}" if out else "")
+    )
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    sys.exit(0)

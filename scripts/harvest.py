@@ -7,15 +7,22 @@ the BOS token (or the tokenizer's EOS when it has no BOS, as GPT-2). The activat
 position of every window is NOT saved (Gao et al. 2024: the BOS/attention-sink position has a huge
 norm and says nothing about the text), so each window gives context_length - 1 rows.
 
-Hook points: `resid_pre` of block L (the input of block L = hidden_states[L], SAELens
-`blocks.L.hook_resid_pre`) or `resid_post` of block L (= hidden_states[L + 1]).
+Hook points (scripts/saetrain_hooks.py, shared with ce_eval.py): `resid_pre` of block L = the
+input of block L (SAELens `blocks.L.hook_resid_pre`, HF hidden_states[L]) or `resid_post` = its
+output (`blocks.L.hook_resid_post`, hidden_states[L + 1] except after the last block, where HF
+returns the final-norm output). Activations are read by a hook on the block itself, the same one
+ce_eval.py splices at; the forward pass stops there.
 
 Output directory:
   acts_00000.npy ...          (rows, d_model) float32 / float16 / bfloat16 (bfloat16 written as '<V2')
   tokens/windows_00000.npy    (windows, context_length) int32: the token windows of that shard, BOS
                               included; activation row i of the shard is window i // (ctx-1),
                               position 1 + i % (ctx-1). Enough to evaluate CE loss with x replaced.
-  manifest.json               model, layer, hook, d_in, dtype, per-shard files and rows, ...
+  manifest.json               model, layer, hook, d_in, dtype, per-shard files and rows, context
+                              length, prepend_bos, ... (`sae train` copies model, hook, layer,
+                              context length and prepend_bos into the run's cfg.json)
+
+--model takes a Hugging Face id, a local directory or a .gguf file (transformers + gguf load it).
 
 Example:
   python scripts/harvest.py --model HuggingFaceTB/SmolLM2-135M --layer 15 --text corpus.txt \\
@@ -28,6 +35,9 @@ import json
 import os
 import struct
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import saetrain_hooks as hooks  # noqa: E402
 
 NPY_HEADER_BYTES = 128  # fixed, so that the header can be rewritten with the final row count
 
@@ -120,9 +130,10 @@ def windows(tokenizer, texts, ctx, max_windows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="Hugging Face model id or local directory")
+    ap.add_argument("--model", required=True, help="Hugging Face model id, local directory or .gguf file")
     ap.add_argument("--layer", type=int, required=True, help="block index L")
-    ap.add_argument("--hook", choices=["resid_pre", "resid_post"], default="resid_pre")
+    ap.add_argument("--hook", choices=["resid_pre", "resid_post"], default=hooks.DEFAULT_KIND,
+                    help="blocks.L.hook_resid_pre (input of block L) or ..._post (its output)")
     ap.add_argument("--text", nargs="+", required=True, help="UTF-8 text file(s) or globs")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--tokenizer", default=None, help="tokenizer id/dir (default: the model's); 'bytes' for tests")
@@ -136,34 +147,44 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.context_length < 2:
         sys.exit("error: --context-length must be >= 2 (the first position is not saved)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.model_dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=mdt).to(device).eval()
-    n_layers = model.config.num_hidden_layers
+    model = hooks.load_model(args.model, mdt, device)
+    n_layers = len(hooks.find_blocks(model))
     if not 0 <= args.layer < n_layers:
         sys.exit(f"error: --layer {args.layer}: the model has blocks 0..{n_layers - 1}")
-    hs_index = args.layer if args.hook == "resid_pre" else args.layer + 1
+    hook = hooks.hook_name(args.layer, args.hook)
     if args.tokenizer == "bytes":
         tok = ByteTokenizer()
     else:
-        tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        tok = hooks.load_tokenizer(args.tokenizer or args.model)
+
+    captured = {}
+
+    class Captured(Exception):
+        """Raised by the hook: nothing after the hook point is needed."""
+
+    def capture(h):
+        captured["h"] = h
+        raise Captured
+
+    hooks.attach(model, hook, capture)
     d_model = model.config.hidden_size
     ctx = args.context_length
     per_window = ctx - 1
     windows_per_shard = max(1, args.shard_tokens // per_window)
     max_windows = -(-args.max_tokens // per_window) if args.max_tokens else 0
 
-    os.makedirs(os.path.join(args.out, "tokens"), exist_ok=True)
+    os.makedirs(os.path.join(args.out, hooks.TOKENS_DIR), exist_ok=True)
     descr = DTYPES[args.dtype]
     shards, acts, toks = [], None, None
 
     def open_shard():
         i = len(shards)
-        name, tname = f"acts_{i:05d}.npy", f"tokens/windows_{i:05d}.npy"
+        name, tname = hooks.acts_file(i), hooks.tokens_file(i)
         shards.append({"file": name, "rows": 0, "tokens_file": tname})
         return NpyWriter(os.path.join(args.out, name), descr, d_model), NpyWriter(
             os.path.join(args.out, tname), "<i4", ctx
@@ -192,8 +213,11 @@ def main(argv=None):
         if batch and (len(batch) == args.batch_size or done):
             ids = torch.tensor(batch, dtype=torch.long, device=device)
             with torch.no_grad():
-                out = model(input_ids=ids, output_hidden_states=True)
-            h = to_numpy(out.hidden_states[hs_index][:, 1:, :], args.dtype)  # BOS position excluded
+                try:
+                    model(input_ids=ids)
+                except Captured:
+                    pass
+            h = to_numpy(captured.pop("h")[:, 1:, :], args.dtype)  # BOS position excluded
             for w in range(len(batch)):
                 if acts is None or acts.rows >= windows_per_shard * per_window:
                     if acts is not None:
@@ -212,9 +236,9 @@ def main(argv=None):
     manifest = {
         "format": "saetrain-activations",
         "version": 1,
-        "model": args.model,
+        "model": hooks.model_record(args.model),
         "layer": args.layer,
-        "hook": f"blocks.{args.layer}.hook_{args.hook}",
+        "hook": hook,
         "d_in": d_model,
         "dtype": args.dtype,
         "shards": shards,
@@ -222,12 +246,13 @@ def main(argv=None):
         "normalization": "none: raw residual stream (sae train --normalize scales it)",
         "extra": {
             "context_length": ctx,
+            "prepend_bos": True,
             "bos_excluded": True,
             "rows_per_window": per_window,
             "tokenizer": getattr(tok, "name_or_path", None),
             "model_dtype": args.model_dtype,
             "text_files": text_files,
-            "hidden_states_index": hs_index,
+            "hidden_states_index": hooks.hidden_states_index(args.layer, args.hook),
         },
     }
     with open(os.path.join(args.out, "manifest.json"), "w") as f:

@@ -204,3 +204,125 @@ fn cuda_backend_on_the_emulator_trains_like_the_cpu() {
         }
     }
 }
+
+/// `cfg.json` metadata of a run directory or export.
+fn metadata(dir: &Path) -> serde_json::Value {
+    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cfg.json")).unwrap()).unwrap();
+    c["metadata"].clone()
+}
+
+/// Where the SAE belongs (model, hook, layer, context, BOS) goes from the shards' manifest
+/// (as `scripts/harvest.py` writes it) into the run's `cfg.json` and on into its exports; the
+/// built-in synthetic data leaves those fields null.
+#[test]
+fn manifest_model_and_hook_reach_cfg_json_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("acts");
+    let d = data.to_str().unwrap();
+    let o = sae(&["data", "synth", "--out", d, "--tokens", "2048", "--d-in", "24", "--features", "40"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mp = data.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&mp).unwrap()).unwrap();
+    m["model"] = "HuggingFaceTB/SmolLM2-135M".into();
+    m["layer"] = 3.into();
+    m["hook"] = "blocks.3.hook_resid_post".into();
+    m["extra"] = serde_json::json!({"context_length": 64, "prepend_bos": true});
+    std::fs::write(&mp, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+
+    let run = dir.path().join("run");
+    let r = run.to_str().unwrap();
+    let mut args = vec!["train", "--out", r, "--data", d, "--d-sae", "48", "--batch-size", "64", "--steps", "5"];
+    args.extend_from_slice(&["--eval-tokens", "256", "--backend", "cpu", "--quiet"]);
+    let o = sae(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = |md: &serde_json::Value| {
+        assert_eq!(md["model_name"], "HuggingFaceTB/SmolLM2-135M", "{md}");
+        assert_eq!(md["hook_name"], "blocks.3.hook_resid_post", "{md}");
+        assert_eq!(md["hook_layer"], 3, "{md}");
+        assert_eq!(md["context_size"], 64, "{md}");
+        assert_eq!(md["prepend_bos"], true, "{md}");
+    };
+    want(&metadata(&run));
+    assert_eq!(metadata(&run)["dataset_path"], d);
+
+    // From the run (rebuilt from its trainer state), then from that export (a conversion).
+    let mut from = run.clone();
+    for name in ["export", "converted"] {
+        let out = dir.path().join(name);
+        let o = sae(&["export", from.to_str().unwrap(), "--format", "saelens", "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        want(&metadata(&out));
+        from = out;
+    }
+
+    // The layer follows from a blocks.L hook when the manifest has no `layer`.
+    m["layer"] = serde_json::Value::Null;
+    std::fs::write(&mp, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    let run2 = dir.path().join("run2");
+    args[2] = run2.to_str().unwrap();
+    let o = sae(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    want(&metadata(&run2));
+
+    // Built-in synthetic data: nothing to say where the SAE belongs.
+    let syn = dir.path().join("syn");
+    let o = sae(&["train", "--out", syn.to_str().unwrap(), "--steps", "3", "--synth-d-in", "24", "--d-sae", "48"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let md = metadata(&syn);
+    for k in ["model_name", "hook_name", "hook_layer", "context_size"] {
+        assert!(md[k].is_null(), "{k}: {md}");
+    }
+    assert_eq!(md["dataset_path"], "synthetic");
+}
+
+/// `sae eval RUN --model M` runs the compiled-in scripts/ce_eval.py with `--python` and reports
+/// its numbers; here the interpreter is a stand-in that checks its arguments and writes a fixed
+/// result (the real script is exercised on a real model by scripts/test_ce_e2e.sh).
+#[test]
+fn eval_with_a_model_runs_the_ce_script_and_reports_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = sae(&["train", "--out", run.to_str().unwrap(), "--steps", "3", "--synth-d-in", "24", "--d-sae", "48"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let fake = dir.path().join("fake-python");
+    let log = dir.path().join("args.txt");
+    std::fs::write(
+        &fake,
+        format!(
+            r#"#!/bin/sh
+echo "$@" > {log}
+grep -q "def main" "$1" || exit 3
+[ -f "$(dirname "$1")/saetrain_hooks.py" ] || exit 4
+while [ $# -gt 0 ]; do [ "$1" = --out ] && out="$2"; shift; done
+printf '{{"ce_loss_score": 0.875, "kl_div_score": 0.75, "ce_loss_without_sae": 3.0, "ce_loss_with_sae": 3.5, "ce_loss_with_ablation": 7.0}}' > "$out"
+"#,
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let r = run.to_str().unwrap();
+    let o =
+        sae(&["eval", r, "--model", "m.gguf", "--hook", "blocks.2.hook_resid_pre", "--python", fake.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("CE loss score") && stdout.contains("0.8750") && stdout.contains("0.7500"), "{stdout}");
+    let args = std::fs::read_to_string(&log).unwrap();
+    assert!(args.contains(&format!("--sae {r}")) && args.contains("--model m.gguf"), "{args}");
+    assert!(args.contains("--hook blocks.2.hook_resid_pre"), "{args}");
+    let report = std::fs::read_to_string(run.join("eval/report.md")).unwrap();
+    assert!(report.contains("CE loss with SAE") && report.contains("3.5000"), "{report}");
+    let ev: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval/eval.json")).unwrap()).unwrap();
+    assert_eq!(ev["runs"][0]["ce_eval"]["ce_loss_score"], 0.875);
+    // Kept beside the run: a later `sae eval` without a model (and without Python) reports it.
+    let o = sae(&["eval", r, "--no-plots"]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("0.8750"));
+
+    // An interpreter that writes nothing (no torch: the script prints "skipped") is an error.
+    std::fs::write(&fake, "#!/bin/sh\necho skipped: torch is not installed\n").unwrap();
+    let o = sae(&["eval", r, "--model", "m", "--python", fake.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("wrote no result"), "{}", stderr(&o));
+}

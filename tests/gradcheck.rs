@@ -456,7 +456,8 @@ fn dense_and_sparse_paths_agree() {
             c.cfg.dense_codes = mode;
             prepare(&c, 500 + n as u64, true)
         });
-        let e = assert_close(&format!("{}: dense vs sparse path", c.name), &dense.fast_grad(), &sparse.fast_grad(), 1e-5);
+        let e =
+            assert_close(&format!("{}: dense vs sparse path", c.name), &dense.fast_grad(), &sparse.fast_grad(), 1e-5);
         let (a, b) = (&dense.pass.stats, &sparse.pass.stats);
         assert!((a.loss - b.loss).abs() <= 1e-5 * b.loss.abs().max(1e-3), "{}: loss {} vs {}", c.name, a.loss, b.loss);
         assert_eq!(dense.pass.codes.nnz(), sparse.pass.codes.nnz(), "{}", c.name);

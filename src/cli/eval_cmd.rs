@@ -1,4 +1,11 @@
-//! `sae eval RUN_OR_CHECKPOINT... [--data PATH] [--tokens N] [--compare] [--against B] [--out DIR]`
+//! `sae eval RUN_OR_CHECKPOINT... [--data PATH] [--tokens N] [--compare] [--against B] [--out DIR]
+//! [--model M [--hook H] [--ce-tokens DIR] [--ce-max-tokens N] [--python PY]]`
+//!
+//! With `--model`, the language-model scores (CE loss / KL, SAEBench "core") come from
+//! `scripts/ce_eval.py`, compiled into the binary and run with `--python` (default
+//! `$SAETRAIN_PYTHON`, else `python3`, which needs torch and transformers); its `ce_eval.json` is
+//! stored beside each SAE and joins the report. Without `--model` nothing needs Python: a
+//! `ce_eval.json` already beside an SAE is reported as it is.
 
 use crate::eval::report::{labels, write_outputs, EVAL_FILE, REPORT_FILE};
 use crate::eval::run::{evaluate, EvalOptions};
@@ -37,6 +44,70 @@ pub struct EvalArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Language model (Hugging Face id, directory or .gguf file): also measure CE loss / KL with
+    /// each SAE spliced in (scripts/ce_eval.py; needs Python with torch and transformers).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Hook to splice at (default: the SAE's cfg.json metadata.hook_name, i.e. where it was
+    /// harvested).
+    #[arg(long, requires = "model")]
+    pub hook: Option<String>,
+    /// Harvested token windows for the CE evaluation (default: the SAE's metadata.dataset_path).
+    #[arg(long, requires = "model")]
+    pub ce_tokens: Option<PathBuf>,
+    /// Token positions for the CE evaluation (default: the script's, 65,536).
+    #[arg(long, requires = "model")]
+    pub ce_max_tokens: Option<usize>,
+    /// Python interpreter for the CE evaluation (default: $SAETRAIN_PYTHON, else python3).
+    #[arg(long, requires = "model")]
+    pub python: Option<PathBuf>,
+}
+
+/// The CE script and the module it imports, compiled in so that an installed `sae` finds them.
+const CE_SCRIPT: &str = include_str!("../../scripts/ce_eval.py");
+const HOOKS_MODULE: &str = include_str!("../../scripts/saetrain_hooks.py");
+
+/// Run scripts/ce_eval.py on one SAE and store its `ce_eval.json` beside it (where
+/// [`evaluate`] reads it).
+fn run_ce_eval(args: &EvalArgs, model: &str, input: &std::path::Path) -> Result<()> {
+    use crate::eval::run::CE_EVAL_FILE;
+    let dir = crate::export::load::checkpoint_dir(input);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let tmp = std::env::temp_dir().join(format!("saetrain-ce-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| {
+        let script = tmp.join("ce_eval.py");
+        std::fs::write(&script, CE_SCRIPT).with_context(|| format!("cannot write {}", script.display()))?;
+        std::fs::write(tmp.join("saetrain_hooks.py"), HOOKS_MODULE)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        let out = tmp.join(CE_EVAL_FILE);
+        let python = args
+            .python
+            .clone()
+            .or_else(|| std::env::var_os("SAETRAIN_PYTHON").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("python3"));
+        let mut cmd = std::process::Command::new(&python);
+        cmd.arg(&script).arg("--sae").arg(&dir).arg("--model").arg(model).arg("--out").arg(&out);
+        if let Some(h) = &args.hook {
+            cmd.arg("--hook").arg(h);
+        }
+        if let Some(t) = &args.ce_tokens {
+            cmd.arg("--tokens").arg(t);
+        }
+        if let Some(n) = args.ce_max_tokens {
+            cmd.arg("--max-tokens").arg(n.to_string());
+        }
+        let status = cmd.status().with_context(|| format!("cannot run {} (--python)", python.display()))?;
+        if !status.success() {
+            anyhow::bail!("scripts/ce_eval.py failed ({status}) for {}", dir.display());
+        }
+        let bytes = std::fs::read(&out).with_context(|| {
+            format!("scripts/ce_eval.py wrote no result: does {} have torch and transformers?", python.display())
+        })?;
+        crate::util::atomic::write_atomic(&dir.join(CE_EVAL_FILE), &bytes)
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -48,6 +119,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let names = labels(&args.inputs);
     let mut evals = vec![];
     for (path, label) in args.inputs.iter().zip(&names) {
+        if let Some(model) = &args.model {
+            run_ce_eval(&args, model, path).with_context(|| format!("CE evaluation of {}", path.display()))?;
+        }
         let mut e = evaluate(path, label, &opts).with_context(|| format!("evaluating {}", path.display()))?;
         if let Some(b) = &args.against {
             e.against = Some(crate::eval::mcs::against(path, b, &e.weights.alignment)?);

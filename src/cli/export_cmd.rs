@@ -105,16 +105,31 @@ pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Op
         let w_enc_eff = effective_encoder(&cfg, &state);
         let theta = crate::sparsify::threshold::exported(&state.theta, &state.theta_set);
         let sae = ExportedSae::from_training(&cfg, &state.params, &w_enc_eff, &theta, meta.input_scale);
-        let md = json!({
+        let mut md = json!({
             "dataset_path": cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
             "trained_tokens": meta.tokens,
             "input_scale_folded": meta.input_scale,
         });
+        md.as_object_mut().expect("an object").extend(provenance(&dir));
         let extra = json!({"sparsifier": cfg.sparsifier.name(), "k": cfg.k, "aligned": cfg.aligned});
         return Ok((sae, md, Some(extra)));
     }
     let (sae, layout) = load_sae_with_layout(&dir)?;
-    Ok((sae, json!({}), Some(json!({"converted_from": layout.name()}))))
+    Ok((sae, serde_json::Value::Object(provenance(&dir)), Some(json!({"converted_from": layout.name()}))))
+}
+
+/// The keys saying where an SAE belongs (`model_name`, `hook_name`, `hook_layer`,
+/// `context_size`, `prepend_bos`) from `dir/cfg.json`'s SAELens `metadata`, those that are set:
+/// a run's come from its data's manifest and carry over to its exports.
+fn provenance(dir: &Path) -> serde_json::Map<String, serde_json::Value> {
+    const KEYS: [&str; 5] = ["model_name", "hook_name", "hook_layer", "context_size", "prepend_bos"];
+    let cfg = std::fs::read_to_string(dir.join(CFG_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let Some(serde_json::Value::Object(md)) = cfg.and_then(|c| c.get("metadata").cloned()) else {
+        return serde_json::Map::new();
+    };
+    md.into_iter().filter(|(k, v)| KEYS.contains(&k.as_str()) && !v.is_null()).collect()
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {

@@ -77,6 +77,34 @@ impl Manifest {
         std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
     }
 
+    /// The SAELens `cfg.json` `metadata` fields this data set determines: `model_name`,
+    /// `hook_name`, `hook_layer`, `context_size` and `prepend_bos`, each only when the manifest
+    /// says it (`model`, `hook`, `layer` or the layer of a `blocks.L.hook_*` hook,
+    /// `extra.context_length`, `extra.prepend_bos`). The harvester writes all of them; a
+    /// synthetic data set (`model` "synthetic", no hook) gives only `model_name`.
+    pub fn saelens_metadata(&self) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::Value;
+        let mut md = serde_json::Map::new();
+        if let Some(m) = &self.model {
+            md.insert("model_name".into(), Value::from(m.as_str()));
+        }
+        if let Some(h) = &self.hook {
+            md.insert("hook_name".into(), Value::from(h.as_str()));
+        }
+        let hook_layer = self.layer.or_else(|| self.hook.as_deref().and_then(hook_layer));
+        if let Some(l) = hook_layer {
+            md.insert("hook_layer".into(), Value::from(l));
+        }
+        let extra = self.extra.as_ref();
+        if let Some(c) = extra.and_then(|e| e.get("context_length")).filter(|v| v.is_u64()) {
+            md.insert("context_size".into(), c.clone());
+        }
+        if let Some(b) = extra.and_then(|e| e.get("prepend_bos")).filter(|v| v.is_boolean()) {
+            md.insert("prepend_bos".into(), b.clone());
+        }
+        md
+    }
+
     /// Check an opened shard against its entry (file name = the shard's name).
     pub fn check(&self, manifest_path: &Path, shard: &Shard) -> Result<()> {
         let name = shard.path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -97,6 +125,11 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// L of a TransformerLens / SAELens hook name `blocks.L.<anything>`.
+fn hook_layer(hook: &str) -> Option<i64> {
+    hook.strip_prefix("blocks.")?.split('.').next()?.parse().ok()
 }
 
 /// A shard entry must name a file inside the manifest's directory: a relative path without

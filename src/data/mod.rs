@@ -91,6 +91,10 @@ pub trait BatchSource: Send {
     }
     /// One line describing the data, for logs and the run summary.
     fn describe(&self) -> String;
+    /// The data set's `manifest.json`, when it has one (where the activations come from).
+    fn manifest(&self) -> Option<&Manifest> {
+        None
+    }
 }
 
 /// The trainer's constructor: the built-in synthetic data when `cfg.data` is None, else the

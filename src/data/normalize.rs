@@ -112,6 +112,9 @@ impl BatchSource for PerToken {
     fn input_scale(&self) -> f32 {
         self.inner.input_scale()
     }
+    fn manifest(&self) -> Option<&super::Manifest> {
+        self.inner.manifest()
+    }
     fn stats(&self) -> SourceStats {
         self.inner.stats()
     }

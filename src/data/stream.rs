@@ -9,7 +9,7 @@
 use super::dataset::{sum_sq, Dataset};
 use super::format::{convert_to_f32, Dtype};
 use super::order::{Core, Seg, ShardOptions, Window};
-use super::{Batch, BatchData, BatchSource, SourceStats};
+use super::{Batch, BatchData, BatchSource, Manifest, SourceStats};
 use anyhow::{anyhow, bail, Result};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -379,6 +379,9 @@ impl BatchSource for ShardSource {
     }
     fn ground_truth(&self) -> Option<&[f32]> {
         self.core.ground_truth.as_deref()
+    }
+    fn manifest(&self) -> Option<&Manifest> {
+        self.core.ds.manifest.as_ref().map(|(_, m)| m)
     }
     fn input_scale(&self) -> f32 {
         self.core.scale

@@ -2,8 +2,8 @@
 //! The metrics training reports as it goes (core metrics, ground-truth recovery) live in
 //! [`crate::metrics`].
 
-pub mod mcs;
 pub mod history;
+pub mod mcs;
 pub mod metrics;
 pub mod report;
 pub mod run;

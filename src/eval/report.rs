@@ -101,6 +101,12 @@ fn rows() -> Vec<Row> {
         }),
         ("CE loss score", |c| ce(c, "ce_loss_score")),
         ("KL score", |c| ce(c, "kl_div_score")),
+        ("CE loss clean", |c| ce(c, "ce_loss_without_sae")),
+        ("CE loss with SAE", |c| ce(c, "ce_loss_with_sae")),
+        ("CE loss zero-ablated", |c| ce(c, "ce_loss_with_ablation")),
+        ("CE loss mean-ablated", |c| ce(c, "ce_loss_with_mean_ablation")),
+        ("CE score vs mean abl.", |c| ce(c, "ce_loss_score_mean_ablation")),
+        ("KL with SAE", |c| ce(c, "kl_div_with_sae")),
     ]
 }
 

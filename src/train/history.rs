@@ -258,14 +258,14 @@ pub fn sweep_temporaries(run: &Path) -> Result<Vec<(PathBuf, u32)>> {
 pub fn keep(
     cfg: &TrainConfig,
     state: &TrainState,
-    input_scale: f32,
+    source: &dyn BatchSource,
     out: &Path,
     tokens: u64,
     calibration: Option<&super::calibrate::CalibrationReport>,
 ) -> Result<PathBuf> {
     let dir = out.join(CHECKPOINTS_DIR).join(kept_name(state.step));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    super::export(cfg, state, input_scale, &dir, tokens, calibration)?;
+    super::export(cfg, state, source, &dir, tokens, calibration)?;
     write_json_atomic(&dir.join(CONFIG_FILE), cfg)?;
     Ok(dir)
 }
@@ -314,7 +314,7 @@ impl Recorder {
             writeln!(f, "{line}").with_context(|| format!("cannot write {}", self.path.display()))?;
         }
         if keep_now {
-            keep(cfg, &state, source.input_scale(), out, tokens, None)?;
+            keep(cfg, &state, source, out, tokens, None)?;
         }
         Ok(())
     }
@@ -330,7 +330,7 @@ pub fn keep_final(
     calibration: Option<&super::calibrate::CalibrationReport>,
 ) -> Result<()> {
     if cfg.keep_checkpoints > 0 {
-        keep(cfg, &backend.state()?, source.input_scale(), out, tokens, calibration)?;
+        keep(cfg, &backend.state()?, source, out, tokens, calibration)?;
     }
     Ok(())
 }

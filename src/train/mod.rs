@@ -368,27 +368,33 @@ fn save_all_with(
         tokens,
     };
     checkpoint::save(out, &state, &meta)?;
-    export(cfg, &state, source.input_scale(), out, tokens, calibration)
+    export(cfg, &state, source, out, tokens, calibration)
 }
 
 /// The SAELens checkpoint (`cfg.json` + `sae_weights.safetensors`) of `state` in `dir`.
 pub(crate) fn export(
     cfg: &TrainConfig,
     state: &TrainState,
-    input_scale: f32,
+    source: &dyn BatchSource,
     dir: &Path,
     tokens: u64,
     calibration: Option<&calibrate::CalibrationReport>,
 ) -> Result<()> {
     let w_enc_eff = effective_encoder(cfg, state);
     let theta = crate::sparsify::threshold::exported(&state.theta, &state.theta_set);
+    let input_scale = source.input_scale();
     let sae = ExportedSae::from_training(cfg, &state.params, &w_enc_eff, &theta, input_scale);
-    let md = json!({
+    let mut md = json!({
         "dataset_path": cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
         "trained_tokens": tokens,
         "input_scale_folded": input_scale,
         "threshold_calibration": calibration,
     });
+    // Where the activations come from (model, hook, context, BOS), from the data's manifest:
+    // what SAELens / SAEBench and scripts/ce_eval.py need to splice the SAE back in.
+    if let Some(m) = source.manifest() {
+        md.as_object_mut().expect("an object").extend(m.saelens_metadata());
+    }
     sae.save(dir, cfg, md)
 }
 

@@ -48,8 +48,10 @@ fn gemm(a: &[f32], at: bool, b: &[f32], bt: bool, m: usize, n: usize, k: usize, 
         out.fill(0.0);
         return;
     }
-    let lhs = if at { MatRef::from_row_major_slice(a, k, m).transpose() } else { MatRef::from_row_major_slice(a, m, k) };
-    let rhs = if bt { MatRef::from_row_major_slice(b, n, k).transpose() } else { MatRef::from_row_major_slice(b, k, n) };
+    let lhs =
+        if at { MatRef::from_row_major_slice(a, k, m).transpose() } else { MatRef::from_row_major_slice(a, m, k) };
+    let rhs =
+        if bt { MatRef::from_row_major_slice(b, n, k).transpose() } else { MatRef::from_row_major_slice(b, k, n) };
     matmul(MatMut::from_row_major_slice_mut(out, m, n), Accum::Replace, lhs, rhs, 1.0f32, par());
 }
 

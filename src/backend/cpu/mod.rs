@@ -303,7 +303,17 @@ impl CpuBackend {
             dense::scatter(codes, &codes.val, &mut self.ws.z_dense);
             let (z, work) = (&self.ws.z_dense, &mut self.ws.work);
             dense::decode_residual_grads(
-                codes, z, p.w_dec(), p.b_dec(), x, scale, &mut x_hat, &mut residual, &mut g, &mut dpre, work,
+                codes,
+                z,
+                p.w_dec(),
+                p.b_dec(),
+                x,
+                scale,
+                &mut x_hat,
+                &mut residual,
+                &mut g,
+                &mut dpre,
+                work,
             )
         } else {
             decode::decode_residual_grads(
@@ -388,7 +398,8 @@ impl CpuBackend {
         };
         if dense {
             let z = &mut self.ws.z_dense;
-            let touched = dense::latent_row_grads(codes, z, dpre, &self.ws.g, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec);
+            let touched =
+                dense::latent_row_grads(codes, z, dpre, &self.ws.g, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec);
             use rayon::prelude::*;
             gp.w_enc.par_chunks_mut(d).zip(gp.w_dec.par_chunks_mut(d)).enumerate().for_each(|(i, (ge, gd))| {
                 extra(i, touched[i], ge, gd);

