@@ -234,12 +234,7 @@ impl Sae {
 
     /// Sparse codes of `x` (rows x d_in, f32, C-contiguous: read in place) as CSR arrays
     /// (indptr int64, indices int32, values float32).
-    #[allow(clippy::type_complexity)]
-    fn encode<'py>(
-        &self,
-        py: Python<'py>,
-        x: PyReadonlyArray2<'py, f32>,
-    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i32>>, Bound<'py, PyArray1<f32>>)> {
+    fn encode<'py>(&self, py: Python<'py>, x: PyReadonlyArray2<'py, f32>) -> PyResult<CsrArrays<'py>> {
         let rows = self.check(&x)?;
         let xs = x.as_slice().map_err(|e| PyValueError::new_err(e.to_string()))?;
         let codes = py.detach(|| self.inner.encode(xs, rows)).map_err(py_err)?;

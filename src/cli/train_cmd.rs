@@ -13,7 +13,8 @@ pub struct TrainArgs {
     pub config: Option<PathBuf>,
     /// Continue the run in this directory from its last checkpoint. Only --steps, --tokens,
     /// --threads, --quiet, --log-every, --eval-every, --checkpoint-every, --keep-checkpoints,
-    /// --history-every, --prefetch and --backend may differ from the saved config (changes are recorded in resumes.jsonl).
+    /// --history-every, --prefetch, --backend and --dense-codes may differ from the saved config
+    /// (changes are recorded in resumes.jsonl).
     #[arg(long, conflicts_with = "config")]
     pub resume: Option<PathBuf>,
     /// Replace a previous run's files in --out (other files are never touched).

@@ -20,10 +20,12 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 /// `auto` takes the dense path above this fraction of kept entries (nnz / (B x F)). Measured
-/// with `sae bench step --sparsifier relu` at 512/4096 and 576/4608 (see docs/SPEC.md "CPU
-/// products"): the sparse step costs about 45 GEMM-times per unit of density beyond the GEMM,
-/// the dense products about 4 GEMM-times whatever the density, so they cross near 0.09.
-pub const DENSE_ABOVE: f64 = 0.08;
+/// with `sae bench step --sparsifier relu --dense-codes never|always` at 512/4096, batch 4096,
+/// 2 threads (relu at initialisation, density 0.5): the sparse products cost about 45
+/// encoder-GEMM times per unit of density (step 24.2x the GEMM), the dense ones about 5.7
+/// whatever the density (step 7.5x), so they cross near 0.13; a little below that, because the
+/// dense cost is flat and the sparse one grows with nnz.
+pub const DENSE_ABOVE: f64 = 0.12;
 
 /// Whether `auto` takes the dense path for `nnz` kept entries of a `rows x cols` batch.
 pub fn dense_is_cheaper(nnz: usize, rows: usize, cols: usize) -> bool {

@@ -368,7 +368,8 @@ impl CpuBackend {
         let shape = self.state.shape();
         let d = shape.d_in;
         let mut grad = self.ws.grad.take().unwrap_or_else(|| Params::zeros(shape));
-        let view = codes.by_latent();
+        // The latent-major views only the sparse path reads (building one is a pass over nnz).
+        let view = if dense { Default::default() } else { codes.by_latent() };
         let aux_views: Vec<_> = aux.iter().map(|a| a.codes.by_latent()).collect();
         let mut groups = vec![Contribution { codes, view: &view, dpre, g: &self.ws.g }];
         for (a, av) in aux.iter().zip(&aux_views) {
