@@ -322,10 +322,10 @@ fn weight_file(path: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("{}: no SAE weight file", dir.display()))
 }
 
-fn csr_arrays(
-    py: Python<'_>,
-    c: SparseCodes,
-) -> (Bound<'_, PyArray1<i64>>, Bound<'_, PyArray1<i32>>, Bound<'_, PyArray1<f32>>) {
+/// CSR codes as NumPy arrays: (indptr, indices, values).
+type CsrArrays<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i32>>, Bound<'py, PyArray1<f32>>);
+
+fn csr_arrays(py: Python<'_>, c: SparseCodes) -> CsrArrays<'_> {
     let indptr: Vec<i64> = c.row_ptr.iter().map(|&p| p as i64).collect();
     let indices: Vec<i32> = c.idx.iter().map(|&i| i as i32).collect();
     (PyArray1::from_vec(py, indptr), PyArray1::from_vec(py, indices), PyArray1::from_vec(py, c.val))
