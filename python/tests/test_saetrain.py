@@ -140,6 +140,15 @@ def test_other_dtypes_are_read_or_converted_once(data, tmp_path):
     np.testing.assert_array_equal(mv.weights()["W_dec"], base.weights()["W_dec"])
 
 
+def test_bfloat16_through_ml_dtypes_is_read_in_place(data, tmp_path):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf = data.astype(ml_dtypes.bfloat16)
+    got = saetrain.train(bf, out=tmp_path / "bf16", progress=False, **SMALL)
+    want = saetrain.train(bf.astype(np.float32), out=tmp_path / "rounded", progress=False, **SMALL)
+    np.testing.assert_array_equal(got.weights()["W_dec"], want.weights()["W_dec"])
+    np.testing.assert_array_equal(got.encode(bf[:40]).toarray(), want.encode(bf[:40].astype(np.float32)).toarray())
+
+
 def test_bad_inputs_raise_clear_exceptions(data, run, tmp_path):
     with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
         saetrain.train(data, bogus=1)
