@@ -71,11 +71,12 @@ pub enum DecoderNorm {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum DenseCodes {
-    /// Per step from the codes' density: dense above `backend::cpu::dense::DENSE_ABOVE`.
+    /// Per step from the codes' density: dense above `backend::cpu::dense::DENSE_ABOVE` (for the
+    /// aux codes: their density within the candidates).
     Auto,
     /// Always the sparse gathers.
     Never,
-    /// Always the dense GEMMs (when no aux loss is active at the step).
+    /// Always the dense GEMMs (the aux codes too, as a block over their candidates).
     Always,
 }
 

@@ -105,6 +105,19 @@ pub fn decode_residual_grads(
     sums.iter().fold((0.0, 0.0), |a, s| (a.0 + s.0, a.1 + s.1))
 }
 
+/// Per-entry values (CSR order) split at blocks of `rows_per_task` rows, for parallel writers.
+fn split_by_row_blocks<'a>(codes: &SparseCodes, rows_per_task: usize, v: &'a mut [f32]) -> Vec<&'a mut [f32]> {
+    let mut parts = Vec::with_capacity(codes.rows.div_ceil(rows_per_task));
+    let mut rest = v;
+    for b0 in (0..codes.rows).step_by(rows_per_task) {
+        let b1 = (b0 + rows_per_task).min(codes.rows);
+        let (head, tail) = rest.split_at_mut(codes.row_ptr[b1] - codes.row_ptr[b0]);
+        parts.push(head);
+        rest = tail;
+    }
+    parts
+}
+
 /// `out[e] = dense[b, i]` for every kept entry e = (b, i).
 fn gather(codes: &SparseCodes, dense: &[f32], out: &mut [f32]) {
     let f = codes.cols;
@@ -143,4 +156,115 @@ pub fn latent_row_grads(
         touched[i as usize] = true;
     }
     touched
+}
+
+/// The kept entries of a group whose latents all lie in a small set `cols` (the aux losses'
+/// candidates, a few hundred dead latents), as a dense `B x n` block: dense enough (each token
+/// keeps k_aux of the n candidates) that its four products run as GEMMs of width n.
+pub struct Block {
+    /// The block's latents, ascending.
+    pub cols: Vec<u32>,
+    /// Per kept entry (CSR order): its column in the block.
+    pos: Vec<u32>,
+    /// B x n: the codes, then (after [`Block::row_grads`]) dL/dpre.
+    z: Vec<f32>,
+    /// The decoder rows of `cols` (n x d).
+    w: Vec<f32>,
+}
+
+impl Block {
+    /// `codes`' entries (every one in a latent of `cols`) as a dense block, with the decoder rows.
+    pub fn new(codes: &SparseCodes, cols: &[u32], w_dec: &[f32], d: usize) -> Self {
+        let n = cols.len();
+        let mut at = vec![u32::MAX; codes.cols];
+        for (j, &i) in cols.iter().enumerate() {
+            at[i as usize] = j as u32;
+        }
+        let pos: Vec<u32> = codes.idx.iter().map(|&i| at[i as usize]).collect();
+        assert!(pos.iter().all(|&p| p != u32::MAX), "a kept entry outside the block's latents");
+        let mut z = vec![0f32; codes.rows * n];
+        z.par_chunks_mut(n.max(1)).enumerate().for_each(|(b, row)| {
+            for e in codes.row_ptr[b]..codes.row_ptr[b + 1] {
+                row[pos[e] as usize] = codes.val[e];
+            }
+        });
+        let mut w = vec![0f32; n * d];
+        for (row, &i) in w.chunks_mut(d.max(1)).zip(cols) {
+            row.copy_from_slice(&w_dec[i as usize * d..(i as usize + 1) * d]);
+        }
+        Self { cols: cols.to_vec(), pos, z, w }
+    }
+
+    /// `x_hat = Z W` (no bias), rows x d.
+    pub fn decode(&self, rows: usize, d: usize) -> Vec<f32> {
+        let mut out = vec![0f32; rows * d];
+        gemm(&self.z, false, &self.w, false, rows, d, self.cols.len(), &mut out);
+        out
+    }
+
+    /// `dz[e] = G_b . W_dec_i` at the kept entries: `(G W^T)` read at the block's entries.
+    pub fn code_grads(&self, codes: &SparseCodes, g: &[f32], d: usize) -> Vec<f32> {
+        let n = self.cols.len();
+        let mut dense = vec![0f32; codes.rows * n];
+        gemm(g, false, &self.w, true, codes.rows, n, d, &mut dense);
+        let mut dz = vec![0f32; codes.nnz()];
+        let rows_per_task = 64;
+        let parts = split_by_row_blocks(codes, rows_per_task, &mut dz);
+        parts.into_par_iter().enumerate().for_each(|(t, out)| {
+            let b0 = t * rows_per_task;
+            let base = codes.row_ptr[b0];
+            for b in b0..(b0 + rows_per_task).min(codes.rows) {
+                for e in codes.row_ptr[b]..codes.row_ptr[b + 1] {
+                    out[e - base] = dense[b * n + self.pos[e] as usize];
+                }
+            }
+        });
+        dz
+    }
+
+    /// Add the group's `dW_dec = Z^T G`, `dW_enc = dP^T xc` and `db_enc` rows into the full
+    /// gradients, and mark the latents that had an entry in `touched`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_row_grads(
+        &mut self,
+        codes: &SparseCodes,
+        dpre: &[f32],
+        g: &[f32],
+        xc: &[f32],
+        d: usize,
+        dw_enc: &mut [f32],
+        db_enc: &mut [f32],
+        dw_dec: &mut [f32],
+        touched: &mut [bool],
+    ) {
+        let (rows, n) = (codes.rows, self.cols.len());
+        let mut gd = vec![0f32; n * d];
+        gemm(&self.z, true, g, false, n, d, rows, &mut gd);
+        let pos = &self.pos;
+        self.z.par_chunks_mut(n.max(1)).enumerate().for_each(|(b, row)| {
+            for e in codes.row_ptr[b]..codes.row_ptr[b + 1] {
+                row[pos[e] as usize] = dpre[e];
+            }
+        });
+        // In CSR order, as the sparse path sums them (deterministic).
+        let mut db = vec![0f32; n];
+        for (&j, &dp) in pos.iter().zip(dpre) {
+            db[j as usize] += dp;
+        }
+        let mut ge = vec![0f32; n * d];
+        gemm(&self.z, true, xc, false, n, d, rows, &mut ge);
+        let mut has = vec![false; n];
+        self.pos.iter().for_each(|&j| has[j as usize] = true);
+        for (j, &i) in self.cols.iter().enumerate() {
+            if !has[j] {
+                continue;
+            }
+            let i = i as usize;
+            let r = i * d..(i + 1) * d;
+            dw_dec[r.clone()].iter_mut().zip(&gd[j * d..(j + 1) * d]).for_each(|(o, v)| *o += v);
+            dw_enc[r].iter_mut().zip(&ge[j * d..(j + 1) * d]).for_each(|(o, v)| *o += v);
+            db_enc[i] += db[j];
+            touched[i] = true;
+        }
+    }
 }

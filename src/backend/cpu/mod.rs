@@ -233,6 +233,8 @@ struct AuxPass {
     codes: SparseCodes,
     g: Vec<f32>,
     dpre: Vec<f32>,
+    /// The codes as a dense block over the candidates, when its products run as GEMMs.
+    block: Option<dense::Block>,
 }
 
 impl CpuBackend {
@@ -251,15 +253,15 @@ impl CpuBackend {
         let codes = self.select_training(rows, true);
         let t2 = Instant::now();
         let candidates = self.aux_candidates(rows);
-        let dense = self.dense_products(&codes, &candidates);
+        let dense = self.dense_products(&codes);
         let mut dec = self.decode_phase(&codes, x, rows, dense);
         let t3 = Instant::now();
         let l1 = self.cfg.sparsifier.has_l1().then(|| {
             let lambda = self.cfg.l1_lambda(self.state.step, rows);
             L1Terms::new(&codes, self.state.params.w_dec(), d, lambda, &mut dec.dpre)
         });
-        let aux: Vec<AuxPass> = candidates.iter().filter_map(|(_, c)| self.aux_phase(c, rows)).collect();
-        let grad = self.latent_grads(&codes, &dec.dpre, &aux, l1.as_ref(), project, dense);
+        let mut aux: Vec<AuxPass> = candidates.iter().filter_map(|(_, c)| self.aux_phase(c, rows, dense)).collect();
+        let grad = self.latent_grads(&codes, &dec.dpre, &mut aux, l1.as_ref(), project, dense);
         let t4 = Instant::now();
 
         self.times.encode += (t1 - t0).as_secs_f64();
@@ -276,12 +278,9 @@ impl CpuBackend {
 
     /// Decode with the loss sums, `G = dL_rec/dx_hat = (2/B)(x_hat - x)` into the workspace and
     /// `dZ = G W_dec^T` at the kept entries.
-    /// Whether this step's products with the codes run as dense GEMMs (`--dense-codes`; never
-    /// while an aux loss has candidates: its codes take the sparse path with the main ones).
-    fn dense_products(&self, codes: &SparseCodes, aux: &[(AuxKind, Vec<u32>)]) -> bool {
-        let aux_active = aux.iter().any(|(_, c)| !c.is_empty());
+    /// Whether this step's products with the main codes run as dense GEMMs (`--dense-codes`).
+    fn dense_products(&self, codes: &SparseCodes) -> bool {
         match self.cfg.dense_codes {
-            _ if aux_active => false,
             DenseCodes::Never => false,
             DenseCodes::Always => true,
             DenseCodes::Auto => dense::dense_is_cheaper(codes.nnz(), codes.rows, codes.cols),
@@ -337,7 +336,9 @@ impl CpuBackend {
 
     /// The aux loss on the workspace's residual from the top `k_aux` candidates per token
     /// (None when there are no candidates or none of them is positive).
-    fn aux_phase(&self, candidates: &[u32], rows: usize) -> Option<AuxPass> {
+    /// `main_dense`: the main codes take the dense path this step, and so do these (the dense
+    /// path adds the aux rows to the GEMMs' results; it has no sparse group to merge with).
+    fn aux_phase(&self, candidates: &[u32], rows: usize, main_dense: bool) -> Option<AuxPass> {
         if candidates.is_empty() {
             return None;
         }
@@ -347,11 +348,30 @@ impl CpuBackend {
         if codes.nnz() == 0 {
             return None;
         }
-        let mut e_hat = vec![0f32; rows * d];
-        decode::decode(&codes, w_dec, None, d, &mut e_hat);
+        // The aux codes fill a good part of B x candidates (k_aux of a few hundred dead latents per
+        // token): as a dense block their products are GEMMs of that width.
+        let block = match self.cfg.dense_codes {
+            DenseCodes::Never => None,
+            DenseCodes::Always => Some(()),
+            DenseCodes::Auto => {
+                (main_dense || dense::dense_is_cheaper(codes.nnz(), rows, candidates.len())).then_some(())
+            }
+        }
+        .map(|_| dense::Block::new(&codes, candidates, w_dec, d));
+        let e_hat = match &block {
+            Some(bl) => bl.decode(rows, d),
+            None => {
+                let mut e_hat = vec![0f32; rows * d];
+                decode::decode(&codes, w_dec, None, d, &mut e_hat);
+                e_hat
+            }
+        };
         let (loss, g) = decode::aux_loss_and_grad(&self.ws.residual, &e_hat, d, self.cfg.aux_alpha as f32);
-        let dpre = backward::code_grads(&codes, &g, w_dec, d);
-        Some(AuxPass { loss, codes, g, dpre })
+        let dpre = match &block {
+            Some(bl) => bl.code_grads(&codes, &g, d),
+            None => backward::code_grads(&codes, &g, w_dec, d),
+        };
+        Some(AuxPass { loss, codes, g, dpre, block })
     }
 
     /// Latent-row gradients of W_enc, b_enc, W_dec from the main (and aux) codes, the L1 term,
@@ -360,7 +380,7 @@ impl CpuBackend {
         &mut self,
         codes: &SparseCodes,
         dpre: &[f32],
-        aux: &[AuxPass],
+        aux: &mut [AuxPass],
         l1: Option<&L1Terms>,
         project: bool,
         dense: bool,
@@ -370,9 +390,15 @@ impl CpuBackend {
         let mut grad = self.ws.grad.take().unwrap_or_else(|| Params::zeros(shape));
         // The latent-major views only the sparse path reads (building one is a pass over nnz).
         let view = if dense { Default::default() } else { codes.by_latent() };
-        let aux_views: Vec<_> = aux.iter().map(|a| a.codes.by_latent()).collect();
-        let mut groups = vec![Contribution { codes, view: &view, dpre, g: &self.ws.g }];
-        for (a, av) in aux.iter().zip(&aux_views) {
+        // Aux groups on the dense block path are added after the sparse ones.
+        let (blocks, sparse_aux): (Vec<&mut AuxPass>, Vec<&mut AuxPass>) =
+            aux.iter_mut().partition(|a| a.block.is_some());
+        let aux_views: Vec<_> = sparse_aux.iter().map(|a| a.codes.by_latent()).collect();
+        let mut groups = vec![];
+        if !dense {
+            groups.push(Contribution { codes, view: &view, dpre, g: &self.ws.g });
+        }
+        for (a, av) in sparse_aux.iter().zip(&aux_views) {
             groups.push(Contribution { codes: &a.codes, view: av, dpre: &a.dpre, g: &a.g });
         }
         let col_sums = linalg::column_sums(&self.ws.g, d);
@@ -397,16 +423,25 @@ impl CpuBackend {
                 adam::project_out(gd, w);
             }
         };
-        if dense {
-            let z = &mut self.ws.z_dense;
-            let touched =
-                dense::latent_row_grads(codes, z, dpre, &self.ws.g, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec);
+        if !dense && blocks.is_empty() {
+            backward::latent_row_grads(&groups, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec, extra);
+        } else {
+            // Some part on the dense path: every contribution first, then `extra` on each row.
+            let mut touched = if dense {
+                let z = &mut self.ws.z_dense;
+                dense::latent_row_grads(codes, z, dpre, &self.ws.g, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec)
+            } else {
+                backward::latent_row_grads(&groups, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec, |_, _, _, _| {});
+                (0..shape.d_sae).map(|i| groups.iter().any(|g| !g.view.entries(i).is_empty())).collect()
+            };
+            for a in blocks {
+                let bl = a.block.as_mut().expect("partitioned on block");
+                bl.add_row_grads(&a.codes, &a.dpre, &a.g, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec, &mut touched);
+            }
             use rayon::prelude::*;
             gp.w_enc.par_chunks_mut(d).zip(gp.w_dec.par_chunks_mut(d)).enumerate().for_each(|(i, (ge, gd))| {
                 extra(i, touched[i], ge, gd);
             });
-        } else {
-            backward::latent_row_grads(&groups, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec, extra);
         }
         let db_dec = backward::b_dec_grad(&col_sums, self.encoder(), gp.b_enc, d);
         gp.b_dec.copy_from_slice(&db_dec);
