@@ -22,6 +22,22 @@ impl SparseCodes {
     pub fn nnz(&self) -> usize {
         self.idx.len()
     }
+    /// `per_entry` (one value per kept entry, CSR order) split at blocks of `rows_per_part`
+    /// rows, so parallel tasks each own their rows' entries.
+    pub fn split_by_rows<'a, T>(&self, rows_per_part: usize, per_entry: &'a mut [T]) -> Vec<&'a mut [T]> {
+        assert_eq!(per_entry.len(), self.nnz());
+        let step = rows_per_part.max(1);
+        let mut parts = Vec::with_capacity(self.rows.div_ceil(step));
+        let mut rest = per_entry;
+        for b0 in (0..self.rows).step_by(step) {
+            let b1 = (b0 + step).min(self.rows);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(self.row_ptr[b1] - self.row_ptr[b0]);
+            parts.push(head);
+            rest = tail;
+        }
+        parts
+    }
+
     pub fn row(&self, b: usize) -> (&[u32], &[f32]) {
         let r = self.row_ptr[b]..self.row_ptr[b + 1];
         (&self.idx[r.clone()], &self.val[r])
@@ -118,5 +134,24 @@ pub struct LatentView {
 impl LatentView {
     pub fn entries(&self, i: usize) -> std::ops::Range<usize> {
         self.col_ptr[i]..self.col_ptr[i + 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_by_rows_gives_each_block_of_rows_its_entries() {
+        let c = SparseCodes::from_rows(
+            4,
+            vec![vec![(0, 1.0)], vec![], vec![(1, 2.0), (3, 3.0)], vec![(2, 4.0)], vec![(0, 5.0)]],
+        );
+        let mut v = c.val.clone();
+        let lens: Vec<usize> = c.split_by_rows(2, &mut v).iter().map(|p| p.len()).collect();
+        assert_eq!(lens, [1, 3, 1]);
+        let mut v = c.val.clone();
+        let parts: Vec<Vec<f32>> = c.split_by_rows(1, &mut v).iter().map(|p| p.to_vec()).collect();
+        assert_eq!(parts, [vec![1.0], vec![], vec![2.0, 3.0], vec![4.0], vec![5.0]]);
     }
 }

@@ -8,15 +8,8 @@ use rayon::prelude::*;
 /// `dZ[e] = G_b . W_dec_i` for every kept entry e = (b, i) (CSR order).
 pub fn code_grads(codes: &SparseCodes, g: &[f32], w_dec: &[f32], d: usize) -> Vec<f32> {
     let mut dz = vec![0f32; codes.nnz()];
-    // Split the output by rows so each task owns its entries.
-    let mut slices: Vec<&mut [f32]> = Vec::with_capacity(codes.rows);
-    let mut rest = dz.as_mut_slice();
-    for b in 0..codes.rows {
-        let n = codes.row_ptr[b + 1] - codes.row_ptr[b];
-        let (head, tail) = rest.split_at_mut(n);
-        slices.push(head);
-        rest = tail;
-    }
+    // Each task owns its row's entries.
+    let slices = codes.split_by_rows(1, &mut dz);
     slices.into_par_iter().enumerate().for_each(|(b, out)| {
         let gb = &g[b * d..(b + 1) * d];
         let (ix, _) = codes.row(b);

@@ -83,16 +83,8 @@ pub fn decode_residual_grads(
     dz: &mut [f32],
 ) -> (f64, f64) {
     let d = b_dec.len();
-    // Split dz by row chunks so each task owns its entries.
-    let n_chunks = codes.rows.div_ceil(ROW_CHUNK);
-    let mut dz_parts: Vec<&mut [f32]> = Vec::with_capacity(n_chunks);
-    let mut rest = dz;
-    for c in 0..n_chunks {
-        let (b0, b1) = (c * ROW_CHUNK, ((c + 1) * ROW_CHUNK).min(codes.rows));
-        let (head, tail) = rest.split_at_mut(codes.row_ptr[b1] - codes.row_ptr[b0]);
-        dz_parts.push(head);
-        rest = tail;
-    }
+    // Each task owns its row chunk's entries of dz.
+    let dz_parts = codes.split_by_rows(ROW_CHUNK, dz);
     let sums: Vec<(f64, f64)> = x_hat
         .par_chunks_mut(d * ROW_CHUNK)
         .zip(residual.par_chunks_mut(d * ROW_CHUNK))

@@ -59,14 +59,17 @@ fn gemm(a: &[f32], at: bool, b: &[f32], bt: bool, m: usize, n: usize, k: usize, 
 
 /// The codes as a dense B x F matrix in `z` (resized, zero where nothing is kept).
 pub fn scatter(codes: &SparseCodes, vals: &[f32], z: &mut Vec<f32>) {
-    let f = codes.cols;
-    crate::util::hugepage::resize_f32(z, codes.rows * f);
-    z.par_chunks_mut(f.max(1)).enumerate().for_each(|(b, row)| {
-        row.fill(0.0);
-        let (ix, _) = codes.row(b);
-        let base = codes.row_ptr[b];
-        for (k, &i) in ix.iter().enumerate() {
-            row[i as usize] = vals[base + k];
+    crate::util::hugepage::resize_f32(z, codes.rows * codes.cols);
+    z.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
+    scatter_at(codes, vals, codes.cols, |e| codes.idx[e] as usize, z);
+}
+
+/// `dense[b, at(e)] = vals[e]` for every kept entry e of row b (`dense`: rows x `width`; other
+/// entries untouched), in parallel over rows. The inverse of [`gather`].
+fn scatter_at(codes: &SparseCodes, vals: &[f32], width: usize, at: impl Fn(usize) -> usize + Sync, dense: &mut [f32]) {
+    dense.par_chunks_mut(width.max(1)).enumerate().for_each(|(b, row)| {
+        for e in codes.row_ptr[b]..codes.row_ptr[b + 1] {
+            row[at(e)] = vals[e];
         }
     });
 }
@@ -101,33 +104,23 @@ pub fn decode_residual_grads(
         .collect();
     crate::util::hugepage::resize_f32(work, rows * f);
     gemm(g, false, w_dec, true, rows, f, d, work);
-    gather(codes, work, dz);
+    gather(codes, work, f, |e| codes.idx[e] as usize, dz);
     sums.iter().fold((0.0, 0.0), |a, s| (a.0 + s.0, a.1 + s.1))
 }
 
-/// Per-entry values (CSR order) split at blocks of `rows_per_task` rows, for parallel writers.
-fn split_by_row_blocks<'a>(codes: &SparseCodes, rows_per_task: usize, v: &'a mut [f32]) -> Vec<&'a mut [f32]> {
-    let mut parts = Vec::with_capacity(codes.rows.div_ceil(rows_per_task));
-    let mut rest = v;
-    for b0 in (0..codes.rows).step_by(rows_per_task) {
-        let b1 = (b0 + rows_per_task).min(codes.rows);
-        let (head, tail) = rest.split_at_mut(codes.row_ptr[b1] - codes.row_ptr[b0]);
-        parts.push(head);
-        rest = tail;
-    }
-    parts
-}
-
-/// `out[e] = dense[b, i]` for every kept entry e = (b, i).
-fn gather(codes: &SparseCodes, dense: &[f32], out: &mut [f32]) {
-    let f = codes.cols;
-    for b in 0..codes.rows {
-        let (ix, _) = codes.row(b);
-        let base = codes.row_ptr[b];
-        for (k, &i) in ix.iter().enumerate() {
-            out[base + k] = dense[b * f + i as usize];
+/// `out[e] = dense[b, at(e)]` for every kept entry e of row b (`dense`: rows x `width`), in
+/// parallel over blocks of rows.
+fn gather(codes: &SparseCodes, dense: &[f32], width: usize, at: impl Fn(usize) -> usize + Sync, out: &mut [f32]) {
+    const ROWS: usize = 64;
+    codes.split_by_rows(ROWS, out).into_par_iter().enumerate().for_each(|(t, part)| {
+        let b0 = t * ROWS;
+        let base = codes.row_ptr[b0];
+        for b in b0..(b0 + ROWS).min(codes.rows) {
+            for e in codes.row_ptr[b]..codes.row_ptr[b + 1] {
+                part[e - base] = dense[b * width + at(e)];
+            }
         }
-    }
+    });
 }
 
 /// Dense twin of `backward::latent_row_grads` for one group: `dw_dec = Z^T G`, then `z` is
@@ -183,11 +176,7 @@ impl Block {
         let pos: Vec<u32> = codes.idx.iter().map(|&i| at[i as usize]).collect();
         assert!(pos.iter().all(|&p| p != u32::MAX), "a kept entry outside the block's latents");
         let mut z = vec![0f32; codes.rows * n];
-        z.par_chunks_mut(n.max(1)).enumerate().for_each(|(b, row)| {
-            for e in codes.row_ptr[b]..codes.row_ptr[b + 1] {
-                row[pos[e] as usize] = codes.val[e];
-            }
-        });
+        scatter_at(codes, &codes.val, n, |e| pos[e] as usize, &mut z);
         let mut w = vec![0f32; n * d];
         for (row, &i) in w.chunks_mut(d.max(1)).zip(cols) {
             row.copy_from_slice(&w_dec[i as usize * d..(i as usize + 1) * d]);
@@ -208,17 +197,7 @@ impl Block {
         let mut dense = vec![0f32; codes.rows * n];
         gemm(g, false, &self.w, true, codes.rows, n, d, &mut dense);
         let mut dz = vec![0f32; codes.nnz()];
-        let rows_per_task = 64;
-        let parts = split_by_row_blocks(codes, rows_per_task, &mut dz);
-        parts.into_par_iter().enumerate().for_each(|(t, out)| {
-            let b0 = t * rows_per_task;
-            let base = codes.row_ptr[b0];
-            for b in b0..(b0 + rows_per_task).min(codes.rows) {
-                for e in codes.row_ptr[b]..codes.row_ptr[b + 1] {
-                    out[e - base] = dense[b * n + self.pos[e] as usize];
-                }
-            }
-        });
+        gather(codes, &dense, n, |e| self.pos[e] as usize, &mut dz);
         dz
     }
 
@@ -241,11 +220,7 @@ impl Block {
         let mut gd = vec![0f32; n * d];
         gemm(&self.z, true, g, false, n, d, rows, &mut gd);
         let pos = &self.pos;
-        self.z.par_chunks_mut(n.max(1)).enumerate().for_each(|(b, row)| {
-            for e in codes.row_ptr[b]..codes.row_ptr[b + 1] {
-                row[pos[e] as usize] = dpre[e];
-            }
-        });
+        scatter_at(codes, dpre, n, |e| pos[e] as usize, &mut self.z);
         // In CSR order, as the sparse path sums them (deterministic).
         let mut db = vec![0f32; n];
         for (&j, &dp) in pos.iter().zip(dpre) {
