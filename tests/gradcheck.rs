@@ -466,6 +466,19 @@ fn dense_and_sparse_paths_agree() {
     }
 }
 
+/// The CPU gradient is bitwise the same whatever the thread count: every parallel pass splits
+/// its work at fixed boundaries or sums per latent in a fixed order (groups, then tokens).
+#[test]
+fn cpu_gradient_does_not_depend_on_the_thread_count() {
+    for (n, c) in cases().iter().enumerate() {
+        let [one, three] = [1, 3].map(|threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| prepare(c, 700 + n as u64, true).pass.grad.data)
+        });
+        assert!(one.iter().zip(&three).all(|(a, b)| a.to_bits() == b.to_bits()), "{}: 1 vs 3 threads", c.name);
+    }
+}
+
 /// `gradients(.., project = true)` removes each decoder row's component along the row.
 #[test]
 fn cpu_projected_gradient_matches_reference() {

@@ -2,7 +2,7 @@
 //! gradient, so every product here costs nnz * d: no B x F x d work.
 
 use super::linalg::{axpy, dot};
-use crate::sparse::{LatentView, SparseCodes};
+use crate::sparse::{ChunkView, SparseCodes};
 use rayon::prelude::*;
 
 /// `dZ[e] = G_b . W_dec_i` for every kept entry e = (b, i) (CSR order).
@@ -25,16 +25,29 @@ pub fn code_grads(codes: &SparseCodes, g: &[f32], w_dec: &[f32], d: usize) -> Ve
 /// `dW_dec_i += sum z * G_b`, `dW_enc_i += sum dpre * xc_b`, `db_enc_i += sum dpre`.
 pub struct Contribution<'a> {
     pub codes: &'a SparseCodes,
-    pub view: &'a LatentView,
     /// Per entry (CSR order): dL/dpre.
     pub dpre: &'a [f32],
     /// B x d: the gradient w.r.t. this group's reconstruction.
     pub g: &'a [f32],
 }
 
+/// Latent rows per task of [`latent_row_grads`]: a few tasks per thread balance the load, and a
+/// chunk's gradient rows (2 x chunk x d floats) stay within a few MB of cache.
+fn latent_chunk(f: usize) -> usize {
+    let tasks = (2 * rayon::current_num_threads()).max(4);
+    f.div_ceil(tasks).clamp(1, 512)
+}
+
 /// Fill the rows of `dw_enc`, `db_enc`, `dw_dec` (dense F x d buffers, overwritten) from the
 /// contributions; `xc` is the centred input. Rows of latents with no entry are zeroed.
-/// `extra` runs on each touched row afterwards (L1 terms, aligned map, projection).
+/// `extra` runs on each row afterwards with whether any entry touched it (L1 terms, aligned
+/// map, projection).
+///
+/// Token-major inside latent chunks: each task owns a chunk of latent rows and walks its entries
+/// in token order, so the G and xc rows it reads stream forward while the rows it accumulates
+/// into stay in cache. Per latent the sums run over groups, then tokens ascending, whatever the
+/// chunking: results do not depend on the thread count. (Latent-major gathers, one latent at a
+/// time over its tokens, measured ~1.4x slower at B 4096, F 4608, d 576, k 32.)
 pub fn latent_row_grads<E>(
     groups: &[Contribution<'_>],
     xc: &[f32],
@@ -46,28 +59,36 @@ pub fn latent_row_grads<E>(
 ) where
     E: Fn(usize, bool, &mut [f32], &mut [f32]) + Sync,
 {
-    dw_enc.par_chunks_mut(d).zip(dw_dec.par_chunks_mut(d)).zip(db_enc.par_iter_mut()).enumerate().for_each(
-        |(i, ((ge, gd), gb))| {
+    let f = db_enc.len();
+    let chunk = latent_chunk(f);
+    let views: Vec<ChunkView> = groups.par_iter().map(|g| ChunkView::new(g.codes, chunk)).collect();
+    dw_enc
+        .par_chunks_mut(chunk * d)
+        .zip(dw_dec.par_chunks_mut(chunk * d))
+        .zip(db_enc.par_chunks_mut(chunk))
+        .enumerate()
+        .for_each(|(c, ((ge, gd), gb))| {
+            let base = c * chunk;
             ge.fill(0.0);
             gd.fill(0.0);
-            let mut bsum = 0f32;
-            let mut touched = false;
-            for grp in groups {
-                for e in grp.view.entries(i) {
-                    touched = true;
-                    let b = grp.view.tok[e] as usize;
-                    let p = grp.view.pos[e] as usize;
-                    let z = grp.codes.val[p];
-                    let dp = grp.dpre[p];
-                    axpy(gd, z, &grp.g[b * d..(b + 1) * d]);
-                    axpy(ge, dp, &xc[b * d..(b + 1) * d]);
-                    bsum += dp;
+            gb.fill(0.0);
+            let mut touched = vec![false; gb.len()];
+            for (grp, view) in groups.iter().zip(&views) {
+                for e in view.entries(c) {
+                    let b = view.tok[e] as usize;
+                    let p = view.pos[e] as usize;
+                    let i = grp.codes.idx[p] as usize - base;
+                    let (z, dp) = (grp.codes.val[p], grp.dpre[p]);
+                    axpy(&mut gd[i * d..(i + 1) * d], z, &grp.g[b * d..(b + 1) * d]);
+                    axpy(&mut ge[i * d..(i + 1) * d], dp, &xc[b * d..(b + 1) * d]);
+                    gb[i] += dp;
+                    touched[i] = true;
                 }
             }
-            *gb = bsum;
-            extra(i, touched, ge, gd);
-        },
-    );
+            for (r, t) in touched.into_iter().enumerate() {
+                extra(base + r, t, &mut ge[r * d..(r + 1) * d], &mut gd[r * d..(r + 1) * d]);
+            }
+        });
 }
 
 /// `db_dec = sum_b G_b - W_enc^T db_enc` (b_dec is subtracted from the input too).

@@ -121,21 +121,45 @@ pub fn decode_residual_grads(
 pub fn residual_rows(h: &[f32], x: &[f32], scale: f32, d: usize, res: &mut [f32], g: &mut [f32]) -> (f64, f64) {
     let mut acc = (0f64, 0f64);
     for (((h, xb), res), gr) in h.chunks(d).zip(x.chunks(d)).zip(res.chunks_mut(d)).zip(g.chunks_mut(d)) {
-        let (mut se, mut xx, mut hh, mut xh) = (0f64, 0f64, 0f64, 0f64);
         for j in 0..d {
             let rj = h[j] - xb[j];
             res[j] = rj;
             gr[j] = scale * rj;
-            se += (rj as f64) * (rj as f64);
-            xx += (xb[j] as f64) * (xb[j] as f64);
-            hh += (h[j] as f64) * (h[j] as f64);
-            xh += (xb[j] as f64) * (h[j] as f64);
         }
+        let [se, xx, hh, xh] = row_sums(res, xb, h);
         acc.0 += se;
         let den = (xx * hh).sqrt();
         acc.1 += if den > 0.0 { xh / den } else { 0.0 };
     }
     acc
+}
+
+/// Lanes of the f64 row sums: independent accumulators, so the sums vectorise and do not wait
+/// on one add chain (a fixed order, so still bitwise reproducible).
+const LANES: usize = 8;
+
+/// (sum r^2, sum x^2, sum h^2, sum x h) of one row, in f64.
+fn row_sums(r: &[f32], x: &[f32], h: &[f32]) -> [f64; 4] {
+    let mut acc = [[0f64; LANES]; 4];
+    let n = r.len() / LANES * LANES;
+    for ((rc, xc), hc) in r[..n].chunks_exact(LANES).zip(x[..n].chunks_exact(LANES)).zip(h[..n].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            let (rv, xv, hv) = (rc[l] as f64, xc[l] as f64, hc[l] as f64);
+            acc[0][l] += rv * rv;
+            acc[1][l] += xv * xv;
+            acc[2][l] += hv * hv;
+            acc[3][l] += xv * hv;
+        }
+    }
+    let mut out = acc.map(|a| a.iter().sum::<f64>());
+    for j in n..r.len() {
+        let (rv, xv, hv) = (r[j] as f64, x[j] as f64, h[j] as f64);
+        out[0] += rv * rv;
+        out[1] += xv * xv;
+        out[2] += hv * hv;
+        out[3] += xv * hv;
+    }
+    out
 }
 
 /// sum_b ||x_b - mean(X)||^2 (two passes, stable for inputs with a large mean).
@@ -144,7 +168,17 @@ pub fn total_variance(x: &[f32], d: usize) -> f64 {
     let mean: Vec<f64> = column_sums(x, d).into_iter().map(|s| s / rows as f64).collect();
     let parts: Vec<f64> = x
         .par_chunks(d * ROW_CHUNK)
-        .map(|c| c.chunks(d).map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>()).sum())
+        .map(|c| {
+            // Per column, then summed: the inner loop runs across columns and vectorises.
+            let mut acc = vec![0f64; d];
+            for r in c.chunks(d) {
+                for ((a, v), m) in acc.iter_mut().zip(r).zip(&mean) {
+                    let dv = *v as f64 - m;
+                    *a += dv * dv;
+                }
+            }
+            acc.iter().sum()
+        })
         .collect();
     parts.iter().sum()
 }

@@ -34,6 +34,7 @@ pub struct CpuBackend {
 #[derive(Default)]
 struct Workspace {
     xc: Vec<f32>,
+    fold: encode::BiasFold,
     pre: Vec<f32>,
     x_hat: Vec<f32>,
     w_enc_eff: Vec<f32>,
@@ -107,8 +108,10 @@ impl CpuBackend {
         let mut pre = std::mem::take(&mut self.ws.pre);
         hugepage::resize_f32(&mut xc, rows * d);
         hugepage::resize_f32(&mut pre, rows * f);
-        encode::center(x, self.state.params.b_dec(), &mut xc);
-        encode::encode(&xc, self.encoder(), self.state.params.b_enc(), rows, d, &mut pre);
+        let mut fold = std::mem::take(&mut self.ws.fold);
+        let p = &self.state.params;
+        encode::center_and_encode(x, p.b_dec(), self.encoder(), p.b_enc(), rows, &mut xc, &mut pre, &mut fold);
+        self.ws.fold = fold;
         self.ws.xc = xc;
         self.ws.pre = pre;
     }
@@ -388,18 +391,15 @@ impl CpuBackend {
         let shape = self.state.shape();
         let d = shape.d_in;
         let mut grad = self.ws.grad.take().unwrap_or_else(|| Params::zeros(shape));
-        // The latent-major views only the sparse path reads (building one is a pass over nnz).
-        let view = if dense { Default::default() } else { codes.by_latent() };
         // Aux groups on the dense block path are added after the sparse ones.
         let (blocks, sparse_aux): (Vec<&mut AuxPass>, Vec<&mut AuxPass>) =
             aux.iter_mut().partition(|a| a.block.is_some());
-        let aux_views: Vec<_> = sparse_aux.iter().map(|a| a.codes.by_latent()).collect();
         let mut groups = vec![];
         if !dense {
-            groups.push(Contribution { codes, view: &view, dpre, g: &self.ws.g });
+            groups.push(Contribution { codes, dpre, g: &self.ws.g });
         }
-        for (a, av) in sparse_aux.iter().zip(&aux_views) {
-            groups.push(Contribution { codes: &a.codes, view: av, dpre: &a.dpre, g: &a.g });
+        for a in &sparse_aux {
+            groups.push(Contribution { codes: &a.codes, dpre: &a.dpre, g: &a.g });
         }
         let col_sums = linalg::column_sums(&self.ws.g, d);
         let params = self.state.params.parts();
@@ -432,7 +432,13 @@ impl CpuBackend {
                 dense::latent_row_grads(codes, z, dpre, &self.ws.g, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec)
             } else {
                 backward::latent_row_grads(&groups, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec, |_, _, _, _| {});
-                (0..shape.d_sae).map(|i| groups.iter().any(|g| !g.view.entries(i).is_empty())).collect()
+                let mut touched = vec![false; shape.d_sae];
+                for g in &groups {
+                    for &i in &g.codes.idx {
+                        touched[i as usize] = true;
+                    }
+                }
+                touched
             };
             for a in blocks {
                 let bl = a.block.as_mut().expect("partitioned on block");

@@ -148,9 +148,9 @@ impl ParityInputs {
     /// The CPU's latent-row gradients of `groups` (main, or main + aux), with no extra terms.
     fn latent_grads(&self, with_aux: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (d, f) = (self.s.d_in, self.s.d_sae);
-        let mut groups = vec![Contribution { codes: &self.codes, view: &self.view, dpre: &self.dpre, g: &self.g }];
+        let mut groups = vec![Contribution { codes: &self.codes, dpre: &self.dpre, g: &self.g }];
         if with_aux {
-            groups.push(Contribution { codes: &self.aux, view: &self.aux_view, dpre: &self.aux_dpre, g: &self.g_aux });
+            groups.push(Contribution { codes: &self.aux, dpre: &self.aux_dpre, g: &self.g_aux });
         }
         let (mut ge, mut gb, mut gd) = (vec![0f32; f * d], vec![0f32; f], vec![0f32; f * d]);
         cpu_bwd::latent_row_grads(&groups, &self.xc, self.s.d_in, &mut ge, &mut gb, &mut gd, |_, _, _, _| {});
