@@ -104,6 +104,10 @@ fn cases() -> Vec<Case> {
     v.push(c);
     v.push(with_aux(case("topk+aux_k", Topk, B, D, F, K)));
     v.push(with_aux(case("batchtopk+aux_k", Batchtopk, B, D, F, K)));
+    // k_aux = 1: the aux block is sparse enough that `auto` turns it into sparse codes.
+    let mut c = with_aux(case("topk+aux_k k_aux=1", Topk, B, D, F, K));
+    c.cfg.k_aux = Some(1);
+    v.push(c);
     v.push(aligned(case("topk aligned", Topk, B, D, F, K)));
     v.push(aligned(case("relu+l1 aligned", Relu, B, D, F, K)));
     v.push(aligned(with_aux(case("batchtopk+aux_k aligned", Batchtopk, B, D, F, K))));

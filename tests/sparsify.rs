@@ -528,3 +528,37 @@ fn case_table_selections_match_their_oracles() {
         }
     }
 }
+
+/// The aux selection written straight into a dense block over the candidates (the CPU's dense
+/// aux path) keeps exactly the entries `Selection::Aux` keeps, with the same values.
+#[test]
+fn aux_block_selection_matches_the_sparse_one() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for &(rows, cols) in SHAPES {
+        let candidate_sets: Vec<Vec<u32>> =
+            vec![(0..cols as u32).collect(), (0..cols as u32).filter(|i| i % 3 == 1).collect(), vec![cols as u32 - 1]];
+        for kind in 0..5 {
+            let pre = gen(&mut rng, rows, cols, kind);
+            for cand in &candidate_sets {
+                let n = cand.len();
+                for k in sizes_k(n) {
+                    let sparse = sparsify::select(&pre, rows, cols, &Selection::Aux { candidates: cand, k });
+                    let mut block = vec![f32::NAN; rows * n];
+                    let nnz = sparsify::select_aux_block(&pre, rows, cols, cand, k, &mut block);
+                    assert_eq!(nnz, sparse.nnz(), "rows={rows} cols={cols} kind={kind} n={n} k={k}");
+                    let dense = sparse.to_dense();
+                    for b in 0..rows {
+                        for (j, &i) in cand.iter().enumerate() {
+                            let (want, got) = (dense[b * cols + i as usize], block[b * n + j]);
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "rows={rows} cols={cols} kind={kind} k={k} ({b},{i})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

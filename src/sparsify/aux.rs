@@ -60,21 +60,61 @@ pub fn candidates(rule: &CandidateRule, step: u64, since_fired: &[u64], density:
 pub(super) fn select_aux(pre: &[f32], rows: usize, cols: usize, candidates: &[u32], k_aux: usize) -> SparseCodes {
     let lists: Vec<Vec<(u32, f32)>> = (0..rows)
         .into_par_iter()
-        .map(|b| {
-            let r = &pre[b * cols..(b + 1) * cols];
-            if k_aux == 0 {
-                return vec![];
-            }
-            let mut cand: Vec<(f32, u32)> =
-                candidates.iter().filter(|&&i| r[i as usize] > 0.0).map(|&i| (r[i as usize], i)).collect();
-            if cand.len() > k_aux {
-                cand.select_nth_unstable_by(k_aux - 1, |a, b| {
-                    b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1))
-                });
-                cand.truncate(k_aux);
-            }
-            cand.into_iter().map(|(v, i)| (i, v)).collect()
+        .map_init(Vec::new, |kept, b| {
+            row_aux(&pre[b * cols..(b + 1) * cols], candidates, k_aux, kept);
+            kept.iter().map(|&(v, j)| (candidates[j as usize], v)).collect()
         })
         .collect();
     SparseCodes::from_rows(cols, lists)
+}
+
+/// The same selection as [`select_aux`], written as a dense `rows x n` block over the `n`
+/// candidates: `out[b, j] = pre[b, candidates[j]]` where kept, 0 elsewhere (kept values are
+/// positive, so the block is its own mask). For the CPU's dense aux products, which then need
+/// no sparse codes at all. Returns the number of kept entries.
+pub fn select_aux_block(
+    pre: &[f32],
+    rows: usize,
+    cols: usize,
+    candidates: &[u32],
+    k_aux: usize,
+    out: &mut [f32],
+) -> usize {
+    let n = candidates.len();
+    assert_eq!(pre.len(), rows * cols, "pre has the wrong size");
+    assert_eq!(out.len(), rows * n, "the block has the wrong size");
+    if n == 0 {
+        return 0;
+    }
+    out.par_chunks_mut(n)
+        .enumerate()
+        .map_init(Vec::new, |kept, (b, o)| {
+            row_aux(&pre[b * cols..(b + 1) * cols], candidates, k_aux, kept);
+            o.fill(0.0);
+            for &(v, j) in kept.iter() {
+                o[j as usize] = v;
+            }
+            kept.len()
+        })
+        .sum()
+}
+
+/// One token's aux selection into `kept` as (value, position in `candidates`): every positive
+/// candidate when there are at most `k_aux` of them, else the `k_aux` largest (ties to the lower
+/// latent index, which is the lower position since `candidates` ascend).
+fn row_aux(row: &[f32], candidates: &[u32], k_aux: usize, kept: &mut Vec<(f32, u32)>) {
+    kept.clear();
+    if k_aux == 0 {
+        return;
+    }
+    kept.extend(candidates.iter().enumerate().filter_map(|(j, &i)| {
+        let v = row[i as usize];
+        (v > 0.0).then_some((v, j as u32))
+    }));
+    if kept.len() > k_aux {
+        kept.select_nth_unstable_by(k_aux - 1, |a, b| {
+            b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1))
+        });
+        kept.truncate(k_aux);
+    }
 }

@@ -34,7 +34,7 @@ mod wta;
 
 use crate::sparse::SparseCodes;
 
-pub use aux::AuxKind;
+pub use aux::{select_aux_block, AuxKind};
 pub use budget::{BudgetKind, ZipfRounding};
 pub use kind::{Architecture, SparsifierKind};
 pub use topk::cap_rows;

@@ -15,6 +15,7 @@
 use super::decode::residual_rows;
 use super::linalg::ROW_CHUNK;
 use crate::sparse::SparseCodes;
+use crate::sparsify;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
@@ -151,37 +152,44 @@ pub fn latent_row_grads(
     touched
 }
 
-/// The kept entries of a group whose latents all lie in a small set `cols` (the aux losses'
-/// candidates, a few hundred dead latents), as a dense `B x n` block: dense enough (each token
-/// keeps k_aux of the n candidates) that its four products run as GEMMs of width n.
+/// An aux loss's codes as a dense `B x n` block over its `n` candidates (a few hundred dead or
+/// dying latents), selected straight into the block ([`sparsify::select_aux_block`]): each
+/// token keeps up to k_aux of the n candidates, dense enough that the four products run as GEMMs
+/// of width n and no sparse codes are built.
 pub struct Block {
     /// The block's latents, ascending.
     pub cols: Vec<u32>,
-    /// Per kept entry (CSR order): its column in the block.
-    pos: Vec<u32>,
-    /// B x n: the codes, then (after [`Block::row_grads`]) dL/dpre.
+    /// B x n: the kept codes (positive; zero elsewhere, so also the mask of kept entries).
     z: Vec<f32>,
     /// The decoder rows of `cols` (n x d).
     w: Vec<f32>,
+    pub nnz: usize,
 }
 
 impl Block {
-    /// `codes`' entries (every one in a latent of `cols`) as a dense block, with the decoder rows.
-    pub fn new(codes: &SparseCodes, cols: &[u32], w_dec: &[f32], d: usize) -> Self {
+    /// The aux selection over `cols` (ascending) with the decoder rows it needs.
+    pub fn select(pre: &[f32], rows: usize, f: usize, cols: &[u32], k_aux: usize, w_dec: &[f32], d: usize) -> Self {
         let n = cols.len();
-        let mut at = vec![u32::MAX; codes.cols];
-        for (j, &i) in cols.iter().enumerate() {
-            at[i as usize] = j as u32;
-        }
-        let pos: Vec<u32> = codes.idx.iter().map(|&i| at[i as usize]).collect();
-        assert!(pos.iter().all(|&p| p != u32::MAX), "a kept entry outside the block's latents");
-        let mut z = vec![0f32; codes.rows * n];
-        scatter_at(codes, &codes.val, n, |e| pos[e] as usize, &mut z);
+        let mut z = vec![0f32; rows * n];
+        let nnz = sparsify::select_aux_block(pre, rows, f, cols, k_aux, &mut z);
         let mut w = vec![0f32; n * d];
         for (row, &i) in w.chunks_mut(d.max(1)).zip(cols) {
             row.copy_from_slice(&w_dec[i as usize * d..(i as usize + 1) * d]);
         }
-        Self { cols: cols.to_vec(), pos, z, w }
+        Self { cols: cols.to_vec(), z, w, nnz }
+    }
+
+    /// The block's entries as sparse codes over all `f` latents (for the sparse path).
+    pub fn to_codes(&self, rows: usize, f: usize) -> SparseCodes {
+        let n = self.cols.len();
+        let lists = (0..rows)
+            .into_par_iter()
+            .map(|b| {
+                let r = &self.z[b * n..(b + 1) * n];
+                r.iter().zip(&self.cols).filter(|(v, _)| **v > 0.0).map(|(&v, &i)| (i, v)).collect()
+            })
+            .collect();
+        SparseCodes::from_rows(f, lists)
     }
 
     /// `x_hat = Z W` (no bias), rows x d.
@@ -191,23 +199,12 @@ impl Block {
         out
     }
 
-    /// `dz[e] = G_b . W_dec_i` at the kept entries: `(G W^T)` read at the block's entries.
-    pub fn code_grads(&self, codes: &SparseCodes, g: &[f32], d: usize) -> Vec<f32> {
-        let n = self.cols.len();
-        let mut dense = vec![0f32; codes.rows * n];
-        gemm(g, false, &self.w, true, codes.rows, n, d, &mut dense);
-        let mut dz = vec![0f32; codes.nnz()];
-        gather(codes, &dense, n, |e| self.pos[e] as usize, &mut dz);
-        dz
-    }
-
-    /// Add the group's `dW_dec = Z^T G`, `dW_enc = dP^T xc` and `db_enc` rows into the full
-    /// gradients, and mark the latents that had an entry in `touched`.
+    /// Add `dW_dec = Z^T G`, `dW_enc = dP^T xc` and `db_enc` (column sums of dP, rows in order)
+    /// into the full gradients' rows of the block's latents, where `dP = (G W^T)` at the kept
+    /// entries; mark the latents with a kept entry in `touched`. Consumes the block's codes.
     #[allow(clippy::too_many_arguments)]
     pub fn add_row_grads(
         &mut self,
-        codes: &SparseCodes,
-        dpre: &[f32],
         g: &[f32],
         xc: &[f32],
         d: usize,
@@ -216,20 +213,43 @@ impl Block {
         dw_dec: &mut [f32],
         touched: &mut [bool],
     ) {
-        let (rows, n) = (codes.rows, self.cols.len());
+        let n = self.cols.len();
+        if n == 0 {
+            return;
+        }
+        let rows = self.z.len() / n;
         let mut gd = vec![0f32; n * d];
         gemm(&self.z, true, g, false, n, d, rows, &mut gd);
-        let pos = &self.pos;
-        scatter_at(codes, dpre, n, |e| pos[e] as usize, &mut self.z);
-        // In CSR order, as the sparse path sums them (deterministic).
-        let mut db = vec![0f32; n];
-        for (&j, &dp) in pos.iter().zip(dpre) {
-            db[j as usize] += dp;
+        let mut dz = vec![0f32; rows * n];
+        gemm(g, false, &self.w, true, rows, n, d, &mut dz);
+        // dP in place of Z (dz where kept), with per fixed row chunk the column sums of dP and
+        // which columns kept anything; the chunks' sums are added in order (deterministic).
+        let parts: Vec<(Vec<f32>, Vec<u32>)> = self
+            .z
+            .par_chunks_mut(n * ROW_CHUNK)
+            .zip(dz.par_chunks(n * ROW_CHUNK))
+            .map(|(zc, dc)| {
+                let (mut sum, mut kept) = (vec![0f32; n], vec![0u32; n]);
+                for (zr, dr) in zc.chunks_mut(n).zip(dc.chunks(n)) {
+                    for (((z, &dv), s), c) in zr.iter_mut().zip(dr).zip(sum.iter_mut()).zip(kept.iter_mut()) {
+                        let k = *z > 0.0;
+                        *z = if k { dv } else { 0.0 };
+                        *s += *z;
+                        *c += k as u32;
+                    }
+                }
+                (sum, kept)
+            })
+            .collect();
+        let (mut db, mut has) = (vec![0f32; n], vec![false; n]);
+        for (sum, kept) in parts {
+            for j in 0..n {
+                db[j] += sum[j];
+                has[j] |= kept[j] > 0;
+            }
         }
         let mut ge = vec![0f32; n * d];
         gemm(&self.z, true, xc, false, n, d, rows, &mut ge);
-        let mut has = vec![false; n];
-        self.pos.iter().for_each(|&j| has[j as usize] = true);
         for (j, &i) in self.cols.iter().enumerate() {
             if !has[j] {
                 continue;

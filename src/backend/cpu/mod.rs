@@ -230,14 +230,18 @@ struct Decoded {
     dpre: Vec<f32>,
 }
 
-/// The aux loss's codes with their reconstruction gradient and dL/dpre.
+/// The aux loss's codes, as sparse codes with dL/dpre at their entries, or as a dense block
+/// over the candidates whose products run as GEMMs.
+enum AuxCodes {
+    Sparse { codes: SparseCodes, dpre: Vec<f32> },
+    Block(dense::Block),
+}
+
+/// An aux loss's value, codes and reconstruction gradient.
 struct AuxPass {
     loss: f64,
-    codes: SparseCodes,
+    codes: AuxCodes,
     g: Vec<f32>,
-    dpre: Vec<f32>,
-    /// The codes as a dense block over the candidates, when its products run as GEMMs.
-    block: Option<dense::Block>,
 }
 
 impl CpuBackend {
@@ -347,34 +351,43 @@ impl CpuBackend {
         }
         let (d, f) = (self.state.shape().d_in, self.cfg.d_sae);
         let w_dec = self.state.params.w_dec();
-        let codes = sparsify::select(&self.ws.pre, rows, f, &plan::aux(&self.cfg, candidates, d));
-        if codes.nnz() == 0 {
-            return None;
-        }
+        let k_aux = self.cfg.k_aux_for(d);
         // The aux codes fill a good part of B x candidates (k_aux of a few hundred dead latents per
-        // token): as a dense block their products are GEMMs of that width.
-        let block = match self.cfg.dense_codes {
-            DenseCodes::Never => None,
-            DenseCodes::Always => Some(()),
-            DenseCodes::Auto => {
-                (main_dense || dense::dense_is_cheaper(codes.nnz(), rows, candidates.len())).then_some(())
+        // token): selected straight into a dense block, their products are GEMMs of that width.
+        let codes = if self.cfg.dense_codes == DenseCodes::Never {
+            AuxCodes::Sparse {
+                codes: sparsify::select(&self.ws.pre, rows, f, &plan::aux(&self.cfg, candidates, d)),
+                dpre: vec![],
             }
-        }
-        .map(|_| dense::Block::new(&codes, candidates, w_dec, d));
-        let e_hat = match &block {
-            Some(bl) => bl.decode(rows, d),
-            None => {
+        } else {
+            let block = dense::Block::select(&self.ws.pre, rows, f, candidates, k_aux, w_dec, d);
+            let keep_dense = self.cfg.dense_codes == DenseCodes::Always
+                || main_dense
+                || dense::dense_is_cheaper(block.nnz, rows, candidates.len());
+            if keep_dense {
+                AuxCodes::Block(block)
+            } else {
+                AuxCodes::Sparse { codes: block.to_codes(rows, f), dpre: vec![] }
+            }
+        };
+        let e_hat = match &codes {
+            AuxCodes::Block(bl) if bl.nnz > 0 => bl.decode(rows, d),
+            AuxCodes::Sparse { codes, .. } if codes.nnz() > 0 => {
                 let mut e_hat = vec![0f32; rows * d];
-                decode::decode(&codes, w_dec, None, d, &mut e_hat);
+                decode::decode(codes, w_dec, None, d, &mut e_hat);
                 e_hat
             }
+            _ => return None,
         };
         let (loss, g) = decode::aux_loss_and_grad(&self.ws.residual, &e_hat, d, self.cfg.aux_alpha as f32);
-        let dpre = match &block {
-            Some(bl) => bl.code_grads(&codes, &g, d),
-            None => backward::code_grads(&codes, &g, w_dec, d),
+        let codes = match codes {
+            AuxCodes::Sparse { codes, .. } => {
+                let dpre = backward::code_grads(&codes, &g, w_dec, d);
+                AuxCodes::Sparse { codes, dpre }
+            }
+            block => block,
         };
-        Some(AuxPass { loss, codes, g, dpre, block })
+        Some(AuxPass { loss, codes, g })
     }
 
     /// Latent-row gradients of W_enc, b_enc, W_dec from the main (and aux) codes, the L1 term,
@@ -392,14 +405,16 @@ impl CpuBackend {
         let d = shape.d_in;
         let mut grad = self.ws.grad.take().unwrap_or_else(|| Params::zeros(shape));
         // Aux groups on the dense block path are added after the sparse ones.
-        let (blocks, sparse_aux): (Vec<&mut AuxPass>, Vec<&mut AuxPass>) =
-            aux.iter_mut().partition(|a| a.block.is_some());
         let mut groups = vec![];
         if !dense {
             groups.push(Contribution { codes, dpre, g: &self.ws.g });
         }
-        for a in &sparse_aux {
-            groups.push(Contribution { codes: &a.codes, dpre: &a.dpre, g: &a.g });
+        let mut blocks = vec![];
+        for a in aux.iter_mut() {
+            match &mut a.codes {
+                AuxCodes::Sparse { codes, dpre } => groups.push(Contribution { codes, dpre, g: &a.g }),
+                AuxCodes::Block(bl) => blocks.push((bl, &a.g)),
+            }
         }
         let col_sums = linalg::column_sums(&self.ws.g, d);
         let params = self.state.params.parts();
@@ -440,9 +455,8 @@ impl CpuBackend {
                 }
                 touched
             };
-            for a in blocks {
-                let bl = a.block.as_mut().expect("partitioned on block");
-                bl.add_row_grads(&a.codes, &a.dpre, &a.g, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec, &mut touched);
+            for (bl, g) in blocks {
+                bl.add_row_grads(g, &self.ws.xc, d, gp.w_enc, gp.b_enc, gp.w_dec, &mut touched);
             }
             use rayon::prelude::*;
             gp.w_enc.par_chunks_mut(d).zip(gp.w_dec.par_chunks_mut(d)).enumerate().for_each(|(i, (ge, gd))| {
