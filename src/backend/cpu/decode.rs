@@ -67,9 +67,10 @@ pub fn residual_stats(x: &[f32], x_hat: &[f32], d: usize) -> ResidualStats {
 }
 
 /// Decode, residual and code gradients in one pass per token, so each kept decoder row is
-/// fetched once and reused from cache: `x_hat_b = b_dec + sum_e z_e W_dec_i`, `r_b = x_hat_b - x_b`,
-/// `g_b = scale * r_b`, `dz_e = g_b . W_dec_i` (CSR order). Returns per-chunk residual sums
-/// (sum ||r||^2, sum cos(x, x_hat)) in a fixed order.
+/// fetched once and reused from cache: `x_hat_b = b_dec + sum_e z_e W_dec_i`, `r_b = x_hat_b - x_b`
+/// (written to `residual`; x_hat itself is never stored), `g_b = scale * r_b`,
+/// `dz_e = g_b . W_dec_i` (CSR order). Returns per-chunk residual sums (sum ||r||^2,
+/// sum cos(x, x_hat)) in a fixed order.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_residual_grads(
     codes: &SparseCodes,
@@ -77,7 +78,6 @@ pub fn decode_residual_grads(
     b_dec: &[f32],
     x: &[f32],
     scale: f32,
-    x_hat: &mut [f32],
     residual: &mut [f32],
     g: &mut [f32],
     dz: &mut [f32],
@@ -85,24 +85,23 @@ pub fn decode_residual_grads(
     let d = b_dec.len();
     // Each task owns its row chunk's entries of dz.
     let dz_parts = codes.split_by_rows(ROW_CHUNK, dz);
-    let sums: Vec<(f64, f64)> = x_hat
+    let sums: Vec<(f64, f64)> = residual
         .par_chunks_mut(d * ROW_CHUNK)
-        .zip(residual.par_chunks_mut(d * ROW_CHUNK))
         .zip(g.par_chunks_mut(d * ROW_CHUNK))
         .zip(dz_parts.into_par_iter())
         .enumerate()
-        .map(|(c, (((xh, rs), gs), dzc))| {
+        .map(|(c, ((rs, gs), dzc))| {
             let mut acc = (0f64, 0f64);
             let mut off = 0;
-            for (r, ((h, res), gr)) in xh.chunks_mut(d).zip(rs.chunks_mut(d)).zip(gs.chunks_mut(d)).enumerate() {
+            for (r, (res, gr)) in rs.chunks_mut(d).zip(gs.chunks_mut(d)).enumerate() {
                 let b = c * ROW_CHUNK + r;
                 let xb = &x[b * d..(b + 1) * d];
                 let (ix, vs) = codes.row(b);
-                h.copy_from_slice(b_dec);
+                res.copy_from_slice(b_dec);
                 for (&i, &v) in ix.iter().zip(vs) {
-                    axpy(h, v, &w_dec[i as usize * d..(i as usize + 1) * d]);
+                    axpy(res, v, &w_dec[i as usize * d..(i as usize + 1) * d]);
                 }
-                let (se, cos) = residual_rows(h, xb, scale, d, res, gr);
+                let (se, cos) = residual_rows(res, xb, scale, d, gr);
                 acc.0 += se;
                 acc.1 += cos;
                 for &i in ix {
@@ -116,17 +115,17 @@ pub fn decode_residual_grads(
     sums.iter().fold((0.0, 0.0), |a, s| (a.0 + s.0, a.1 + s.1))
 }
 
-/// `r = h - x`, `g = scale * r` for a chunk of rows (h, x, r, g: rows x d); returns
-/// (sum ||r||^2, sum cos(x, h)) in row order, in f64.
-pub fn residual_rows(h: &[f32], x: &[f32], scale: f32, d: usize, res: &mut [f32], g: &mut [f32]) -> (f64, f64) {
+/// For a chunk of rows (all rows x d): `res` holds x_hat on entry and `r = x_hat - x` on return,
+/// `g = scale * r`; returns (sum ||r||^2, sum cos(x, x_hat)) in row order, in f64.
+pub fn residual_rows(res: &mut [f32], x: &[f32], scale: f32, d: usize, g: &mut [f32]) -> (f64, f64) {
     let mut acc = (0f64, 0f64);
-    for (((h, xb), res), gr) in h.chunks(d).zip(x.chunks(d)).zip(res.chunks_mut(d)).zip(g.chunks_mut(d)) {
+    for ((res, xb), gr) in res.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks_mut(d)) {
+        let [se, xx, hh, xh] = row_sums(res, xb);
         for j in 0..d {
-            let rj = h[j] - xb[j];
+            let rj = res[j] - xb[j];
             res[j] = rj;
             gr[j] = scale * rj;
         }
-        let [se, xx, hh, xh] = row_sums(res, xb, h);
         acc.0 += se;
         let den = (xx * hh).sqrt();
         acc.1 += if den > 0.0 { xh / den } else { 0.0 };
@@ -138,13 +137,14 @@ pub fn residual_rows(h: &[f32], x: &[f32], scale: f32, d: usize, res: &mut [f32]
 /// on one add chain (a fixed order, so still bitwise reproducible).
 const LANES: usize = 8;
 
-/// (sum r^2, sum x^2, sum h^2, sum x h) of one row, in f64.
-fn row_sums(r: &[f32], x: &[f32], h: &[f32]) -> [f64; 4] {
+/// (sum (h - x)^2, sum x^2, sum h^2, sum x h) of one row, in f64 (r = h - x rounded to f32 first,
+/// as the residual is stored).
+fn row_sums(h: &[f32], x: &[f32]) -> [f64; 4] {
     let mut acc = [[0f64; LANES]; 4];
-    let n = r.len() / LANES * LANES;
-    for ((rc, xc), hc) in r[..n].chunks_exact(LANES).zip(x[..n].chunks_exact(LANES)).zip(h[..n].chunks_exact(LANES)) {
+    let n = h.len() / LANES * LANES;
+    for (hc, xc) in h[..n].chunks_exact(LANES).zip(x[..n].chunks_exact(LANES)) {
         for l in 0..LANES {
-            let (rv, xv, hv) = (rc[l] as f64, xc[l] as f64, hc[l] as f64);
+            let (rv, xv, hv) = ((hc[l] - xc[l]) as f64, xc[l] as f64, hc[l] as f64);
             acc[0][l] += rv * rv;
             acc[1][l] += xv * xv;
             acc[2][l] += hv * hv;
@@ -152,8 +152,8 @@ fn row_sums(r: &[f32], x: &[f32], h: &[f32]) -> [f64; 4] {
         }
     }
     let mut out = acc.map(|a| a.iter().sum::<f64>());
-    for j in n..r.len() {
-        let (rv, xv, hv) = (r[j] as f64, x[j] as f64, h[j] as f64);
+    for j in n..h.len() {
+        let (rv, xv, hv) = ((h[j] - x[j]) as f64, x[j] as f64, h[j] as f64);
         out[0] += rv * rv;
         out[1] += xv * xv;
         out[2] += hv * hv;

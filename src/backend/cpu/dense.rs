@@ -75,7 +75,7 @@ fn scatter_at(codes: &SparseCodes, vals: &[f32], width: usize, at: impl Fn(usize
     });
 }
 
-/// Dense twin of `decode::decode_residual_grads`: `x_hat`, `residual`, `g = scale * residual`
+/// Dense twin of `decode::decode_residual_grads`: `residual = x_hat - x`, `g = scale * residual`
 /// and `dz` at the kept entries, with `z` holding the dense codes ([`scatter`]) and `work` a
 /// B x F scratch buffer. Returns (sum ||r||^2, sum cos(x, x_hat)) over the same row chunks.
 #[allow(clippy::too_many_arguments)]
@@ -86,22 +86,21 @@ pub fn decode_residual_grads(
     b_dec: &[f32],
     x: &[f32],
     scale: f32,
-    x_hat: &mut [f32],
     residual: &mut [f32],
     g: &mut [f32],
     dz: &mut [f32],
     work: &mut Vec<f32>,
 ) -> (f64, f64) {
     let (rows, f, d) = (codes.rows, codes.cols, b_dec.len());
-    gemm(z, false, w_dec, false, rows, d, f, x_hat);
-    x_hat.par_chunks_mut(d.max(1)).for_each(|r| r.iter_mut().zip(b_dec).for_each(|(v, b)| *v += b));
+    // x_hat into `residual`, which `residual_rows` turns into x_hat - x in place.
+    gemm(z, false, w_dec, false, rows, d, f, residual);
+    residual.par_chunks_mut(d.max(1)).for_each(|r| r.iter_mut().zip(b_dec).for_each(|(v, b)| *v += b));
     let n = d * ROW_CHUNK;
-    let sums: Vec<(f64, f64)> = x_hat
-        .par_chunks(n)
+    let sums: Vec<(f64, f64)> = residual
+        .par_chunks_mut(n)
         .zip(x.par_chunks(n))
-        .zip(residual.par_chunks_mut(n))
         .zip(g.par_chunks_mut(n))
-        .map(|(((h, xc), r), gr)| residual_rows(h, xc, scale, d, r, gr))
+        .map(|((r, xc), gr)| residual_rows(r, xc, scale, d, gr))
         .collect();
     crate::util::hugepage::resize_f32(work, rows * f);
     gemm(g, false, w_dec, true, rows, f, d, work);

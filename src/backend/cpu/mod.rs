@@ -36,7 +36,6 @@ struct Workspace {
     xc: Vec<f32>,
     fold: encode::BiasFold,
     pre: Vec<f32>,
-    x_hat: Vec<f32>,
     w_enc_eff: Vec<f32>,
     residual: Vec<f32>,
     g: Vec<f32>,
@@ -283,8 +282,6 @@ impl CpuBackend {
         Ok(GradientPass { stats, grad, codes, aux_candidates })
     }
 
-    /// Decode with the loss sums, `G = dL_rec/dx_hat = (2/B)(x_hat - x)` into the workspace and
-    /// `dZ = G W_dec^T` at the kept entries.
     /// Whether this step's products with the main codes run as dense GEMMs (`--dense-codes`).
     fn dense_products(&self, codes: &SparseCodes) -> bool {
         match self.cfg.dense_codes {
@@ -294,12 +291,12 @@ impl CpuBackend {
         }
     }
 
+    /// Decode with the loss sums, the residual and `G = dL_rec/dx_hat = (2/B)(x_hat - x)` into
+    /// the workspace, and `dZ = G W_dec^T` at the kept entries.
     fn decode_phase(&mut self, codes: &SparseCodes, x: &[f32], rows: usize, dense: bool) -> Decoded {
         let d = self.state.shape().d_in;
-        let mut x_hat = std::mem::take(&mut self.ws.x_hat);
         let mut residual = std::mem::take(&mut self.ws.residual);
         let mut g = std::mem::take(&mut self.ws.g);
-        hugepage::resize_f32(&mut x_hat, rows * d);
         hugepage::resize_f32(&mut residual, rows * d);
         hugepage::resize_f32(&mut g, rows * d);
         let scale = 2.0 / rows as f32;
@@ -315,27 +312,15 @@ impl CpuBackend {
                 p.b_dec(),
                 x,
                 scale,
-                &mut x_hat,
                 &mut residual,
                 &mut g,
                 &mut dpre,
                 work,
             )
         } else {
-            decode::decode_residual_grads(
-                codes,
-                p.w_dec(),
-                p.b_dec(),
-                x,
-                scale,
-                &mut x_hat,
-                &mut residual,
-                &mut g,
-                &mut dpre,
-            )
+            decode::decode_residual_grads(codes, p.w_dec(), p.b_dec(), x, scale, &mut residual, &mut g, &mut dpre)
         };
         let total_var = decode::total_variance(x, d);
-        self.ws.x_hat = x_hat;
         self.ws.residual = residual;
         self.ws.g = g;
         Decoded { sse, total_var, dpre }
