@@ -8,6 +8,7 @@
 
 pub mod cuda;
 pub mod peak;
+pub mod traffic;
 
 use crate::backend::cpu::{encode, CpuBackend};
 use crate::backend::{Backend, PhaseTimes};
@@ -65,6 +66,9 @@ pub struct StepRow {
     /// Each phase's time as a fraction of the encoder GEMM (encode includes the GEMM itself).
     pub phases_over_gemm: PhaseTimes,
     pub l0: f64,
+    /// CPU only: each phase's modelled bytes and GB/s ([`traffic`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<traffic::PhaseTraffic>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -83,6 +87,8 @@ pub struct StepReport {
     /// Process CPU time / (wall time x threads) while the GEMM was timed: near 1 on an idle
     /// machine; lower means other processes had the cores, and every time here is inflated.
     pub cpu_share: f64,
+    /// Measured memory read bandwidth (GB/s, [`read_bandwidth`]), for the phases' traffic.
+    pub read_gb_per_s: f64,
     pub rows: Vec<StepRow>,
 }
 
@@ -200,7 +206,10 @@ pub fn bench_step_with(
             elapsed += t.elapsed().as_secs_f64();
         }
         let per_step = elapsed / steps as f64;
-        rows.push(StepRow::new(&name, batch, steps, per_step, gemm_s, &be.take_phase_times(), l0));
+        let mut row = StepRow::new(&name, batch, steps, per_step, gemm_s, &be.take_phase_times(), l0);
+        let shape = traffic::StepShape { d_in, d_sae, batch, nnz: row.l0 * batch as f64, aux: !dead.is_empty() };
+        row.traffic = Some(traffic::PhaseTraffic::new(&shape, &row.phases_ms));
+        rows.push(row);
     }
     Ok(StepReport {
         d_in,
@@ -213,6 +222,7 @@ pub fn bench_step_with(
         gemm_frac_peak: fma_peak.as_ref().map(|p| flops / gemm_s / 1e9 / p.gflops),
         fma_peak,
         cpu_share,
+        read_gb_per_s: read_bandwidth(),
         rows,
     })
 }
@@ -260,6 +270,7 @@ impl StepRow {
             phases_over_gemm: phase_fractions(&phases_ms, gemm_s * 1e3),
             phases_ms,
             l0: l0_sum / steps as f64,
+            traffic: None,
         }
     }
 }
@@ -270,11 +281,24 @@ pub fn read_bandwidth() -> f64 {
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let t = Instant::now();
-        let s: f32 = buf.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum();
+        // 16 independent sums per chunk: one add chain would measure the add latency instead.
+        let s: f32 = buf.par_chunks(1 << 16).map(lane_sum).sum();
         std::hint::black_box(s);
         best = best.min(t.elapsed().as_secs_f64());
     }
     (buf.len() * 4) as f64 / best / 1e9
+}
+
+/// Sum of `c` in 16 lanes (vectorises; the order is fixed).
+fn lane_sum(c: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut it = c.chunks_exact(16);
+    for ch in it.by_ref() {
+        for l in 0..16 {
+            acc[l] += ch[l];
+        }
+    }
+    acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
 }
 
 /// Time every sparsifier's selection on the CPU over a grid of shapes.
@@ -397,6 +421,13 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert!(json["rows"][0]["phases_over_gemm"]["encode"].is_number());
         assert!(json.get("gemm_frac_peak").is_some() && json.get("fma_peak").is_some());
+        // Each phase's modelled traffic at the row's L0, as GB/s of its measured time.
+        let t = row.traffic.as_ref().expect("the CPU bench models traffic");
+        let shape = traffic::StepShape { d_in: 16, d_sae: 64, batch: 32, nnz: row.l0 * 32.0, aux: false };
+        assert_eq!(t.bytes.decode, traffic::step_bytes(&shape).decode);
+        assert!((t.gb_per_s.decode - t.bytes.decode / (row.phases_ms.decode * 1e-3) / 1e9).abs() < 1e-6);
+        assert!(json["rows"][0]["traffic"]["gb_per_s"]["optimizer"].is_number());
+        assert!(r.read_gb_per_s > 0.0);
         // A share, but measured from the OS's CPU-time clock over a product of microseconds at
         // this shape, so only its sign is reliable here (it read 3.5 once in CI).
         assert!(r.cpu_share.is_finite() && r.cpu_share >= 0.0, "{}", r.cpu_share);

@@ -144,6 +144,24 @@ fn print_fraction_table(rows: &[(&str, &bench::StepRow)]) {
     }
 }
 
+/// Each phase's modelled traffic as GB/s, against the measured read bandwidth (the encode phase
+/// is the GEMM, compute-bound: see the FMA peak above).
+fn print_traffic_table(r: &bench::StepReport) {
+    println!(
+        "{:<14} {:>7} {:>7} {:>8} {:>7} (GB/s of modelled traffic; memory read bandwidth {:.0} GB/s measured)",
+        "phase GB/s", "select", "decode", "backward", "adam", r.read_gb_per_s
+    );
+    for row in &r.rows {
+        let Some(t) = &row.traffic else { continue };
+        let g = &t.gb_per_s;
+        println!("{:<14} {:>7.0} {:>7.0} {:>8.0} {:>7.0}", row.sparsifier, g.select, g.decode, g.backward, g.optimizer);
+    }
+    println!(
+        "  (bytes per phase: src/bench/traffic.rs. Gathered rows count once per kept entry, so a phase served \
+         from cache can pass the bandwidth; aux products and the dense path (relu at init) are GEMMs, not counted.)"
+    );
+}
+
 /// The CPU header: shape, threads, the GEMM and its fraction of the measured FMA peak.
 fn cpu_header(r: &bench::StepReport) -> String {
     let mut s = format!(
@@ -241,6 +259,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let rows: Vec<(&str, &bench::StepRow)> = r.rows.iter().map(|row| ("", row)).collect();
             print_step_table(&rows, 1);
             print_fraction_table(&rows);
+            print_traffic_table(&r);
             if let Some(path) = a.json {
                 crate::util::atomic::write_json_atomic(&path, &r)?;
             }
