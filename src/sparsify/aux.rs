@@ -89,7 +89,25 @@ pub fn select_aux_block(
     out.par_chunks_mut(n)
         .enumerate()
         .map_init(Vec::new, |kept, (b, o)| {
-            row_aux(&pre[b * cols..(b + 1) * cols], candidates, k_aux, kept);
+            let row = &pre[b * cols..(b + 1) * cols];
+            // Without branches first: every positive candidate, which is the selection whenever
+            // there are at most k_aux of them (dead latents are mostly negative; half positive at
+            // initialisation). A branch per candidate mispredicts half the time.
+            let mut positive = 0usize;
+            for (o, &i) in o.iter_mut().zip(candidates) {
+                let v = row[i as usize];
+                let keep = v > 0.0;
+                *o = if keep { v } else { 0.0 };
+                positive += keep as usize;
+            }
+            if positive <= k_aux || k_aux == 0 {
+                if k_aux == 0 {
+                    o.fill(0.0);
+                    return 0;
+                }
+                return positive;
+            }
+            row_aux(row, candidates, k_aux, kept);
             o.fill(0.0);
             for &(v, j) in kept.iter() {
                 o[j as usize] = v;
