@@ -107,10 +107,15 @@ impl CpuBackend {
         let mut pre = std::mem::take(&mut self.ws.pre);
         hugepage::resize_f32(&mut xc, rows * d);
         hugepage::resize_f32(&mut pre, rows * f);
-        let mut fold = std::mem::take(&mut self.ws.fold);
         let p = &self.state.params;
-        encode::center_and_encode(x, p.b_dec(), self.encoder(), p.b_enc(), rows, &mut xc, &mut pre, &mut fold);
-        self.ws.fold = fold;
+        if encode::fold_pays(d) {
+            let mut fold = std::mem::take(&mut self.ws.fold);
+            encode::center_and_encode(x, p.b_dec(), self.encoder(), p.b_enc(), rows, &mut xc, &mut pre, &mut fold);
+            self.ws.fold = fold;
+        } else {
+            encode::center(x, p.b_dec(), &mut xc);
+            encode::encode(&xc, self.encoder(), p.b_enc(), rows, d, &mut pre);
+        }
         self.ws.xc = xc;
         self.ws.pre = pre;
     }
