@@ -67,7 +67,7 @@ fn par() -> Par {
 /// F 4096/4608, 2 threads), where the fold lost 1-1.5 ms of step time and won 1.5-2.5 ms at
 /// d 576. Widths that are multiples of 128 (512, 768, 1024, 2048, 4096) take the bias pass.
 pub fn fold_pays(d: usize) -> bool {
-    d % 128 != 0
+    !d.is_multiple_of(128)
 }
 
 /// Buffers of [`center_and_encode`], reused across steps.
