@@ -140,7 +140,8 @@ def hand_sparse_step(torch, sparsifier: str, d_in: int, d_sae: int, batch: int, 
         loss.backward()
         opt.step()
         with torch.no_grad():
-            w_dec /= w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            # In place through a method call: `w_dec /= ...` here would make w_dec a local of step.
+            w_dec.div_(w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     return step
 
