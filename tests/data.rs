@@ -362,6 +362,18 @@ fn manifest_is_checked() {
     let mut bad: Manifest = serde_json::from_str(&orig).unwrap();
     bad.total_rows = Some(7);
     bad.save(&mp).unwrap();
+    // Saves are atomic: none left a temporary, and one that cannot rename (the target is a
+    // directory) names the file, keeps what was there and removes its temporary.
+    let names = |d: &Path| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect::<HashSet<_>>();
+    let before = names(t.path());
+    assert!(before.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")), "{before:?}");
+    let blocked = t.path().join("blocked.json");
+    std::fs::create_dir(&blocked).unwrap();
+    std::fs::write(blocked.join("keep"), b"x").unwrap();
+    let e = format!("{:#}", bad.save(&blocked).unwrap_err());
+    assert!(e.contains("blocked.json"), "{e}");
+    assert!(blocked.join("keep").exists());
+    assert_eq!(names(t.path()).len(), before.len() + 1, "only the directory was added");
     assert_err(t.path(), o.clone(), &["manifest.json", "total_rows"]);
     std::fs::write(&mp, orig).unwrap();
 

@@ -72,9 +72,11 @@ impl Manifest {
         Ok(m)
     }
 
+    /// Written atomically (a temporary beside it, then a rename): a reader never sees half a
+    /// manifest, and a failed write leaves the old one and no temporary.
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+        crate::util::atomic::write_atomic(path, (text + "\n").as_bytes())
     }
 
     /// The SAELens `cfg.json` `metadata` fields this data set determines: `model_name`,
