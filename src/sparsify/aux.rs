@@ -83,7 +83,8 @@ pub fn select_aux_block(
     let n = candidates.len();
     assert_eq!(pre.len(), rows * cols, "pre has the wrong size");
     assert_eq!(out.len(), rows * n, "the block has the wrong size");
-    if n == 0 {
+    if n == 0 || k_aux == 0 {
+        out.fill(0.0);
         return 0;
     }
     out.par_chunks_mut(n)
@@ -100,11 +101,7 @@ pub fn select_aux_block(
                 *o = if keep { v } else { 0.0 };
                 positive += keep as usize;
             }
-            if positive <= k_aux || k_aux == 0 {
-                if k_aux == 0 {
-                    o.fill(0.0);
-                    return 0;
-                }
+            if positive <= k_aux {
                 return positive;
             }
             row_aux(row, candidates, k_aux, kept);
