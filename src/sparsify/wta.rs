@@ -34,7 +34,10 @@ pub(super) fn wta(pre: &[f32], rows: usize, cols: usize, m: &[usize]) -> SparseC
     gmax.par_chunks_mut(cols).enumerate().for_each(|(g, acc)| {
         for row in pre[g * r * cols..(g + 1) * r * cols].chunks_exact(cols) {
             for (a, &v) in acc.iter_mut().zip(row) {
-                *a = if v > *a { v } else { *a };
+                // `f32::max` ignores a NaN `v` (as `v > a` would) and stores unconditionally:
+                // `*a = if v > *a { v } else { *a }` compiles to masked stores (vmaskmovps),
+                // microcoded on AMD: this pass took 1.5x as long.
+                *a = a.max(v);
             }
         }
     });
