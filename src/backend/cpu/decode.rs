@@ -68,9 +68,9 @@ pub fn residual_stats(x: &[f32], x_hat: &[f32], d: usize) -> ResidualStats {
 
 /// Decode, residual and code gradients in one pass per token, so each kept decoder row is
 /// fetched once and reused from cache: `x_hat_b = b_dec + sum_e z_e W_dec_i`, `r_b = x_hat_b - x_b`
-/// (written to `residual`; x_hat itself is never stored), `g_b = scale * r_b`,
-/// `dz_e = g_b . W_dec_i` (CSR order). Returns per-chunk residual sums (sum ||r||^2,
-/// sum cos(x, x_hat)) in a fixed order.
+/// (written to `residual` where one is given: only the aux losses read it; x_hat itself is never
+/// stored), `g_b = scale * r_b`, `dz_e = g_b . W_dec_i` (CSR order). Returns per-chunk residual
+/// sums (sum ||r||^2, sum cos(x, x_hat)) in a fixed order.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_residual_grads(
     codes: &SparseCodes,
@@ -78,25 +78,37 @@ pub fn decode_residual_grads(
     b_dec: &[f32],
     x: &[f32],
     scale: f32,
-    residual: &mut [f32],
+    residual: Option<&mut [f32]>,
     g: &mut [f32],
     dz: &mut [f32],
 ) -> (f64, f64) {
     let d = b_dec.len();
-    // Each task owns its row chunk's entries of dz.
+    let n = d * ROW_CHUNK;
+    // Each task owns its row chunk's entries of dz, and of the residual where it is kept.
     let dz_parts = codes.split_by_rows(ROW_CHUNK, dz);
-    let sums: Vec<(f64, f64)> = residual
-        .par_chunks_mut(d * ROW_CHUNK)
-        .zip(g.par_chunks_mut(d * ROW_CHUNK))
+    let res_parts: Vec<Option<&mut [f32]>> = match residual {
+        Some(r) => r.chunks_mut(n).map(Some).collect(),
+        None => dz_parts.iter().map(|_| None).collect(),
+    };
+    let sums: Vec<(f64, f64)> = g
+        .par_chunks_mut(n)
+        .zip(res_parts.into_par_iter())
         .zip(dz_parts.into_par_iter())
         .enumerate()
-        .map(|(c, ((rs, gs), dzc))| {
+        .map(|(c, ((gs, mut rs), dzc))| {
             let mut acc = (0f64, 0f64);
             let mut off = 0;
-            for (r, (res, gr)) in rs.chunks_mut(d).zip(gs.chunks_mut(d)).enumerate() {
+            // Without a residual buffer, each row is built in one reused row (L1-resident): a
+            // B x d stream of writes fewer.
+            let mut row = if rs.is_none() { vec![0f32; d] } else { Vec::new() };
+            for (r, gr) in gs.chunks_mut(d).enumerate() {
                 let b = c * ROW_CHUNK + r;
                 let xb = &x[b * d..(b + 1) * d];
                 let (ix, vs) = codes.row(b);
+                let res = match rs.as_deref_mut() {
+                    Some(rs) => &mut rs[r * d..(r + 1) * d],
+                    None => &mut row[..],
+                };
                 res.copy_from_slice(b_dec);
                 for (&i, &v) in ix.iter().zip(vs) {
                     axpy(res, v, &w_dec[i as usize * d..(i as usize + 1) * d]);

@@ -265,7 +265,8 @@ impl CpuBackend {
         let t2 = Instant::now();
         let candidates = self.aux_candidates(rows);
         let dense = self.dense_products(&codes);
-        let mut dec = self.decode_phase(&codes, x, rows, dense);
+        let aux_reads_residual = candidates.iter().any(|(_, c)| !c.is_empty());
+        let mut dec = self.decode_phase(&codes, x, rows, dense, aux_reads_residual);
         let t3 = Instant::now();
         let l1 = self.cfg.sparsifier.has_l1().then(|| {
             let lambda = self.cfg.l1_lambda(self.state.step, rows);
@@ -296,13 +297,19 @@ impl CpuBackend {
         }
     }
 
-    /// Decode with the loss sums, the residual and `G = dL_rec/dx_hat = (2/B)(x_hat - x)` into
-    /// the workspace, and `dZ = G W_dec^T` at the kept entries.
-    fn decode_phase(&mut self, codes: &SparseCodes, x: &[f32], rows: usize, dense: bool) -> Decoded {
+    /// Decode with the loss sums, `G = dL_rec/dx_hat = (2/B)(x_hat - x)` and (with
+    /// `keep_residual`, for the aux losses, or on the dense path) the residual into the
+    /// workspace, and `dZ = G W_dec^T` at the kept entries.
+    fn decode_phase(&mut self, codes: &SparseCodes, x: &[f32], rows: usize, dense: bool, keep_residual: bool) -> Decoded {
         let d = self.state.shape().d_in;
         let mut residual = std::mem::take(&mut self.ws.residual);
         let mut g = std::mem::take(&mut self.ws.g);
-        hugepage::resize_f32(&mut residual, rows * d);
+        if dense || keep_residual {
+            hugepage::resize_f32(&mut residual, rows * d);
+        } else {
+            // A stale residual must not be read by mistake.
+            residual.clear();
+        }
         hugepage::resize_f32(&mut g, rows * d);
         let scale = 2.0 / rows as f32;
         let mut dpre = vec![0f32; codes.nnz()];
@@ -323,7 +330,8 @@ impl CpuBackend {
                 work,
             )
         } else {
-            decode::decode_residual_grads(codes, p.w_dec(), p.b_dec(), x, scale, &mut residual, &mut g, &mut dpre)
+            let res = keep_residual.then_some(&mut residual[..]);
+            decode::decode_residual_grads(codes, p.w_dec(), p.b_dec(), x, scale, res, &mut g, &mut dpre)
         };
         let total_var = decode::total_variance(x, d);
         self.ws.residual = residual;
