@@ -300,7 +300,14 @@ impl CpuBackend {
     /// Decode with the loss sums, `G = dL_rec/dx_hat = (2/B)(x_hat - x)` and (with
     /// `keep_residual`, for the aux losses, or on the dense path) the residual into the
     /// workspace, and `dZ = G W_dec^T` at the kept entries.
-    fn decode_phase(&mut self, codes: &SparseCodes, x: &[f32], rows: usize, dense: bool, keep_residual: bool) -> Decoded {
+    fn decode_phase(
+        &mut self,
+        codes: &SparseCodes,
+        x: &[f32],
+        rows: usize,
+        dense: bool,
+        keep_residual: bool,
+    ) -> Decoded {
         let d = self.state.shape().d_in;
         let mut residual = std::mem::take(&mut self.ws.residual);
         let mut g = std::mem::take(&mut self.ws.g);
