@@ -165,3 +165,53 @@ fn checkpoint_round_trip_and_refusals() {
     assert!(err.contains("trainer_state.safetensors"), "{err}");
     let _ = Params::zeros(shape);
 }
+
+/// The sparse decode gives the same G, dZ and sums, bit for bit, whether or not it keeps the
+/// residual; the kept residual is x_hat - x against a plain f64 decode (rows not a multiple of
+/// the row chunk, an empty row, d not a multiple of 8).
+#[test]
+fn decode_without_the_residual_buffer_matches_with_it() {
+    use saetrain::backend::cpu::decode::decode_residual_grads;
+    let (rows, f, d) = (131, 23, 13);
+    let w: Vec<f32> = (0..f * d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+    let b_dec: Vec<f32> = (0..d).map(|j| j as f32 * 0.1 - 0.5).collect();
+    let x: Vec<f32> = (0..rows * d).map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0).collect();
+    let codes =
+        SparseCodes::from_rows(
+            f,
+            (0..rows)
+                .map(|b| {
+                    if b == 7 {
+                        vec![]
+                    } else {
+                        (0..3).map(|q| (((b * 5 + q * 7) % f) as u32, 0.5 + q as f32)).collect()
+                    }
+                })
+                .collect(),
+        );
+    let run = |keep: bool| {
+        let (mut res, mut g, mut dz) = (vec![0f32; rows * d], vec![0f32; rows * d], vec![0f32; codes.nnz()]);
+        let sums = decode_residual_grads(&codes, &w, &b_dec, &x, 0.25, keep.then_some(&mut res[..]), &mut g, &mut dz);
+        (sums, res, g, dz)
+    };
+    let (s1, res, g1, dz1) = run(true);
+    let (s0, _, g0, dz0) = run(false);
+    assert_eq!((s1.0.to_bits(), s1.1.to_bits()), (s0.0.to_bits(), s0.1.to_bits()));
+    assert_eq!(g1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), g0.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    assert_eq!(
+        dz1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        dz0.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    for b in 0..rows {
+        let (ix, vs) = codes.row(b);
+        for j in 0..d {
+            let mut h = b_dec[j] as f64;
+            for (&i, &v) in ix.iter().zip(vs) {
+                h += v as f64 * w[i as usize * d + j] as f64;
+            }
+            let want = h - x[b * d + j] as f64;
+            assert!((res[b * d + j] as f64 - want).abs() < 1e-5, "residual[{b},{j}]");
+            assert!((g0[b * d + j] as f64 - 0.25 * want).abs() < 1e-5, "g[{b},{j}]");
+        }
+    }
+}
