@@ -10,7 +10,7 @@ pub mod cuda;
 pub mod peak;
 pub mod traffic;
 
-use crate::backend::cpu::{encode, CpuBackend};
+use crate::backend::cpu::{gemm, CpuBackend};
 use crate::backend::{Backend, PhaseTimes};
 use crate::config::{AuxKind, DenseCodes, SparsifierKind, TrainConfig};
 use crate::data::synthetic::{SynthSpec, Synthetic};
@@ -115,12 +115,12 @@ pub fn time_gemm_share(d_in: usize, d_sae: usize, batch: usize, reps: usize) -> 
     let x = random(batch * d_in, 1);
     let w = random(d_sae * d_in, 2);
     let mut pre = vec![0f32; batch * d_sae];
-    encode::matmul_abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
+    gemm::abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
     let (cpu0, wall0) = (peak::process_cpu_seconds(), Instant::now());
     let best = (0..reps.max(1))
         .map(|_| {
             let t = Instant::now();
-            encode::matmul_abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
+            gemm::abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min);

@@ -5,11 +5,11 @@
 //! `W_enc_i . W_dec_i` (as `weight_metrics` computes it).
 //!
 //! Blockwise: a tile of A's rows times a tile of B's rows (one f32 GEMM, the CPU backend's
-//! `matmul_abt`) gives the dot products, divided by the f64 row norms; a running max and argmax
+//! `gemm::abt`) gives the dot products, divided by the f64 row norms; a running max and argmax
 //! per row of A is kept across B's tiles. Memory is one `tile_a x tile_b` buffer: the F_A x F_B
 //! matrix is never formed, so 65k x 65k latents fit.
 
-use crate::backend::cpu::encode::matmul_abt;
+use crate::backend::cpu::gemm::abt;
 use crate::export::load::{checkpoint_dir, load_sae};
 use crate::util::stats::{median, pearson, shape, Shape};
 use anyhow::{ensure, Context, Result};
@@ -53,7 +53,7 @@ pub fn max_cosine(a: &[f32], b: &[f32], d: usize, tile_a: usize, tile_b: usize) 
         for b0 in (0..fb).step_by(tile_b) {
             let rb = tile_b.min(fb - b0);
             let dots = &mut buf[..ra * rb];
-            matmul_abt(at, &b[b0 * d..(b0 + rb) * d], ra, rb, d, dots, false);
+            abt(at, &b[b0 * d..(b0 + rb) * d], ra, rb, d, dots, false);
             let ib = &inv_b[b0..b0 + rb];
             value[a0..a0 + ra]
                 .par_iter_mut()

@@ -1,7 +1,7 @@
 //! Ground-truth recovery on synthetic data: for each true direction, the maximum cosine
 //! similarity to any learned decoder row. Reported: the mean (MMCS) and the fraction above 0.9.
 
-use crate::backend::cpu::encode::matmul_abt;
+use crate::backend::cpu::gemm::abt;
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]
@@ -17,7 +17,7 @@ pub fn recovery(truth: &[f32], w_dec: &[f32], d: usize) -> Recovery {
     let w = unit_rows(w_dec, d);
     let (n, f) = (t.len() / d, w.len() / d);
     let mut cos = vec![0f32; n * f];
-    matmul_abt(&t, &w, n, f, d, &mut cos, false);
+    abt(&t, &w, n, f, d, &mut cos, false);
     let best: Vec<f64> =
         cos.chunks(f.max(1)).map(|r| r.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64).collect();
     let mmcs = best.iter().sum::<f64>() / n.max(1) as f64;

@@ -16,8 +16,6 @@ use super::decode::residual_rows;
 use super::linalg::ROW_CHUNK;
 use crate::sparse::SparseCodes;
 use crate::sparsify;
-use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 /// `auto` takes the dense path above this fraction of kept entries (nnz / (B x F)). Measured
@@ -33,29 +31,10 @@ pub fn dense_is_cheaper(nnz: usize, rows: usize, cols: usize) -> bool {
     nnz as f64 > DENSE_ABOVE * rows as f64 * cols as f64
 }
 
-fn par() -> Par {
-    match rayon::current_num_threads() {
-        0 | 1 => Par::Seq,
-        n => Par::rayon(n),
-    }
-}
-
-/// `out (m x n) = op(a) op(b)` on row-major slices, `at`/`bt`: use the transpose of the stored
-/// matrix (`a` stored m x k, or k x m when `at`; `b` stored k x n, or n x k when `bt`).
+/// `out = op(a) op(b)`, overwritten (`gemm.rs`).
 #[allow(clippy::too_many_arguments)]
 fn gemm(a: &[f32], at: bool, b: &[f32], bt: bool, m: usize, n: usize, k: usize, out: &mut [f32]) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out.fill(0.0);
-        return;
-    }
-    let lhs =
-        if at { MatRef::from_row_major_slice(a, k, m).transpose() } else { MatRef::from_row_major_slice(a, m, k) };
-    let rhs =
-        if bt { MatRef::from_row_major_slice(b, n, k).transpose() } else { MatRef::from_row_major_slice(b, k, n) };
-    matmul(MatMut::from_row_major_slice_mut(out, m, n), Accum::Replace, lhs, rhs, 1.0f32, par());
+    super::gemm::gemm(a, at, b, bt, m, n, k, out, false)
 }
 
 /// The codes as a dense B x F matrix in `z` (resized, zero where nothing is kept).

@@ -1,9 +1,8 @@
 //! Encode phase (twin of kernels/encode.cu): input centring and the one dense product of the
-//! forward pass, through faer (AVX2/AVX-512, multi-threaded).
+//! forward pass (`gemm.rs`).
 
+use super::gemm::abt;
 use super::linalg::ROW_CHUNK;
-use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 /// `xc = x - b_dec` row by row.
@@ -18,22 +17,6 @@ pub fn center(x: &[f32], b_dec: &[f32], xc: &mut [f32]) {
     });
 }
 
-/// `out (m x n) = a (m x k) * b^T`, with `b` stored n x k; all row-major.
-/// `out` is overwritten unless `accumulate`.
-pub fn matmul_abt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32], accumulate: bool) {
-    assert_eq!(a.len(), m * k);
-    assert_eq!(b.len(), n * k);
-    assert_eq!(out.len(), m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    let dst = MatMut::from_row_major_slice_mut(out, m, n);
-    let lhs = MatRef::from_row_major_slice(a, m, k);
-    let rhs = MatRef::from_row_major_slice(b, n, k).transpose();
-    let acc = if accumulate { Accum::Add } else { Accum::Replace };
-    matmul(dst, acc, lhs, rhs, 1.0f32, par());
-}
-
 /// Encoder product `pre = xc W^T + bias` (xc: rows x d, W: F x d).
 ///
 /// The GEMM overwrites `pre` and the bias is added in a second pass: prefilling `pre` with the
@@ -42,7 +25,7 @@ pub fn matmul_abt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut 
 /// while a block is in cache were slower still (faer blocks the full product better).
 pub fn encode(xc: &[f32], w: &[f32], bias: &[f32], rows: usize, d: usize, pre: &mut [f32]) {
     let f = bias.len();
-    matmul_abt(xc, w, rows, f, d, pre, false);
+    abt(xc, w, rows, f, d, pre, false);
     pre.par_chunks_mut(f * ROW_CHUNK).for_each(|c| {
         for row in c.chunks_mut(f) {
             for (p, b) in row.iter_mut().zip(bias) {
@@ -50,13 +33,6 @@ pub fn encode(xc: &[f32], w: &[f32], bias: &[f32], rows: usize, d: usize, pre: &
             }
         }
     });
-}
-
-fn par() -> Par {
-    match rayon::current_num_threads() {
-        0 | 1 => Par::Seq,
-        n => Par::rayon(n),
-    }
 }
 
 /// Whether folding the bias into the GEMM ([`center_and_encode`]) beats a bias pass after it
@@ -120,7 +96,7 @@ pub fn center_and_encode(
             }
         },
     );
-    matmul_abt(&fold.xa, &fold.wa, rows, f, da, pre, false);
+    abt(&fold.xa, &fold.wa, rows, f, da, pre, false);
 }
 
 #[cfg(test)]

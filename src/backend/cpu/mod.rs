@@ -1,6 +1,7 @@
 //! CPU backend: the reference every other backend is compared against, and a fast trainer.
 //!
-//! One step = the encoder GEMM (faer) + sparse work proportional to nnz * d + a dense Adam pass.
+//! One step = the encoder GEMM (`gemm.rs`) + sparse work proportional to nnz * d + a dense Adam
+//! pass.
 //! The step's phases line up with kernels/*.cu and backend/cuda/*.rs: `encode.rs`, selection
 //! (`crate::sparsify`, twin of select.cu), `decode.rs`, `backward.rs`, `adam.rs`.
 
@@ -10,6 +11,7 @@ pub mod clip;
 pub mod decode;
 pub mod dense;
 pub mod encode;
+pub mod gemm;
 pub mod linalg;
 
 use super::{Backend, InferMode, Inference, PhaseTimes, StepStats};
