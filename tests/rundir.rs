@@ -103,8 +103,18 @@ fn a_second_writer_is_refused_with_the_holders_pid() {
     assert!(stderr(&o).contains(&me), "should name the holder's pid {me}: {}", stderr(&o));
     let o = train(&out, &["--overwrite"]);
     assert!(!o.status.success() && stderr(&o).contains(&me), "{}", stderr(&o));
+    // An export into the run's own directory would write the trainer's files beside it.
+    let weights = std::fs::read(out.join("sae_weights.safetensors")).unwrap();
+    let o = sae(&["export", out.to_str().unwrap(), "--format", "saelens", "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains(&me), "{}", stderr(&o));
+    let o =
+        sae(&["export", out.to_str().unwrap(), "--format", "sparsify", "--out", out.to_str().unwrap(), "--overwrite"]);
+    assert!(!o.status.success() && stderr(&o).contains(&me), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("sae_weights.safetensors")).unwrap(), weights);
+    assert!(temporaries(&out).is_empty(), "{:?}", temporaries(&out));
     drop(held);
     ok(&sae(&["train", "--resume", out.to_str().unwrap(), "--quiet"]));
+    ok(&sae(&["export", out.to_str().unwrap(), "--format", "saelens", "--out", out.to_str().unwrap()]));
 }
 
 #[test]

@@ -5,6 +5,7 @@ use crate::export::load::{checkpoint_dir, load_sae_with_layout, SPARSIFY_WEIGHTS
 use crate::export::saelens::{CFG_FILE, WEIGHTS_FILE};
 use crate::export::ExportedSae;
 use crate::train::checkpoint::{self, STATE_FILE};
+use crate::train::rundir;
 use crate::train::{effective_encoder, CONFIG_FILE};
 use crate::util::atomic::is_our_temporary;
 use crate::util::sweep::{describe, sweep_stale_temporaries};
@@ -134,6 +135,13 @@ fn provenance(dir: &Path) -> serde_json::Map<String, serde_json::Value> {
 
 pub fn run(args: ExportArgs) -> Result<()> {
     check_out(&args.run, &args.out, args.overwrite)?;
+    // A run directory (it has a lock file) may have its trainer writing there right now: the
+    // export's files are the trainer's own (sae_weights.safetensors, cfg.json), so hold the
+    // run's lock while writing, and refuse, naming the trainer's pid, while a trainer holds it.
+    let _lock = match args.out.join(rundir::LOCK_FILE).exists() {
+        true => Some(rundir::lock(&args.out).with_context(|| format!("export to --out {}", args.out.display()))?),
+        false => None,
+    };
     for line in describe(&sweep_stale_temporaries(&args.out, EXPORT_FILES)?) {
         eprintln!("{line}");
     }
