@@ -2,12 +2,12 @@
 //! the `sae eval` / `sae export` drivers on a tiny run, and the pictures.
 
 use saetrain::config::{BackendChoice, SparsifierKind, TrainConfig};
-use saetrain::eval::metrics::{reconstruction_metrics, weight_metrics};
 use saetrain::eval::report::write_outputs;
 use saetrain::eval::run::{evaluate, EvalOptions};
 use saetrain::export::load::{load_sae, load_sae_with_layout, Layout, SPARSIFY_WEIGHTS_FILE};
 use saetrain::export::saelens::{serialize_f32, transpose, RunTimeNorm, CFG_FILE, WEIGHTS_FILE};
 use saetrain::export::ExportedSae;
+use saetrain::metrics::recon::{reconstruction_metrics, weight_metrics};
 use saetrain::metrics::recovery::recovery;
 use saetrain::sparse::SparseCodes;
 use serde_json::json;

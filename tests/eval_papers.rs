@@ -116,7 +116,7 @@ fn against_loads_both_files_and_refuses_a_different_d_in() {
     let (pa, pb) = (tmp.path().join("a"), tmp.path().join("b"));
     a.save_saelens(&pa, json!({}), None).unwrap();
     b.save_saelens(&pb, json!({}), None).unwrap();
-    let align = saetrain::eval::metrics::weight_metrics(&a.w_enc, &a.w_dec, d).alignment;
+    let align = saetrain::metrics::recon::weight_metrics(&a.w_enc, &a.w_dec, d).alignment;
     let x = mcs::against(&pa, &pb, &align).unwrap();
     assert_eq!((x.d_sae, x.decoder.mcs.len()), (fb, fa));
     for (side, (ra, rb)) in [(&x.decoder, (&a.w_dec, &b.w_dec)), (&x.encoder, (&a.w_enc, &b.w_enc))] {

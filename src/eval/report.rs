@@ -118,7 +118,7 @@ fn mcs_pair(a: f64, b: f64) -> String {
     format!("{a:.4} / {b:.4}")
 }
 
-fn metrics<'a>(c: &'a Column) -> &'a super::metrics::ReconMetrics {
+fn metrics<'a>(c: &'a Column) -> &'a crate::metrics::recon::ReconMetrics {
     match (c.training, &c.e.training) {
         (true, Some(t)) => t,
         _ => &c.e.exported,

@@ -3,13 +3,13 @@
 //! with the training sparsifier through the CPU backend), plus weight metrics, ground-truth
 //! recovery on synthetic data and the language-model numbers of `ce_eval.json` when present.
 
-use super::metrics::{set_mean, weight_metrics, ReconAccumulator, ReconMetrics, WeightMetrics};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, InferMode};
 use crate::config::{Normalize, TrainConfig};
 use crate::data::{self, normalize, Batch, BatchSource, ShardOptions, ShardSource};
 use crate::export::load::{checkpoint_dir, load_sae_with_layout};
 use crate::export::ExportedSae;
+use crate::metrics::recon::{set_mean, weight_metrics, ReconAccumulator, ReconMetrics, WeightMetrics};
 use crate::metrics::recovery::{recovery, Recovery};
 use crate::train::checkpoint::{self, STATE_FILE};
 use crate::train::{CONFIG_FILE, METRICS_FILE};
