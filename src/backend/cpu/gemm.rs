@@ -5,11 +5,13 @@
 //! Threads: a product with a short inner dimension (k <= [`SPLIT_MAX_K`], the encoder's d) and
 //! enough rows is cut into one contiguous block of output rows per thread, each block a
 //! single-threaded faer product. At these shapes faer's own rayon split cost more than it
-//! saved: at 4096 x 4608 x 576 on a 2-core
-//! Xeon (AVX-512), seq x 2 row blocks took 97-134 ms against 118-150 ms for `Par::rayon(2)` in
-//! four interleaved rounds, and 13.4 against 16.1 ms for the aux block's 4096 x 461 x 576. With a
-//! long inner dimension (the dense path's k = B or F) faer's split won (122 against 129 ms), so
-//! those keep it.
+//! saved: at 4096 x 4608 x 576 on a 2-core Xeon (AVX-512), seq x 2 row blocks took 97-134 ms
+//! against 118-150 ms for `Par::rayon(2)` in four interleaved rounds, and 13.4 against 16.1 ms
+//! for the aux block's 4096 x 461 x 576. With a long inner dimension (the dense path's k = B or
+//! F) faer's split won (122 against 129 ms), so those keep it.
+//!
+//! Layout: `a^T b` (the weight gradients, k = B) goes through a column-major scratch
+//! ([`transposed_lhs`]); into a row-major output faer ran it at half speed at d 512.
 //!
 //! Bits: each output element is the same k-long dot product in the same order whether its row
 //! block is the whole matrix or a part of it (faer's blocking of k does not depend on m; tested
@@ -41,6 +43,9 @@ pub fn gemm(a: &[f32], at: bool, b: &[f32], bt: bool, m: usize, n: usize, k: usi
         }
         return;
     }
+    if at && !bt {
+        return transposed_lhs(a, b, m, n, k, out, accumulate);
+    }
     let lhs =
         if at { MatRef::from_row_major_slice(a, k, m).transpose() } else { MatRef::from_row_major_slice(a, m, k) };
     let rhs =
@@ -61,6 +66,36 @@ pub fn gemm(a: &[f32], at: bool, b: &[f32], bt: bool, m: usize, n: usize, k: usi
     });
 }
 
+/// `out = a^T b` (`a` stored k x m, `b` stored k x n: the weight gradients of the dense path and
+/// of the aux block, k = B). Into a row-major `out` faer ran this form at half the speed of the
+/// others (4096 x 512 x 4096, 2 threads: 238 ms against 102-106 for `a b` and `a b^T`); into a
+/// column-major one, where every operand is column-major to faer, 120 ms. So the product goes
+/// into a column-major scratch and is transposed into `out` (m x n, small next to m x n x k).
+fn transposed_lhs(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32], accumulate: bool) {
+    let mut t = crate::util::hugepage::zeroed_f32(m * n);
+    let dst = MatMut::from_column_major_slice_mut(&mut t, m, n);
+    let lhs = MatRef::from_row_major_slice(a, k, m).transpose();
+    let rhs = MatRef::from_row_major_slice(b, k, n);
+    matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par());
+    // t holds out column-major: out[i][j] = t[j * m + i].
+    out.par_chunks_mut(n * 16).enumerate().for_each(|(c, rows)| {
+        for (r, orow) in rows.chunks_mut(n).enumerate() {
+            let i = c * 16 + r;
+            for (j, o) in orow.iter_mut().enumerate() {
+                let v = t[j * m + i];
+                *o = if accumulate { *o + v } else { v };
+            }
+        }
+    });
+}
+
+fn par() -> Par {
+    match rayon::current_num_threads() {
+        0 | 1 => Par::Seq,
+        n => Par::rayon(n),
+    }
+}
+
 /// `out (m x n) = a (m x k) b^T` with `b` stored n x k (`+=` when `accumulate`).
 pub fn abt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32], accumulate: bool) {
     gemm(a, false, b, true, m, n, k, out, accumulate)
@@ -74,8 +109,9 @@ mod tests {
         ((i as f32 * 0.37 + s).sin() * 3.0).round() / 4.0 + 0.01 * (i % 97) as f32
     }
 
-    /// Every transpose combination against an f64 product, on awkward shapes, with 1 and 3
-    /// threads; and the row-block split bit for bit against one single-threaded product.
+    /// Every transpose combination against an f64 product, on awkward shapes, accumulating and
+    /// overwriting (`out` starts as NaN), with 1 and 3 threads bit for bit (the row-block split,
+    /// faer's own split, and the transposed-lhs path through a column-major scratch).
     #[test]
     fn gemm_matches_f64_and_does_not_depend_on_threads() {
         for (m, n, k) in
@@ -95,6 +131,12 @@ mod tests {
                     out
                 };
                 let (one, three) = (run(1), run(3));
+                let mut fresh = vec![f32::NAN; m * n];
+                gemm(&a, at, &b, bt, m, n, k, &mut fresh, false);
+                for (e, w) in want.iter().enumerate() {
+                    let tol = 1e-5 * (1.0 + w.abs()) * k.max(1) as f64;
+                    assert!((fresh[e] as f64 + 0.5 - w).abs() <= tol, "{m}x{n}x{k} {at} {bt}: overwrite");
+                }
                 for (e, w) in want.iter().enumerate() {
                     assert!(
                         (one[e] as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()) * k.max(1) as f64,
