@@ -26,12 +26,20 @@ pub fn batch_min(codes: &SparseCodes) -> Option<f32> {
 /// Per latent, the smallest kept activation (wta: its m_j-th largest, or its smallest positive
 /// one when fewer than m_j were positive; None when it kept nothing).
 pub fn per_latent_min(codes: &SparseCodes) -> Vec<Option<f32>> {
-    let mut out: Vec<Option<f32>> = vec![None; codes.cols];
-    for (&i, &v) in codes.idx.iter().zip(&codes.val) {
-        let slot = &mut out[i as usize];
-        *slot = Some(slot.map_or(v, |s| s.min(v)));
-    }
-    out
+    codes.fold_by_latent(
+        None,
+        |e| Some(codes.val[e]),
+        |slot, v| {
+            if let Some(v) = v {
+                *slot = Some(slot.map_or(v, |s: f32| s.min(v)));
+            }
+        },
+    )
+}
+
+/// Whether [`update_thresholds`] moves any threshold at `step` (so its input is worth building).
+pub fn tracked_at(cfg: &TrainConfig, step: u64) -> bool {
+    cfg.sparsifier.batch_dependent() && step >= cfg.threshold_start_step()
 }
 
 /// A threshold that no activation passes: what a latent that never fired in training gets.
@@ -75,7 +83,7 @@ pub fn update_thresholds(
     theta_set: &mut [bool],
     min_kept: &[Option<f32>],
 ) {
-    if !cfg.sparsifier.batch_dependent() || step < cfg.threshold_start_step() {
+    if !tracked_at(cfg, step) {
         return;
     }
     let decay = cfg.threshold_decay_value() as f32;

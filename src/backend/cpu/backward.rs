@@ -2,7 +2,7 @@
 //! gradient, so every product here costs nnz * d: no B x F x d work.
 
 use super::linalg::{axpy, dot};
-use crate::sparse::{ChunkView, SparseCodes};
+use crate::sparse::{ChunkView, SparseCodes, FOLD_ROWS};
 use rayon::prelude::*;
 
 /// `dZ[e] = G_b . W_dec_i` for every kept entry e = (b, i) (CSR order).
@@ -131,16 +131,25 @@ pub struct L1Terms {
 impl L1Terms {
     /// The penalty's value and its terms; adds `dL1/dpre = lambda ||W_dec_i||` into `dpre`.
     pub fn new(codes: &SparseCodes, w_dec: &[f32], d: usize, lambda: f32, dpre: &mut [f32]) -> Self {
-        let norms: Vec<f32> = w_dec.chunks(d).map(|w| dot(w, w).sqrt()).collect();
-        let mut sums = vec![0f32; norms.len()];
-        let mut loss = 0.0;
-        for (e, (&i, &z)) in codes.idx.iter().zip(&codes.val).enumerate() {
-            let n = norms[i as usize];
-            loss += (lambda * z * n) as f64;
-            dpre[e] += lambda * n;
-            sums[i as usize] += z;
-        }
-        Self { loss, norms, sums, lambda }
+        let norms: Vec<f32> = w_dec.par_chunks(d.max(1)).map(|w| dot(w, w).sqrt()).collect();
+        // Per block of rows (fixed: the loss's sum does not depend on the thread count).
+        let losses: Vec<f64> = codes
+            .split_by_rows(FOLD_ROWS, dpre)
+            .into_par_iter()
+            .enumerate()
+            .map(|(p, part)| {
+                let e0 = codes.row_ptr[p * FOLD_ROWS];
+                let mut loss = 0.0;
+                for (e, dp) in (e0..).zip(part) {
+                    let n = norms[codes.idx[e] as usize];
+                    loss += (lambda * codes.val[e] * n) as f64;
+                    *dp += lambda * n;
+                }
+                loss
+            })
+            .collect();
+        let sums = codes.fold_by_latent(0f32, |e| codes.val[e], |a, b| *a += b);
+        Self { loss: losses.iter().sum(), norms, sums, lambda }
     }
 
     /// `d/dw [lambda (sum_b z_bi) ||w||]` added into latent i's decoder-row gradient `gd`.

@@ -121,13 +121,9 @@ pub fn latent_row_grads(
     gemm(z, true, g, false, f, d, rows, dw_dec);
     scatter(codes, dpre, z);
     gemm(z, true, xc, false, f, d, rows, dw_enc);
-    db_enc.fill(0.0);
-    let mut touched = vec![false; f];
-    for (&i, &dp) in codes.idx.iter().zip(dpre) {
-        db_enc[i as usize] += dp;
-        touched[i as usize] = true;
-    }
-    touched
+    let sums = codes.fold_by_latent((0f32, false), |e| (dpre[e], true), |a, b| *a = (a.0 + b.0, a.1 | b.1));
+    db_enc.iter_mut().zip(&sums).for_each(|(o, s)| *o = s.0);
+    sums.into_iter().map(|s| s.1).collect()
 }
 
 /// An aux loss's codes as a dense `B x n` block over its `n` candidates (a few hundred dead or

@@ -154,6 +154,9 @@ impl CpuBackend {
     fn update_tracking(&mut self, codes: &SparseCodes, rows: usize) {
         let s = &mut self.state;
         super::tracking::record_firing(&self.cfg, &mut s.since_fired, &mut s.density, &codes.col_counts(), rows);
+        if !threshold::tracked_at(&self.cfg, s.step) {
+            return;
+        }
         let min_kept = threshold::per_latent_min(codes);
         threshold::update_thresholds(&self.cfg, s.step, &mut s.theta, &mut s.theta_set, &min_kept);
     }
