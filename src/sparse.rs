@@ -247,16 +247,7 @@ mod tests {
         for (s, w) in sums.iter().zip(&sum) {
             assert!((*s as f64 - w).abs() <= 1e-6 * w.abs().max(1.0) * c.rows as f64, "{s} vs {w}");
         }
-        let got_min = c.fold_by_latent(
-            None,
-            |e| Some(c.val[e]),
-            |a: &mut Option<f32>, b| {
-                if let Some(b) = b {
-                    *a = Some(a.map_or(b, |m| m.min(b)));
-                }
-            },
-        );
-        assert_eq!(got_min, min);
+        assert_eq!(crate::sparsify::threshold::per_latent_min(&c), min);
         let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| fold(&c));
         let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| fold(&c));
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
