@@ -11,7 +11,7 @@
 //!    everything > T and the first (lowest flat index) entries equal to T up to the budget.
 
 use super::row_ptr_of;
-use super::topk::{LANES, MIN_POS};
+use super::topk::{lanes_at_least, set_bits, LANES, MIN_POS};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
 
@@ -85,16 +85,8 @@ fn collect(pre: &[f32], cols: usize, lo: f32) -> Vec<Vec<(u32, u32, f32)>> {
                 let mut it = row.chunks_exact(LANES);
                 let mut base = 0usize;
                 for c in it.by_ref() {
-                    let mut any = false;
-                    for &v in c {
-                        any |= v >= lo;
-                    }
-                    if any {
-                        for (q, &v) in c.iter().enumerate() {
-                            if v >= lo {
-                                out.push((b, (base + q) as u32, v));
-                            }
-                        }
+                    for q in set_bits(lanes_at_least(c, |_| lo)) {
+                        out.push((b, (base + q) as u32, c[q]));
                     }
                     base += LANES;
                 }

@@ -11,7 +11,7 @@
 //! Each step is split by rows or by columns, never by the thread count's say over a result:
 //! the thresholds and keys are values, so the kept set is the same on any number of threads.
 
-use super::topk::{LANES, MIN_POS};
+use super::topk::{lanes_at_least, set_bits, LANES, MIN_POS};
 use super::{key, row_ptr_of};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
@@ -91,15 +91,8 @@ pub(super) fn wta(pre: &[f32], rows: usize, cols: usize, m: &[usize]) -> SparseC
                 let b = (ti * ROWS_PER_TASK + rb) as u32;
                 let mut j0 = 0;
                 for (s, t) in row.chunks_exact(LANES).zip(thr.chunks_exact(LANES)) {
-                    // One bit per lane (a vector compare and movemask), then the set bits.
-                    let mut hits = 0u32;
-                    for q in 0..LANES {
-                        hits |= ((s[q] >= t[q]) as u32) << q;
-                    }
-                    while hits != 0 {
-                        let q = hits.trailing_zeros() as usize;
+                    for q in set_bits(lanes_at_least(s, |q| t[q])) {
                         out.push((b, (j0 + q) as u32, s[q]));
-                        hits &= hits - 1;
                     }
                     j0 += LANES;
                 }
