@@ -1,7 +1,7 @@
 //! Decode phase (twin of kernels/decode.cu): sparse decode, residual statistics, the
 //! reconstruction gradient, and the aux loss on the residual. Cost nnz * d, never B x F x d.
 
-use super::linalg::{axpy, column_sums, dot, ROW_CHUNK};
+use super::linalg::{axpy_rows, column_sums, dot, ROW_CHUNK};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
 
@@ -13,9 +13,7 @@ pub fn decode(codes: &SparseCodes, w_dec: &[f32], b_dec: Option<&[f32]>, d: usiz
             None => out.fill(0.0),
         }
         let (ix, vs) = codes.row(b);
-        for (&i, &v) in ix.iter().zip(vs) {
-            axpy(out, v, &w_dec[i as usize * d..(i as usize + 1) * d]);
-        }
+        axpy_rows(out, ix, vs, w_dec, d);
     });
 }
 
@@ -110,9 +108,7 @@ pub fn decode_residual_grads(
                     None => &mut row[..],
                 };
                 res.copy_from_slice(b_dec);
-                for (&i, &v) in ix.iter().zip(vs) {
-                    axpy(res, v, &w_dec[i as usize * d..(i as usize + 1) * d]);
-                }
+                axpy_rows(res, ix, vs, w_dec, d);
                 let (se, cos) = residual_rows(res, xb, scale, d, gr);
                 acc.0 += se;
                 acc.1 += cos;

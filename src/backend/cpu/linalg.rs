@@ -37,6 +37,26 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// `y += sum_q vs[q] * w_row(ix[q])` over the rows `ix` of `w` (rows of `d`), bitwise the same as
+/// one [`axpy`] per entry in order (each addition rounded as there), but four rows per pass over
+/// `y`: `y` is loaded and stored once per four rows instead of once per row (the decode phase of
+/// `sae bench step --sparsifier topk`: 20.4 -> 18.5 ms, medians of 4 paired runs).
+#[inline]
+pub fn axpy_rows(y: &mut [f32], ix: &[u32], vs: &[f32], w: &[f32], d: usize) {
+    let row = |i: u32| &w[i as usize * d..(i as usize + 1) * d];
+    let mut quads = ix.chunks_exact(4).zip(vs.chunks_exact(4));
+    for (i, a) in quads.by_ref() {
+        let (x0, x1, x2, x3) = (row(i[0]), row(i[1]), row(i[2]), row(i[3]));
+        for ((((o, x0), x1), x2), x3) in y.iter_mut().zip(x0).zip(x1).zip(x2).zip(x3) {
+            *o = (((*o + a[0] * x0) + a[1] * x1) + a[2] * x2) + a[3] * x3;
+        }
+    }
+    let tail = ix.len() / 4 * 4;
+    for (&i, &a) in ix[tail..].iter().zip(&vs[tail..]) {
+        axpy(y, a, row(i));
+    }
+}
+
 /// `a . b` in f32.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -53,4 +73,35 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += a[j] * b[j];
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axpy_rows_is_bitwise_one_axpy_per_row_in_order() {
+        // Awkward widths, and entry counts that leave every tail length after the groups of 4.
+        let mut s = 7u32;
+        let mut next = || {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for d in [1usize, 7, 33] {
+            let w: Vec<f32> = (0..13 * d).map(|_| next()).collect();
+            for n in 0..10 {
+                let ix: Vec<u32> = (0..n).map(|q| ((q * 5 + 3) % 13) as u32).collect();
+                let vs: Vec<f32> = (0..n).map(|_| next() * 1e3).collect();
+                let y0: Vec<f32> = (0..d).map(|_| next()).collect();
+                let mut want = y0.clone();
+                for (&i, &a) in ix.iter().zip(&vs) {
+                    axpy(&mut want, a, &w[i as usize * d..(i as usize + 1) * d]);
+                }
+                let mut got = y0.clone();
+                axpy_rows(&mut got, &ix, &vs, &w, d);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "d={d} n={n}");
+            }
+        }
+    }
 }
