@@ -5,11 +5,12 @@
 //!    consecutive rows and take the m_j-th largest group maximum (at least m_j entries are
 //!    >= it). The group maxima are an elementwise max of R rows (SIMD-friendly).
 //! 2. Collect the entries >= t_j (about m_j per column), in row-major order.
-//! 3. Per column, the m_j-th best candidate key (value, then lower row) decides; a final pass
-//!    over the candidates in row-major order writes the CSR directly.
+//! 3. Per column, the m_j-th best candidate key (value, then lower row) decides, found per
+//!    range of columns (one task per thread); a final pass over each row block's candidates,
+//!    already row-major, writes its part of the CSR.
 //!
-//! Each step is split by rows or by columns, never by the thread count's say over a result:
-//! the thresholds and keys are values, so the kept set is the same on any number of threads.
+//! Work is split by rows or by columns, and the thresholds and m_j-th keys are values, not
+//! positions: the kept set is the same on any number of threads.
 
 use super::topk::{lanes_at_least, set_bits, LANES, MIN_POS};
 use super::{key, row_ptr_of};
