@@ -1,14 +1,11 @@
 //! Threshold rules: relu (every positive entry) and jumprelu (entries above theta_j and 0).
 
 use super::topk::LANES;
-use super::{row_ptr_of, split_by};
+use super::{from_row_blocks, row_ptr_of, split_by, RowBlock};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
 
 const ROWS_PER_TASK: usize = 16;
-
-/// Kept entries of one row task: latent indices, values, and the count per row.
-type TaskOut = (Vec<u32>, Vec<f32>, Vec<usize>);
 
 /// Compact the entries of `r` with `r[i] > t[i]` into `si`/`sv`; returns their number. Chunks
 /// without a kept entry are skipped; the others are compacted branch-free.
@@ -44,7 +41,7 @@ fn above(pre: &[f32], rows: usize, cols: usize, t: &[f32]) -> SparseCodes {
     if kept * 8 > probe * cols {
         two_pass(pre, rows, cols, t)
     } else {
-        one_pass(pre, rows, cols, t)
+        one_pass(pre, cols, t)
     }
 }
 
@@ -73,35 +70,24 @@ fn two_pass(pre: &[f32], rows: usize, cols: usize, t: &[f32]) -> SparseCodes {
 }
 
 /// One pass over `pre` (row tasks collect locally), then one parallel copy into the CSR.
-fn one_pass(pre: &[f32], rows: usize, cols: usize, t: &[f32]) -> SparseCodes {
-    let tasks: Vec<TaskOut> = pre
+fn one_pass(pre: &[f32], cols: usize, t: &[f32]) -> SparseCodes {
+    let blocks: Vec<RowBlock> = pre
         .par_chunks(cols * ROWS_PER_TASK)
         .map_init(
             || (vec![0u32; cols], vec![0f32; cols]),
             |(si, sv), chunk| {
-                let (mut ti, mut tv, mut tc) = (Vec::new(), Vec::new(), Vec::with_capacity(ROWS_PER_TASK));
+                let mut out = RowBlock { counts: Vec::with_capacity(ROWS_PER_TASK), ..Default::default() };
                 for r in chunk.chunks_exact(cols) {
                     let w = compact_row(r, t, si, sv);
-                    ti.extend_from_slice(&si[..w]);
-                    tv.extend_from_slice(&sv[..w]);
-                    tc.push(w);
+                    out.idx.extend_from_slice(&si[..w]);
+                    out.val.extend_from_slice(&sv[..w]);
+                    out.counts.push(w);
                 }
-                (ti, tv, tc)
+                out
             },
         )
         .collect();
-    let row_ptr = row_ptr_of(tasks.iter().flat_map(|t| t.2.iter().copied()));
-    let task_ptr = row_ptr_of(tasks.iter().map(|t| t.0.len()));
-    let n = row_ptr[rows];
-    let mut idx = vec![0u32; n];
-    let mut val = vec![0f32; n];
-    split_by(&mut idx, &task_ptr).into_par_iter().zip(split_by(&mut val, &task_ptr)).zip(&tasks).for_each(
-        |((ix, vs), t)| {
-            ix.copy_from_slice(&t.0);
-            vs.copy_from_slice(&t.1);
-        },
-    );
-    SparseCodes { rows, cols, row_ptr, idx, val }
+    from_row_blocks(cols, &blocks)
 }
 
 /// Every strictly positive entry.

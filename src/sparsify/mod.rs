@@ -33,6 +33,7 @@ mod topk;
 mod wta;
 
 use crate::sparse::SparseCodes;
+use rayon::prelude::*;
 
 pub use aux::{select_aux_block, AuxKind};
 pub use budget::{BudgetKind, ZipfRounding};
@@ -135,6 +136,32 @@ pub(crate) fn split_by<'a, T>(mut buf: &'a mut [T], ptr: &[usize]) -> Vec<&'a mu
         buf = tail;
     }
     out
+}
+
+/// The kept entries of a block of consecutive rows, in CSR order: per row its count, then all
+/// the rows' latent indices and values.
+#[derive(Default)]
+pub(crate) struct RowBlock {
+    pub counts: Vec<usize>,
+    pub idx: Vec<u32>,
+    pub val: Vec<f32>,
+}
+
+/// Codes over `cols` latents from consecutive row blocks (covering every row, in order), each
+/// block copied into its place in parallel.
+pub(crate) fn from_row_blocks(cols: usize, blocks: &[RowBlock]) -> SparseCodes {
+    let row_ptr = row_ptr_of(blocks.iter().flat_map(|b| b.counts.iter().copied()));
+    let block_ptr = row_ptr_of(blocks.iter().map(|b| b.idx.len()));
+    let (rows, n) = (row_ptr.len() - 1, row_ptr[row_ptr.len() - 1]);
+    let mut idx = vec![0u32; n];
+    let mut val = vec![0f32; n];
+    split_by(&mut idx, &block_ptr).into_par_iter().zip(split_by(&mut val, &block_ptr)).zip(blocks).for_each(
+        |((ix, vs), b)| {
+            ix.copy_from_slice(&b.idx);
+            vs.copy_from_slice(&b.val);
+        },
+    );
+    SparseCodes { rows, cols, row_ptr, idx, val }
 }
 
 /// Exclusive prefix sum of per-row counts: `row_ptr` of length rows+1.

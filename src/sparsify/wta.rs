@@ -13,7 +13,7 @@
 //! positions: the kept set is the same on any number of threads.
 
 use super::topk::{lanes_at_least, set_bits, LANES, MIN_POS};
-use super::{key, row_ptr_of};
+use super::{from_row_blocks, key, RowBlock};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
 
@@ -137,28 +137,25 @@ pub(super) fn wta(pre: &[f32], rows: usize, cols: usize, m: &[usize]) -> SparseC
     });
 
     // Row-major CSR of the kept candidates: each task's rows from its own (row-major) list.
-    let parts: Vec<(Vec<usize>, Vec<u32>, Vec<f32>)> = cand
+    let blocks: Vec<RowBlock> = cand
         .par_iter()
         .enumerate()
         .map(|(ti, list)| {
             let b0 = ti * ROWS_PER_TASK;
-            let mut counts = vec![0usize; ROWS_PER_TASK.min(rows - b0)];
-            let (mut idx, mut val) = (Vec::with_capacity(list.len()), Vec::with_capacity(list.len()));
+            let mut out = RowBlock {
+                counts: vec![0; ROWS_PER_TASK.min(rows - b0)],
+                idx: Vec::with_capacity(list.len()),
+                val: Vec::with_capacity(list.len()),
+            };
             for &(b, j, v) in list {
                 if key(v, b) >= kth[j as usize] {
-                    counts[b as usize - b0] += 1;
-                    idx.push(j);
-                    val.push(v);
+                    out.counts[b as usize - b0] += 1;
+                    out.idx.push(j);
+                    out.val.push(v);
                 }
             }
-            (counts, idx, val)
+            out
         })
         .collect();
-    let row_ptr = row_ptr_of(parts.iter().flat_map(|p| p.0.iter().copied()));
-    let (mut idx, mut val) = (Vec::with_capacity(row_ptr[rows]), Vec::with_capacity(row_ptr[rows]));
-    for (_, i, v) in &parts {
-        idx.extend_from_slice(i);
-        val.extend_from_slice(v);
-    }
-    SparseCodes { rows, cols, row_ptr, idx, val }
+    from_row_blocks(cols, &blocks)
 }
