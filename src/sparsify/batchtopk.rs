@@ -10,8 +10,8 @@
 //! 3. Among the candidates (a superset of the answer), find the exact threshold T; keep
 //!    everything > T and the first (lowest flat index) entries equal to T up to the budget.
 
+use super::lanes::{collect_at_least, Candidate, Uniform, MIN_POS};
 use super::row_ptr_of;
-use super::topk::{lanes_at_least, set_bits, LANES, MIN_POS};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
 
@@ -75,30 +75,8 @@ fn bucket_start(hb: usize) -> f32 {
 }
 
 /// Every entry >= lo as (row, column, value), row-major, one list per row task.
-fn collect(pre: &[f32], cols: usize, lo: f32) -> Vec<Vec<(u32, u32, f32)>> {
-    pre.par_chunks(cols * ROWS_PER_TASK)
-        .enumerate()
-        .map(|(ti, chunk)| {
-            let mut out = Vec::new();
-            for (r, row) in chunk.chunks_exact(cols).enumerate() {
-                let b = (ti * ROWS_PER_TASK + r) as u32;
-                let mut it = row.chunks_exact(LANES);
-                let mut base = 0usize;
-                for c in it.by_ref() {
-                    for q in set_bits(lanes_at_least(c, |_| lo)) {
-                        out.push((b, (base + q) as u32, c[q]));
-                    }
-                    base += LANES;
-                }
-                for (q, &v) in it.remainder().iter().enumerate() {
-                    if v >= lo {
-                        out.push((b, (base + q) as u32, v));
-                    }
-                }
-            }
-            out
-        })
-        .collect()
+fn collect(pre: &[f32], cols: usize, lo: f32) -> Vec<Vec<Candidate>> {
+    collect_at_least(pre, cols, ROWS_PER_TASK, 0, &Uniform::new(lo))
 }
 
 pub(super) fn batchtopk(pre: &[f32], rows: usize, cols: usize, k: usize) -> SparseCodes {

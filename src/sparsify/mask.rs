@@ -1,6 +1,6 @@
 //! Threshold rules: relu (every positive entry) and jumprelu (entries above theta_j and 0).
 
-use super::topk::LANES;
+use super::lanes::LANES;
 use super::{from_row_blocks, row_ptr_of, split_by, RowBlock};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;

@@ -19,13 +19,15 @@
 //!
 //! Layout: `kind.rs` says what each sparsifier is (its predicates, default aux loss, exported
 //! architecture); `plan.rs` maps a config to this batch's `Selection`; `cases.rs` is the table
-//! of cases everything iterates; one file per rule family does the selecting.
+//! of cases everything iterates; one file per rule family does the selecting; `lanes.rs` is the
+//! candidate pass (entries at or above a bound, by lane mask) they share.
 
 pub mod aux;
 mod batchtopk;
 pub mod budget;
 pub mod cases;
 pub mod kind;
+mod lanes;
 mod mask;
 pub mod plan;
 pub mod threshold;

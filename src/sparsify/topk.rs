@@ -6,42 +6,13 @@
 //!    R consecutive 16-wide chunks, so the maxima are a vertical (SIMD-friendly) max.
 //! 2. Collect the entries >= t (about k of them) and select exactly among them.
 
+use super::lanes::{each_at_least, Uniform, LANES, MIN_POS};
 use super::{keep_best, key, key_idx, key_val, row_ptr_of, split_by};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 8;
-/// Lanes of a chunk.
-pub(crate) const LANES: usize = 16;
-
-/// Smallest positive f32: `v >= MIN_POS` is `v > 0` (false for NaN).
-pub(crate) const MIN_POS: f32 = f32::from_bits(1);
-
-/// Bit q set where `c[q] >= t(q)`, for a chunk of at most `LANES` entries: the compares
-/// vectorise into one mask, so a candidate pass pays a branch per set bit rather than one per
-/// entry (a mispredicted branch on every rare hit).
-#[inline(always)]
-pub(crate) fn lanes_at_least(c: &[f32], t: impl Fn(usize) -> f32) -> u32 {
-    let mut hits = 0u32;
-    for (q, &v) in c.iter().enumerate() {
-        hits |= ((v >= t(q)) as u32) << q;
-    }
-    hits
-}
-
-/// The set bits of `hits`, ascending.
-#[inline(always)]
-pub(crate) fn set_bits(mut hits: u32) -> impl Iterator<Item = usize> {
-    std::iter::from_fn(move || {
-        (hits != 0).then(|| {
-            let q = hits.trailing_zeros() as usize;
-            hits &= hits - 1;
-            q
-        })
-    })
-}
-
 /// Thread-local scratch of the per-row selection.
 #[derive(Default)]
 pub(crate) struct Scratch {
@@ -78,19 +49,7 @@ fn row_topk(row: &[f32], k: usize, r: usize, s: &mut Scratch) {
     }
     // 2. Candidates >= t, in index order.
     s.keys.clear();
-    let mut base = 0usize;
-    let mut it = row.chunks_exact(LANES);
-    for c in it.by_ref() {
-        for q in set_bits(lanes_at_least(c, |_| t)) {
-            s.keys.push(key(c[q], (base + q) as u32));
-        }
-        base += LANES;
-    }
-    for (q, &v) in it.remainder().iter().enumerate() {
-        if v >= t {
-            s.keys.push(key(v, (base + q) as u32));
-        }
-    }
+    each_at_least(row, &Uniform::new(t), |j, v| s.keys.push(key(v, j as u32)));
     keep_best_in_order(&mut s.keys, &mut s.tmp, k);
 }
 

@@ -12,7 +12,7 @@
 //! Work is split by rows or by columns, and the thresholds and m_j-th keys are values, not
 //! positions: the kept set is the same on any number of threads.
 
-use super::topk::{lanes_at_least, set_bits, LANES, MIN_POS};
+use super::lanes::{collect_at_least, MIN_POS};
 use super::{from_row_blocks, key, RowBlock};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
@@ -83,29 +83,7 @@ pub(super) fn wta(pre: &[f32], rows: usize, cols: usize, m: &[usize]) -> SparseC
     //    per column).
     let expected = (m.iter().map(|&x| x.min(rows)).sum::<usize>() / rows.div_ceil(ROWS_PER_TASK) * 3 / 2)
         .min(ROWS_PER_TASK * cols);
-    let cand: Vec<Vec<(u32, u32, f32)>> = pre
-        .par_chunks(cols * ROWS_PER_TASK)
-        .enumerate()
-        .map(|(ti, chunk)| {
-            let mut out = Vec::with_capacity(expected);
-            for (rb, row) in chunk.chunks_exact(cols).enumerate() {
-                let b = (ti * ROWS_PER_TASK + rb) as u32;
-                let mut j0 = 0;
-                for (s, t) in row.chunks_exact(LANES).zip(thr.chunks_exact(LANES)) {
-                    for q in set_bits(lanes_at_least(s, |q| t[q])) {
-                        out.push((b, (j0 + q) as u32, s[q]));
-                    }
-                    j0 += LANES;
-                }
-                for j in j0..cols {
-                    if row[j] >= thr[j] {
-                        out.push((b, j as u32, row[j]));
-                    }
-                }
-            }
-            out
-        })
-        .collect();
+    let cand = collect_at_least(pre, cols, ROWS_PER_TASK, expected, &thr[..]);
 
     // 3. Per column, the m_j-th best candidate key (0: keep every candidate), in ranges of
     //    columns, each task scanning every candidate for its own: a range's keys stay in cache,
