@@ -5,7 +5,8 @@
 # OUT_DIR/NN-step.log, continuing after a failed step. Ends with OUT_DIR/summary.md (step,
 # status, seconds) and exits non-zero if any step failed or timed out (a skip is not a failure).
 #
-#   scripts/gpu_check.sh [--emulator] [--prebuilt] [OUT_DIR]   (default target/gpu-check/<date>)
+#   scripts/gpu_check.sh [--emulator] [--prebuilt | --bundle DIR] [OUT_DIR]
+#                                                         (OUT_DIR default target/gpu-check/<date>)
 #
 #   --emulator   (or GPU_CHECK_EMULATOR=1) the same pipeline on the host emulator, no GPU needed:
 #                `--backend cuda-emulator`, `sae selftest --emulator`, tiny shapes; nvidia-smi,
@@ -14,6 +15,10 @@
 #                install or build anything: for a GPU machine without network, with the binary
 #                built elsewhere (with nvcc, so the kernels are embedded). The cargo test steps are
 #                skipped then (`sae selftest` runs the same GPU checks).
+#   --bundle DIR (or GPU_CHECK_BUNDLE=DIR) --prebuilt with the folder scripts/gpu_bundle.sh made
+#                elsewhere: DIR/sae, and DIR's test binaries run the two cargo test steps.
+# cuBLAS and NVRTC are looked for on the library path, in target/nvcc-venv, in python3's
+# site-packages (the nvidia-* wheels a PyTorch install brings) and under /usr/local/cuda*.
 #
 # Budget on an H100/H200 with 16+ cores, nothing prepared (total < 8 min); per step the expected
 # time, then the timeout that stops it:
@@ -41,11 +46,22 @@ ROOT="$(pwd)"
 
 EMULATOR="${GPU_CHECK_EMULATOR:-0}"
 PREBUILT="${GPU_CHECK_PREBUILT:-0}"
+BUNDLE="${GPU_CHECK_BUNDLE:-}"
 OUT=""
-for a in "$@"; do
+while [ $# -gt 0 ]; do
+    a="$1"
+    shift
     case "$a" in
         --emulator) EMULATOR=1 ;;
         --prebuilt) PREBUILT=1 ;;
+        --bundle)
+            [ $# -gt 0 ] || {
+                echo "gpu_check: --bundle needs a folder (made by scripts/gpu_bundle.sh)" >&2
+                exit 2
+            }
+            BUNDLE="$1"
+            shift
+            ;;
         -h | --help)
             sed -n '3,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
             exit 0
@@ -58,6 +74,17 @@ for a in "$@"; do
     esac
 done
 OUT="${OUT:-target/gpu-check/$(date +%Y%m%d-%H%M%S)}"
+if [ -n "$BUNDLE" ]; then
+    for f in sae cuda_parity nvrtc_compile; do
+        [ -x "$BUNDLE/$f" ] || {
+            echo "gpu_check: $BUNDLE/$f is missing or not executable (make the bundle with scripts/gpu_bundle.sh)" >&2
+            exit 2
+        }
+    done
+    BUNDLE="$(cd "$BUNDLE" && pwd)"
+    PREBUILT=1
+    SAE="$BUNDLE/sae"
+fi
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 SAE="${SAE:-$ROOT/target/release/sae}"
@@ -211,6 +238,33 @@ cublas_found() {
     return 1
 }
 
+lib_dir() { # LIB: the first folder outside the library path that holds LIB (nothing if none)
+    local sites=()
+    command -v python3 >/dev/null &&
+        mapfile -t sites < <(python3 -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null)
+    local d
+    for d in "$ROOT/target/nvcc-venv" "${sites[@]/%//nvidia}" /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib; do
+        [ -d "$d" ] || continue
+        d="$(find "$d" -maxdepth 8 -name "$1" -printf '%h\n' 2>/dev/null | head -n 1)"
+        [ -n "$d" ] && echo "$d" && return 0
+    done
+    return 0
+}
+
+# Put the folders of cuBLAS and NVRTC on the library path when the loader would not find them
+# (cudarc dlopens them by name).
+use_libs() {
+    local lib d
+    for lib in libcublasLt.so.13 libcublas.so.13 libnvrtc.so.13; do
+        ldconfig -p 2>/dev/null | grep -q "$lib" && continue
+        d="$(lib_dir "$lib")"
+        [ -n "$d" ] || continue
+        case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
+        [ "$lib" = libnvrtc.so.13 ] && NVRTC_LIB_DIR="$d" && export NVRTC_LIB_DIR
+    done
+    export LD_LIBRARY_PATH
+}
+
 cublas_install() {
     local py="target/nvcc-venv/bin/python"
     [ -x "$py" ] || python3 -m venv target/nvcc-venv || return 1
@@ -275,7 +329,7 @@ nsys_stats() {
         nsys stats "$OUT/nsys-bench-step.nsys-rep"
 }
 
-export -f toolchain nvidia_smi nvcc_install cublas_found cublas_install build compare_runs nsys_stats now
+export -f toolchain nvidia_smi nvcc_install cublas_found lib_dir cublas_install build compare_runs nsys_stats now
 export CUBLAS_VERSION
 
 # ---- the pipeline
@@ -323,6 +377,7 @@ else
     else
         step nvcc 300 "scripts/install-nvcc.sh" bash -c nvcc_install
     fi
+    use_libs
     if [ "$EMULATOR" = 1 ]; then
         skip cublas "emulator mode (no cuBLAS there)"
     elif bash -c cublas_found; then
@@ -332,18 +387,11 @@ else
     fi
     step build 900 "release: sae + the two test binaries" bash -c build || BUILD_FAILED=1
 fi
-# The wheels' libraries (libnvrtc: the run-time fallback and tests/nvrtc_compile.rs; cuBLAS), if there.
-NVRTC_DIR="$(find target/nvcc-venv -name 'libnvrtc.so.13' -printf '%h\n' 2>/dev/null | head -n 1)"
-if [ -n "$NVRTC_DIR" ]; then
-    NVRTC_LIB_DIR="$(cd "$NVRTC_DIR" && pwd)"
-    export NVRTC_LIB_DIR
-    export LD_LIBRARY_PATH="$NVRTC_LIB_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
-BLAS_DIR="$(find target/nvcc-venv -name 'libcublasLt.so.13*' -printf '%h\n' 2>/dev/null | head -n 1)"
-if [ -n "$BLAS_DIR" ]; then
-    LD_LIBRARY_PATH="$(cd "$BLAS_DIR" && pwd)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    export LD_LIBRARY_PATH
-fi
+# libnvrtc (the run-time fallback and tests/nvrtc_compile.rs) and cuBLAS, wherever they are
+# (the wheels just installed, if any).
+use_libs
+echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" >>"$OUT/environment.txt"
+[ -n "$BUNDLE" ] && [ -f "$BUNDLE/manifest.txt" ] && sed 's/^/bundle /' "$BUNDLE/manifest.txt" >>"$OUT/environment.txt"
 BUILT=1
 [ -x "$SAE" ] && [ "${BUILD_FAILED:-0}" = 0 ] || BUILT=0
 
@@ -355,7 +403,14 @@ need() { # NAME: 0 when the binary is there, else records a skip
 
 # The CUDA parity tests. On a GPU the emulated copy of the selftest is skipped (CPU only, CI runs
 # it, ~60 s); on the emulator it is the test.
-if [ "$PREBUILT" = 1 ]; then
+if [ -n "$BUNDLE" ]; then
+    if [ "$EMULATOR" = 1 ]; then
+        step cuda_parity 600 "emulated selftest + probe (bundled)" "$BUNDLE/cuda_parity" --nocapture
+    else
+        step cuda_parity 300 "GPU selftest + probe (bundled)" "$BUNDLE/cuda_parity" --nocapture --skip emulated_cuda_matches_cpu
+    fi
+    step nvrtc_compile 120 "NVRTC for compute_80/90 (bundled)" "$BUNDLE/nvrtc_compile" --nocapture
+elif [ "$PREBUILT" = 1 ]; then
     skip cuda_parity "--prebuilt (sae selftest below runs the same checks)"
     skip nvrtc_compile "--prebuilt"
 elif need cuda_parity; then
@@ -429,7 +484,7 @@ TOTAL=$(elapsed "$T_START" "$(now)")
 {
     echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo
-    echo "mode: $([ "$EMULATOR" = 1 ] && echo "emulator (--backend cuda-emulator, tiny shapes; times mean nothing)" || echo gpu)$([ "$PREBUILT" = 1 ] && echo ', prebuilt binary')"
+    echo "mode: $([ "$EMULATOR" = 1 ] && echo "emulator (--backend cuda-emulator, tiny shapes; times mean nothing)" || echo gpu)$([ "$PREBUILT" = 1 ] && echo ', prebuilt binary')${BUNDLE:+ (bundle $BUNDLE)}"
     sed 's/^/- /' "$OUT/environment.txt"
     echo
     echo "| step | status | seconds | notes |"

@@ -9,8 +9,21 @@ pub mod train_cmd;
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+/// `sae --version`: also how this build gets its CUDA kernels (a binary built without nvcc
+/// needs libnvrtc on the GPU machine).
+#[cfg(saetrain_fatbin)]
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\nCUDA kernels: compiled ahead of time by nvcc (embedded fatbin: sm_80/86/89/90, PTX compute_90)"
+);
+#[cfg(not(saetrain_fatbin))]
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\nCUDA kernels: compiled at run time by NVRTC (no nvcc at build time; needs libnvrtc.so.13)"
+);
+
 #[derive(Parser, Debug)]
-#[command(name = "sae", version, about = "Train, evaluate and benchmark sparse autoencoders on LM activations")]
+#[command(name = "sae", version, long_version = LONG_VERSION, about = "Train, evaluate and benchmark sparse autoencoders on LM activations")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
