@@ -86,26 +86,40 @@ pub(super) fn wta(pre: &[f32], rows: usize, cols: usize, m: &[usize]) -> SparseC
     let cand = collect_at_least(pre, cols, ROWS_PER_TASK, expected, &thr[..]);
 
     // 3. Per column, the m_j-th best candidate key (0: keep every candidate), in ranges of
-    //    columns, each task scanning every candidate for its own: a range's keys stay in cache,
-    //    where one column-major array of all of them (4.4 MB at B 4096, k 128) took random
-    //    writes on one core.
+    //    columns, one task per thread: a range's keys stay in cache, where one column-major array
+    //    of all of them (4.4 MB at B 4096, k 128) took random writes on one core. First each row
+    //    task's candidates are split by range (one pass over them all, in parallel), so that a
+    //    range task reads only its own: scanning every candidate per range made the work grow
+    //    with the thread count.
     let width = cols.div_ceil(rayon::current_num_threads()).max(MIN_RANGE_COLS);
+    let nranges = cols.div_ceil(width);
+    let by_range: Vec<Vec<Vec<(u32, u64)>>> = cand
+        .par_iter()
+        .map(|list| {
+            let mut parts: Vec<Vec<(u32, u64)>> =
+                (0..nranges).map(|_| Vec::with_capacity(list.len() / nranges + 16)).collect();
+            for &(b, j, v) in list {
+                parts[j as usize / width].push((j, key(v, b)));
+            }
+            parts
+        })
+        .collect();
     let mut kth = vec![0u64; cols];
     kth.par_chunks_mut(width).enumerate().for_each(|(p, kt)| {
         let (j0, w) = (p * width, kt.len());
-        let mine = || cand.iter().flatten().filter(|e| (j0..j0 + w).contains(&(e.1 as usize)));
+        let mine = || by_range.iter().flat_map(|parts| &parts[p]);
         let mut ptr = vec![0usize; w + 1];
-        for e in mine() {
-            ptr[e.1 as usize - j0 + 1] += 1;
+        for &(j, _) in mine() {
+            ptr[j as usize - j0 + 1] += 1;
         }
         for q in 0..w {
             ptr[q + 1] += ptr[q];
         }
         let mut keys = vec![0u64; ptr[w]];
         let mut fill = ptr[..w].to_vec();
-        for &(b, j, v) in mine() {
+        for &(j, k) in mine() {
             let f = &mut fill[j as usize - j0];
-            keys[*f] = key(v, b);
+            keys[*f] = k;
             *f += 1;
         }
         for (q, kq) in kt.iter_mut().enumerate() {
@@ -113,6 +127,7 @@ pub(super) fn wta(pre: &[f32], rows: usize, cols: usize, m: &[usize]) -> SparseC
             *kq = if ks.len() <= mj { 0 } else { *ks.select_nth_unstable_by(mj - 1, |a, b| b.cmp(a)).1 };
         }
     });
+    drop(by_range);
 
     // Row-major CSR of the kept candidates: each task's rows from its own (row-major) list.
     let blocks: Vec<RowBlock> = cand
