@@ -7,12 +7,17 @@
 //   - the block's barrier (__syncthreads) when every live thread waits there (threads that have
 //     exited count as arrived, as on sm_70+).
 // Anything else that leaves no fiber runnable is a deadlock (a barrier inside divergent code)
-// and fails the launch with the threads' states. Blocks run one after another.
+// and fails the launch with the threads' states. Blocks run one after another, each to its end.
 //
 // Within a round (between two barriers) the fibers run in a pseudo-random order that is a
 // function of the kernel, the block and the round, so runs are reproducible and a missing
-// __syncthreads shows up as a wrong result whichever thread reads too early.
-// SAETRAIN_EMU_SCHEDULE=forward|reverse|random (default random) picks the order.
+// __syncthreads shows up as a wrong result whichever thread reads too early. The blocks of a
+// launch run in a pseudo-random order too (a function of the kernel and the grid): a GPU gives
+// no order among blocks, so a kernel whose result depends on it (one block reading what another
+// writes in the same launch, entries placed by an atomic cursor and not sorted after) gives a
+// different result than the CPU twin and fails its parity test, where block 0, 1, 2... in turn
+// would hide it. SAETRAIN_EMU_SCHEDULE=forward|reverse|random (default random) picks both
+// orders.
 //
 // Fiber stacks have a guard page, and a SIGSEGV handler names the kernel, block and thread when
 // a kernel touches memory outside its buffers (the Rust side puts a guard page after each one).
@@ -348,6 +353,8 @@ extern "C" int saetrain_emu_launch(const char* name, const unsigned grid[3], con
     unsigned threads = block[0] * block[1] * block[2];
     if (threads == 0 || threads > MAX_THREADS) return fail_with(format("block of %u threads", threads));
     if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return fail_with("empty grid");
+    uint64_t nblocks = (uint64_t)grid[0] * grid[1] * grid[2];
+    if (nblocks > 0xffffffffull) return fail_with(format("grid of %llu blocks", (unsigned long long)nblocks));
 
     Launcher& L = get_launcher();
     if (L.kernel) return fail_with("nested launch");
@@ -370,12 +377,12 @@ extern "C" int saetrain_emu_launch(const char* name, const unsigned grid[3], con
     static const Schedule sch = schedule_from_env();
     uint64_t seed = 0;
     for (const char* c = name; *c; c++) seed = mix(seed ^ (uint64_t)(unsigned char)*c);
-    for (unsigned z = 0; ok && z < grid[2]; z++)
-        for (unsigned y = 0; ok && y < grid[1]; y++)
-            for (unsigned x = 0; ok && x < grid[0]; x++) {
-                uint64_t b = ((uint64_t)z * grid[1] + y) * grid[0] + x;
-                ok = run_block(L, dim3{x, y, z}, bd, gd, sch, mix(seed ^ b));
-            }
+    std::vector<unsigned> blocks;
+    round_order(blocks, (unsigned)nblocks, sch, mix(seed ^ (nblocks << 1 | 1)));
+    for (unsigned i = 0; ok && i < blocks.size(); i++) {
+        unsigned b = blocks[i], x = b % grid[0], y = (b / grid[0]) % grid[1], z = b / (grid[0] * grid[1]);
+        ok = run_block(L, dim3{x, y, z}, bd, gd, sch, mix(seed ^ b));
+    }
     L.kernel = nullptr;
     launcher = nullptr;
     cur = nullptr;

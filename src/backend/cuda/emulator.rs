@@ -4,14 +4,15 @@
 //! It exists so that the whole CUDA backend — every kernel and the host code that sizes, orders
 //! and launches them — runs against the CPU oracle on machines without a GPU, CI included
 //! (`sae selftest --emulator`, tests/cuda_parity.rs). Each CUDA thread is a fiber; blocks run
-//! one after another; shuffles and `__syncthreads` are real barriers, so a barrier in divergent
-//! code, a shuffle after lanes exited, or a launch whose argument widths do not match the
-//! kernel's parameters is reported as an error. "Device" memory is host memory with a
-//! PROT_NONE page right after each buffer, so a kernel writing or reading past the end of a
-//! buffer stops with the kernel, block and thread named.
+//! one after another, in a shuffled order (a GPU gives none); shuffles and `__syncthreads` are
+//! real barriers, so a barrier in divergent code, a shuffle after lanes exited, or a launch whose
+//! argument widths do not match the kernel's parameters is reported as an error. "Device" memory
+//! is host memory with a PROT_NONE page right after each buffer, so a kernel writing or reading
+//! past the end of a buffer stops with the kernel, block and thread named.
 //!
-//! It does not model inter-block races, the memory model, timing, or the rounding of nvcc's fused
-//! multiply-adds: a GPU run remains the final word (docs/cuda.md).
+//! It does not model blocks running at the same time (so no inter-block races), the memory
+//! model, timing, or the rounding of nvcc's fused multiply-adds: a GPU run remains the final
+//! word (docs/cuda.md).
 
 use super::device::KArg;
 use super::launch::Launch;
@@ -153,6 +154,38 @@ mod tests {
         let got: Vec<f32> = out.to_vec(300).unwrap();
         for (i, g) in got.iter().enumerate() {
             assert_eq!(*g, x[i] - b[i % 7]);
+        }
+    }
+
+    /// Blocks run in no fixed order (as on a GPU), so a kernel that depends on block order fails
+    /// its parity test: csc_fill, one block per token with one entry each in latent 0, records the
+    /// order in which the blocks took their slot.
+    #[test]
+    fn blocks_run_in_a_shuffled_order() {
+        let dev = Dev::open_emulator().unwrap();
+        let rows = 50u32;
+        let row_ptr: Vec<u32> = (0..=rows).collect();
+        let (rp, idx, cp) = (
+            dev.upload(&row_ptr).unwrap(),
+            dev.upload(&vec![0u32; rows as usize]).unwrap(),
+            dev.upload(&[0u32, rows]).unwrap(),
+        );
+        let cursor = dev.upload(&[0u32]).unwrap();
+        let (tok, pos) = (dev.alloc::<u32>(rows as usize).unwrap(), dev.alloc::<u32>(rows as usize).unwrap());
+        dev.launch(
+            "csc_fill",
+            L::per_line(rows as usize, 64),
+            &[(&rp).into(), (&idx).into(), (&cp).into(), (&cursor).into(), (&tok).into(), (&pos).into()],
+        )
+        .unwrap();
+        let order: Vec<u32> = tok.to_vec(rows as usize).unwrap();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..rows).collect::<Vec<_>>(), "every block ran once");
+        match std::env::var("SAETRAIN_EMU_SCHEDULE").as_deref() {
+            Ok("forward") => assert_eq!(order, sorted),
+            Ok("reverse") => assert_eq!(order, sorted.iter().rev().copied().collect::<Vec<_>>()),
+            _ => assert_ne!(order, sorted, "the default schedule shuffles the blocks"),
         }
     }
 

@@ -539,7 +539,7 @@ fn backward_checks(dev: &Dev, inp: &ParityInputs, c: &mut Checks) {
         ))
     });
     c.run("csc_sort vs SparseCodes::by_latent", || {
-        // Each segment shuffled (csc_fill's order on the emulator is already sorted).
+        // Each segment shuffled (csc_fill's order follows the block schedule: sorted on a forward one).
         let mut rng = ChaCha8Rng::seed_from_u64(0x5ae_0008);
         let (mut tok_in, mut pos_in) = (inp.view.tok.clone(), inp.view.pos.clone());
         for i in 0..f {
