@@ -17,7 +17,7 @@ pub(crate) type Candidate = (u32, u32, f32);
 
 /// Bit q set where `c[q] >= t[q]`, for a chunk of at most `LANES` entries.
 #[inline(always)]
-pub(crate) fn lanes_at_least(c: &[f32], t: &[f32]) -> u32 {
+fn lanes_at_least(c: &[f32], t: &[f32]) -> u32 {
     let mut hits = 0u32;
     for (q, (&v, &t)) in c.iter().zip(t).enumerate() {
         hits |= ((v >= t) as u32) << q;
@@ -59,7 +59,7 @@ impl Bounds for [f32] {
 
 /// The set bits of `hits`, ascending.
 #[inline(always)]
-pub(crate) fn set_bits(mut hits: u32) -> impl Iterator<Item = usize> {
+fn set_bits(mut hits: u32) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {
         (hits != 0).then(|| {
             let q = hits.trailing_zeros() as usize;
