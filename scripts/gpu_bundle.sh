@@ -18,7 +18,7 @@ export NVCC
 mkdir -p "$DIR"
 # One compile: the integration tests build target/release/sae too, with the same features.
 LIST="$(mktemp)"
-trap 'rm -f "$LIST"' EXIT
+trap 'rm -f "$LIST" "$DIR"/*.tmp' EXIT
 cargo test --release --no-run --test cuda_parity --test nvrtc_compile --message-format=json >"$LIST"
 exe_of() { # TEST_NAME: the path of its test executable, from cargo's JSON messages
     python3 -c '
