@@ -1,6 +1,6 @@
 //! Threshold rules: relu (every positive entry) and jumprelu (entries above theta_j and 0).
 
-use super::lanes::LANES;
+use super::lanes::{lanes_above, LANES};
 use super::{from_row_blocks, row_ptr_of, split_by, RowBlock};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
@@ -13,11 +13,7 @@ const ROWS_PER_TASK: usize = 16;
 fn compact_row(r: &[f32], t: &[f32], si: &mut [u32], sv: &mut [f32]) -> usize {
     let mut w = 0usize;
     for (c, (vs, ts)) in r.chunks(LANES).zip(t.chunks(LANES)).enumerate() {
-        let mut any = false;
-        for (v, t) in vs.iter().zip(ts) {
-            any |= v > t;
-        }
-        if any {
+        if lanes_above(vs, ts) != 0 {
             for (q, (&v, &t)) in vs.iter().zip(ts).enumerate() {
                 si[w] = (c * LANES + q) as u32;
                 sv[w] = v;
