@@ -19,6 +19,7 @@ use crate::model::{init, Shape, TrainState};
 use crate::sparsify;
 use crate::sparsify::cases::Case;
 use crate::sparsify::plan;
+use crate::util::stats::median;
 use anyhow::Result;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -56,12 +57,15 @@ pub fn bench_setup(cfg: &TrainConfig) -> Result<(CpuBackend, Synthetic)> {
 #[derive(Clone, Debug, Serialize)]
 pub struct StepRow {
     pub sparsifier: String,
+    /// Median of the timed steps (CPU; the CUDA bench: their mean).
     pub step_ms: f64,
     pub tokens_per_s: f64,
+    /// Median of this row's encoder GEMMs (CPU: one timed before each step, [`GemmProbe`]).
     pub gemm_ms: f64,
-    /// step time / encoder GEMM time (target < 1.3).
+    /// step time / encoder GEMM time; on the CPU the median over the timed steps of each step
+    /// against the product timed just before it.
     pub step_over_gemm: f64,
-    /// Per-phase milliseconds per step.
+    /// Per-phase milliseconds per step (means over the timed steps).
     pub phases_ms: PhaseTimes,
     /// Each phase's time as a fraction of the encoder GEMM (encode includes the GEMM itself).
     pub phases_over_gemm: PhaseTimes,
@@ -106,30 +110,53 @@ pub fn phase_fractions(phases: &PhaseTimes, gemm: f64) -> PhaseTimes {
 
 /// Time the encoder's matrix product alone (`xc W^T`, no bias, no centring), best of `reps`.
 pub fn time_gemm(d_in: usize, d_sae: usize, batch: usize, reps: usize) -> f64 {
-    time_gemm_share(d_in, d_sae, batch, reps).0
+    let mut probe = GemmProbe::new(d_in, d_sae, batch);
+    (0..reps.max(1)).map(|_| probe.time()).fold(f64::INFINITY, f64::min)
 }
 
-/// [`time_gemm`], and the share of the pool's cores the process had during the timed products
-/// ([`peak::cpu_share`]).
-pub fn time_gemm_share(d_in: usize, d_sae: usize, batch: usize, reps: usize) -> (f64, f64) {
-    let x = random(batch * d_in, 1);
-    let w = random(d_sae * d_in, 2);
-    let mut pre = vec![0f32; batch * d_sae];
-    gemm::abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
-    let (cpu0, wall0) = (peak::process_cpu_seconds(), Instant::now());
-    let best = (0..reps.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            gemm::abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min);
-    let share = peak::cpu_share(
-        peak::process_cpu_seconds() - cpu0,
-        wall0.elapsed().as_secs_f64(),
-        rayon::current_num_threads(),
-    );
-    (best, share)
+/// The encoder's product at the bench's shape on buffers of its own, timed again and again during
+/// a step bench: once before every timed step, so that each step is put against a product timed
+/// seconds before it. On a shared machine whose speed drifts by 20-30% within minutes, a product
+/// timed once at the start made a sparsifier timed later look slower or faster than it was.
+pub struct GemmProbe {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    pre: Vec<f32>,
+    shape: (usize, usize, usize),
+    /// Process CPU seconds and wall seconds summed over the timed products.
+    cpu_s: f64,
+    wall_s: f64,
+    /// Every timed product's seconds.
+    pub times: Vec<f64>,
+}
+
+impl GemmProbe {
+    /// Buffers for `batch x d_in` times `(d_sae x d_in)^T`, paged in by one untimed product.
+    pub fn new(d_in: usize, d_sae: usize, batch: usize) -> Self {
+        let (x, w) = (random(batch * d_in, 1), random(d_sae * d_in, 2));
+        let mut pre = vec![0f32; batch * d_sae];
+        gemm::abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
+        Self { x, w, pre, shape: (batch, d_sae, d_in), cpu_s: 0.0, wall_s: 0.0, times: vec![] }
+    }
+
+    /// One product's seconds (also recorded in `times`).
+    pub fn time(&mut self) -> f64 {
+        let (m, n, k) = self.shape;
+        let cpu0 = peak::process_cpu_seconds();
+        let t = Instant::now();
+        gemm::abt(&self.x, &self.w, m, n, k, &mut self.pre, false);
+        let s = t.elapsed().as_secs_f64();
+        self.cpu_s += peak::process_cpu_seconds() - cpu0;
+        self.wall_s += s;
+        self.times.push(s);
+        s
+    }
+
+    /// The share of the pool's cores the process had during the timed products
+    /// ([`peak::cpu_share`]).
+    pub fn cpu_share(&self) -> f64 {
+        peak::cpu_share(self.cpu_s, self.wall_s, rayon::current_num_threads())
+    }
 }
 
 /// What a step bench varies beyond the shape.
@@ -176,7 +203,8 @@ pub fn bench_step_with(
     steps: usize,
     opts: StepBenchOptions,
 ) -> Result<StepReport> {
-    let (gemm_s, cpu_share) = time_gemm_share(d_in, d_sae, batch, 3);
+    anyhow::ensure!(steps >= 1, "bench step: --steps must be at least 1 (got 0)");
+    let mut probe = GemmProbe::new(d_in, d_sae, batch);
     let threads = rayon::current_num_threads();
     let flops = 2.0 * batch as f64 * d_in as f64 * d_sae as f64;
     let fma_peak = peak::measure();
@@ -197,20 +225,27 @@ pub fn bench_step_with(
         be.mark_dead(&dead);
         be.step(&batches[0], 1e-4)?;
         be.take_phase_times();
-        let mut elapsed = 0.0;
+        let (mut step_s, mut gemm_s, mut ratios) = (vec![], vec![], vec![]);
         let mut l0 = 0.0;
         for b in &batches[1..] {
+            let g = probe.time();
             be.mark_dead(&dead);
             let t = Instant::now();
             l0 += be.step(b, 1e-4)?.l0;
-            elapsed += t.elapsed().as_secs_f64();
+            let s = t.elapsed().as_secs_f64();
+            step_s.push(s);
+            gemm_s.push(g);
+            ratios.push(s / g);
         }
-        let per_step = elapsed / steps as f64;
-        let mut row = StepRow::new(&name, batch, steps, per_step, gemm_s, &be.take_phase_times(), l0);
+        // Medians: one slow step on a shared machine does not move them.
+        let (per_step, gemm) = (median(&step_s), median(&gemm_s));
+        let mut row = StepRow::new(&name, batch, steps, per_step, gemm, &be.take_phase_times(), l0);
+        row.step_over_gemm = median(&ratios);
         let shape = traffic::StepShape { d_in, d_sae, batch, nnz: row.l0 * batch as f64, aux: !dead.is_empty() };
         row.traffic = Some(traffic::PhaseTraffic::new(&shape, &row.phases_ms));
         rows.push(row);
     }
+    let gemm_s = median(&probe.times);
     Ok(StepReport {
         d_in,
         d_sae,
@@ -221,7 +256,7 @@ pub fn bench_step_with(
         gemm_gflops: flops / gemm_s / 1e9,
         gemm_frac_peak: fma_peak.as_ref().map(|p| flops / gemm_s / 1e9 / p.gflops),
         fma_peak,
-        cpu_share,
+        cpu_share: probe.cpu_share(),
         read_gb_per_s: read_bandwidth(),
         rows,
     })
@@ -410,10 +445,27 @@ mod tests {
     }
 
     #[test]
+    fn gemm_probe_records_every_product() {
+        let mut p = GemmProbe::new(7, 33, 5);
+        let t = p.time();
+        p.time();
+        assert_eq!(p.times.len(), 2);
+        assert_eq!(p.times[0], t);
+        assert!(t > 0.0 && p.cpu_share().is_finite());
+        // The product itself: pre = x w^T.
+        let want: f64 = (0..7).map(|j| p.x[7 + j] as f64 * p.w[2 * 7 + j] as f64).sum();
+        assert!((p.pre[33 + 2] as f64 - want).abs() < 1e-5, "{} vs {want}", p.pre[33 + 2]);
+    }
+
+    #[test]
     fn cpu_step_report_has_peak_fraction() {
         let r = bench_step(&crate::sparsify::cases::CASES[..1], 16, 64, 32, 4, 1).unwrap();
         let row = &r.rows[0];
-        assert!((row.phases_over_gemm.select - row.phases_ms.select / r.gemm_ms).abs() < 1e-9);
+        // Phases against the row's own GEMM; with one timed step, the paired ratio is that
+        // step over the product timed just before it, and the report's GEMM is that product.
+        assert!((row.phases_over_gemm.select - row.phases_ms.select / row.gemm_ms).abs() < 1e-9);
+        assert!((row.step_over_gemm - row.step_ms / row.gemm_ms).abs() < 1e-9);
+        assert_eq!(r.gemm_ms, row.gemm_ms);
         if let (Some(p), Some(f)) = (&r.fma_peak, r.gemm_frac_peak) {
             assert!((f - r.gemm_gflops / p.gflops).abs() < 1e-12);
             assert!(f > 0.0);
