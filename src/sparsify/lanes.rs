@@ -19,29 +19,33 @@ pub(crate) type Candidate = (u32, u32, f32);
 /// Bit q set where `c[q] >= t[q]`, for a chunk of at most `LANES` entries.
 #[inline(always)]
 fn lanes_at_least(c: &[f32], t: &[f32]) -> u32 {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
-    if let (Ok(c), Ok(t)) = (<&[f32; LANES]>::try_from(c), <&[f32; LANES]>::try_from(t)) {
-        return avx::mask::<{ std::arch::x86_64::_CMP_GE_OQ }>(c, t);
-    }
-    lanes_where(c, t, |v, t| v >= t)
+    lanes_where::<GE_OQ>(c, t, |v, t| v >= t)
 }
 
 /// Bit q set where `c[q] > t[q]`, for a chunk of at most `LANES` entries.
 #[inline(always)]
 pub(crate) fn lanes_above(c: &[f32], t: &[f32]) -> u32 {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
-    if let (Ok(c), Ok(t)) = (<&[f32; LANES]>::try_from(c), <&[f32; LANES]>::try_from(t)) {
-        return avx::mask::<{ std::arch::x86_64::_CMP_GT_OQ }>(c, t);
-    }
-    lanes_where(c, t, |v, t| v > t)
+    lanes_where::<GT_OQ>(c, t, |v, t| v > t)
 }
 
-/// The plain mask (partial chunks; targets without AVX).
+/// The AVX compare predicates of `>=` and `>` (ordered, quiet: false on NaN, as the plain
+/// compares), by value so that the plain path compiles on every target.
+const GE_OQ: i32 = 0x1D;
+const GT_OQ: i32 = 0x1E;
+#[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+const _: () = assert!(GE_OQ == std::arch::x86_64::_CMP_GE_OQ && GT_OQ == std::arch::x86_64::_CMP_GT_OQ);
+
+/// Bit q set where `plain(c[q], t[q])`: a full chunk by the AVX predicate `P` (the same compare),
+/// partial chunks and targets without AVX by `plain` itself.
 #[inline(always)]
-fn lanes_where(c: &[f32], t: &[f32], pred: impl Fn(f32, f32) -> bool) -> u32 {
+fn lanes_where<const P: i32>(c: &[f32], t: &[f32], plain: impl Fn(f32, f32) -> bool) -> u32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    if let (Ok(c), Ok(t)) = (<&[f32; LANES]>::try_from(c), <&[f32; LANES]>::try_from(t)) {
+        return avx::mask::<P>(c, t);
+    }
     let mut hits = 0u32;
     for (q, (&v, &t)) in c.iter().zip(t).enumerate() {
-        hits |= (pred(v, t) as u32) << q;
+        hits |= (plain(v, t) as u32) << q;
     }
     hits
 }
@@ -190,7 +194,11 @@ mod tests {
             let plain = |pred: fn(f32, f32) -> bool| (0..LANES).fold(0u32, |m, q| m | ((pred(c[q], t[q]) as u32) << q));
             assert_eq!(lanes_at_least(&c, &t), plain(|v, t| v >= t), "{c:?} >= {t:?}");
             assert_eq!(lanes_above(&c, &t), plain(|v, t| v > t), "{c:?} > {t:?}");
-            assert_eq!(lanes_where(&c, &t, |v, t| v >= t), plain(|v, t| v >= t));
+            // The plain loop itself (what partial chunks take), on the same chunk.
+            assert_eq!(
+                lanes_where::<GE_OQ>(&c[..LANES - 1], &t[..LANES - 1], |v, t| v >= t),
+                plain(|v, t| v >= t) & 0x7fff
+            );
         }
     }
 
