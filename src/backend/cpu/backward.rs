@@ -159,3 +159,73 @@ impl L1Terms {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chunked gradients are bitwise one plain `axpy` per entry, groups in order then tokens
+    /// ascending per latent; latents nobody kept are zero and `extra` sees them untouched; with 1
+    /// and 3 threads. F 1100 (not a multiple of any chunk), d 13, two groups, an empty row.
+    #[test]
+    fn latent_row_grads_are_the_plain_sums_in_order() {
+        let (rows, f, d) = (37usize, 1100usize, 13usize);
+        let mut s = 3u32;
+        let mut next = || {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        let mut group = |per_row: usize| {
+            let lists = (0..rows)
+                .map(|b| {
+                    if b == 5 {
+                        vec![]
+                    } else {
+                        (0..per_row).map(|q| (((b * 131 + q * 977) % 1000) as u32, 1.0 + q as f32)).collect()
+                    }
+                })
+                .collect();
+            let codes = SparseCodes::from_rows(f, lists);
+            let dpre: Vec<f32> = (0..codes.nnz()).map(|_| next()).collect();
+            let g: Vec<f32> = (0..rows * d).map(|_| next()).collect();
+            (codes, dpre, g)
+        };
+        let (a, b) = (group(9), group(3));
+        let xc: Vec<f32> = (0..rows * d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let (mut we, mut be, mut wd) = (vec![0f32; f * d], vec![0f32; f], vec![0f32; f * d]);
+        for (codes, dpre, g) in [&a, &b] {
+            for bt in 0..rows {
+                let r = codes.row_ptr[bt]..codes.row_ptr[bt + 1];
+                for ((&i, &z), &dp) in codes.idx[r.clone()].iter().zip(&codes.val[r.clone()]).zip(&dpre[r]) {
+                    let i = i as usize;
+                    axpy(&mut wd[i * d..(i + 1) * d], z, &g[bt * d..(bt + 1) * d]);
+                    axpy(&mut we[i * d..(i + 1) * d], dp, &xc[bt * d..(bt + 1) * d]);
+                    be[i] += dp;
+                }
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let (mut ge, mut gb, mut gd) = (vec![f32::NAN; f * d], vec![f32::NAN; f], vec![f32::NAN; f * d]);
+            let seen: Vec<std::sync::atomic::AtomicU8> = (0..f).map(|_| Default::default()).collect();
+            pool.install(|| {
+                let groups = [
+                    Contribution { codes: &a.0, dpre: &a.1, g: &a.2 },
+                    Contribution { codes: &b.0, dpre: &b.1, g: &b.2 },
+                ];
+                latent_row_grads(&groups, &xc, d, &mut ge, &mut gb, &mut gd, |i, t, _, _| {
+                    seen[i].store(1 + t as u8, std::sync::atomic::Ordering::Relaxed);
+                });
+            });
+            assert_eq!(bits(&gd), bits(&wd), "dW_dec, {threads} threads");
+            assert_eq!(bits(&ge), bits(&we), "dW_enc, {threads} threads");
+            assert_eq!(bits(&gb), bits(&be), "db_enc, {threads} threads");
+            for (i, s) in seen.iter().enumerate() {
+                let kept = a.0.idx.contains(&(i as u32)) || b.0.idx.contains(&(i as u32));
+                assert_eq!(s.load(std::sync::atomic::Ordering::Relaxed), 1 + kept as u8, "latent {i}");
+            }
+            assert!((1000..f).all(|i| gd[i * d..(i + 1) * d].iter().all(|v| v.to_bits() == 0)));
+        }
+    }
+}
