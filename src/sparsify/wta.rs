@@ -43,14 +43,7 @@ pub(super) fn wta(pre: &[f32], rows: usize, cols: usize, m: &[usize]) -> SparseC
     // 1. Group maxima gmax[g * cols + j] (non-positive and NaN count as 0), then t_j.
     let mut gmax = vec![0.0f32; ngroups * cols];
     gmax.par_chunks_mut(cols).enumerate().for_each(|(g, acc)| {
-        for row in pre[g * r * cols..(g + 1) * r * cols].chunks_exact(cols) {
-            for (a, &v) in acc.iter_mut().zip(row) {
-                // `f32::max` ignores a NaN `v` (as `v > a` would) and stores unconditionally:
-                // `*a = if v > *a { v } else { *a }` compiles to masked stores (vmaskmovps),
-                // microcoded on AMD: this pass took 1.5x as long.
-                *a = a.max(v);
-            }
-        }
+        group_max(&pre[g * r * cols..(g + 1) * r * cols], cols, acc);
     });
     let mut thr = vec![0.0f32; cols];
     thr.par_chunks_mut(TILE_COLS).enumerate().for_each_init(
@@ -151,4 +144,103 @@ pub(super) fn wta(pre: &[f32], rows: usize, cols: usize, m: &[usize]) -> SparseC
         })
         .collect();
     from_row_blocks(cols, &blocks)
+}
+
+/// `acc[j]` = the largest of column j over `rows` (whole rows of `cols`), or 0 where none is
+/// greater: non-positive values and NaN count as 0 (`if v > a { v } else { a }` from a = 0, so
+/// -0 never replaces +0 either).
+///
+/// Columns outer, the group's rows inner: each 8-column chunk takes its maximum over all the rows
+/// in registers and is stored once, instead of one load and store of `acc` per row (that form
+/// read `pre` at 13-14 GB/s on one core where a plain sum reads it at 21). The pass over a
+/// 4096 x 4608 `pre`, old and new alternated inside `sae bench sparsifiers` (2-core AMD EPYC,
+/// Zen 4, 30 calls each): 4.83 / 3.32 -> 3.17 / 2.62 ms at 2 threads, 6.01 -> 3.95 at 1 (k 32,
+/// groups of 16 rows), 3.51 -> 2.67 at k 128 (groups of 9).
+fn group_max(rows: &[f32], cols: usize, acc: &mut [f32]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    let done = avx::group_max(rows, cols, acc);
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
+    let done = 0;
+    group_max_plain(rows, cols, acc, done);
+}
+
+/// [`group_max`] for the columns from `j0` on, in plain Rust (the tail, other targets, and the
+/// reference its AVX twin is tested against). Row by row, so that it vectorises on any target;
+/// on x86 this select compiles to masked stores (`vmaskmovps`, microcoded on AMD), which is one
+/// reason the AVX form exists (`f32::max` avoided them but may return -0 for (+0, -0)).
+fn group_max_plain(rows: &[f32], cols: usize, acc: &mut [f32], j0: usize) {
+    if cols == 0 {
+        return;
+    }
+    let acc = &mut acc[j0.min(cols)..cols];
+    acc.fill(0.0);
+    for row in rows.chunks_exact(cols) {
+        for (a, &v) in acc.iter_mut().zip(&row[j0..]) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+mod avx {
+    use std::arch::x86_64::{_mm256_loadu_ps, _mm256_max_ps, _mm256_setzero_ps, _mm256_storeu_ps};
+
+    /// The full 8-column chunks of [`super::group_max`]; returns the first column left.
+    /// `_mm256_max_ps(v, m)` is `if v > m { v } else { m }` lane by lane (NaN in `v`: `m`).
+    #[inline]
+    pub(super) fn group_max(rows: &[f32], cols: usize, acc: &mut [f32]) -> usize {
+        let n = cols.min(acc.len()) / 8 * 8;
+        let nrows = rows.len() / cols.max(1);
+        // SAFETY: AVX is enabled for the whole build (the cfg above); the loads read 8 floats at
+        // q * cols + j with q < nrows and j + 8 <= n <= cols, inside `rows`; the stores write
+        // 8 floats at j + 8 <= n <= acc.len().
+        unsafe {
+            let p = rows.as_ptr();
+            let mut j = 0;
+            while j < n {
+                let mut m = _mm256_setzero_ps();
+                for q in 0..nrows {
+                    m = _mm256_max_ps(_mm256_loadu_ps(p.add(q * cols + j)), m);
+                }
+                _mm256_storeu_ps(acc.as_mut_ptr().add(j), m);
+                j += 8;
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The group maxima the build uses are bitwise the plain form's, which is the largest value
+    /// greater than 0 per column (else +0): every width 0-40 and 4611, 1-17 rows, with NaN,
+    /// ±0, ±inf, subnormals and negatives.
+    #[test]
+    fn group_max_matches_the_plain_form() {
+        let mut s = 9u32;
+        let mut next = || {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let specials = [f32::NAN, 0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(3), -1.0];
+            if (s >> 28) < 3 {
+                specials[(s >> 8) as usize % specials.len()]
+            } else {
+                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            }
+        };
+        for cols in (0..=40).chain([4611]) {
+            for nrows in 1..=17 {
+                let rows: Vec<f32> = (0..nrows * cols).map(|_| next()).collect();
+                let (mut got, mut want) = (vec![f32::NAN; cols], vec![f32::NAN; cols]);
+                group_max(&rows, cols, &mut got);
+                group_max_plain(&rows, cols, &mut want, 0);
+                for j in 0..cols {
+                    assert_eq!(got[j].to_bits(), want[j].to_bits(), "cols {cols} rows {nrows} col {j}");
+                    let best = (0..nrows).map(|q| rows[q * cols + j]).filter(|v| *v > 0.0).fold(0.0f32, f32::max);
+                    assert_eq!(want[j].to_bits(), best.to_bits(), "cols {cols} rows {nrows} col {j}");
+                }
+            }
+        }
+    }
 }
