@@ -273,8 +273,9 @@ pub fn total_variance(x: &[f32], d: usize) -> f64 {
 }
 
 /// Loss and the gradient w.r.t. `E_hat` of `alpha * ||E - E_hat||^2 / ||E - mean(E)||^2`,
-/// where `e = -residual` (`residual = X_hat - X`). Returns (loss, g_aux as B x d).
-pub fn aux_loss_and_grad(residual: &[f32], e_hat: &[f32], d: usize, alpha: f32) -> (f64, Vec<f32>) {
+/// where `e = -residual` (`residual = X_hat - X`). Returns (loss, g_aux as B x d), g_aux written
+/// over `e_hat` (which nothing reads afterwards: a B x d allocation fewer per aux step).
+pub fn aux_loss_and_grad(residual: &[f32], mut e_hat: Vec<f32>, d: usize, alpha: f32) -> (f64, Vec<f32>) {
     let rows = residual.len() / d;
     // E = -residual.
     let e_mean: Vec<f64> = column_sums(residual, d).into_iter().map(|s| -s / rows.max(1) as f64).collect();
@@ -282,26 +283,30 @@ pub fn aux_loss_and_grad(residual: &[f32], e_hat: &[f32], d: usize, alpha: f32) 
         .par_chunks(d * ROW_CHUNK)
         .zip(e_hat.par_chunks(d * ROW_CHUNK))
         .map(|(rs, hs)| {
-            let mut acc = [0f64; 2];
+            // Per column, then summed (as `total_variance`): the inner loop runs across columns
+            // and vectorises, where one f64 sum per chunk waited on its add chain (2.6 ms on one
+            // core at B 4096, d 576).
+            let (mut num, mut den) = (vec![0f64; d], vec![0f64; d]);
             for (r, h) in rs.chunks(d).zip(hs.chunks(d)) {
-                for j in 0..d {
-                    let e = -(r[j] as f64);
-                    acc[0] += (e - h[j] as f64).powi(2);
-                    acc[1] += (e - e_mean[j]).powi(2);
+                for ((((n, dn), &r), &h), m) in num.iter_mut().zip(den.iter_mut()).zip(r).zip(h).zip(&e_mean) {
+                    let e = -(r as f64);
+                    *n += (e - h as f64) * (e - h as f64);
+                    *dn += (e - m) * (e - m);
                 }
             }
-            acc
+            [num.iter().sum(), den.iter().sum()]
         })
         .collect();
     let (num, den) = parts.iter().fold((0f64, 0f64), |a, p| (a.0 + p[0], a.1 + p[1]));
     if den <= 0.0 || !den.is_finite() {
-        return (0.0, vec![0.0; residual.len()]);
+        e_hat.fill(0.0);
+        return (0.0, e_hat);
     }
     let loss = alpha as f64 * num / den;
     // dL/dE_hat = -2 alpha (E - E_hat) / den = 2 alpha (residual + E_hat) / den.
     let c = (2.0 * alpha as f64 / den) as f32;
-    let g: Vec<f32> = residual.par_iter().zip(e_hat.par_iter()).map(|(r, h)| c * (r + h)).collect();
-    (loss, g)
+    e_hat.par_iter_mut().zip(residual.par_iter()).for_each(|(h, r)| *h = c * (r + *h));
+    (loss, e_hat)
 }
 
 #[cfg(test)]

@@ -389,7 +389,7 @@ impl CpuBackend {
             }
             _ => return None,
         };
-        let (loss, g) = decode::aux_loss_and_grad(&self.ws.residual, &e_hat, d, self.cfg.aux_alpha as f32);
+        let (loss, g) = decode::aux_loss_and_grad(&self.ws.residual, e_hat, d, self.cfg.aux_alpha as f32);
         let codes = match codes {
             AuxCodes::Sparse { codes, .. } => {
                 let dpre = backward::code_grads(&codes, &g, w_dec, d);

@@ -446,7 +446,7 @@ fn decode_checks(dev: &Dev, inp: &ParityInputs, c: &mut Checks) {
     let alpha = 1.0f32 / 32.0;
     let mut e_hat = vec![0f32; n];
     cpu_dec::decode(&inp.aux, &inp.w_dec, None, d, &mut e_hat);
-    let (want_loss, want_g) = cpu_dec::aux_loss_and_grad(&resid, &e_hat, d, alpha);
+    let (want_loss, want_g) = cpu_dec::aux_loss_and_grad(&resid, e_hat.clone(), d, alpha);
     let sums = || -> Result<(f64, f64)> {
         let (r, eh) = (dev.upload(&resid)?, dev.upload(&e_hat)?);
         let (cs, acc) = (dev.upload(&linalg::column_sums(&resid, d))?, dev.alloc::<f64>(K::ACC_SLOTS)?);
