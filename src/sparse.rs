@@ -42,6 +42,14 @@ impl SparseCodes {
         parts
     }
 
+    /// The positions (CSR order) of row b's entries whose latent lies in `latents`: one
+    /// contiguous range, since a row's latents ascend (found by two binary searches).
+    pub fn row_entries_in(&self, b: usize, latents: std::ops::Range<u32>) -> std::ops::Range<usize> {
+        let (r0, r1) = (self.row_ptr[b], self.row_ptr[b + 1]);
+        let ix = &self.idx[r0..r1];
+        r0 + ix.partition_point(|&i| i < latents.start)..r0 + ix.partition_point(|&i| i < latents.end)
+    }
+
     pub fn row(&self, b: usize) -> (&[u32], &[f32]) {
         let r = self.row_ptr[b]..self.row_ptr[b + 1];
         (&self.idx[r.clone()], &self.val[r])
@@ -152,48 +160,6 @@ impl SparseCodes {
             }
         }
         LatentView { col_ptr, tok, pos }
-    }
-}
-
-/// The entries of [`SparseCodes`] bucketed by latent chunk (latents `c*chunk..(c+1)*chunk`),
-/// in CSR (token) order inside each bucket: a pass over one bucket reads its tokens' rows in
-/// ascending order and scatters into a chunk of latent rows small enough to stay in cache.
-#[derive(Clone, Debug, Default)]
-pub struct ChunkView {
-    pub chunk: usize,
-    /// `ptr[c]..ptr[c+1]` index into `tok`/`pos` for chunk c.
-    pub ptr: Vec<usize>,
-    pub tok: Vec<u32>,
-    pub pos: Vec<u32>,
-}
-
-impl ChunkView {
-    pub fn new(codes: &SparseCodes, chunk: usize) -> Self {
-        let chunk = chunk.max(1);
-        let n = codes.cols.div_ceil(chunk);
-        let mut ptr = vec![0usize; n + 1];
-        for &i in &codes.idx {
-            ptr[i as usize / chunk + 1] += 1;
-        }
-        for c in 0..n {
-            ptr[c + 1] += ptr[c];
-        }
-        let mut fill = ptr[..n].to_vec();
-        let mut tok = vec![0u32; codes.nnz()];
-        let mut pos = vec![0u32; codes.nnz()];
-        for b in 0..codes.rows {
-            for p in codes.row_ptr[b]..codes.row_ptr[b + 1] {
-                let c = codes.idx[p] as usize / chunk;
-                tok[fill[c]] = b as u32;
-                pos[fill[c]] = p as u32;
-                fill[c] += 1;
-            }
-        }
-        Self { chunk, ptr, tok, pos }
-    }
-
-    pub fn entries(&self, c: usize) -> std::ops::Range<usize> {
-        self.ptr[c]..self.ptr[c + 1]
     }
 }
 

@@ -4,7 +4,7 @@ use saetrain::config::BDecInit;
 use saetrain::data::synthetic::{SynthSpec, Synthetic};
 use saetrain::data::BatchSource;
 use saetrain::model::{aligned, init, Params, Shape, TrainState};
-use saetrain::sparse::{ChunkView, SparseCodes};
+use saetrain::sparse::SparseCodes;
 use saetrain::train::checkpoint::{self, StateMeta};
 
 fn spec(seed: u64) -> SynthSpec {
@@ -113,22 +113,16 @@ fn sparse_codes_views_agree_with_dense() {
             assert_eq!(dense[v.tok[e] as usize * 5 + i], c.val[p]);
         }
     }
-    // Chunked by latent, token order inside each chunk, every entry exactly once.
-    for chunk in [1, 2, 3, 5, 7] {
-        let cv = ChunkView::new(&c, chunk);
-        assert_eq!(cv.ptr.len(), 5usize.div_ceil(chunk) + 1);
-        let mut seen = vec![false; c.nnz()];
-        for ch in 0..cv.ptr.len() - 1 {
-            let toks: Vec<u32> = cv.entries(ch).map(|e| cv.tok[e]).collect();
-            assert!(toks.windows(2).all(|w| w[0] <= w[1]), "chunk {chunk}: tokens ascend");
-            for e in cv.entries(ch) {
-                let p = cv.pos[e] as usize;
-                assert_eq!(c.idx[p] as usize / chunk, ch);
-                assert!(c.row_ptr[cv.tok[e] as usize] <= p && p < c.row_ptr[cv.tok[e] as usize + 1]);
-                assert!(!std::mem::replace(&mut seen[p], true));
+    // A row's entries in a range of latents: exactly those, for every range (empty ones too).
+    for b in 0..c.rows {
+        for lo in 0..=5u32 {
+            for hi in lo..=6u32 {
+                let want: Vec<usize> =
+                    (c.row_ptr[b]..c.row_ptr[b + 1]).filter(|&p| (lo..hi).contains(&c.idx[p])).collect();
+                let got: Vec<usize> = c.row_entries_in(b, lo..hi).collect();
+                assert_eq!(got, want, "row {b}, latents {lo}..{hi}");
             }
         }
-        assert!(seen.iter().all(|s| *s));
     }
     let from_mask = SparseCodes::from_mask(&dense, 3, 5, |b, i| dense[b * 5 + i] > 0.0);
     assert_eq!(from_mask, c);
