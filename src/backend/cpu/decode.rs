@@ -1,7 +1,7 @@
 //! Decode phase (twin of kernels/decode.cu): sparse decode, residual statistics, the
 //! reconstruction gradient, and the aux loss on the residual. Cost nnz * d, never B x F x d.
 
-use super::linalg::{axpy_rows, column_sums, dot, ROW_CHUNK};
+use super::linalg::{axpy_rows, column_sums, dot, prefetch_row_heads, ROW_CHUNK};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
 
@@ -107,6 +107,9 @@ pub fn decode_residual_grads(
                     Some(rs) => &mut rs[r * d..(r + 1) * d],
                     None => &mut row[..],
                 };
+                if b + 1 < codes.rows {
+                    prefetch_row_heads(w_dec, codes.row(b + 1).0, d);
+                }
                 res.copy_from_slice(b_dec);
                 axpy_rows(res, ix, vs, w_dec, d);
                 let (se, cos) = residual_rows(res, xb, scale, d, gr);
