@@ -10,8 +10,8 @@ pub fn center(x: &[f32], b_dec: &[f32], xc: &mut [f32]) {
     let d = b_dec.len();
     xc.par_chunks_mut(d * ROW_CHUNK).zip(x.par_chunks(d * ROW_CHUNK)).for_each(|(o, i)| {
         for (orow, irow) in o.chunks_mut(d).zip(i.chunks(d)) {
-            for j in 0..d {
-                orow[j] = irow[j] - b_dec[j];
+            for ((o, &xv), &bv) in orow.iter_mut().zip(irow).zip(b_dec) {
+                *o = xv - bv;
             }
         }
     });
@@ -80,10 +80,13 @@ pub fn center_and_encode(
         .zip(x.par_chunks(d * ROW_CHUNK))
         .for_each(|((a, o), i)| {
             for ((arow, orow), irow) in a.chunks_mut(da).zip(o.chunks_mut(d)).zip(i.chunks(d)) {
-                for j in 0..d {
-                    let v = irow[j] - b_dec[j];
-                    orow[j] = v;
-                    arow[j] = v;
+                // Zipped, not indexed (no bounds checks to keep): the indexed form took 1.3-2.0
+                // ms per step against 1.1-1.3 at B 4096, d 576, 2 threads (Zen 4, two runs of
+                // each alternated); in `center`, 0.86-1.00 against 0.66-1.00 at d 512.
+                for (((a, o), &xv), &bv) in arow[..d].iter_mut().zip(orow.iter_mut()).zip(irow).zip(b_dec) {
+                    let v = xv - bv;
+                    *o = v;
+                    *a = v;
                 }
                 arow[d] = 1.0;
             }
