@@ -88,6 +88,14 @@ pub fn measure() -> Option<FmaPeak> {
     })
 }
 
+/// Of two measurements of the peak, the one with more GFLOP/s (either may be missing).
+pub fn larger(a: Option<FmaPeak>, b: Option<FmaPeak>) -> Option<FmaPeak> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b.gflops > a.gflops { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Each of the `threads` pool threads, released together by a barrier, runs `f`; the thread CPU
 /// seconds each spent in it.
 fn all_threads(threads: usize, f: impl Fn() + Sync) -> Vec<f64> {
@@ -221,6 +229,24 @@ mod tests {
         assert!((flop_per_cycle(192.0, 2, 3.0) - 32.0).abs() < 1e-12);
         // 3 CPU seconds in 2 wall seconds on 2 threads: three quarters of the two cores.
         assert!((cpu_share(3.0, 2.0, 2) - 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_larger_of_two_peaks_is_kept() {
+        let at = |gflops: f64| FmaPeak {
+            gflops,
+            threads: 2,
+            isa: "avx2+fma".into(),
+            lanes: 8,
+            ghz: 3.0,
+            flop_per_cycle: gflops / 6.0,
+            method: String::new(),
+        };
+        assert_eq!(larger(Some(at(100.0)), Some(at(200.0))), Some(at(200.0)));
+        assert_eq!(larger(Some(at(200.0)), Some(at(100.0))), Some(at(200.0)));
+        assert_eq!(larger(None, Some(at(100.0))), Some(at(100.0)));
+        assert_eq!(larger(Some(at(100.0)), None), Some(at(100.0)));
+        assert_eq!(larger(None, None), None);
     }
 
     #[test]

@@ -182,6 +182,10 @@ fn cpu_header(r: &bench::StepReport) -> String {
         }
         _ => s += "\n  FMA peak: not measured (no FMA loop for this CPU)",
     }
+    if r.gemm_frac_peak.is_some_and(|f| f > 1.0) {
+        s += "\n  note: the GEMM ran faster than the FMA peak measured before and after it: the machine's speed \
+              changed in between (shared or moved cores), so this fraction means nothing; run again";
+    }
     if r.cpu_share < 0.9 {
         s += &format!(
             "\n  note: the GEMM got {:.0}% of its {} threads' CPU time (other processes share the cores): every time here is inflated",
