@@ -1,7 +1,7 @@
 //! Backward phase (twin of kernels/backward.cu, SPEC "Backward"). Only kept entries carry
 //! gradient, so every product here costs nnz * d: no B x F x d work.
 
-use super::linalg::{axpy, dot};
+use super::linalg::{axpy, dot, dot_rows};
 use crate::sparse::{SparseCodes, FOLD_ROWS};
 use rayon::prelude::*;
 
@@ -11,12 +11,8 @@ pub fn code_grads(codes: &SparseCodes, g: &[f32], w_dec: &[f32], d: usize) -> Ve
     // Each task owns its row's entries.
     let slices = codes.split_by_rows(1, &mut dz);
     slices.into_par_iter().enumerate().for_each(|(b, out)| {
-        let gb = &g[b * d..(b + 1) * d];
         let (ix, _) = codes.row(b);
-        for (o, &i) in out.iter_mut().zip(ix) {
-            let w = &w_dec[i as usize * d..(i as usize + 1) * d];
-            *o = dot(gb, w);
-        }
+        dot_rows(&g[b * d..(b + 1) * d], ix, w_dec, d, out);
     });
     dz
 }

@@ -1,7 +1,7 @@
 //! Decode phase (twin of kernels/decode.cu): sparse decode, residual statistics, the
 //! reconstruction gradient, and the aux loss on the residual. Cost nnz * d, never B x F x d.
 
-use super::linalg::{axpy_rows, column_sums, dot, prefetch_row_heads, ROW_CHUNK};
+use super::linalg::{axpy_rows, column_sums, dot_rows, prefetch_row_heads, ROW_CHUNK};
 use crate::sparse::SparseCodes;
 use rayon::prelude::*;
 
@@ -115,10 +115,9 @@ pub fn decode_residual_grads(
                 let (se, cos) = residual_rows(res, xb, scale, d, gr);
                 acc.0 += se;
                 acc.1 += cos;
-                for &i in ix {
-                    dzc[off] = dot(gr, &w_dec[i as usize * d..(i as usize + 1) * d]);
-                    off += 1;
-                }
+                let n = ix.len();
+                dot_rows(gr, ix, w_dec, d, &mut dzc[off..off + n]);
+                off += n;
             }
             acc
         })
