@@ -61,10 +61,11 @@ const CHUNK_BYTES: usize = 6 << 20;
 /// Measured alternatives, B 4096, F 4608, d 576, k 32, 2 threads: latent-major gathers, one
 /// latent at a time over its tokens (a CSC view), ~1.4x slower; on a Zen 4 (2026-12-04), 1.30x,
 /// and 1.35x with a software prefetch of the next entry's G and xc rows. Prefetching, in this
-/// loop, the gradient rows of the entry two ahead: 4% slower (first 8 lines) to 24% (all). The entries were once bucketed per chunk first
-/// (a serial pass over all of them, 0.65 ms): alternated call by call inside `sae bench step`
-/// (3 sparsifiers x 10 steps, Zen 4), 12.4 / 12.8 ms with it against 11.4 / 11.6 without, and
-/// 9.8 against 8.5 at 512/4096.
+/// loop, the gradient rows of the entry two ahead: 4% slower (first 8 lines) to 24% (all); the
+/// first 2 or 4 lines of the next token's gradient rows: tied or slower. The entries were once
+/// bucketed per chunk first (a serial pass over all of them, 0.65 ms): alternated call by call
+/// inside `sae bench step` (3 sparsifiers x 10 steps, Zen 4), 12.4 / 12.8 ms with it against
+/// 11.4 / 11.6 without, and 9.8 against 8.5 at 512/4096.
 pub fn latent_row_grads<E>(
     groups: &[Contribution<'_>],
     xc: &[f32],
