@@ -65,8 +65,9 @@ pub const PREFETCH_HEAD_LINES: usize = 4;
 /// once it has seen its first lines, but each gathered row starts at a random place in W_dec.
 /// Only a hint (no effect on results). Decode phase, B 4096, F 4608, d 576, k 32, 2 threads,
 /// Zen 4, alternated call by call inside `sae bench step` (3 sparsifiers x 10 steps, five
-/// runs): 11.4 / 9.0 / 7.6 / 8.9 / 9.1 ms without, 10.2 / 8.9 / 7.2 / 7.9 / 8.3 with 4 lines;
-/// every line of the rows (36) was slower in two runs of five, 2 or 8 lines won two of three.
+/// runs): 11.4 / 9.0 / 7.6 / 8.9 / 9.1 ms without, 10.2 / 8.9 / 7.2 / 7.9 / 8.3 with 4 lines,
+/// 10.8 / 8.5 / 8.7 / 8.1 / 8.6 with every line of the rows (36); 2 or 8 lines won two runs of
+/// three against none.
 #[inline]
 pub fn prefetch_row_heads(w: &[f32], ix: &[u32], d: usize) {
     #[cfg(target_arch = "x86_64")]
