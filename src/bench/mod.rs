@@ -137,13 +137,9 @@ impl GemmProbe {
     /// medians of 12 alternated: 117.3 / 119.5 / 139.0 against 114.1 / 115.5 / 135.7 ms), which
     /// flattered every step / GEMM ratio by as much.
     pub fn new(d_in: usize, d_sae: usize, batch: usize) -> Self {
-        let on_huge_pages = |v: Vec<f32>| {
-            let mut h = crate::util::hugepage::zeroed_f32(v.len());
-            h.copy_from_slice(&v);
-            h
-        };
-        let (x, w) = (on_huge_pages(random(batch * d_in, 1)), on_huge_pages(random(d_sae * d_in, 2)));
-        let mut pre = crate::util::hugepage::zeroed_f32(batch * d_sae);
+        use crate::util::hugepage;
+        let (x, w) = (hugepage::copy_f32(&random(batch * d_in, 1)), hugepage::copy_f32(&random(d_sae * d_in, 2)));
+        let mut pre = hugepage::zeroed_f32(batch * d_sae);
         gemm::abt(&x, &w, batch, d_sae, d_in, &mut pre, false);
         Self { x, w, pre, shape: (batch, d_sae, d_in), cpu_s: 0.0, wall_s: 0.0, times: vec![] }
     }

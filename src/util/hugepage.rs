@@ -15,6 +15,13 @@ pub fn zeroed_f32(n: usize) -> Vec<f32> {
     v
 }
 
+/// A copy of `v` on huge pages ([`zeroed_f32`], then filled).
+pub fn copy_f32(v: &[f32]) -> Vec<f32> {
+    let mut h = zeroed_f32(v.len());
+    h.copy_from_slice(v);
+    h
+}
+
 /// `Vec::resize(n, 0.0)`, advising huge pages when the buffer must be reallocated.
 pub fn resize_f32(v: &mut Vec<f32>, n: usize) {
     if v.capacity() < n {
@@ -50,7 +57,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn zeroed_and_resized_buffers_are_plain_vectors() {
+    fn zeroed_resized_and_copied_buffers_are_plain_vectors() {
         for n in [0, 7, (MIN_BYTES / 4) + 12_345] {
             let v = zeroed_f32(n);
             assert_eq!(v.len(), n);
@@ -64,5 +71,8 @@ mod tests {
         assert!(v[5..].iter().all(|x| *x == 0.0), "the grown part is zeroed");
         resize_f32(&mut v, 2);
         assert_eq!(v, [1.0, 1.0]);
+        let big: Vec<f32> = (0..(MIN_BYTES / 4) + 3).map(|i| i as f32).collect();
+        assert_eq!(copy_f32(&big), big);
+        assert_eq!(copy_f32(&[]), Vec::<f32>::new());
     }
 }

@@ -57,9 +57,7 @@ impl CpuBackend {
     pub fn new(cfg: TrainConfig, mut state: TrainState) -> Result<Self> {
         // Parameters and Adam moments on huge pages (the sparse passes gather W_dec rows).
         for p in [&mut state.params, &mut state.adam_m, &mut state.adam_v] {
-            let mut h = hugepage::zeroed_f32(p.data.len());
-            h.copy_from_slice(&p.data);
-            p.data = h;
+            p.data = hugepage::copy_f32(&p.data);
         }
         ensure!(
             state.shape().d_sae == cfg.d_sae,
