@@ -264,13 +264,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn dot_rows_is_bitwise_one_dot_per_row() {
-        let mut s = 11u32;
-        let mut next = || {
+    /// Uniform values in [-0.5, 0.5) from a seeded LCG (the same stream for the same seed).
+    fn uniform(seed: u32) -> impl FnMut() -> f32 {
+        let mut s = seed;
+        move || {
             s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        }
+    }
+
+    #[test]
+    fn dot_rows_is_bitwise_one_dot_per_row() {
+        let mut next = uniform(11);
         for d in [1usize, 7, 33, 576] {
             let w: Vec<f32> = (0..13 * d).map(|_| next()).collect();
             let g: Vec<f32> = (0..d).map(|_| next()).collect();
@@ -289,11 +294,7 @@ mod tests {
     #[test]
     fn axpy_rows_is_bitwise_one_axpy_per_row_in_order() {
         // Awkward widths, and entry counts that leave every tail length after the groups of 4.
-        let mut s = 7u32;
-        let mut next = || {
-            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut next = uniform(7);
         for d in [1usize, 7, 33] {
             let w: Vec<f32> = (0..13 * d).map(|_| next()).collect();
             for n in 0..10 {
