@@ -2,7 +2,9 @@ fn main() {
     keep_large_allocations();
     if let Err(e) = saetrain::cli::main() {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // A run stopped by SIGINT / SIGTERM exits as a shell reports that signal (130, 143).
+        let stopped = e.downcast_ref::<saetrain::train::Interrupted>().and(saetrain::cli::stop::exit_status());
+        std::process::exit(stopped.unwrap_or(1));
     }
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::cli::{ok, sae, sae_with_file_size_limit, stderr, temporaries, train};
+use common::cli::{ok, sae, sae_signalled_when, sae_with_file_size_limit, stderr, temporaries, train, TINY};
 use std::path::Path;
 
 #[test]
@@ -115,6 +115,50 @@ fn a_second_writer_is_refused_with_the_holders_pid() {
     drop(held);
     ok(&sae(&["train", "--resume", out.to_str().unwrap(), "--quiet"]));
     ok(&sae(&["export", out.to_str().unwrap(), "--format", "saelens", "--out", out.to_str().unwrap()]));
+}
+
+/// The step a stopped run names in "interrupted after step N".
+fn stopped_at(e: &str) -> u64 {
+    let rest = e.split("interrupted after step ").nth(1).unwrap_or_else(|| panic!("no stop step: {e}"));
+    rest.split(';').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn sigint_and_sigterm_stop_a_run_after_its_step_with_a_checkpoint_that_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    // An inherited ignore of SIGINT (a script's background command) is kept: SIGTERM stops it.
+    for (signals, ignored, status) in [
+        (&[libc::SIGINT][..], false, 130),
+        (&[libc::SIGTERM][..], false, 143),
+        (&[libc::SIGINT, libc::SIGTERM][..], true, 143),
+    ] {
+        let out = dir.path().join(format!("run{}{ignored}", signals[0]));
+        // Far more steps than it will take, and no periodic checkpoint before the signal.
+        let mut args = vec!["train", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(TINY);
+        let steps = args.iter().position(|a| *a == "--steps").unwrap();
+        args[steps + 1] = "10000000";
+        args.extend_from_slice(&["--log-every", "1", "--checkpoint-every", "5000000"]);
+        let o = sae_signalled_when(&args, &out.join("metrics.jsonl"), signals, ignored);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(status), "{e}");
+        let by = if status == 130 { "stopped by SIGINT" } else { "stopped by SIGTERM" };
+        assert!(e.contains(by) && !(ignored && e.contains("SIGINT")), "{e}");
+        assert!(e.contains("--resume") && e.contains(out.to_str().unwrap()) && e.contains("stopped by SIG"), "{e}");
+        let n = stopped_at(&e);
+        assert!(n >= 1, "{e}");
+        assert!(out.join("trainer_state.safetensors").is_file() && out.join("sae_weights.safetensors").is_file());
+        assert!(temporaries(&out).is_empty(), "{:?}", temporaries(&out));
+        // The checkpoint is at the step it stopped at: the resume starts there.
+        let more = (n + 10).to_string();
+        ok(&sae(&["train", "--resume", out.to_str().unwrap(), "--steps", &more, "--quiet"]));
+        let log = std::fs::read_to_string(out.join("resumes.jsonl")).unwrap();
+        let line: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+        assert_eq!(line["at_step"], n, "{log}");
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(summary["steps"], n + 10);
+    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cli::{ok, sae, stderr};
+use common::cli::{ok, sae, sae_signalled_when, stderr};
 use std::path::Path;
 
 const SHARED: &[&str] = &[
@@ -125,4 +125,27 @@ fn sweep_refuses_bad_grids_before_training() {
     let o = sweep(&out, &["k=2,4"], &["--k", "3"]);
     assert!(!o.status.success() && stderr(&o).contains("is swept"), "{}", stderr(&o));
     assert!(!out.join("k=2").exists());
+}
+
+#[test]
+fn sigint_stops_the_sweep_with_a_checkpoint_and_the_same_command_finishes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sw");
+    let out_s = out.to_str().unwrap();
+    // Runs long enough (about a second each) that the signal comes during the first.
+    let mut args = vec!["sweep", "--out", out_s, "--over", "k=2,4", "--"];
+    args.extend_from_slice(SHARED);
+    let steps = args.iter().position(|a| *a == "--steps").unwrap();
+    args[steps + 1] = "4000";
+    let o = sae_signalled_when(&args, &out.join("k=2").join("metrics.jsonl"), &[libc::SIGINT], false);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{e}");
+    assert!(e.contains("sweep stopped") && e.contains("interrupted after step") && e.contains("SIGINT"), "{e}");
+    assert!(out.join("k=2").join("trainer_state.safetensors").is_file(), "no checkpoint: {e}");
+    assert!(!out.join("k=2").join("summary.json").is_file() && !out.join("k=4").exists(), "{e}");
+    assert!(!out.join("results.json").exists());
+    let o = sae(&args);
+    ok(&o);
+    assert!(stderr(&o).contains("k=2: interrupted earlier, resuming"), "{}", stderr(&o));
+    assert!(out.join("k=4").join("summary.json").is_file() && out.join("results.json").is_file());
 }

@@ -3,6 +3,7 @@
 pub mod bench_cmd;
 pub mod eval_cmd;
 pub mod export_cmd;
+pub mod stop;
 pub mod sweep_cmd;
 pub mod train_cmd;
 

@@ -58,7 +58,15 @@ pub fn run(args: SweepArgs) -> Result<()> {
     }
     super::train_cmd::init_threads(base.threads)?;
     let def = Definition { over, base };
-    let results = sweep::run(&args.out, &def, &mut |line| eprintln!("sweep: {line}"))?;
+    let stop = super::stop::install()?;
+    let results = sweep::run(&args.out, &def, Some(stop), &mut |line| eprintln!("sweep: {line}")).map_err(|e| {
+        match e.downcast_ref::<crate::train::Interrupted>() {
+            Some(_) => {
+                e.context(format!("sweep stopped; the same sae sweep command continues it from {}", args.out.display()))
+            }
+            None => e,
+        }
+    })?;
     let table = sweep::report::write(&args.out, &def, &results, !args.no_plots)?;
     print!("{table}");
     println!(

@@ -25,8 +25,9 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
-    let (cfg, opts) = prepare(&args, matches)?;
+    let (cfg, mut opts) = prepare(&args, matches)?;
     init_threads(cfg.threads)?;
+    opts.on_step = Some(super::stop::install()?);
     let summary = train::run_with(cfg, args.resume.as_deref(), &opts)?;
     print_summary(&summary);
     Ok(())

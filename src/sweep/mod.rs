@@ -9,7 +9,7 @@ pub mod report;
 
 use crate::config::TrainConfig;
 use crate::eval::run::{evaluate, EvalOptions};
-use crate::train::{self, rundir, RunOptions, CONFIG_FILE, SUMMARY_FILE};
+use crate::train::{self, rundir, RunOptions, StepHook, CONFIG_FILE, SUMMARY_FILE};
 use crate::util::atomic::write_json_atomic;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -215,7 +215,14 @@ pub fn prepare(dir: &Path, def: &Definition) -> Result<rundir::RunLock> {
 }
 
 /// Train (or skip, or resume) every point, then evaluate each run.
-pub fn run(dir: &Path, def: &Definition, log: &mut dyn FnMut(String)) -> Result<Vec<RunResult>> {
+/// `on_step` is each run's [`train::StepHook`]: an error from it stops the run (with a checkpoint)
+/// and the sweep.
+pub fn run(
+    dir: &Path,
+    def: &Definition,
+    on_step: Option<StepHook>,
+    log: &mut dyn FnMut(String),
+) -> Result<Vec<RunResult>> {
     let points = def.points(dir)?;
     let _lock = prepare(dir, def)?;
     let n = points.len();
@@ -233,13 +240,13 @@ pub fn run(dir: &Path, def: &Definition, log: &mut dyn FnMut(String)) -> Result<
                 _ => Map::new(),
             };
             let changes = rundir::resume_changes(&saved, &given).with_context(|| format!("resuming {}", p.name))?;
-            let opts = RunOptions { resume_changes: changes, ..Default::default() };
+            let opts = RunOptions { resume_changes: changes, on_step: on_step.clone(), ..Default::default() };
             train::run_with(p.cfg.clone(), Some(run_dir), &opts).with_context(|| format!("sweep run {}", p.name))?;
             Status::Resumed
         } else {
             log(format!("[{}/{n}] {}: training", i + 1, p.name));
-            train::run_with(p.cfg.clone(), None, &RunOptions::default())
-                .with_context(|| format!("sweep run {}", p.name))?;
+            let opts = RunOptions { on_step: on_step.clone(), ..Default::default() };
+            train::run_with(p.cfg.clone(), None, &opts).with_context(|| format!("sweep run {}", p.name))?;
             Status::Trained
         };
         statuses.push(status);

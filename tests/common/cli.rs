@@ -76,3 +76,37 @@ pub fn temporaries(dir: &Path) -> Vec<String> {
     v.retain(|n| saetrain::util::atomic::is_our_temporary(n));
     v
 }
+
+/// `sae args`, sent `signals` (libc's numbers, 300 ms apart) once `ready` exists (a file the
+/// command writes once it is under way); waits for it to exit. The child starts with SIGINT and
+/// SIGTERM at their defaults, as under a terminal (a test run in a background job inherits SIGINT
+/// ignored), or with SIGINT ignored, as a script's background command starts. Panics if `ready`
+/// does not appear within two minutes.
+pub fn sae_signalled_when(args: &[&str], ready: &Path, signals: &[i32], sigint_ignored: bool) -> Output {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sae"));
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: between fork and exec only async-signal-safe calls (signal).
+    unsafe {
+        c.pre_exec(move || {
+            libc::signal(libc::SIGINT, if sigint_ignored { libc::SIG_IGN } else { libc::SIG_DFL });
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let child = c.spawn().expect("run sae");
+    let t = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(t.elapsed().as_secs() < 120, "{} did not appear", ready.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for (i, &s) in signals.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        // SAFETY: kill only sends a signal to our own child, which has not been waited for yet.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, s) }, 0);
+    }
+    child.wait_with_output().expect("wait for sae")
+}

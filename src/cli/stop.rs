@@ -1,0 +1,101 @@
+//! Ctrl-C (SIGINT) and SIGTERM during `sae train` and `sae sweep`: the step under way finishes,
+//! a checkpoint of the steps done is written, and the process exits with 128 + the signal (130,
+//! 143), saying how to resume. A second signal quits at once.
+//!
+//! Without this, either signal killed the process and lost every step since the last periodic
+//! checkpoint (up to `--checkpoint-every`, 1000 steps by default); a batch scheduler's SIGTERM
+//! before it preempts a job is the usual case. The Python package has its own Ctrl-C handling
+//! (Python's), so this lives in the command line, and only the two training commands install
+//! it: elsewhere nothing would ask the flag, and a signal must still stop the process at once.
+
+use crate::train::StepHook;
+use anyhow::{bail, Context, Result};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::flag;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// The signals that stop a run.
+const SIGNALS: [i32; 2] = [SIGINT, SIGTERM];
+
+#[derive(Default)]
+struct Flags {
+    /// Set by the first signal; the second, seeing it set, exits.
+    requested: Arc<AtomicBool>,
+    /// The first signal's number (0: none yet).
+    which: Arc<AtomicUsize>,
+}
+
+static FLAGS: OnceLock<Flags> = OnceLock::new();
+
+/// Install the handlers (once per process; later calls reuse them) and return the hook that
+/// stops a run after the step in which a signal came.
+pub fn install() -> Result<StepHook> {
+    if FLAGS.get().is_none() {
+        let flags = Flags::default();
+        let watched: Vec<i32> = SIGNALS.into_iter().filter(|&s| !ignored(s)).collect();
+        for &sig in &watched {
+            // The order matters: the shutdown is registered first, so that the first signal finds
+            // `requested` still false and only the second one exits.
+            let exit_status = 128 + sig;
+            flag::register_conditional_shutdown(sig, exit_status, Arc::clone(&flags.requested))
+                .and_then(|_| flag::register_usize(sig, Arc::clone(&flags.which), sig as usize))
+                .and_then(|_| flag::register(sig, Arc::clone(&flags.requested)))
+                .with_context(|| format!("cannot install a handler for {}", name(sig as usize)))?;
+        }
+        if !watched.is_empty() {
+            announce(&watched)?;
+        }
+        // Only this function sets it, and the command line calls it from one thread.
+        let _ = FLAGS.set(flags);
+    }
+    let which = Arc::clone(&FLAGS.get().expect("set above").which);
+    Ok(Arc::new(move |_, _, _| match which.load(Ordering::SeqCst) {
+        0 => Ok(()),
+        sig => bail!("stopped by {}", name(sig)),
+    }))
+}
+
+/// The exit status for a run stopped by a signal: 128 + its number, as a shell reports a process
+/// that the signal killed. `None` when no signal came.
+pub fn exit_status() -> Option<i32> {
+    let sig = FLAGS.get()?.which.load(Ordering::SeqCst);
+    (sig != 0).then_some(128 + sig as i32)
+}
+
+/// Say on stderr, as the signal comes, what will happen (a step can take seconds, the start of a
+/// run longer). A thread of its own: a signal handler may not print.
+fn announce(watched: &[i32]) -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new(watched).context("cannot watch for signals")?;
+    std::thread::Builder::new()
+        .name("sae-stop".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                eprintln!(
+                    "\n{}: the run stops after this step and writes a checkpoint (send it again to quit at once)",
+                    name(sig as usize)
+                );
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+/// Whether `sig` was ignored when the process started. A shell starts a script's background
+/// commands with SIGINT ignored, so that Ctrl-C at the terminal spares them; a handler would undo
+/// that (Python, too, leaves an inherited ignore alone).
+fn ignored(sig: i32) -> bool {
+    // SAFETY: with a null new action, sigaction only reads the current one into `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+fn name(sig: usize) -> &'static str {
+    match sig as i32 {
+        SIGINT => "SIGINT (Ctrl-C)",
+        SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
