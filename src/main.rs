@@ -1,7 +1,11 @@
+use std::io::Write;
+
 fn main() {
     keep_large_allocations();
     if let Err(e) = saetrain::cli::main() {
-        eprintln!("error: {e:#}");
+        // Not eprintln: stderr may be a terminal that is gone (SIGHUP), and the exit status
+        // must still come out.
+        let _ = writeln!(std::io::stderr(), "error: {e:#}");
         // A run stopped by SIGINT / SIGTERM exits as a shell reports that signal (130, 143).
         let stopped = e.downcast_ref::<saetrain::train::Interrupted>().and(saetrain::cli::stop::exit_status());
         std::process::exit(stopped.unwrap_or(1));

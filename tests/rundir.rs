@@ -124,12 +124,13 @@ fn stopped_at(e: &str) -> u64 {
 }
 
 #[test]
-fn sigint_and_sigterm_stop_a_run_after_its_step_with_a_checkpoint_that_resumes() {
+fn sigint_sigterm_and_sighup_stop_a_run_after_its_step_with_a_checkpoint_that_resumes() {
     let dir = tempfile::tempdir().unwrap();
     // An inherited ignore of SIGINT (a script's background command) is kept: SIGTERM stops it.
     for (signals, ignored, status) in [
         (&[libc::SIGINT][..], false, 130),
         (&[libc::SIGTERM][..], false, 143),
+        (&[libc::SIGHUP][..], false, 129),
         (&[libc::SIGINT, libc::SIGTERM][..], true, 143),
     ] {
         let out = dir.path().join(format!("run{}{ignored}", signals[0]));
@@ -142,7 +143,11 @@ fn sigint_and_sigterm_stop_a_run_after_its_step_with_a_checkpoint_that_resumes()
         let o = sae_signalled_when(&args, &out.join("metrics.jsonl"), signals, ignored);
         let e = stderr(&o);
         assert_eq!(o.status.code(), Some(status), "{e}");
-        let by = if status == 130 { "stopped by SIGINT" } else { "stopped by SIGTERM" };
+        let by = match status {
+            130 => "stopped by SIGINT",
+            129 => "stopped by SIGHUP",
+            _ => "stopped by SIGTERM",
+        };
         assert!(e.contains(by) && !(ignored && e.contains("SIGINT")), "{e}");
         assert!(e.contains("--resume") && e.contains(out.to_str().unwrap()) && e.contains("stopped by SIG"), "{e}");
         let n = stopped_at(&e);

@@ -1,22 +1,24 @@
-//! Ctrl-C (SIGINT) and SIGTERM during `sae train` and `sae sweep`: the step under way finishes,
-//! a checkpoint of the steps done is written, and the process exits with 128 + the signal (130,
-//! 143), saying how to resume. A second signal quits at once.
+//! Ctrl-C (SIGINT), SIGTERM and SIGHUP during `sae train` and `sae sweep`: the step under way
+//! finishes, a checkpoint of the steps done is written, and the process exits with 128 + the
+//! signal (130, 143, 129), saying how to resume. A second signal quits at once.
 //!
-//! Without this, either signal killed the process and lost every step since the last periodic
-//! checkpoint (up to `--checkpoint-every`, 1000 steps by default); a batch scheduler's SIGTERM
-//! before it preempts a job is the usual case. The Python package has its own Ctrl-C handling
+//! Without this, each of them killed the process and lost every step since the last periodic
+//! checkpoint (up to `--checkpoint-every`, 1000 steps by default): a batch scheduler's SIGTERM
+//! before it preempts a job, and the SIGHUP of a dropped ssh session, are the usual cases. A
+//! signal ignored at start-up stays ignored (`nohup` ignores SIGHUP). The Python package has its own Ctrl-C handling
 //! (Python's), so this lives in the command line, and only the two training commands install
 //! it: elsewhere nothing would ask the flag, and a signal must still stop the process at once.
 
 use crate::train::StepHook;
 use anyhow::{bail, Context, Result};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::flag;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// The signals that stop a run.
-const SIGNALS: [i32; 2] = [SIGINT, SIGTERM];
+const SIGNALS: [i32; 3] = [SIGINT, SIGTERM, SIGHUP];
 
 #[derive(Default)]
 struct Flags {
@@ -71,7 +73,10 @@ fn announce(watched: &[i32]) -> Result<()> {
         .name("sae-stop".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                eprintln!(
+                // Not eprintln: after SIGHUP the terminal may be gone, and a failed write must
+                // not panic.
+                let _ = writeln!(
+                    std::io::stderr(),
                     "\n{}: the run stops after this step and writes a checkpoint (send it again to quit at once)",
                     name(sig as usize)
                 );
@@ -96,6 +101,7 @@ fn name(sig: usize) -> &'static str {
     match sig as i32 {
         SIGINT => "SIGINT (Ctrl-C)",
         SIGTERM => "SIGTERM",
+        SIGHUP => "SIGHUP (the terminal went away)",
         _ => "a signal",
     }
 }

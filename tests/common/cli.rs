@@ -78,8 +78,8 @@ pub fn temporaries(dir: &Path) -> Vec<String> {
 }
 
 /// `sae args`, sent `signals` (libc's numbers, 300 ms apart) once `ready` exists (a file the
-/// command writes once it is under way); waits for it to exit. The child starts with SIGINT and
-/// SIGTERM at their defaults, as under a terminal (a test run in a background job inherits SIGINT
+/// command writes once it is under way); waits for it to exit. The child starts with SIGINT,
+/// SIGTERM and SIGHUP at their defaults, as under a terminal (a test run in a background job inherits SIGINT
 /// ignored), or with SIGINT ignored, as a script's background command starts. Panics if `ready`
 /// does not appear within two minutes.
 pub fn sae_signalled_when(args: &[&str], ready: &Path, signals: &[i32], sigint_ignored: bool) -> Output {
@@ -92,6 +92,7 @@ pub fn sae_signalled_when(args: &[&str], ready: &Path, signals: &[i32], sigint_i
         c.pre_exec(move || {
             libc::signal(libc::SIGINT, if sigint_ignored { libc::SIG_IGN } else { libc::SIG_DFL });
             libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
             Ok(())
         });
     }
