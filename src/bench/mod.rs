@@ -60,7 +60,8 @@ pub struct StepRow {
     /// Median of the timed steps (CPU; the CUDA bench: their mean).
     pub step_ms: f64,
     pub tokens_per_s: f64,
-    /// Median of this row's encoder GEMMs (CPU: one timed before each step, [`GemmProbe`]).
+    /// Median of this row's encoder GEMMs (CPU: one timed before each step, [`GemmProbe`]; CUDA:
+    /// this rule's encoder product, timed before and after the steps, the faster of the two).
     pub gemm_ms: f64,
     /// step time / encoder GEMM time; on the CPU the median over the timed steps of each step
     /// against the product timed just before it.

@@ -107,6 +107,7 @@ fn print_cuda_step(r: &bench::cuda::CudaStepReport) {
     for e in &r.encoders {
         println!("  encoder product, {:<12} {:>9.3} ms = {:>7.2} TFLOP/s", e.encoder, e.ms, e.tflops);
     }
+    println!("  (the first rule's; each row's step/GEMM divides by its own rule's product, timed before and after its steps)");
     let rows: Vec<(&str, &bench::StepRow)> = r.rows.iter().map(|r| (r.encoder.as_str(), &r.row)).collect();
     print_step_table(&rows, 3);
     print_fraction_table(&rows);
