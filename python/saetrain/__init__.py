@@ -13,9 +13,12 @@ the two cannot drift apart. Errors from Rust are :class:`SaeError` with the CLI'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional, Tuple, Union
 
@@ -143,9 +146,9 @@ def train(
     (default: unless ``quiet=True``). ``threads``: worker threads for this call (default: all
     cores). Every other keyword is a ``sae train`` option (see :func:`train_options`).
 
-    Ctrl-C stops training after the current step, writes a checkpoint and raises
-    KeyboardInterrupt; ``train(same data, resume=run_dir)`` continues exactly. The GIL is released
-    while training.
+    Ctrl-C, SIGTERM and SIGHUP stop training after the current step, write a checkpoint and
+    raise KeyboardInterrupt; ``train(same data, resume=run_dir)`` continues exactly. The GIL is
+    released while training.
     """
     if "data" in options:
         raise TypeError("pass the data as the first argument of train(), not as data=")
@@ -163,10 +166,35 @@ def train(
         argv += ["--data", "memory:array"]
     bar = _Progress(show)
     try:
-        summary = json.loads(_native.train(argv, array, "array", bar, threads))
+        with _stop_on_termination():
+            summary = json.loads(_native.train(argv, array, "array", bar, threads))
     finally:
         bar.close()
     return Run(summary["out"], summary=summary, data=keep if keep is not None else data)
+
+
+@contextlib.contextmanager
+def _stop_on_termination():
+    """While training: SIGTERM (a scheduler's notice before it preempts a job) and SIGHUP (a
+    dropped ssh session) raise KeyboardInterrupt, so that they stop the run after its step with
+    a checkpoint, as Ctrl-C does, instead of killing the process and losing the steps since the
+    last checkpoint. Only in the main thread (where Python runs signal handlers), and only for a
+    signal at its default action: a handler of the caller's, or an ignore, is left alone."""
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+
+        def stop(signum, _frame):
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        for name in ("SIGTERM", "SIGHUP"):
+            s = getattr(signal, name, None)
+            if s is not None and signal.getsignal(s) == signal.SIG_DFL:
+                saved[s] = signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
 
 
 def load(path: PathLike) -> "Run":

@@ -189,6 +189,24 @@ def test_ctrl_c_leaves_a_run_that_resumes_to_the_uninterrupted_result(data, tmp_
     np.testing.assert_array_equal(done.weights()["W_dec"], whole.weights()["W_dec"])
 
 
+def test_sigterm_stops_like_ctrl_c_and_the_handler_is_restored(data, tmp_path, monkeypatch):
+    opts = dict(SMALL, steps=300, checkpoint_every=0)
+
+    def sigterm_at_step_100(self, step, total, loss):
+        if step == 100:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a batch scheduler sends before preempting
+
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    monkeypatch.setattr(saetrain._Progress, "__call__", sigterm_at_step_100)
+    with pytest.raises(KeyboardInterrupt, match="interrupted after step 10[01]"):
+        saetrain.train(data, out=tmp_path / "cut", **opts)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "train() restores the default"
+    assert (tmp_path / "cut" / "trainer_state.safetensors").is_file()
+    done = saetrain.train(data, resume=tmp_path / "cut", progress=False)
+    assert done.summary["steps"] == 300
+
+
 def test_the_gil_is_released_while_training(data, tmp_path):
     ticks = []
     stop = threading.Event()
