@@ -149,3 +149,39 @@ fn sigint_stops_the_sweep_with_a_checkpoint_and_the_same_command_finishes_it() {
     assert!(stderr(&o).contains("k=2: interrupted earlier, resuming"), "{}", stderr(&o));
     assert!(out.join("k=4").join("summary.json").is_file() && out.join("results.json").is_file());
 }
+
+#[test]
+fn a_diverging_point_is_recorded_and_the_sweep_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sw");
+    // Adam's first step moves every weight by about lr: 1e37 overflows at once.
+    let grid = &["lr=0.001,1e37"];
+    let o = sweep(&out, grid, &[]);
+    ok(&o);
+    let e = stderr(&o);
+    assert!(e.contains("lr=1e37: loss became") && e.contains("recorded as diverged"), "{e}");
+    let why: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("lr=1e37").join("diverged.json")).unwrap()).unwrap();
+    assert!(why["step"].is_u64() && why["loss"].is_string(), "{why}");
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let runs = res["runs"].as_array().unwrap();
+    assert_eq!((runs[0]["status"].as_str(), runs[1]["status"].as_str()), (Some("trained"), Some("diverged")));
+    assert!(runs[0]["explained_variance"].is_f64() && runs[1]["explained_variance"].is_null());
+    assert_eq!(runs[1]["diverged"], why);
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert!(csv.lines().nth(2).unwrap().ends_with(",,,,,,,diverged"), "{csv}");
+    assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("`lr=1e37` diverged: loss became"));
+    assert!(out.join("sweep_fvu.png").is_file());
+    // Again: neither is trained; the diverged one is said to be, with how to retry it.
+    let o = sweep(&out, grid, &[]);
+    ok(&o);
+    assert!(stderr(&o).contains("lr=1e37: diverged earlier (loss became"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("remove") && stderr(&o).contains("finished earlier, skipped"), "{}", stderr(&o));
+    // Its directory is a run directory of ours: --overwrite replaces it, diverged.json included.
+    let run = out.join("lr=1e37");
+    let mut a = vec!["train", "--out", run.to_str().unwrap(), "--overwrite"];
+    a.extend_from_slice(SHARED);
+    ok(&sae(&a));
+    assert!(!run.join("diverged.json").exists() && run.join("summary.json").is_file());
+}

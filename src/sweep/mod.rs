@@ -9,7 +9,7 @@ pub mod report;
 
 use crate::config::TrainConfig;
 use crate::eval::run::{evaluate, EvalOptions};
-use crate::train::{self, rundir, RunOptions, StepHook, CONFIG_FILE, SUMMARY_FILE};
+use crate::train::{self, rundir, Diverged, RunOptions, StepHook, CONFIG_FILE, DIVERGED_FILE, SUMMARY_FILE};
 use crate::util::atomic::write_json_atomic;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -147,22 +147,62 @@ impl Definition {
 }
 
 /// What happened to one run in this invocation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Debug)]
 pub enum Status {
     Trained,
     Resumed,
     /// Finished in an earlier invocation: not trained again.
     Skipped,
+    /// Its loss stopped being finite, in this invocation or an earlier one (`diverged.json`):
+    /// no metrics, and not trained again.
+    Diverged(Diverged),
 }
 
-/// One run's results (its `sae eval` numbers, exported sparsifier).
-#[derive(Clone, Debug, Serialize)]
+impl Status {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Status::Trained => "trained",
+            Status::Resumed => "resumed",
+            Status::Skipped => "skipped",
+            Status::Diverged(_) => "diverged",
+        }
+    }
+}
+
+/// One run's results.
+#[derive(Clone, Debug)]
 pub struct RunResult {
     pub name: String,
     pub values: Vec<(String, String)>,
     pub path: PathBuf,
     pub status: Status,
+    /// Its `sae eval` numbers; `None` for a diverged run.
+    pub metrics: Option<RunMetrics>,
+}
+
+/// `results.json`'s row: the metrics inline (`null` for a diverged run, whose row says why).
+impl Serialize for RunResult {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("name", &self.name)?;
+        m.serialize_entry("values", &self.values)?;
+        m.serialize_entry("path", &self.path)?;
+        m.serialize_entry("status", self.status.name())?;
+        if let Status::Diverged(why) = &self.status {
+            m.serialize_entry("diverged", why)?;
+        }
+        let metrics = serde_json::to_value(&self.metrics).map_err(serde::ser::Error::custom)?;
+        for key in RunMetrics::KEYS {
+            m.serialize_entry(key, metrics.get(key).unwrap_or(&Value::Null))?;
+        }
+        m.end()
+    }
+}
+
+/// A run's `sae eval` numbers (exported sparsifier, held-out set).
+#[derive(Clone, Debug, Serialize)]
+pub struct RunMetrics {
     pub explained_variance: f64,
     /// Fraction of variance unexplained, `nmse = 1 - explained_variance`.
     pub fvu: f64,
@@ -172,6 +212,12 @@ pub struct RunResult {
     /// Synthetic data: mean max cosine of the ground-truth directions to the decoder rows.
     pub mmcs: Option<f64>,
     pub frac_recovered_0_9: Option<f64>,
+}
+
+impl RunMetrics {
+    /// The keys of `results.json`'s rows, in order.
+    pub const KEYS: [&'static str; 7] =
+        ["explained_variance", "fvu", "l0", "frac_dead", "mse", "mmcs", "frac_recovered_0_9"];
 }
 
 /// The sweep directory: created, locked, its definition stored or checked.
@@ -229,9 +275,23 @@ pub fn run(
     let mut statuses = vec![];
     for (i, p) in points.iter().enumerate() {
         let run_dir = &p.cfg.out;
+        let diverged_file = run_dir.join(DIVERGED_FILE);
         let status = if run_dir.join(SUMMARY_FILE).is_file() {
             log(format!("[{}/{n}] {}: finished earlier, skipped", i + 1, p.name));
             Status::Skipped
+        } else if diverged_file.is_file() {
+            // Training is deterministic: the same settings would diverge again.
+            let text = std::fs::read_to_string(&diverged_file)
+                .with_context(|| format!("cannot read {}", diverged_file.display()))?;
+            let why: Diverged = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a record of a diverged run", diverged_file.display()))?;
+            log(format!(
+                "[{}/{n}] {}: diverged earlier ({why}), not trained again (remove {} to retry)",
+                i + 1,
+                p.name,
+                run_dir.display()
+            ));
+            Status::Diverged(why)
         } else if run_dir.join(CONFIG_FILE).is_file() {
             log(format!("[{}/{n}] {}: interrupted earlier, resuming", i + 1, p.name));
             let saved = TrainConfig::load(&run_dir.join(CONFIG_FILE))?;
@@ -241,33 +301,54 @@ pub fn run(
             };
             let changes = rundir::resume_changes(&saved, &given).with_context(|| format!("resuming {}", p.name))?;
             let opts = RunOptions { resume_changes: changes, on_step: on_step.clone(), ..Default::default() };
-            train::run_with(p.cfg.clone(), Some(run_dir), &opts).with_context(|| format!("sweep run {}", p.name))?;
-            Status::Resumed
+            outcome(train::run_with(p.cfg.clone(), Some(run_dir), &opts), Status::Resumed, &p.name, log)?
         } else {
             log(format!("[{}/{n}] {}: training", i + 1, p.name));
             let opts = RunOptions { on_step: on_step.clone(), ..Default::default() };
-            train::run_with(p.cfg.clone(), None, &opts).with_context(|| format!("sweep run {}", p.name))?;
-            Status::Trained
+            outcome(train::run_with(p.cfg.clone(), None, &opts), Status::Trained, &p.name, log)?
         };
         statuses.push(status);
     }
     let mut results = vec![];
     for (p, status) in points.iter().zip(statuses) {
-        let e = evaluate(&p.cfg.out, &p.name, &EvalOptions::default())
-            .with_context(|| format!("evaluating {}", p.cfg.out.display()))?;
+        let metrics = match status {
+            Status::Diverged(_) => None,
+            _ => {
+                let e = evaluate(&p.cfg.out, &p.name, &EvalOptions::default())
+                    .with_context(|| format!("evaluating {}", p.cfg.out.display()))?;
+                Some(RunMetrics {
+                    explained_variance: e.exported.explained_variance,
+                    fvu: e.exported.nmse,
+                    l0: e.exported.l0,
+                    frac_dead: e.exported.frac_dead,
+                    mse: e.exported.mse,
+                    mmcs: e.recovery.map(|r| r.mmcs),
+                    frac_recovered_0_9: e.recovery.map(|r| r.frac_above_0_9),
+                })
+            }
+        };
         results.push(RunResult {
             name: p.name.clone(),
             values: p.values.clone(),
             path: p.cfg.out.clone(),
             status,
-            explained_variance: e.exported.explained_variance,
-            fvu: e.exported.nmse,
-            l0: e.exported.l0,
-            frac_dead: e.exported.frac_dead,
-            mse: e.exported.mse,
-            mmcs: e.recovery.map(|r| r.mmcs),
-            frac_recovered_0_9: e.recovery.map(|r| r.frac_above_0_9),
+            metrics,
         });
     }
     Ok(results)
+}
+
+/// A run's status from what `train::run_with` returned: a diverged run is a result (recorded,
+/// and the sweep goes on); any other error stops the sweep.
+fn outcome(r: Result<train::Summary>, done: Status, name: &str, log: &mut dyn FnMut(String)) -> Result<Status> {
+    match r {
+        Ok(_) => Ok(done),
+        Err(e) => match e.downcast_ref::<Diverged>() {
+            Some(why) => {
+                log(format!("{name}: {why}; recorded as diverged, going on"));
+                Ok(Status::Diverged(why.clone()))
+            }
+            None => Err(e.context(format!("sweep run {name}"))),
+        },
+    }
 }

@@ -1,7 +1,7 @@
 //! Outputs of `sae sweep`: `results.json`, `results.csv`, `report.md` and one PNG per core
 //! metric against the first swept option (one line per value of the second).
 
-use super::{Definition, RunResult};
+use super::{Definition, RunMetrics, RunResult, Status};
 use crate::eval::report::{markdown_table, text_table, REPORT_FILE};
 use crate::plot::{self, Panel, Series};
 use crate::util::atomic::{write_atomic, write_json_atomic};
@@ -18,13 +18,18 @@ type Metric = (&'static str, &'static str, fn(&RunResult) -> Option<f64>);
 
 pub fn metrics() -> Vec<Metric> {
     vec![
-        ("fvu", "fraction of variance unexplained (1 - EV)", |r| Some(r.fvu)),
-        ("explained_variance", "explained variance", |r| Some(r.explained_variance)),
-        ("l0", "L0 (active latents per token)", |r| Some(r.l0)),
-        ("frac_dead", "dead fraction (held-out)", |r| Some(r.frac_dead)),
-        ("mse", "MSE", |r| Some(r.mse)),
-        ("mmcs", "MMCS with the ground truth", |r| r.mmcs),
+        ("fvu", "fraction of variance unexplained (1 - EV)", |r| m(r).map(|m| m.fvu)),
+        ("explained_variance", "explained variance", |r| m(r).map(|m| m.explained_variance)),
+        ("l0", "L0 (active latents per token)", |r| m(r).map(|m| m.l0)),
+        ("frac_dead", "dead fraction (held-out)", |r| m(r).map(|m| m.frac_dead)),
+        ("mse", "MSE", |r| m(r).map(|m| m.mse)),
+        ("mmcs", "MMCS with the ground truth", |r| m(r).and_then(|m| m.mmcs)),
     ]
+}
+
+/// A run's metrics (none for a diverged run: its points are left out of the pictures).
+fn m(r: &RunResult) -> Option<&RunMetrics> {
+    r.metrics.as_ref()
 }
 
 /// The x position of each value of the first option: the numbers when all read as numbers,
@@ -47,16 +52,19 @@ pub fn table(def: &Definition, results: &[RunResult]) -> Vec<Vec<String>> {
     let mut t = vec![head];
     for r in results {
         let mut row: Vec<String> = r.values.iter().map(|(_, v)| v.clone()).collect();
-        row.extend([
-            format!("{:.4}", r.explained_variance),
-            format!("{:.4}", r.fvu),
-            format!("{:.2}", r.l0),
-            format!("{:.4}", r.frac_dead),
-            format!("{:.4e}", r.mse),
-            r.mmcs.map(|m| format!("{m:.4}")).unwrap_or_default(),
-            r.frac_recovered_0_9.map(|m| format!("{m:.4}")).unwrap_or_default(),
-            serde_json::to_value(r.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-        ]);
+        match m(r) {
+            Some(m) => row.extend([
+                format!("{:.4}", m.explained_variance),
+                format!("{:.4}", m.fvu),
+                format!("{:.2}", m.l0),
+                format!("{:.4}", m.frac_dead),
+                format!("{:.4e}", m.mse),
+                m.mmcs.map(|x| format!("{x:.4}")).unwrap_or_default(),
+                m.frac_recovered_0_9.map(|x| format!("{x:.4}")).unwrap_or_default(),
+            ]),
+            None => row.extend(std::iter::repeat_n("-".to_string(), 7)),
+        }
+        row.push(r.status.name().to_string());
         t.push(row);
     }
     t
@@ -71,20 +79,16 @@ pub fn csv(def: &Definition, results: &[RunResult]) -> String {
     let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
     for r in results {
         let vals: Vec<&str> = r.values.iter().map(|(_, v)| v.as_str()).collect();
-        let status = serde_json::to_value(r.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        let _ = writeln!(
-            s,
-            "\"{}\",{},{},{},{},{},{},{},{},{status}",
-            r.name,
-            vals.join(","),
-            r.explained_variance,
-            r.fvu,
-            r.l0,
-            r.frac_dead,
-            r.mse,
-            opt(r.mmcs),
-            opt(r.frac_recovered_0_9)
-        );
+        // A diverged run's metrics are empty cells.
+        let cells: Vec<String> = match m(r) {
+            Some(m) => [Some(m.explained_variance), Some(m.fvu), Some(m.l0), Some(m.frac_dead), Some(m.mse)]
+                .into_iter()
+                .chain([m.mmcs, m.frac_recovered_0_9])
+                .map(opt)
+                .collect(),
+            None => vec![String::new(); 7],
+        };
+        let _ = writeln!(s, "\"{}\",{},{},{}", r.name, vals.join(","), cells.join(","), r.status.name());
     }
     s
 }
@@ -157,6 +161,14 @@ pub fn write(dir: &Path, def: &Definition, results: &[RunResult], draw: bool) ->
         super::SWEEP_FILE
     );
     let _ = writeln!(md, "{}", markdown_table(&cells));
+    for r in results {
+        if let Status::Diverged(why) = &r.status {
+            let _ = writeln!(md, "- `{}` diverged: {why}. It has no metrics and is left out of the pictures.", r.name);
+        }
+    }
+    if results.iter().any(|r| matches!(r.status, Status::Diverged(_))) {
+        md.push('\n');
+    }
     for (file, caption) in &pics {
         let _ = writeln!(md, "## {caption}\n\n![{caption}]({file})\n");
     }

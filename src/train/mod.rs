@@ -27,6 +27,10 @@ use std::time::Instant;
 pub const CONFIG_FILE: &str = "config.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
+/// Written when the run's loss stopped being finite ([`Diverged`]); removed when a run in the
+/// directory finishes. `sae sweep` reads it to record the point as diverged and not train it
+/// again.
+pub const DIVERGED_FILE: &str = "diverged.json";
 
 /// Final numbers of a run (also written to `summary.json`).
 #[derive(Clone, Debug, Serialize)]
@@ -77,6 +81,24 @@ impl std::fmt::Display for Interrupted {
 }
 
 impl std::error::Error for Interrupted {}
+
+/// A run whose loss stopped being finite: an outcome of its settings (a learning rate too high
+/// for the data, usually), not a fault of the machine or the files, so a sweep records it and
+/// goes on to its other points.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Diverged {
+    pub step: u64,
+    /// The loss as text ("NaN", "inf"): JSON has no such numbers.
+    pub loss: String,
+}
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "loss became {} at step {}: lower --lr or check the data", self.loss, self.step)
+    }
+}
+
+impl std::error::Error for Diverged {}
 
 /// Train from scratch (`resume = None`) or continue the run in `resume`.
 pub fn run(cfg: TrainConfig, resume: Option<&Path>) -> Result<Summary> {
@@ -195,7 +217,10 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         let lr = sched.at(step);
         let stats = backend.step(&batch, lr as f32)?;
         if !stats.loss.is_finite() {
-            bail!("loss became {} at step {step}: lower --lr or check the data", stats.loss);
+            bar.finish_and_clear();
+            let why = Diverged { step, loss: stats.loss.to_string() };
+            write_json_atomic(&out.join(DIVERGED_FILE), &why)?;
+            return Err(why.into());
         }
         tokens += batch.rows as u64;
         window.add(&stats);
@@ -266,6 +291,13 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         out: out.clone(),
     };
     write_json_atomic(&out.join(SUMMARY_FILE), &summary)?;
+    // A finished run has not diverged (an earlier attempt in this directory may have).
+    match std::fs::remove_file(out.join(DIVERGED_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot remove {}", out.join(DIVERGED_FILE).display()))
+        }
+        _ => {}
+    }
     Ok(summary)
 }
 

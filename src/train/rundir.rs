@@ -4,7 +4,7 @@
 
 use super::checkpoint::STATE_FILE;
 use super::history::{self, CHECKPOINTS_DIR, HISTORY_FILE};
-use super::{CONFIG_FILE, METRICS_FILE, SUMMARY_FILE};
+use super::{CONFIG_FILE, DIVERGED_FILE, METRICS_FILE, SUMMARY_FILE};
 use crate::config::TrainConfig;
 use crate::export::saelens::{CFG_FILE, WEIGHTS_FILE};
 use anyhow::{bail, Context, Result};
@@ -16,8 +16,17 @@ use std::path::{Path, PathBuf};
 /// The lock file inside a run directory (its content: the writer's pid).
 pub const LOCK_FILE: &str = ".sae.lock";
 /// Every file a training run writes: what `--overwrite` replaces (and nothing else).
-pub const RUN_FILES: &[&str] =
-    &[CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, STATE_FILE, WEIGHTS_FILE, CFG_FILE, RESUMES_FILE, HISTORY_FILE];
+pub const RUN_FILES: &[&str] = &[
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    CFG_FILE,
+    RESUMES_FILE,
+    HISTORY_FILE,
+    DIVERGED_FILE,
+];
 /// One line per resume that changed an option.
 pub const RESUMES_FILE: &str = "resumes.jsonl";
 
