@@ -181,7 +181,93 @@ const CASES: &[Case] = &[
         says: &["/exp/sae_weights.safetensors", "File too large"],
         after: |d, _| no_temporaries(&d.join("exp")),
     },
+    Case {
+        name: "data synth into a non-empty directory is refused and touches nothing",
+        setup: |d| {
+            std::fs::create_dir(d.join("ds")).unwrap();
+            acts(&d.join("ds").join("acts_00000.npy"), 64, 0);
+            std::fs::copy(d.join("ds").join("acts_00000.npy"), d.join("orig.npy")).unwrap();
+            synth(&d.join("ds"), &[])
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["is not empty (acts_00000.npy)", "--overwrite"],
+        after: |d, _| {
+            let ds = d.join("ds");
+            assert_eq!(std::fs::read(ds.join("acts_00000.npy")).unwrap(), std::fs::read(d.join("orig.npy")).unwrap());
+            assert!(!ds.join("manifest.json").exists() && !ds.join("ground_truth.npy").exists());
+        },
+    },
+    Case {
+        name: "data synth --overwrite refuses a harvested dataset (same shard names) and touches nothing",
+        setup: |d| {
+            let ds = d.join("ds");
+            std::fs::create_dir(&ds).unwrap();
+            acts(&ds.join("acts_00000.npy"), 64, 0);
+            std::fs::copy(ds.join("acts_00000.npy"), d.join("orig.npy")).unwrap();
+            let m = r#"{"format": "saetrain-activations", "version": 1, "model": "SmolLM2-135M", "d_in": 16,
+                "dtype": "float32", "shards": [{"file": "acts_00000.npy", "rows": 64}]}"#;
+            std::fs::write(ds.join("manifest.json"), m).unwrap();
+            synth(&ds, &["--overwrite"])
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["no synthetic dataset of ours", "model \"synthetic\""],
+        after: |d, _| {
+            let ds = d.join("ds");
+            assert_eq!(std::fs::read(ds.join("acts_00000.npy")).unwrap(), std::fs::read(d.join("orig.npy")).unwrap());
+            assert!(std::fs::read_to_string(ds.join("manifest.json")).unwrap().contains("SmolLM2"));
+        },
+    },
+    Case {
+        name: "data synth --overwrite replaces its own dataset, stale shards included, and not a file of the user's",
+        setup: |d| {
+            let ds = d.join("ds");
+            ok(&sae(&synth(&ds, &["--tokens", "3000"]).iter().map(String::as_str).collect::<Vec<_>>()));
+            synth(&ds, &["--overwrite"])
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &[],
+        after: |d, _| {
+            let ds = d.join("ds");
+            let mut names: Vec<String> =
+                std::fs::read_dir(&ds).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            names.sort();
+            assert_eq!(names, [".sae.lock", "acts_00000.npy", "ground_truth.npy", "manifest.json"]);
+            assert!(json(&ds.join("manifest.json"))["total_rows"] == 500);
+            // A file of the user's beside it is refused by name, and stays.
+            std::fs::write(ds.join("notes.txt"), "mine").unwrap();
+            let o = sae(&synth(&ds, &["--overwrite"]).iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(!o.status.success() && stderr(&o).contains("notes.txt is not part"), "{}", stderr(&o));
+            assert!(ds.join("manifest.json").is_file() && ds.join("notes.txt").is_file());
+        },
+    },
+    Case {
+        name: "a failed shard write of data synth names the file and leaves no partial shard, no temporary",
+        setup: |d| synth(&d.join("ds"), &[]),
+        // A shard of 500 x 16 floats is 32 KB.
+        file_size_limit: Some(16_384),
+        succeeds: false,
+        says: &["acts_00000.npy", "File too large"],
+        after: |d, _| {
+            no_temporaries(&d.join("ds"));
+            assert!(!d.join("ds").join("acts_00000.npy").exists() && !d.join("ds").join("manifest.json").exists());
+        },
+    },
 ];
+
+/// `sae data synth` into `out`: 500 rows of d_in 16 in shards of 1000 (one shard) unless `extra`
+/// says otherwise.
+fn synth(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> =
+        ["data", "synth", "--out", &s(out), "--d-in", "16", "--shard-tokens", "1000"].map(String::from).into();
+    if !extra.contains(&"--tokens") {
+        a.extend(["--tokens".to_string(), "500".to_string()]);
+    }
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
 
 #[test]
 fn hostile_cases() {

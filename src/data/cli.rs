@@ -27,9 +27,14 @@ pub enum DataArgs {
     },
     /// Write the synthetic superposition data as npy shards + manifest.json + ground_truth.npy.
     Synth {
-        /// Output directory (created).
+        /// Output directory (created). It must be empty, or hold a synthetic dataset written
+        /// here before and --overwrite be given.
         #[arg(long)]
         out: PathBuf,
+        /// Replace the synthetic dataset in --out (only one of ours: a manifest.json with model
+        /// "synthetic", its shards and ground_truth.npy; anything else there is refused).
+        #[arg(long)]
+        overwrite: bool,
         /// Rows (tokens) in total.
         #[arg(long)]
         tokens: usize,
@@ -65,9 +70,9 @@ pub fn run(args: DataArgs) -> Result<()> {
             print!("{}", r.render());
             Ok(())
         }
-        DataArgs::Synth { out, tokens, d_in, features, active, zipf, noise, seed, dtype, shard_tokens } => {
+        DataArgs::Synth { out, overwrite, tokens, d_in, features, active, zipf, noise, seed, dtype, shard_tokens } => {
             let spec = SynthSpec { d_in, n_features: features, mean_active: active, zipf, noise, seed };
-            let m = synth(&out, &spec, tokens, Dtype::parse(&dtype)?, shard_tokens)?;
+            let m = synth(&out, &spec, tokens, Dtype::parse(&dtype)?, shard_tokens, overwrite)?;
             println!(
                 "wrote {} rows x d_in {} ({}) in {} shard(s), {} and {} to {}",
                 tokens,
@@ -182,20 +187,43 @@ pub fn inspect(path: &Path, tensor: Option<&str>, sample: Option<usize>) -> Resu
 
 /// Write the synthetic data set to `out`: `acts_NNNNN.npy` shards (shard i = batch i of the
 /// synthetic training stream with `shard_tokens` rows), `ground_truth.npy` (features x d_in, f32)
-/// and `manifest.json`.
-pub fn synth(out: &Path, spec: &SynthSpec, tokens: usize, dtype: Dtype, shard_tokens: usize) -> Result<Manifest> {
+/// and `manifest.json`. `out` must be empty or, with `overwrite`, hold only a synthetic dataset
+/// written here before ([`previous_synthetic`]); every file is written atomically and the
+/// manifest last, so an interrupted write never leaves a dataset that claims rows it lacks.
+pub fn synth(
+    out: &Path,
+    spec: &SynthSpec,
+    tokens: usize,
+    dtype: Dtype,
+    shard_tokens: usize,
+    overwrite: bool,
+) -> Result<Manifest> {
     if tokens == 0 || shard_tokens == 0 {
         bail!("--tokens and --shard-tokens must be >= 1");
     }
     let gen = Synthetic::new(spec.clone(), shard_tokens)?;
+    if out.exists() && !out.is_dir() {
+        bail!("--out {}: exists and is not a directory", out.display());
+    }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let _lock = crate::train::rundir::lock(out)?;
+    let mut names = vec![MANIFEST.to_string(), GROUND_TRUTH.to_string()];
+    names.extend((0..tokens.div_ceil(shard_tokens)).map(shard_name));
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    for line in crate::util::sweep::describe(&crate::util::sweep::sweep_stale_temporaries(out, &names)?) {
+        eprintln!("{line}");
+    }
+    // The manifest first: a directory half replaced is no dataset at all, never a stale one.
+    for f in previous_synthetic(out, overwrite)? {
+        std::fs::remove_file(&f).with_context(|| format!("cannot remove {}", f.display()))?;
+    }
     let mut shards = vec![];
     let mut left = tokens;
     let mut i = 0u64;
     while left > 0 {
         let rows = left.min(shard_tokens);
         let b = gen.generate(0, i, rows);
-        let name = format!("acts_{i:05}.npy");
+        let name = shard_name(i as usize);
         write_npy(&out.join(&name), dtype, rows, spec.d_in, &b.to_f32())?;
         shards.push(ManifestShard { file: name, rows, tokens_file: None });
         left -= rows;
@@ -219,6 +247,62 @@ pub fn synth(out: &Path, spec: &SynthSpec, tokens: usize, dtype: Dtype, shard_to
     };
     m.save(&out.join(MANIFEST))?;
     Ok(m)
+}
+
+fn shard_name(i: usize) -> String {
+    format!("acts_{i:05}.npy")
+}
+
+/// The files of the synthetic dataset in `out` that `--overwrite` replaces, manifest first
+/// (none when `out` is empty). Refuses a non-empty `out` without `overwrite`, and with it any
+/// file that is not part of a synthetic dataset of ours: a harvested dataset uses the same shard
+/// names (`acts_NNNNN.npy`), and a user's activations are never replaced.
+pub fn previous_synthetic(out: &Path, overwrite: bool) -> Result<Vec<PathBuf>> {
+    let mut names: Vec<String> = std::fs::read_dir(out)
+        .with_context(|| format!("cannot list {}", out.display()))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("cannot list {}", out.display()))?;
+    names.retain(|n| n != crate::train::rundir::LOCK_FILE && !crate::util::atomic::is_our_temporary(n));
+    names.sort();
+    if names.is_empty() {
+        return Ok(vec![]);
+    }
+    let listing = match names.len() {
+        n if n > 4 => format!("{}, ... ({n} entries)", names[..4].join(", ")),
+        _ => names.join(", "),
+    };
+    if !overwrite {
+        bail!(
+            "--out {} is not empty ({listing}): pass --overwrite to replace a synthetic dataset written there \
+             before (nothing else is ever replaced), or choose another --out",
+            out.display()
+        );
+    }
+    let manifest = out.join(MANIFEST);
+    let ours = match Manifest::load(&manifest) {
+        Ok(m) if m.model.as_deref() == Some("synthetic") => m,
+        _ => bail!(
+            "--out {} holds {listing} but no synthetic dataset of ours ({MANIFEST} with model \"synthetic\"): \
+             --overwrite replaces only that; choose another --out",
+            out.display()
+        ),
+    };
+    let mut files: Vec<String> = vec![MANIFEST.into(), GROUND_TRUTH.into()];
+    files.extend(ours.shards.iter().map(|s| s.file.clone()));
+    let foreign: Vec<&String> = names.iter().filter(|n| !files.contains(n)).collect();
+    if !foreign.is_empty() {
+        bail!(
+            "--out {}: {} {} not part of the synthetic dataset there ({MANIFEST} does not list {}); --overwrite \
+             replaces only that dataset: move {} or choose another --out",
+            out.display(),
+            foreign.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+            if foreign.len() == 1 { "is" } else { "are" },
+            if foreign.len() == 1 { "it" } else { "them" },
+            if foreign.len() == 1 { "it" } else { "them" },
+        );
+    }
+    Ok(files.iter().filter(|f| names.contains(f)).map(|f| out.join(f)).collect())
 }
 
 /// (norm, or NaN when non-finite; non-finite values) of each (shard, row).

@@ -6,7 +6,6 @@
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Element type of a shard.
@@ -534,22 +533,23 @@ pub fn npy_header(dtype: Dtype, rows: usize, cols: usize) -> Vec<u8> {
 /// Write a 2-D f32 array as npy in `dtype` (converted).
 pub fn write_npy(path: &Path, dtype: Dtype, rows: usize, cols: usize, data: &[f32]) -> Result<()> {
     assert_eq!(data.len(), rows * cols);
-    let f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut w = std::io::BufWriter::new(f);
-    w.write_all(&npy_header(dtype, rows, cols))?;
-    match dtype {
-        Dtype::Float32 => w.write_all(bytemuck::cast_slice(data))?,
-        Dtype::Float16 => {
-            let v: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
-            w.write_all(bytemuck::cast_slice(&v))?
+    // Atomically: an interrupted write must not leave a shard whose header promises rows that
+    // are not there.
+    crate::util::atomic::write_atomic_with(path, |w| {
+        w.write_all(&npy_header(dtype, rows, cols))?;
+        match dtype {
+            Dtype::Float32 => w.write_all(bytemuck::cast_slice(data))?,
+            Dtype::Float16 => {
+                let v: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                w.write_all(bytemuck::cast_slice(&v))?
+            }
+            Dtype::Bfloat16 => {
+                let v: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                w.write_all(bytemuck::cast_slice(&v))?
+            }
         }
-        Dtype::Bfloat16 => {
-            let v: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
-            w.write_all(bytemuck::cast_slice(&v))?
-        }
-    }
-    w.flush()?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Read a whole 2-D npy/safetensors file as f32 (small files: ground truth).

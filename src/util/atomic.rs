@@ -10,11 +10,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| Ok(w.write_all(bytes)?))
+}
+
+/// [`write_atomic`] of what `fill` writes (buffered), for files too large to assemble in memory
+/// first (activation shards).
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     let mut tmp = Temporary { path: tmp_path(path), renamed: false };
     let t = tmp.path.clone();
     let fail = |what: &str| format!("cannot write {}: {what} its temporary {}", path.display(), t.display());
-    let mut f = File::create(&tmp.path).with_context(|| fail("cannot create"))?;
-    f.write_all(bytes).with_context(|| fail("writing"))?;
+    let f = File::create(&tmp.path).with_context(|| fail("cannot create"))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    fill(&mut w).with_context(|| fail("writing"))?;
+    let f = w.into_inner().map_err(|e| e.into_error()).with_context(|| fail("writing"))?;
     // A full disk may only show here (delayed allocation, network filesystems): a temporary
     // that is not on disk must not replace the old file.
     f.sync_all().with_context(|| fail("flushing to disk"))?;
