@@ -53,12 +53,27 @@ def npy_header(descr, shape, total=NPY_HEADER_BYTES):
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", total - 10) + d.encode("latin1") + b" " * pad + b"\n"
 
 
+def temporary(path):
+    """The temporary a file is written to before it is renamed onto `path`: `.NAME.PID.tmp`, the
+    pattern of saetrain's own atomic writes."""
+    d, name = os.path.split(path)
+    return os.path.join(d, f".{name}.{os.getpid()}.tmp")
+
+
+def is_temporary(name):
+    parts = name.split(".")
+    return name.startswith(".") and name.endswith(".tmp") and len(parts) >= 4 and parts[-2].isdigit()
+
+
 class NpyWriter:
-    """Append rows to an npy file; the header is rewritten with the final shape on close."""
+    """Append rows to an npy file; the header is rewritten with the final shape on close. Written
+    to a temporary and renamed on close, so that an interrupted harvest leaves no shard whose
+    header disagrees with its rows."""
 
     def __init__(self, path, descr, width):
         self.path, self.descr, self.width, self.rows = path, descr, width, 0
-        self.f = open(path, "wb")
+        self.tmp = temporary(path)
+        self.f = open(self.tmp, "wb")
         self.f.write(npy_header(descr, (0, width) if width else (0,)))
 
     def write(self, raw_bytes, rows):
@@ -68,7 +83,82 @@ class NpyWriter:
     def close(self):
         self.f.seek(0)
         self.f.write(npy_header(self.descr, (self.rows, self.width) if self.width else (self.rows,)))
+        self.f.flush()
+        os.fsync(self.f.fileno())
         self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self):
+        self.f.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def write_json_atomic(path, value):
+    tmp = temporary(path)
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove_stale_temporaries(out):
+    """Temporaries of ours in `out` (and its tokens/) whose writer is no longer running."""
+    for d in (out, os.path.join(out, hooks.TOKENS_DIR)):
+        for n in os.listdir(d) if os.path.isdir(d) else []:
+            if not is_temporary(n):
+                continue
+            try:
+                os.kill(int(n.split(".")[-2]), 0)
+            except ProcessLookupError:
+                os.remove(os.path.join(d, n))
+            except (PermissionError, OverflowError, ValueError):
+                pass
+
+
+def prepare_out(out, overwrite):
+    """Create `out`, or check that it may be written: empty, or (with --overwrite) holding only
+    a data set of ours (its manifest.json and the files that lists), which is removed, manifest
+    first. A harvest costs GPU hours, and its shards' names are every harvest's names: a second
+    harvest into the same directory must not silently replace the first."""
+    os.makedirs(out, exist_ok=True)
+    remove_stale_temporaries(out)
+    names = sorted(n for n in os.listdir(out) if not is_temporary(n) and n != ".sae.lock")
+    tokens_dir = os.path.join(out, hooks.TOKENS_DIR)
+    if names == [hooks.TOKENS_DIR] and not [n for n in os.listdir(tokens_dir) if not is_temporary(n)]:
+        names = []  # an empty tokens/ left by a harvest that wrote nothing
+    if not names:
+        return
+    listing = ", ".join(names[:4]) + (f", ... ({len(names)} entries)" if len(names) > 4 else "")
+    if not overwrite:
+        sys.exit(f"error: --out {out} is not empty ({listing}): pass --overwrite to replace a data set "
+                 "written there before (its manifest.json and the files it lists; nothing else), or choose another --out")
+    manifest = os.path.join(out, "manifest.json")
+    try:
+        with open(manifest) as f:
+            m = json.load(f)
+        if m.get("format") != "saetrain-activations":
+            raise ValueError("not a saetrain-activations manifest")
+        listed = {"manifest.json", "ground_truth.npy"}
+        for sh in m["shards"]:
+            listed.add(sh["file"])
+            if sh.get("tokens_file"):
+                listed.add(sh["tokens_file"])
+    except (OSError, ValueError, KeyError, TypeError):
+        sys.exit(f"error: --out {out} holds {listing} but no data set of ours (a saetrain-activations "
+                 "manifest.json): --overwrite replaces only that; choose another --out")
+    present = set(names) - {hooks.TOKENS_DIR}
+    if os.path.isdir(tokens_dir):
+        present |= {f"{hooks.TOKENS_DIR}/{n}" for n in os.listdir(tokens_dir) if not is_temporary(n)}
+    foreign = sorted(present - listed)
+    if foreign:
+        sys.exit(f"error: --out {out}: {', '.join(foreign)} not part of the data set there (manifest.json does "
+                 "not list them); --overwrite replaces only that data set: move them or choose another --out")
+    os.remove(manifest)  # first: a directory half replaced is no data set, never a stale one
+    for n in sorted(present - {"manifest.json"}):
+        os.remove(os.path.join(out, n))
 
 
 DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2"}
@@ -144,7 +234,11 @@ def main(argv=None):
     ap.add_argument("--shard-tokens", type=int, default=1 << 20, help="rows per shard (rounded to windows)")
     ap.add_argument("--max-tokens", type=int, default=0, help="stop after this many rows (0: all text)")
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the data set in --out (only one of ours: its manifest.json and the files it lists)")
     args = ap.parse_args(argv)
+    # Before the model loads: a refusal should not cost a model download.
+    prepare_out(args.out, args.overwrite)
 
     import torch
 
@@ -205,29 +299,36 @@ def main(argv=None):
     batch, total = [], 0
     it = windows(tok, texts(), ctx, max_windows)
     done = False
-    while not done:
-        try:
-            batch.append(next(it))
-        except StopIteration:
-            done = True
-        if batch and (len(batch) == args.batch_size or done):
-            ids = torch.tensor(batch, dtype=torch.long, device=device)
-            with torch.no_grad():
-                try:
-                    model(input_ids=ids)
-                except Captured:
-                    pass
-            h = to_numpy(captured.pop("h")[:, 1:, :], args.dtype)  # BOS position excluded
-            for w in range(len(batch)):
-                if acts is None or acts.rows >= windows_per_shard * per_window:
-                    if acts is not None:
-                        close_shard()
-                    acts, toks = open_shard()
-                acts.write(h[w].tobytes(), per_window)
-                toks.write(torch.tensor(batch[w], dtype=torch.int32).numpy().tobytes(), 1)
-                total += per_window
-            batch = []
-            print(f"\r{total} rows, {len(shards)} shard(s)", end="", file=sys.stderr, flush=True)
+    try:
+        while not done:
+            try:
+                batch.append(next(it))
+            except StopIteration:
+                done = True
+            if batch and (len(batch) == args.batch_size or done):
+                ids = torch.tensor(batch, dtype=torch.long, device=device)
+                with torch.no_grad():
+                    try:
+                        model(input_ids=ids)
+                    except Captured:
+                        pass
+                h = to_numpy(captured.pop("h")[:, 1:, :], args.dtype)  # BOS position excluded
+                for w in range(len(batch)):
+                    if acts is None or acts.rows >= windows_per_shard * per_window:
+                        if acts is not None:
+                            close_shard()
+                        acts, toks = open_shard()
+                    acts.write(h[w].tobytes(), per_window)
+                    toks.write(torch.tensor(batch[w], dtype=torch.int32).numpy().tobytes(), 1)
+                    total += per_window
+                batch = []
+                print(f"\r{total} rows, {len(shards)} shard(s)", end="", file=sys.stderr, flush=True)
+    except BaseException:
+        # Ctrl-C, a failed write, a model error: the shard being written goes with its temporary.
+        for w in (acts, toks):
+            if w is not None and not w.f.closed:
+                w.discard()
+        raise
     if acts is None:
         sys.exit("error: the text gave no full window; add text or lower --context-length")
     close_shard()
@@ -255,9 +356,7 @@ def main(argv=None):
             "hidden_states_index": hooks.hidden_states_index(args.layer, args.hook),
         },
     }
-    with open(os.path.join(args.out, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
+    write_json_atomic(os.path.join(args.out, "manifest.json"), manifest)
     print(f"wrote {total} rows x {d_model} ({args.dtype}) in {len(shards)} shard(s) to {args.out}", file=sys.stderr)
     return manifest
 

@@ -76,6 +76,49 @@ def main():
             assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2), dtype
         print("ok: harvest writes shards, token windows and manifest (float32, float16, bfloat16)")
 
+        # A second harvest into the same directory: refused, then replaced with --overwrite (stale
+        # shards of the larger first one included), and never over a file that is not ours.
+        def into(o):
+            return ["--model", mdir, "--tokenizer", "bytes", "--layer", "1", "--text", text, "--out", o,
+                    "--context-length", "16", "--batch-size", "4", "--dtype", "float32", "--device", "cpu"]
+
+        out = os.path.join(tmp, "acts_float32")
+        args = into(out)
+        with open(os.path.join(out, "manifest.json")) as f:
+            first = f.read()
+        assert len(json.loads(first)["shards"]) > 1
+        try:
+            harvest.main(args + ["--shard-tokens", "100"])
+            raise AssertionError("a second harvest into a full --out must be refused")
+        except SystemExit as e:
+            assert "is not empty" in str(e) and "--overwrite" in str(e), e
+        with open(os.path.join(out, "manifest.json")) as f:
+            assert f.read() == first
+        m = harvest.main(args + ["--shard-tokens", "100000", "--overwrite"])
+        assert len(m["shards"]) == 1
+        left = sorted(os.listdir(out)) + sorted(os.listdir(os.path.join(out, "tokens")))
+        assert left == ["acts_00000.npy", "manifest.json", "tokens", "windows_00000.npy"], left
+        with open(os.path.join(out, "notes.txt"), "w") as f:
+            f.write("mine")
+        try:
+            harvest.main(args + ["--overwrite"])
+            raise AssertionError("a file of the user's must stop --overwrite")
+        except SystemExit as e:
+            assert "notes.txt not part of the data set" in str(e), e
+        assert os.path.isfile(os.path.join(out, "manifest.json")) and os.path.isfile(os.path.join(out, "notes.txt"))
+        other = os.path.join(tmp, "theirs")
+        os.makedirs(other)
+        with open(os.path.join(other, "acts_00000.npy"), "wb") as f:
+            f.write(b"not ours")
+        try:
+            harvest.main(into(other) + ["--overwrite"])
+            raise AssertionError("--overwrite must refuse a directory without a manifest of ours")
+        except SystemExit as e:
+            assert "no data set of ours" in str(e), e
+        with open(os.path.join(other, "acts_00000.npy"), "rb") as f:
+            assert f.read() == b"not ours"
+        print("ok: harvest refuses a full --out, --overwrite replaces only a data set of ours")
+
 
 if __name__ == "__main__":
     main()
