@@ -255,6 +255,22 @@ const CASES: &[Case] = &[
             assert!(!d.join("ds").join("acts_00000.npy").exists() && !d.join("ds").join("manifest.json").exists());
         },
     },
+    Case {
+        name: "eval of a run that diverged says so instead of 'not an SAE checkpoint'",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            let o = sae(&train_on(&d.join("acts.npy"), &d.join("run"), &["--lr", "1e37"])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>());
+            assert!(!o.status.success() && stderr(&o).contains("loss became"), "{}", stderr(&o));
+            ["eval", &s(&d.join("run"))].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["a run that diverged (loss became", "diverged.json", "wrote no SAE"],
+        after: nothing,
+    },
 ];
 
 /// `sae data synth` into `out`: 500 rows of d_in 16 in shards of 1000 (one shard) unless `extra`

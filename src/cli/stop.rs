@@ -77,7 +77,8 @@ fn announce(watched: &[i32]) -> Result<()> {
                 // not panic.
                 let _ = writeln!(
                     std::io::stderr(),
-                    "\n{}: the run stops after this step and writes a checkpoint (send it again to quit at once)",
+                    "\n{}: training stops after the step under way and writes a checkpoint (a run past its last step \
+                     finishes instead); send it again to quit at once",
                     name(sig as usize)
                 );
             }

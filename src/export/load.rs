@@ -58,6 +58,21 @@ pub fn detect_layout(dir: &Path) -> Result<Layout> {
         subs.sort();
         bail!("{}: holds several SAEs; pass one of its sub-directories: {}", dir.display(), subs.join(", "));
     }
+    // Run directories that hold no SAE yet say why.
+    let diverged = dir.join(crate::train::DIVERGED_FILE);
+    if let Some(why) =
+        std::fs::read_to_string(&diverged).ok().and_then(|t| serde_json::from_str::<crate::train::Diverged>(&t).ok())
+    {
+        bail!("{}: a run that diverged ({why}; {}) and wrote no SAE", dir.display(), diverged.display());
+    }
+    if dir.join(crate::train::CONFIG_FILE).is_file() && !dir.join(CFG_FILE).exists() {
+        bail!(
+            "{}: a run stopped before its first checkpoint, so it holds no SAE yet: finish it with sae train \
+             --resume {}",
+            dir.display(),
+            dir.display()
+        );
+    }
     bail!(
         "{}: not an SAE checkpoint: expected {} (SAELens layout) or {} (sparsify layout) beside {}",
         dir.display(),
