@@ -256,6 +256,23 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "a data synth that fails at its last file removes the shards it wrote, so a retry is not refused",
+        // Five shards of 100 x 16 floats (6.4 KB) fit; the ground truth, 2048 x 16 (128 KB), does not.
+        setup: |d| synth(&d.join("ds"), &["--shard-tokens", "100", "--features", "2048"]),
+        file_size_limit: Some(16_384),
+        succeeds: false,
+        says: &["ground_truth.npy", "File too large"],
+        after: |d, _| {
+            let left: Vec<String> = std::fs::read_dir(d.join("ds"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n != ".sae.lock")
+                .collect();
+            assert!(left.is_empty(), "left behind: {left:?}");
+            ok(&sae(&synth(&d.join("ds"), &[]).iter().map(String::as_str).collect::<Vec<_>>()));
+        },
+    },
+    Case {
         name: "eval of a run that diverged says so instead of 'not an SAE checkpoint'",
         setup: |d| {
             acts(&d.join("acts.npy"), 1024, 0);
@@ -276,8 +293,10 @@ const CASES: &[Case] = &[
 /// `sae data synth` into `out`: 500 rows of d_in 16 in shards of 1000 (one shard) unless `extra`
 /// says otherwise.
 fn synth(out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> =
-        ["data", "synth", "--out", &s(out), "--d-in", "16", "--shard-tokens", "1000"].map(String::from).into();
+    let mut a: Vec<String> = ["data", "synth", "--out", &s(out), "--d-in", "16"].map(String::from).into();
+    if !extra.contains(&"--shard-tokens") {
+        a.extend(["--shard-tokens".to_string(), "1000".to_string()]);
+    }
     if !extra.contains(&"--tokens") {
         a.extend(["--tokens".to_string(), "500".to_string()]);
     }

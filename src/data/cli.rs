@@ -217,6 +217,7 @@ pub fn synth(
     for f in previous_synthetic(out, overwrite)? {
         std::fs::remove_file(&f).with_context(|| format!("cannot remove {}", f.display()))?;
     }
+    let mut created = Created::default();
     let mut shards = vec![];
     let mut left = tokens;
     let mut i = 0u64;
@@ -225,6 +226,7 @@ pub fn synth(
         let b = gen.generate(0, i, rows);
         let name = shard_name(i as usize);
         write_npy(&out.join(&name), dtype, rows, spec.d_in, &b.to_f32())?;
+        created.0.push(out.join(&name));
         shards.push(ManifestShard { file: name, rows, tokens_file: None });
         left -= rows;
         i += 1;
@@ -232,6 +234,7 @@ pub fn synth(
     use super::BatchSource;
     let gt = gen.ground_truth().expect("synthetic data has ground truth");
     write_npy(&out.join(GROUND_TRUTH), Dtype::Float32, spec.n_features, spec.d_in, gt)?;
+    created.0.push(out.join(GROUND_TRUTH));
     let m = Manifest {
         format: "saetrain-activations".into(),
         version: 1,
@@ -246,7 +249,22 @@ pub fn synth(
         extra: Some(serde_json::json!({ "synthetic": spec, "ground_truth": GROUND_TRUTH })),
     };
     m.save(&out.join(MANIFEST))?;
+    created.0.clear(); // a whole dataset now: keep it
     Ok(m)
+}
+
+/// The files a [`synth`] has written so far, removed if it fails before its manifest (a full
+/// disk at shard 40): the directory is left as empty as it was found, so that a retry, with or
+/// without --overwrite, finds nothing it must refuse.
+#[derive(Default)]
+struct Created(Vec<PathBuf>);
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
 }
 
 fn shard_name(i: usize) -> String {
