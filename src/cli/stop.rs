@@ -5,9 +5,11 @@
 //! Without this, each of them killed the process and lost every step since the last periodic
 //! checkpoint (up to `--checkpoint-every`, 1000 steps by default): a batch scheduler's SIGTERM
 //! before it preempts a job, and the SIGHUP of a dropped ssh session, are the usual cases. A
-//! signal ignored at start-up stays ignored (`nohup` ignores SIGHUP). The Python package has its own Ctrl-C handling
-//! (Python's), so this lives in the command line, and only the two training commands install
-//! it: elsewhere nothing would ask the flag, and a signal must still stop the process at once.
+//! signal ignored at start-up stays ignored (`nohup` ignores SIGHUP).
+//!
+//! The Python package handles these signals itself (with Python's handlers), so this lives in
+//! the command line. Only the two training commands install it: elsewhere nothing would ask the
+//! flag, and a signal must still stop the process at once.
 
 use crate::train::StepHook;
 use anyhow::{bail, Context, Result};
