@@ -834,3 +834,44 @@ fn stream_rss() {
         status_kb("VmRSS:") / 1024
     );
 }
+
+#[test]
+fn a_shard_truncated_under_a_running_reader_is_an_error_naming_it_and_the_position_stays_on_the_last_good_batch() {
+    for prefetch in [0, 2] {
+        let t = tempfile::tempdir().unwrap();
+        let (rows, d) = (2048, 16);
+        for (i, name) in ["a.npy", "b.npy"].into_iter().enumerate() {
+            write_npy(&t.path().join(name), Dtype::Float32, rows, d, &ident_rows(i * rows, rows, d));
+        }
+        let mut o = opts(64);
+        o.prefetch = prefetch;
+        let mut s = ShardSource::open(t.path(), o.clone()).unwrap();
+        for _ in 0..3 {
+            s.next_batch().unwrap();
+        }
+        // Keep one page: every later read of a.npy past it faults (SIGBUS without the guard).
+        let a = t.path().join("a.npy");
+        std::fs::OpenOptions::new().write(true).open(&a).unwrap().set_len(4096).unwrap();
+        let mut last_good = s.position();
+        let mut err = None;
+        for _ in 0..(2 * rows / 64 + 4) {
+            match s.next_batch() {
+                Ok(b) => {
+                    // Batches read before the truncation (prefetched) are the data; none is zeros.
+                    let x = b.to_f32();
+                    assert!(x.chunks(d).all(|r| r[1..].iter().any(|&v| v != 0.0)), "prefetch {prefetch}: a zero row");
+                    last_good = s.position();
+                }
+                Err(e) => {
+                    err = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+        let e = err.unwrap_or_else(|| panic!("prefetch {prefetch}: reading on after the truncation never failed"));
+        assert!(e.contains(&a.display().to_string()) && e.contains("truncated"), "{e}");
+        assert!(e.contains("it now has 4096 bytes") && !e.contains("b.npy"), "{e}");
+        assert_eq!(s.position(), last_good, "prefetch {prefetch}: the failed batch must not move the position");
+        assert!(s.next_batch().is_err(), "prefetch {prefetch}: the lost rows stay lost");
+    }
+}

@@ -334,3 +334,47 @@ fn hostile_cases() {
     }
     assert!(failed.is_empty(), "{} of {} hostile cases failed:\n{}", failed.len(), CASES.len(), failed.join("\n"));
 }
+
+/// A shard truncated on disk while a run reads it (a user re-running `numpy.save` onto it): the run
+/// stops with an error naming the file instead of dying of SIGBUS ("Bus error"), checkpoints the
+/// steps it trained, and resumes once the file is whole again.
+#[test]
+fn a_shard_truncated_under_a_running_train_stops_it_with_a_checkpoint_and_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, out) = (dir.path().join("acts.npy"), dir.path().join("run"));
+    acts(&data, 65536, 0); // 4 MB: its pages are read throughout an epoch
+    let whole = std::fs::read(&data).unwrap();
+    let mut args = train_on(&data, &out, &["--log-every", "1", "--checkpoint-every", "5"]);
+    let steps = args.iter().position(|a| a == "--steps").unwrap();
+    args[steps + 1] = "10000000".into();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sae"))
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !out.join("trainer_state.safetensors").exists() {
+        assert!(t.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::OpenOptions::new().write(true).open(&data).unwrap().set_len(4096).unwrap();
+    while child.try_wait().unwrap().is_none() && t.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let o = child.wait_with_output().unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "a clean error exit, not a signal: {e}");
+    assert!(e.contains(&s(&data)) && e.contains("truncated") && e.contains("it now has 4096 bytes"), "{e}");
+    let n: u64 = e.split("interrupted after step ").nth(1).and_then(|r| r.split(';').next()).unwrap().parse().unwrap();
+    assert!(n >= 5 && e.contains(&format!("--resume {}", s(&out))), "{e}");
+    no_temporaries(&out);
+    // The file made whole again, the run resumes from the step it stopped at.
+    std::fs::write(&data, &whole).unwrap();
+    let more = (n + 10).to_string();
+    ok(&sae(&["train", "--resume", &s(&out), "--steps", &more, "--quiet"]));
+    let log = std::fs::read_to_string(out.join("resumes.jsonl")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!(line["at_step"], n, "{log}");
+    assert_eq!(json(&out.join("summary.json"))["steps"], n + 10);
+}

@@ -164,6 +164,7 @@ pub fn inspect(path: &Path, tensor: Option<&str>, sample: Option<usize>) -> Resu
             sh.dont_need_all();
         }
     }
+    ds.check_intact()?;
     let norms: Vec<f64> = per.iter().map(|p| p.0).filter(|x| !x.is_nan()).collect();
     let med = median(&norms);
     Ok(InspectReport {

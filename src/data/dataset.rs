@@ -197,6 +197,12 @@ impl Dataset {
         Ok(Self { spec: spec.to_path_buf(), shards, d_in, dtype, manifest, root })
     }
 
+    /// An error naming the first shard truncated on disk since it was opened (its reads since
+    /// are zeros: [`super::map_guard`]); callers check after reading, before using what they read.
+    pub fn check_intact(&self) -> Result<()> {
+        self.shards.iter().try_for_each(|s| s.check_intact())
+    }
+
     pub fn total_rows(&self) -> usize {
         self.shards.iter().map(|s| s.rows).sum()
     }

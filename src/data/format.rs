@@ -61,17 +61,18 @@ pub struct Shard {
     pub storage: Storage,
 }
 
-/// Where a shard's bytes are: a read-only file map, or memory registered by the caller
-/// ([`super::memory`]).
+/// Where a shard's bytes are: a read-only file map, watched for truncation while it lives
+/// ([`super::map_guard`]; the guard is declared first so that it is dropped before the map is
+/// unmapped), or memory registered by the caller ([`super::memory`]).
 pub enum Storage {
-    Mapped(Mmap),
+    Mapped(super::map_guard::Guard, Mmap),
     Memory(std::sync::Arc<super::memory::MemoryView>),
 }
 
 impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
-            Storage::Mapped(m) => m,
+            Storage::Mapped(_, m) => m,
             Storage::Memory(v) => v.bytes(),
         }
     }
@@ -129,7 +130,8 @@ impl Shard {
                 have - need
             );
         }
-        Ok(Self { path: path.to_path_buf(), dtype, rows, d_in, offset, storage: Storage::Mapped(mmap) })
+        let guard = super::map_guard::guard(&mmap);
+        Ok(Self { path: path.to_path_buf(), dtype, rows, d_in, offset, storage: Storage::Mapped(guard, mmap) })
     }
 
     /// The shard of registered memory `memory:NAME` (validated when it was registered).
@@ -149,6 +151,26 @@ impl Shard {
         &self.storage.bytes()[self.offset + start * rb..self.offset + (start + n) * rb]
     }
 
+    /// An error if the file lost pages under its map since it was opened (truncated on disk
+    /// while this process read it): whatever was read from it since is zeros, not the data.
+    pub fn check_intact(&self) -> Result<()> {
+        let Storage::Mapped(guard, m) = &self.storage else { return Ok(()) };
+        if !guard.faulted() {
+            return Ok(());
+        }
+        let now = match std::fs::metadata(&self.path) {
+            Ok(meta) => format!("it now has {} bytes", meta.len()),
+            Err(e) => format!("it cannot be read now: {e}"),
+        };
+        bail!(
+            "{}: the file was truncated or rewritten on disk while this process read it ({now}; it had {} when \
+             opened): rows read from it since are lost. A shard must not change while a run reads it: write new \
+             data to another directory (sae data synth and scripts/harvest.py never rewrite a shard in place)",
+            self.path.display(),
+            m.len()
+        )
+    }
+
     /// Byte size of the data.
     pub fn data_bytes(&self) -> u64 {
         (self.rows * self.row_bytes()) as u64
@@ -165,7 +187,7 @@ impl Shard {
     /// Hint the kernel that rows `[start, start+n)` will be read soon.
     pub fn will_need(&self, start: usize, n: usize) {
         let rb = self.row_bytes();
-        if let Storage::Mapped(m) = &self.storage {
+        if let Storage::Mapped(_, m) = &self.storage {
             let _ = m.advise_range(memmap2::Advice::WillNeed, self.offset + start * rb, n * rb);
         }
     }
@@ -173,7 +195,7 @@ impl Shard {
     /// Drop rows `[start, start+n)` from this process's resident set (they stay in the page cache).
     pub fn dont_need(&self, start: usize, n: usize) {
         let rb = self.row_bytes();
-        let Storage::Mapped(m) = &self.storage else { return };
+        let Storage::Mapped(_, m) = &self.storage else { return };
         let (a, b) = page_range(self.offset + start * rb, self.offset + (start + n) * rb, m.len());
         if b > a {
             // SAFETY: the map is read-only and never written: after MADV_DONTNEED a later access

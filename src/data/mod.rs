@@ -5,6 +5,7 @@ pub mod cli;
 pub mod dataset;
 pub mod format;
 pub mod manifest;
+pub mod map_guard;
 pub mod memory;
 pub mod normalize;
 pub mod order;

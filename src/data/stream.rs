@@ -169,6 +169,8 @@ impl Stream {
                 }
                 continue;
             }
+            // A shard truncated under its map reads as zeros: the batch is not the data.
+            c.ds.check_intact()?;
             let data = if !half {
                 BatchData::F32(f32s)
             } else if c.ds.dtype == Dtype::Float16 {
@@ -293,8 +295,11 @@ impl BatchSource for ShardSource {
         if self.core.opts.prefetch == 0 {
             let s = self.sync.get_or_insert_with(|| Stream::new(self.core.clone(), self.pos.clone()));
             let b = s.next_batch();
-            self.pos = s.pos.clone();
-            if b.is_err() {
+            // After a failed batch the position stays after the last good one (as the reader
+            // thread's does), so that a checkpoint written now resumes with the failed batch.
+            if b.is_ok() {
+                self.pos = s.pos.clone();
+            } else {
                 self.sync = None;
             }
             return b;
@@ -363,6 +368,7 @@ impl BatchSource for ShardSource {
             }
             sh.dont_need(s.start, s.len);
         }
+        c.ds.check_intact()?;
         let mut out = vec![];
         for ch in rows.chunks(bsz * d) {
             let r = ch.len() / d;

@@ -67,7 +67,8 @@ pub struct RunOptions {
     pub on_step: Option<StepHook>,
 }
 
-/// A run stopped by its [`StepHook`] after `step` steps, with a checkpoint written at that step.
+/// A run stopped after `step` steps, with a checkpoint written at that step: by its [`StepHook`]
+/// (a signal, Ctrl-C in Python), or by data that failed mid-run (the cause says what to fix).
 #[derive(Debug)]
 pub struct Interrupted {
     pub step: u64,
@@ -212,7 +213,18 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
     for step in start_step..total {
         let batch = match pending.take() {
             Some(b) => b,
-            None => source.next_batch()?,
+            None => match source.next_batch() {
+                Ok(b) => b,
+                // Data that fails mid-run (a shard truncated under the run, an epoch of NaN
+                // rows) must not cost the steps since the last checkpoint: the position is
+                // still after the last good batch, so a resume starts with the failed one.
+                Err(why) if step > start_step => {
+                    bar.finish_and_clear();
+                    save_all(&cfg, backend.as_ref(), source.as_ref(), &out, tokens)?;
+                    return Err(why.context(Interrupted { step, out: out.clone() }));
+                }
+                Err(why) => return Err(why),
+            },
         };
         let lr = sched.at(step);
         let stats = backend.step(&batch, lr as f32)?;
