@@ -6,9 +6,8 @@ fn main() {
         // Not eprintln: stderr may be a terminal that is gone (SIGHUP), and the exit status
         // must still come out.
         let _ = writeln!(std::io::stderr(), "error: {e:#}");
-        // A run stopped by SIGINT / SIGTERM exits as a shell reports that signal (130, 143).
-        let stopped = e.downcast_ref::<saetrain::train::Interrupted>().and(saetrain::cli::stop::exit_status());
-        std::process::exit(stopped.unwrap_or(1));
+        // A command stopped by SIGINT / SIGTERM exits as a shell reports that signal (130, 143).
+        std::process::exit(saetrain::cli::stop::stopped_status(&e).unwrap_or(1));
     }
 }
 

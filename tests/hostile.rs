@@ -378,3 +378,30 @@ fn a_shard_truncated_under_a_running_train_stops_it_with_a_checkpoint_and_an_err
     assert_eq!(line["at_step"], n, "{log}");
     assert_eq!(json(&out.join("summary.json"))["steps"], n + 10);
 }
+
+/// Ctrl-C (and SIGTERM, SIGHUP) during `sae data synth`: the shards written are removed, the
+/// directory is as it was found, the exit status is the shell's for the signal, and the same
+/// command then runs to the end.
+#[test]
+fn a_signal_during_data_synth_removes_the_shards_it_wrote_so_the_same_command_starts_over() {
+    use common::cli::sae_signalled_when;
+    for (sig, status, by) in
+        [(libc::SIGINT, 130, "stopped by SIGINT"), (libc::SIGTERM, 143, "stopped by SIGTERM"), (libc::SIGHUP, 129, "")]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = dir.path().join("ds");
+        // 20,000 shards of 1000 rows: far longer than the signal takes to come.
+        let args = synth(&ds, &["--tokens", "20000000"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = sae_signalled_when(&args, &ds.join("acts_00000.npy"), &[sig], false);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(status), "{e}");
+        assert!(e.contains(by) && e.contains("removed again") && e.contains("of 20000 shards"), "{e}");
+        let left: Vec<_> = std::fs::read_dir(&ds).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.iter().all(|n| n == ".sae.lock"), "left behind: {left:?}");
+        // The same command (no --overwrite) finds nothing to refuse.
+        let again = synth(&ds, &[]);
+        ok(&sae(&again.iter().map(String::as_str).collect::<Vec<_>>()));
+        assert!(ds.join("manifest.json").is_file());
+    }
+}

@@ -7,12 +7,15 @@
 //! before it preempts a job, and the SIGHUP of a dropped ssh session, are the usual cases. A
 //! signal ignored at start-up stays ignored (`nohup` ignores SIGHUP).
 //!
+//! `sae data synth` installs the same handlers ([`install_for_writing`]): it stops after the
+//! shard under way and removes the shards it wrote, leaving the directory as it found it.
+//!
 //! The Python package handles these signals itself (with Python's handlers), so this lives in
-//! the command line. Only the two training commands install it: elsewhere nothing would ask the
-//! flag, and a signal must still stop the process at once.
+//! the command line. Only the commands that ask the flag install it: elsewhere a signal must
+//! still stop the process at once.
 
 use crate::train::StepHook;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::flag;
 use std::io::Write;
@@ -32,9 +35,49 @@ struct Flags {
 
 static FLAGS: OnceLock<Flags> = OnceLock::new();
 
+/// The error a command returns when a signal stopped it; `main` exits with 128 + its number when
+/// this is anywhere in the error's chain.
+#[derive(Debug)]
+pub struct Stopped(usize);
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stopped by {}", name(self.0))
+    }
+}
+
+impl std::error::Error for Stopped {}
+
 /// Install the handlers (once per process; later calls reuse them) and return the hook that
 /// stops a run after the step in which a signal came.
 pub fn install() -> Result<StepHook> {
+    watch(
+        "training stops after the step under way and writes a checkpoint (a run past its last step finishes instead)",
+    )?;
+    let which = Arc::clone(&FLAGS.get().expect("set by watch").which);
+    Ok(Arc::new(move |_, _, _| match which.load(Ordering::SeqCst) {
+        0 => Ok(()),
+        sig => Err(Stopped(sig).into()),
+    }))
+}
+
+/// The handlers for a command that writes files one by one (`sae data synth`): the check it calls
+/// between files, an error once a signal came. `what` says, as the signal comes, what it will do.
+pub fn install_for_writing(what: &'static str) -> Result<impl Fn() -> Result<()>> {
+    watch(what)?;
+    let which = Arc::clone(&FLAGS.get().expect("set by watch").which);
+    Ok(move || match which.load(Ordering::SeqCst) {
+        0 => Ok(()),
+        sig => Err(Stopped(sig).into()),
+    })
+}
+
+/// Whether `e` is, or was caused by, a stop on a signal: the status to exit with.
+pub fn stopped_status(e: &anyhow::Error) -> Option<i32> {
+    e.chain().any(|c| c.is::<Stopped>()).then(exit_status).flatten()
+}
+
+fn watch(what: &'static str) -> Result<()> {
     if FLAGS.get().is_none() {
         let flags = Flags::default();
         let watched: Vec<i32> = SIGNALS.into_iter().filter(|&s| !ignored(s)).collect();
@@ -48,16 +91,12 @@ pub fn install() -> Result<StepHook> {
                 .with_context(|| format!("cannot install a handler for {}", name(sig as usize)))?;
         }
         if !watched.is_empty() {
-            announce(&watched)?;
+            announce(&watched, what)?;
         }
         // Only this function sets it, and the command line calls it from one thread.
         let _ = FLAGS.set(flags);
     }
-    let which = Arc::clone(&FLAGS.get().expect("set above").which);
-    Ok(Arc::new(move |_, _, _| match which.load(Ordering::SeqCst) {
-        0 => Ok(()),
-        sig => bail!("stopped by {}", name(sig)),
-    }))
+    Ok(())
 }
 
 /// The exit status for a run stopped by a signal: 128 + its number, as a shell reports a process
@@ -69,7 +108,7 @@ pub fn exit_status() -> Option<i32> {
 
 /// Say on stderr, as the signal comes, what will happen (a step can take seconds, the start of a
 /// run longer). A thread of its own: a signal handler may not print.
-fn announce(watched: &[i32]) -> Result<()> {
+fn announce(watched: &[i32], what: &'static str) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new(watched).context("cannot watch for signals")?;
     std::thread::Builder::new()
         .name("sae-stop".into())
@@ -77,12 +116,7 @@ fn announce(watched: &[i32]) -> Result<()> {
             if let Some(sig) = signals.forever().next() {
                 // Not eprintln: after SIGHUP the terminal may be gone, and a failed write must
                 // not panic.
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "\n{}: training stops after the step under way and writes a checkpoint (a run past its last step \
-                     finishes instead); send it again to quit at once",
-                    name(sig as usize)
-                );
+                let _ = writeln!(std::io::stderr(), "\n{}: {what}; send it again to quit at once", name(sig as usize));
             }
         })
         .context("cannot start the signal thread")?;

@@ -72,7 +72,10 @@ pub fn run(args: DataArgs) -> Result<()> {
         }
         DataArgs::Synth { out, overwrite, tokens, d_in, features, active, zipf, noise, seed, dtype, shard_tokens } => {
             let spec = SynthSpec { d_in, n_features: features, mean_active: active, zipf, noise, seed };
-            let m = synth(&out, &spec, tokens, Dtype::parse(&dtype)?, shard_tokens, overwrite)?;
+            let stop = crate::cli::stop::install_for_writing(
+                "sae data synth stops after the shard under way and removes the shards it wrote",
+            )?;
+            let m = synth_until(&out, &spec, tokens, Dtype::parse(&dtype)?, shard_tokens, overwrite, &stop)?;
             println!(
                 "wrote {} rows x d_in {} ({}) in {} shard(s), {} and {} to {}",
                 tokens,
@@ -199,6 +202,20 @@ pub fn synth(
     shard_tokens: usize,
     overwrite: bool,
 ) -> Result<Manifest> {
+    synth_until(out, spec, tokens, dtype, shard_tokens, overwrite, &|| Ok(()))
+}
+
+/// [`synth`], asking `stop` before each file (Ctrl-C: `cli::stop`): on its error the files written
+/// so far are removed and the error returned, naming how far it got.
+pub fn synth_until(
+    out: &Path,
+    spec: &SynthSpec,
+    tokens: usize,
+    dtype: Dtype,
+    shard_tokens: usize,
+    overwrite: bool,
+    stop: &dyn Fn() -> Result<()>,
+) -> Result<Manifest> {
     if tokens == 0 || shard_tokens == 0 {
         bail!("--tokens and --shard-tokens must be >= 1");
     }
@@ -222,7 +239,16 @@ pub fn synth(
     let mut shards = vec![];
     let mut left = tokens;
     let mut i = 0u64;
+    let stopped = |done: u64| {
+        format!(
+            "--out {}: stopped after {done} of {} shards, which are removed again: the same \
+             command starts over",
+            out.display(),
+            tokens.div_ceil(shard_tokens)
+        )
+    };
     while left > 0 {
+        stop().with_context(|| stopped(i))?;
         let rows = left.min(shard_tokens);
         let b = gen.generate(0, i, rows);
         let name = shard_name(i as usize);
@@ -232,6 +258,7 @@ pub fn synth(
         left -= rows;
         i += 1;
     }
+    stop().with_context(|| stopped(i))?;
     use super::BatchSource;
     let gt = gen.ground_truth().expect("synthetic data has ground truth");
     write_npy(&out.join(GROUND_TRUTH), Dtype::Float32, spec.n_features, spec.d_in, gt)?;
