@@ -836,8 +836,9 @@ fn stream_rss() {
 }
 
 #[test]
-fn a_shard_truncated_under_a_running_reader_is_an_error_naming_it_and_the_position_stays_on_the_last_good_batch() {
-    for prefetch in [0, 2] {
+fn a_shard_truncated_or_rewritten_under_a_running_reader_is_an_error_naming_it_and_the_position_stays_put() {
+    use std::io::{Seek, Write};
+    for (prefetch, truncate) in [(0, true), (2, true), (0, false), (2, false)] {
         let t = tempfile::tempdir().unwrap();
         let (rows, d) = (2048, 16);
         for (i, name) in ["a.npy", "b.npy"].into_iter().enumerate() {
@@ -849,17 +850,29 @@ fn a_shard_truncated_under_a_running_reader_is_an_error_naming_it_and_the_positi
         for _ in 0..3 {
             s.next_batch().unwrap();
         }
-        // Keep one page: every later read of a.npy past it faults (SIGBUS without the guard).
         let a = t.path().join("a.npy");
-        std::fs::OpenOptions::new().write(true).open(&a).unwrap().set_len(4096).unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+        if truncate {
+            // Keep one page: every later read of a.npy past it faults (SIGBUS without the guard).
+            f.set_len(4096).unwrap();
+        } else {
+            // Rewritten in place at the same length (new rows, same shape): nothing faults, and
+            // only the modification time tells (past the clock tick of the file's creation).
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            f.seek(std::io::SeekFrom::Start(4096)).unwrap();
+            f.write_all(&vec![0x3f; 8192]).unwrap();
+        }
+        drop(f);
         let mut last_good = s.position();
         let mut err = None;
         for _ in 0..(2 * rows / 64 + 4) {
             match s.next_batch() {
                 Ok(b) => {
-                    // Batches read before the truncation (prefetched) are the data; none is zeros.
+                    // Batches read before the change (prefetched) are the data: no zero or new rows.
                     let x = b.to_f32();
-                    assert!(x.chunks(d).all(|r| r[1..].iter().any(|&v| v != 0.0)), "prefetch {prefetch}: a zero row");
+                    let new = f32::from_le_bytes([0x3f; 4]);
+                    let ours = |r: &[f32]| r[1..].iter().any(|&v| v != 0.0) && r[1] != new;
+                    assert!(x.chunks(d).all(ours), "prefetch {prefetch}, truncate {truncate}: a row not the data");
                     last_good = s.position();
                 }
                 Err(e) => {
@@ -869,8 +882,10 @@ fn a_shard_truncated_under_a_running_reader_is_an_error_naming_it_and_the_positi
             }
         }
         let e = err.unwrap_or_else(|| panic!("prefetch {prefetch}: reading on after the truncation never failed"));
-        assert!(e.contains(&a.display().to_string()) && e.contains("truncated"), "{e}");
-        assert!(e.contains("it now has 4096 bytes") && !e.contains("b.npy"), "{e}");
+        assert!(e.contains(&a.display().to_string()) && !e.contains("b.npy"), "{e}");
+        let says = if truncate { "truncated or rewritten" } else { "written to on disk" };
+        let size = if truncate { "it now has 4096 bytes" } else { "now has 131200" };
+        assert!(e.contains(says) && e.contains(size), "{e}");
         assert_eq!(s.position(), last_good, "prefetch {prefetch}: the failed batch must not move the position");
         assert!(s.next_batch().is_err(), "prefetch {prefetch}: the lost rows stay lost");
     }

@@ -197,10 +197,16 @@ impl Dataset {
         Ok(Self { spec: spec.to_path_buf(), shards, d_in, dtype, manifest, root })
     }
 
-    /// An error naming the first shard truncated on disk since it was opened (its reads since
-    /// are zeros: [`super::map_guard`]); callers check after reading, before using what they read.
+    /// An error naming the first shard written to or truncated on disk since it was opened
+    /// ([`super::format::Shard::check_intact`]); callers check after reading, before using what
+    /// they read.
     pub fn check_intact(&self) -> Result<()> {
         self.shards.iter().try_for_each(|s| s.check_intact())
+    }
+
+    /// [`Self::check_intact`] for the shards `indices` (those a batch read from).
+    pub fn check_intact_of(&self, indices: &[u32]) -> Result<()> {
+        indices.iter().try_for_each(|&i| self.shards[i as usize].check_intact())
     }
 
     pub fn total_rows(&self) -> usize {

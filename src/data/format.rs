@@ -63,16 +63,36 @@ pub struct Shard {
 
 /// Where a shard's bytes are: a read-only file map, watched for truncation while it lives
 /// ([`super::map_guard`]; the guard is declared first so that it is dropped before the map is
-/// unmapped), or memory registered by the caller ([`super::memory`]).
+/// unmapped) with the file's identity when it was mapped, or memory registered by the caller
+/// ([`super::memory`]).
 pub enum Storage {
-    Mapped(super::map_guard::Guard, Mmap),
+    Mapped(super::map_guard::Guard, Mmap, OnDisk),
     Memory(std::sync::Arc<super::memory::MemoryView>),
+}
+
+/// A mapped file as it was when mapped: a write to it since (in place: same device and inode)
+/// changes its size or modification time. A file replaced by a rename is another inode: the map
+/// still reads the one it opened, whole, so that is no change for this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OnDisk {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl OnDisk {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let mtime_ns = meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128;
+        Self { dev: meta.dev(), ino: meta.ino(), len: meta.len(), mtime_ns }
+    }
 }
 
 impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
-            Storage::Mapped(_, m) => m,
+            Storage::Mapped(_, m, _) => m,
             Storage::Memory(v) => v.bytes(),
         }
     }
@@ -130,8 +150,10 @@ impl Shard {
                 have - need
             );
         }
+        let opened = OnDisk::of(&file.metadata().with_context(|| format!("{}: cannot read file", path.display()))?);
         let guard = super::map_guard::guard(&mmap);
-        Ok(Self { path: path.to_path_buf(), dtype, rows, d_in, offset, storage: Storage::Mapped(guard, mmap) })
+        let storage = Storage::Mapped(guard, mmap, opened);
+        Ok(Self { path: path.to_path_buf(), dtype, rows, d_in, offset, storage })
     }
 
     /// The shard of registered memory `memory:NAME` (validated when it was registered).
@@ -151,14 +173,33 @@ impl Shard {
         &self.storage.bytes()[self.offset + start * rb..self.offset + (start + n) * rb]
     }
 
-    /// An error if the file lost pages under its map since it was opened (truncated on disk
-    /// while this process read it): whatever was read from it since is zeros, not the data.
+    /// An error if the file was written to in place since it was opened (its rows read since may
+    /// be the new bytes, or a mix), or lost pages under its map (truncated on disk while this
+    /// process read it: whatever was read from it since is zeros, not the data). A `stat` of the
+    /// path, so callers check the shards a batch read, after reading it.
     pub fn check_intact(&self) -> Result<()> {
-        let Storage::Mapped(guard, m) = &self.storage else { return Ok(()) };
+        let Storage::Mapped(guard, m, opened) = &self.storage else { return Ok(()) };
+        let meta = std::fs::metadata(&self.path);
         if !guard.faulted() {
-            return Ok(());
+            let now = match &meta {
+                Ok(meta) => OnDisk::of(meta),
+                // Gone or unreadable by path: the map still reads the file it opened.
+                Err(_) => return Ok(()),
+            };
+            if (now.dev, now.ino) != (opened.dev, opened.ino) || now == *opened {
+                return Ok(());
+            }
+            bail!(
+                "{}: the file was written to on disk while this process read it (it had {} bytes when opened and \
+                 now has {}, its modification time changed): rows read from it since may not be the data. A shard \
+                 must not change while a run reads it: write new data to another directory (sae data synth and \
+                 scripts/harvest.py never rewrite a shard in place)",
+                self.path.display(),
+                opened.len,
+                now.len
+            );
         }
-        let now = match std::fs::metadata(&self.path) {
+        let now = match meta {
             Ok(meta) => format!("it now has {} bytes", meta.len()),
             Err(e) => format!("it cannot be read now: {e}"),
         };
@@ -187,7 +228,7 @@ impl Shard {
     /// Hint the kernel that rows `[start, start+n)` will be read soon.
     pub fn will_need(&self, start: usize, n: usize) {
         let rb = self.row_bytes();
-        if let Storage::Mapped(_, m) = &self.storage {
+        if let Storage::Mapped(_, m, _) = &self.storage {
             let _ = m.advise_range(memmap2::Advice::WillNeed, self.offset + start * rb, n * rb);
         }
     }
@@ -195,7 +236,7 @@ impl Shard {
     /// Drop rows `[start, start+n)` from this process's resident set (they stay in the page cache).
     pub fn dont_need(&self, start: usize, n: usize) {
         let rb = self.row_bytes();
-        let Storage::Mapped(_, m) = &self.storage else { return };
+        let Storage::Mapped(_, m, _) = &self.storage else { return };
         let (a, b) = page_range(self.offset + start * rb, self.offset + (start + n) * rb, m.len());
         if b > a {
             // SAFETY: the map is read-only and never written: after MADV_DONTNEED a later access

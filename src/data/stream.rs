@@ -107,6 +107,8 @@ impl Stream {
             let mut bad = false;
             let mut rows = 0;
             let mut scanned = 0usize;
+            // The shards this batch read from (a window spans a few), checked once it is read.
+            let mut touched: Vec<u32> = vec![];
             while rows < bsz {
                 scanned += 1;
                 if scanned > c.train_rows + bsz {
@@ -117,6 +119,9 @@ impl Stream {
                     );
                 }
                 let (s, r) = self.next_row();
+                if touched.last() != Some(&s) {
+                    touched.push(s);
+                }
                 let sh = &c.ds.shards[s as usize];
                 let bytes = sh.bytes(r, 1);
                 // f32 batches: convert straight into the batch; half batches: into the scratch row.
@@ -169,8 +174,11 @@ impl Stream {
                 }
                 continue;
             }
-            // A shard truncated under its map reads as zeros: the batch is not the data.
-            c.ds.check_intact()?;
+            // A shard written to or truncated under its map since it was opened: the batch is not
+            // the data (a truncated shard's lost pages read as zeros).
+            touched.sort_unstable();
+            touched.dedup();
+            c.ds.check_intact_of(&touched)?;
             let data = if !half {
                 BatchData::F32(f32s)
             } else if c.ds.dtype == Dtype::Float16 {
