@@ -288,6 +288,20 @@ const CASES: &[Case] = &[
         says: &["a run that diverged (loss became", "diverged.json", "wrote no SAE"],
         after: nothing,
     },
+    Case {
+        name: "eval of a directory that holds no SAE names it once",
+        setup: |d| {
+            std::fs::create_dir(d.join("empty")).unwrap();
+            ["eval", &s(&d.join("empty"))].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["not an SAE checkpoint", "sae_weights.safetensors"],
+        after: |d, o| {
+            let e = stderr(o);
+            assert_eq!(e.matches(&s(&d.join("empty"))).count(), 1, "{e}");
+        },
+    },
 ];
 
 /// `sae data synth` into `out`: 500 rows of d_in 16 in shards of 1000 (one shard) unless `extra`

@@ -122,7 +122,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         if let Some(model) = &args.model {
             run_ce_eval(&args, model, path).with_context(|| format!("CE evaluation of {}", path.display()))?;
         }
-        let mut e = evaluate(path, label, &opts).with_context(|| format!("evaluating {}", path.display()))?;
+        let mut e = crate::util::context::naming(evaluate(path, label, &opts), "evaluating", path)?;
         if let Some(b) = &args.against {
             e.against = Some(crate::eval::mcs::against(path, b, &e.weights.alignment)?);
         }

@@ -148,8 +148,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     if let Some(note) = rebuild_note(&args.run) {
         eprintln!("{note}");
     }
-    let (mut sae, mut md, extra) =
-        sae_for_export(&args.run).with_context(|| format!("export {}", args.run.display()))?;
+    let (mut sae, mut md, extra) = crate::util::context::naming(sae_for_export(&args.run), "export", &args.run)?;
     if let Some(k) = args.k {
         sae = sae.as_topk(k)?;
     }

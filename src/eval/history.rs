@@ -78,7 +78,7 @@ pub fn evaluate_history(run: &Path, opts: &EvalOptions) -> Result<HistoryEval> {
     let mut checkpoints = vec![];
     for (step, dir) in kept {
         let label = history::kept_name(step);
-        let e = evaluate(&dir, &label, opts).with_context(|| format!("evaluating {}", dir.display()))?;
+        let e = crate::util::context::naming(evaluate(&dir, &label, opts), "evaluating", &dir)?;
         checkpoints.push(CheckpointPoint {
             step,
             path: dir,

@@ -314,8 +314,8 @@ pub fn run(
         let metrics = match status {
             Status::Diverged(_) => None,
             _ => {
-                let e = evaluate(&p.cfg.out, &p.name, &EvalOptions::default())
-                    .with_context(|| format!("evaluating {}", p.cfg.out.display()))?;
+                let e = evaluate(&p.cfg.out, &p.name, &EvalOptions::default());
+                let e = crate::util::context::naming(e, "evaluating", &p.cfg.out)?;
                 Some(RunMetrics {
                     explained_variance: e.exported.explained_variance,
                     fvu: e.exported.nmse,

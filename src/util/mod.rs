@@ -1,6 +1,7 @@
 //! Small shared helpers.
 
 pub mod atomic;
+pub mod context;
 pub mod hugepage;
 pub mod stats;
 pub mod sweep;
