@@ -24,6 +24,10 @@ Output directory:
 
 --model takes a Hugging Face id, a local directory or a .gguf file (transformers + gguf load it).
 
+Interrupted (Ctrl-C, SIGTERM, SIGHUP, a failed write): the whole shards written so far stay, and
+manifest.json lists them with extra.interrupted set, so that the data is usable as it is; the same
+command with --resume continues from there (also after a kill, from the whole shards alone).
+
 Example:
   python scripts/harvest.py --model HuggingFaceTB/SmolLM2-135M --layer 15 --text corpus.txt \\
       --out data/smollm2-l15 --context-length 128 --batch-size 32 --dtype float16 --max-tokens 10000000
@@ -118,7 +122,7 @@ def remove_stale_temporaries(out):
                 pass
 
 
-def prepare_out(out, overwrite):
+def prepare_out(out, overwrite, resume=False):
     """Create `out`, or check that it may be written: empty, or (with --overwrite) holding only
     a data set of ours (its manifest.json and the files that lists), which is removed, manifest
     first. A harvest costs GPU hours, and its shards' names are every harvest's names: a second
@@ -129,12 +133,24 @@ def prepare_out(out, overwrite):
     tokens_dir = os.path.join(out, hooks.TOKENS_DIR)
     if names == [hooks.TOKENS_DIR] and not [n for n in os.listdir(tokens_dir) if not is_temporary(n)]:
         names = []  # an empty tokens/ left by a harvest that wrote nothing
+    if resume:
+        manifest = os.path.join(out, hooks.MANIFEST)
+        if os.path.exists(manifest):
+            try:
+                with open(manifest) as f:
+                    finished = not (json.load(f).get("extra") or {}).get("interrupted")
+            except (OSError, ValueError, AttributeError):
+                sys.exit(f"error: --resume {out}: {manifest} is not a manifest of ours")
+            if finished:
+                sys.exit(f"error: --resume {out}: {manifest} is a finished harvest (pass --overwrite to replace it)")
+        return
     if not names:
         return
     listing = ", ".join(names[:4]) + (f", ... ({len(names)} entries)" if len(names) > 4 else "")
     if not overwrite:
-        sys.exit(f"error: --out {out} is not empty ({listing}): pass --overwrite to replace a data set "
-                 "written there before (its manifest.json and the files it lists; nothing else), or choose another --out")
+        sys.exit(f"error: --out {out} is not empty ({listing}): pass --resume to continue an interrupted harvest "
+                 "there, --overwrite to replace a data set written there before (its manifest.json and the files it "
+                 "lists; nothing else), or choose another --out")
     manifest = os.path.join(out, "manifest.json")
     try:
         with open(manifest) as f:
@@ -162,6 +178,77 @@ def prepare_out(out, overwrite):
 
 
 DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2"}
+
+# The settings a resumed harvest must share with the one it continues (manifest "extra.settings").
+RESUMED_SETTINGS = ("model", "layer", "hook", "tokenizer", "context_length", "dtype", "model_dtype", "shard_tokens")
+
+
+def read_npy_header(path):
+    """(descr, shape) of an npy file of ours, from its header."""
+    with open(path, "rb") as f:
+        head = f.read(NPY_HEADER_BYTES)
+    if head[:6] != b"\x93NUMPY":
+        raise ValueError(f"{path}: not an npy file")
+    n = struct.unpack("<H", head[8:10])[0]
+    import ast
+
+    h = ast.literal_eval(head[10 : 10 + n].decode("latin1"))
+    return h["descr"], tuple(h["shape"])
+
+
+def done_so_far(out, settings, d_model):
+    """The whole shards of an interrupted harvest in `out`, as manifest entries: those its
+    manifest.json lists (written when it was interrupted; its settings must be these), or after a
+    kill, acts_00000.npy, acts_00001.npy, ... with their token windows, as far as both are there.
+    Exits with an error naming what differs."""
+    manifest = os.path.join(out, hooks.MANIFEST)
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            m = json.load(f)
+        extra = m.get("extra") or {}
+        if not extra.get("interrupted"):
+            sys.exit(f"error: --resume {out}: {manifest} is a finished harvest (pass --overwrite to replace it)")
+        theirs = extra.get("settings") or {}
+        differ = [f"{k} {theirs.get(k)!r} there, {settings[k]!r} now" for k in RESUMED_SETTINGS if theirs.get(k) != settings[k]]
+        if differ:
+            sys.exit(f"error: --resume {out}: the interrupted harvest there had other settings: {'; '.join(differ)}")
+        return list(m["shards"])
+    shards = []
+    descr = DTYPES[settings["dtype"]]
+    while os.path.exists(os.path.join(out, hooks.acts_file(len(shards)))):
+        i = len(shards)
+        acts, toks = os.path.join(out, hooks.acts_file(i)), os.path.join(out, hooks.tokens_file(i))
+        if not os.path.exists(toks):
+            break  # killed between the two renames: this shard is written again
+        a, t = read_npy_header(acts), read_npy_header(toks)
+        if a[0] != descr or a[1][1:] != (d_model,) or t[1][1:] != (settings["context_length"],):
+            sys.exit(f"error: --resume {out}: {acts} holds {a[0]} rows of width {a[1][1:]} with windows of "
+                     f"{t[1][1:]} tokens; this harvest writes {descr} rows of width {d_model} from windows of "
+                     f"{settings['context_length']}")
+        shards.append({"file": hooks.acts_file(i), "rows": a[1][0], "tokens_file": hooks.tokens_file(i)})
+    return shards
+
+
+def stored_windows(out, shard):
+    """The token windows a shard of ours was harvested from, as lists of ids."""
+    import numpy as np
+
+    return np.load(os.path.join(out, shard["tokens_file"])).tolist()
+
+
+def stop_on_signals():
+    """SIGTERM and SIGHUP (a scheduler's notice, a dropped ssh session) raise KeyboardInterrupt as
+    Ctrl-C does, so that the harvest keeps its whole shards; only where their action is the
+    default (an inherited ignore stays). Returns what restores the handlers."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    changed = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) == signal.SIG_DFL]
+    for sig in changed:
+        signal.signal(sig, interrupt)
+    return lambda: [signal.signal(sig, signal.SIG_DFL) for sig in changed]
 
 
 def to_numpy(t, dtype_name):
@@ -236,9 +323,15 @@ def main(argv=None):
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace the data set in --out (only one of ours: its manifest.json and the files it lists)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the interrupted harvest in --out (the same command otherwise)")
     args = ap.parse_args(argv)
+    if args.resume and args.overwrite:
+        sys.exit("error: --resume continues the harvest in --out, --overwrite replaces it: pass one")
+    if args.resume and not os.path.isdir(args.out):
+        sys.exit(f"error: --resume {args.out}: no such directory")
     # Before the model loads: a refusal should not cost a model download.
-    prepare_out(args.out, args.overwrite)
+    prepare_out(args.out, args.overwrite, args.resume)
 
     import torch
 
@@ -274,7 +367,12 @@ def main(argv=None):
 
     os.makedirs(os.path.join(args.out, hooks.TOKENS_DIR), exist_ok=True)
     descr = DTYPES[args.dtype]
-    shards, acts, toks = [], None, None
+    settings = {"model": hooks.model_record(args.model), "layer": args.layer, "hook": hook,
+                "tokenizer": getattr(tok, "name_or_path", None), "context_length": ctx, "dtype": args.dtype,
+                "model_dtype": args.model_dtype, "shard_tokens": args.shard_tokens}
+    shards = done_so_far(args.out, settings, d_model) if args.resume else []
+    resumed_windows = sum(s["rows"] for s in shards) // per_window
+    acts, toks = None, None
 
     def open_shard():
         i = len(shards)
@@ -298,6 +396,46 @@ def main(argv=None):
 
     batch, total = [], 0
     it = windows(tok, texts(), ctx, max_windows)
+    # A resumed harvest skips the windows of the shards it keeps, checking that they are the
+    # windows those shards were harvested from (the same text, tokenizer and context length).
+    for sh in shards:
+        for w in stored_windows(args.out, sh):
+            if next(it, None) != w:
+                sys.exit(f"error: --resume {args.out}: {sh['tokens_file']} was harvested from other text (or "
+                         "another tokenizer or --text order) than this command's: its windows differ")
+        total += sh["rows"]
+    if args.resume:
+        print(f"resuming after {total} rows in {len(shards)} whole shard(s)", file=sys.stderr)
+
+    def manifest_of(interrupted=None):
+        extra = {
+            "context_length": ctx,
+            "prepend_bos": True,
+            "bos_excluded": True,
+            "rows_per_window": per_window,
+            "tokenizer": getattr(tok, "name_or_path", None),
+            "model_dtype": args.model_dtype,
+            "text_files": text_files,
+            "hidden_states_index": hooks.hidden_states_index(args.layer, args.hook),
+            "settings": settings,
+        }
+        if interrupted:
+            extra["interrupted"] = interrupted
+        return {
+            "format": "saetrain-activations",
+            "version": 1,
+            "model": hooks.model_record(args.model),
+            "layer": args.layer,
+            "hook": hook,
+            "d_in": d_model,
+            "dtype": args.dtype,
+            "shards": shards,
+            "total_rows": sum(s["rows"] for s in shards),
+            "normalization": "none: raw residual stream (sae train --normalize scales it)",
+            "extra": extra,
+        }
+
+    restore_signals = stop_on_signals()
     done = False
     try:
         while not done:
@@ -323,39 +461,44 @@ def main(argv=None):
                     total += per_window
                 batch = []
                 print(f"\r{total} rows, {len(shards)} shard(s)", end="", file=sys.stderr, flush=True)
-    except BaseException:
-        # Ctrl-C, a failed write, a model error: the shard being written goes with its temporary.
+    except BaseException as e:
+        # Ctrl-C, a signal, a failed write, a model error: the shard being written goes with its
+        # temporary; the whole ones stay, listed by a manifest marked interrupted.
         for w in (acts, toks):
             if w is not None and not w.f.closed:
                 w.discard()
+        if shards and shards[-1]["rows"] == 0:
+            # The shard under way (its rows are set once both of its files are whole): gone, with
+            # its activations if they were renamed into place before its windows failed.
+            under_way = os.path.join(args.out, shards.pop()["file"])
+            if os.path.exists(under_way):
+                os.remove(under_way)
+        print(file=sys.stderr)
+        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if shards:
+            rows = sum(s["rows"] for s in shards)
+            try:
+                write_json_atomic(os.path.join(args.out, hooks.MANIFEST),
+                                  manifest_of({"why": why, "rows": rows, "shards": len(shards)}))
+                print(f"harvest interrupted ({why}) after {rows} rows in {len(shards)} whole shard(s): "
+                      f"{os.path.join(args.out, hooks.MANIFEST)} lists them (extra.interrupted); the same command "
+                      "with --resume continues it", file=sys.stderr)
+            except OSError as w:
+                print(f"harvest interrupted ({why}) after {rows} rows in {len(shards)} whole shard(s); its manifest "
+                      f"could not be written ({w}): the same command with --resume continues from the shards",
+                      file=sys.stderr)
+        if isinstance(e, KeyboardInterrupt):
+            sys.exit(130)
         raise
-    if acts is None:
+    finally:
+        restore_signals()
+    if acts is None and not shards:
         sys.exit("error: the text gave no full window; add text or lower --context-length")
-    close_shard()
+    if acts is not None:
+        close_shard()
     print(file=sys.stderr)
 
-    manifest = {
-        "format": "saetrain-activations",
-        "version": 1,
-        "model": hooks.model_record(args.model),
-        "layer": args.layer,
-        "hook": hook,
-        "d_in": d_model,
-        "dtype": args.dtype,
-        "shards": shards,
-        "total_rows": total,
-        "normalization": "none: raw residual stream (sae train --normalize scales it)",
-        "extra": {
-            "context_length": ctx,
-            "prepend_bos": True,
-            "bos_excluded": True,
-            "rows_per_window": per_window,
-            "tokenizer": getattr(tok, "name_or_path", None),
-            "model_dtype": args.model_dtype,
-            "text_files": text_files,
-            "hidden_states_index": hooks.hidden_states_index(args.layer, args.hook),
-        },
-    }
+    manifest = manifest_of()
     write_json_atomic(os.path.join(args.out, "manifest.json"), manifest)
     print(f"wrote {total} rows x {d_model} ({args.dtype}) in {len(shards)} shard(s) to {args.out}", file=sys.stderr)
     return manifest

@@ -119,6 +119,117 @@ def main():
             assert f.read() == b"not ours"
         print("ok: harvest refuses a full --out, --overwrite replaces only a data set of ours")
 
+        # Interrupted in the middle of its third shard (6 windows of 15 rows each): the two whole
+        # shards stay, listed by a manifest marked interrupted; --resume continues it to what an
+        # uninterrupted harvest writes, and refuses other settings or other text.
+        full = os.path.join(tmp, "full")
+        harvest.main(into(full) + ["--shard-tokens", "100"])
+        real_write = harvest.NpyWriter.write
+
+        def interrupted(o, after_windows, exc):
+            calls = [0]
+
+            def failing(self, raw, rows):
+                if self.width == 32:  # an activation window (token windows have width 16)
+                    calls[0] += 1
+                    if calls[0] > after_windows:
+                        raise exc
+                return real_write(self, raw, rows)
+
+            harvest.NpyWriter.write = failing
+            try:
+                harvest.main(into(o) + ["--shard-tokens", "100"])
+                raise AssertionError("an interrupted harvest must not return")
+            except SystemExit as e:
+                assert e.code == 130, e
+                assert exc is KeyboardInterrupt
+            except OSError:
+                assert exc is not KeyboardInterrupt
+            finally:
+                harvest.NpyWriter.write = real_write
+
+        part = os.path.join(tmp, "part")
+        interrupted(part, 15, KeyboardInterrupt)
+        with open(os.path.join(part, "manifest.json")) as f:
+            man = json.load(f)
+        assert man["extra"]["interrupted"]["why"] == "KeyboardInterrupt", man["extra"]
+        assert len(man["shards"]) == 2 and man["total_rows"] == 180, man
+        assert sorted(os.listdir(part)) == ["acts_00000.npy", "acts_00001.npy", "manifest.json", "tokens"]
+        assert sorted(os.listdir(os.path.join(part, "tokens"))) == ["windows_00000.npy", "windows_00001.npy"]
+        for extra, says in [
+            ([], "pass --resume"),
+            (["--resume", "--dtype", "float16"], "dtype 'float32' there, 'float16' now"),
+            (["--resume", "--overwrite"], "pass one"),
+        ]:
+            try:
+                harvest.main(into(part) + ["--shard-tokens", "100"] + extra)
+                raise AssertionError(f"{extra} must be refused")
+            except SystemExit as e:
+                assert says in str(e), (extra, e)
+        other_text = os.path.join(tmp, "other.txt")
+        with open(other_text, "w") as f:
+            f.write("Pack my box with five dozen liquor jugs. " * 40)
+        args = into(part) + ["--shard-tokens", "100", "--resume"]
+        try:
+            harvest.main([other_text if a == text else a for a in args])
+            raise AssertionError("--resume with other text must be refused")
+        except SystemExit as e:
+            assert "harvested from other text" in str(e), e
+
+        def same_as_full(o, m):
+            with open(os.path.join(full, "manifest.json")) as f:
+                want = json.load(f)
+            assert "interrupted" not in m["extra"] and m["shards"] == want["shards"], m
+            assert m["total_rows"] == want["total_rows"]
+            for sh in want["shards"]:
+                with open(os.path.join(o, sh["tokens_file"]), "rb") as a, open(os.path.join(full, sh["tokens_file"]), "rb") as b:
+                    assert a.read() == b.read(), sh
+                _, shape, got = read_npy(os.path.join(o, sh["file"]))
+                _, _, exp = read_npy(os.path.join(full, sh["file"]))
+                g = torch.frombuffer(bytearray(got), dtype=torch.float32)
+                w = torch.frombuffer(bytearray(exp), dtype=torch.float32)
+                assert torch.allclose(g, w, rtol=1e-5, atol=1e-6), sh
+
+        same_as_full(part, harvest.main(args))
+        print("ok: an interrupted harvest keeps its whole shards in a manifest; --resume finishes it")
+
+        # Killed (no manifest), between the renames of its second shard's two files; and a failed
+        # write (OSError: disk full) keeps what is whole, as Ctrl-C does.
+        killed = os.path.join(tmp, "killed")
+        interrupted(killed, 15, KeyboardInterrupt)
+        os.remove(os.path.join(killed, "manifest.json"))
+        os.remove(os.path.join(killed, "tokens", "windows_00001.npy"))
+        try:
+            harvest.main(into(killed) + ["--shard-tokens", "100", "--resume", "--context-length", "8"])
+            raise AssertionError("--resume with another context length must be refused")
+        except SystemExit as e:
+            assert "windows of" in str(e), e
+        same_as_full(killed, harvest.main(into(killed) + ["--shard-tokens", "100", "--resume"]))
+        full_disk = os.path.join(tmp, "full_disk")
+        interrupted(full_disk, 20, OSError(28, "No space left on device"))
+        with open(os.path.join(full_disk, "manifest.json")) as f:
+            assert "No space left" in json.load(f)["extra"]["interrupted"]["why"]
+        same_as_full(full_disk, harvest.main(into(full_disk) + ["--shard-tokens", "100", "--resume"]))
+        print("ok: --resume continues a killed harvest from its whole shards, and one stopped by a failed write")
+
+        # SIGTERM and SIGHUP become KeyboardInterrupt while a harvest runs (the path above), and
+        # their default action is back once it ends.
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            restore = harvest.stop_on_signals()
+            try:
+                os.kill(os.getpid(), sig)
+                for _ in range(100):  # the handler runs between bytecodes
+                    pass
+                raise AssertionError(f"{sig!r} did not interrupt")
+            except KeyboardInterrupt as e:
+                assert signal.Signals(sig).name in str(e), e
+            finally:
+                restore()
+            assert signal.getsignal(sig) == signal.SIG_DFL
+        print("ok: SIGTERM and SIGHUP interrupt a harvest as Ctrl-C does")
+
 
 if __name__ == "__main__":
     main()

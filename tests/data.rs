@@ -375,7 +375,14 @@ fn manifest_is_checked() {
     assert!(blocked.join("keep").exists());
     assert_eq!(names(t.path()).len(), before.len() + 1, "only the directory was added");
     assert_err(t.path(), o.clone(), &["manifest.json", "total_rows"]);
+    // A harvest's manifest of the whole shards written before it was stopped says so.
+    let mut part: Manifest = serde_json::from_str(&orig).unwrap();
+    part.extra = Some(serde_json::json!({"interrupted": {"why": "KeyboardInterrupt", "rows": 1000, "shards": 4}}));
+    part.save(&mp).unwrap();
+    let d = ShardSource::open(t.path(), o.clone()).unwrap().describe();
+    assert!(d.contains("an interrupted harvest (KeyboardInterrupt)") && d.contains("--resume"), "{d}");
     std::fs::write(&mp, orig).unwrap();
+    assert!(!ShardSource::open(t.path(), o.clone()).unwrap().describe().contains("interrupted"));
 
     // inspect on the synthetic set.
     let r = cli::inspect(t.path(), None, None).unwrap();

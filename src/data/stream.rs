@@ -432,6 +432,14 @@ impl BatchSource for ShardSource {
             } else if let Some(l) = m.layer {
                 s += &format!(" layer {l}");
             }
+            // scripts/harvest.py lists the whole shards of a harvest it was stopped in.
+            if let Some(why) = m.extra.as_ref().and_then(|e| e.get("interrupted")).filter(|v| !v.is_null()) {
+                let reason = why.get("why").and_then(|w| w.as_str()).unwrap_or("interrupted");
+                s += &format!(
+                    "; an interrupted harvest ({reason}): these are the rows harvested so far, and \
+                     scripts/harvest.py --resume continues it"
+                );
+            }
         }
         if c.max_sq.is_finite() {
             s += &format!(
