@@ -205,10 +205,8 @@ def done_so_far(out, settings, d_model):
     if os.path.exists(manifest):
         with open(manifest) as f:
             m = json.load(f)
-        extra = m.get("extra") or {}
-        if not extra.get("interrupted"):
-            sys.exit(f"error: --resume {out}: {manifest} is a finished harvest (pass --overwrite to replace it)")
-        theirs = extra.get("settings") or {}
+        # prepare_out refused a finished harvest's manifest before the model loaded.
+        theirs = (m.get("extra") or {}).get("settings") or {}
         differ = [f"{k} {theirs.get(k)!r} there, {settings[k]!r} now" for k in RESUMED_SETTINGS if theirs.get(k) != settings[k]]
         if differ:
             sys.exit(f"error: --resume {out}: the interrupted harvest there had other settings: {'; '.join(differ)}")

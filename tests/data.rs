@@ -318,7 +318,7 @@ fn manifest_is_checked() {
         noise: 0.01,
         seed: 3,
     };
-    let m = cli::synth(t.path(), &spec, 1000, Dtype::Float16, 300, false).unwrap();
+    let m = cli::synth(t.path(), &spec, 1000, Dtype::Float16, 300, false, &|| Ok(())).unwrap();
     assert_eq!(m.shards.len(), 4);
     assert_eq!(m.shards[3].rows, 100);
     let mut o = opts(32);
@@ -736,7 +736,7 @@ fn synth_recovers_ground_truth_directions() {
         noise: 0.0,
         seed: 5,
     };
-    cli::synth(t.path(), &spec, 256, Dtype::Float32, 256, false).unwrap();
+    cli::synth(t.path(), &spec, 256, Dtype::Float32, 256, false, &|| Ok(())).unwrap();
     let gen = saetrain::data::synthetic::Synthetic::new(spec.clone(), 256).unwrap();
     let want = gen.generate(0, 0, 256).to_f32().into_owned();
     let (_, _, got) = saetrain::data::format::read_f32(&t.path().join("acts_00000.npy")).unwrap();

@@ -8,7 +8,7 @@
 //! signal ignored at start-up stays ignored (`nohup` ignores SIGHUP).
 //!
 //! `sae data synth` installs the same handlers ([`install_for_writing`]): it stops after the
-//! shard under way and removes the shards it wrote, leaving the directory as it found it.
+//! shard under way and removes the shards it wrote.
 //!
 //! The Python package handles these signals itself (with Python's handlers), so this lives in
 //! the command line. Only the commands that ask the flag install it: elsewhere a signal must
@@ -54,22 +54,24 @@ pub fn install() -> Result<StepHook> {
     watch(
         "training stops after the step under way and writes a checkpoint (a run past its last step finishes instead)",
     )?;
-    let which = Arc::clone(&FLAGS.get().expect("set by watch").which);
-    Ok(Arc::new(move |_, _, _| match which.load(Ordering::SeqCst) {
-        0 => Ok(()),
-        sig => Err(Stopped(sig).into()),
-    }))
+    let stopped = check();
+    Ok(Arc::new(move |_, _, _| stopped()))
 }
 
 /// The handlers for a command that writes files one by one (`sae data synth`): the check it calls
 /// between files, an error once a signal came. `what` says, as the signal comes, what it will do.
 pub fn install_for_writing(what: &'static str) -> Result<impl Fn() -> Result<()>> {
     watch(what)?;
+    Ok(check())
+}
+
+/// After [`watch`]: [`Stopped`] once a signal came, else Ok.
+fn check() -> impl Fn() -> Result<()> + Send + Sync {
     let which = Arc::clone(&FLAGS.get().expect("set by watch").which);
-    Ok(move || match which.load(Ordering::SeqCst) {
+    move || match which.load(Ordering::SeqCst) {
         0 => Ok(()),
         sig => Err(Stopped(sig).into()),
-    })
+    }
 }
 
 /// Whether `e` is, or was caused by, a stop on a signal: the status to exit with.

@@ -75,7 +75,7 @@ pub fn run(args: DataArgs) -> Result<()> {
             let stop = crate::cli::stop::install_for_writing(
                 "sae data synth stops after the shard under way and removes the shards it wrote",
             )?;
-            let m = synth_until(&out, &spec, tokens, Dtype::parse(&dtype)?, shard_tokens, overwrite, &stop)?;
+            let m = synth(&out, &spec, tokens, Dtype::parse(&dtype)?, shard_tokens, overwrite, &stop)?;
             println!(
                 "wrote {} rows x d_in {} ({}) in {} shard(s), {} and {} to {}",
                 tokens,
@@ -194,20 +194,9 @@ pub fn inspect(path: &Path, tensor: Option<&str>, sample: Option<usize>) -> Resu
 /// and `manifest.json`. `out` must be empty or, with `overwrite`, hold only a synthetic dataset
 /// written here before ([`previous_synthetic`]); every file is written atomically and the
 /// manifest last, so an interrupted write never leaves a dataset that claims rows it lacks.
+/// `stop` is asked before each file (Ctrl-C: `cli::stop`; `&|| Ok(())` for none): on its error the
+/// files written so far are removed and the error returned, naming how far it got.
 pub fn synth(
-    out: &Path,
-    spec: &SynthSpec,
-    tokens: usize,
-    dtype: Dtype,
-    shard_tokens: usize,
-    overwrite: bool,
-) -> Result<Manifest> {
-    synth_until(out, spec, tokens, dtype, shard_tokens, overwrite, &|| Ok(()))
-}
-
-/// [`synth`], asking `stop` before each file (Ctrl-C: `cli::stop`): on its error the files written
-/// so far are removed and the error returned, naming how far it got.
-pub fn synth_until(
     out: &Path,
     spec: &SynthSpec,
     tokens: usize,
