@@ -244,9 +244,13 @@ pub struct TrainConfig {
     /// Step from which the inference threshold EMA runs (default min(1000, steps/10)).
     #[arg(long)]
     pub threshold_start: Option<u64>,
-    /// Calibrate the exported thresholds on the held-out rows at the end of training, so that
-    /// the exported L0 matches the training rule's (global for batchtopk / mutual_choice, per
-    /// latent for wta / hybrid); `none` keeps the plain EMA of batch minima.
+    /// Calibrate the exported thresholds at the end of training, so that the exported L0
+    /// matches the training rule's (global for batchtopk / mutual_choice, per latent for wta /
+    /// hybrid): on the rows the training stream gives next (`training`, as many as
+    /// --eval-tokens, at least a batch; the stream's position is unchanged), or on the held-out
+    /// rows the summary reports on (`held-out`: in-sample); `auto`: `training` while those rows
+    /// are new to the SAE (synthetic data, shards in their first pass), else `held-out`;
+    /// `none` keeps the plain EMA of batch minima.
     #[arg(long, value_enum, default_value_t = TrainConfig::default().threshold_calibration)]
     pub threshold_calibration: Calibration,
     /// EMA decay of the inference threshold (default 0.999; shorter runs use 1 - 10/steps
@@ -399,7 +403,7 @@ impl Default for TrainConfig {
             dead_window: None,
             threshold_mode: ThresholdMode::PerLatent,
             threshold_start: None,
-            threshold_calibration: Calibration::HeldOut,
+            threshold_calibration: Calibration::Auto,
             threshold_decay: None,
             batch_size: 1024,
             steps: 3000,

@@ -5,12 +5,19 @@ use crate::sparse::SparseCodes;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-/// Whether the exported thresholds are calibrated at the end of training (see
-/// `train::calibrate`).
+/// Whether, and on which rows, the exported thresholds are calibrated at the end of training
+/// (see `train::calibrate`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Calibration {
-    /// Calibrate on the held-out rows (default).
+    /// `training` while the training stream's next rows are rows the SAE has not trained on
+    /// (synthetic data; shards in their first pass), else `held-out` (default).
+    Auto,
+    /// Calibrate on the rows the training stream gives next: the held-out rows the summary
+    /// reports on stay out of the fit.
+    Training,
+    /// Calibrate on the held-out rows themselves (the only form before 2026-12-07): the
+    /// summary's exported L0 then matches the training rule's by construction, in-sample.
     #[value(alias = "held_out")]
     #[serde(alias = "held-out")]
     HeldOut,

@@ -7,7 +7,7 @@ pub mod rundir;
 pub mod schedule;
 
 use crate::backend::{self, Backend, InferMode, StepStats};
-use crate::config::TrainConfig;
+use crate::config::{Calibration, TrainConfig};
 use crate::data::{self, BatchSource};
 use crate::export::saelens::ExportedSae;
 use crate::metrics::core::{core_metrics, CoreMetrics};
@@ -270,10 +270,27 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
     }
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
-    let calibration = calibrate::calibrate(&cfg, backend.as_mut(), &eval_set)?;
+    let calibrated = calibrate::rows(&cfg, source.as_mut(), &eval_set)
+        .and_then(|(batches, rows)| calibrate::calibrate(&cfg, backend.as_mut(), (&batches, rows)));
+    let calibration = match calibrated {
+        Ok(c) => c,
+        // The steps are trained (the calibration rows may fail to read, like any batch): keep
+        // them; a resume trains nothing and calibrates again.
+        Err(why) => {
+            save_all(&cfg, backend.as_ref(), source.as_ref(), &out, tokens)?;
+            return Err(why.context(Interrupted { step: total, out: out.clone() }));
+        }
+    };
     if let (Some(c), false) = (&calibration, cfg.quiet) {
+        let rows = match (c.rows, cfg.threshold_calibration) {
+            (Calibration::HeldOut, Calibration::Auto) => {
+                "held-out (in-sample: the training stream has no rows left that this SAE has not trained on)"
+            }
+            (Calibration::HeldOut, _) => "held-out (in-sample)",
+            _ => "training-stream",
+        };
         eprintln!(
-            "thresholds calibrated ({}) on {} held-out tokens: exported L0 {:.2} (EMA thresholds {:.2}), training rule {:.2}",
+            "thresholds calibrated ({}) on {} tokens, {rows}: exported L0 {:.2} (EMA thresholds {:.2}), training rule {:.2}",
             c.mode, c.tokens, c.calibrated_l0, c.ema_l0, c.target_l0
         );
     }
