@@ -897,3 +897,42 @@ fn a_shard_truncated_or_rewritten_under_a_running_reader_is_an_error_naming_it_a
         assert!(s.next_batch().is_err(), "prefetch {prefetch}: the lost rows stay lost");
     }
 }
+
+/// A resume must train on the data it was trained on: a saved position is refused by a source
+/// whose sampled rows differ (the same directory written again with other contents, same row
+/// count and seed), accepted by the same contents, and a position saved before the digest
+/// existed is accepted and gains it.
+#[test]
+fn a_position_saved_on_other_contents_at_the_same_path_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let spec = |seed| saetrain::data::synthetic::SynthSpec {
+        d_in: 16,
+        n_features: 40,
+        mean_active: 3.0,
+        zipf: 1.0,
+        noise: 0.01,
+        seed,
+    };
+    let write = |seed| cli::synth(t.path(), &spec(seed), 1000, Dtype::Float32, 300, true, &|| Ok(())).unwrap();
+    write(1);
+    let mut s = ShardSource::open(t.path(), opts(32)).unwrap();
+    s.next_batch().unwrap();
+    let saved = s.position();
+    assert!(saved["data_sample"].is_string(), "{saved}");
+
+    write(2);
+    let mut other = ShardSource::open(t.path(), opts(32)).unwrap();
+    let e = format!("{:#}", other.seek(&saved).unwrap_err());
+    assert!(e.contains("not the data this run was trained on") && e.contains(&t.path().display().to_string()), "{e}");
+    let mut old = saved.clone();
+    old.as_object_mut().unwrap().remove("data_sample");
+    other.seek(&old).unwrap();
+    assert!(other.position()["data_sample"].is_string(), "an old position gains the digest");
+    assert_ne!(other.position()["data_sample"], saved["data_sample"], "the position now names these contents");
+
+    write(1);
+    let mut same = ShardSource::open(t.path(), opts(32)).unwrap();
+    same.seek(&saved).unwrap();
+    let (a, b) = (same.next_batch().unwrap(), s.next_batch().unwrap());
+    assert_eq!(a, b, "the same contents continue where the run stopped");
+}

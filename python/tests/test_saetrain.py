@@ -207,6 +207,15 @@ def test_sigterm_stops_like_ctrl_c_and_the_handler_is_restored(data, tmp_path, m
     assert done.summary["steps"] == 300
 
 
+def test_resume_on_another_array_of_the_same_shape_is_refused(data, run):
+    """A run trained from memory continues only on the array it was trained on: another array of
+    the same shape (same row count, so the same split) is refused by name, not trained on."""
+    other = activations(seed=1)
+    assert other.shape == data.shape
+    with pytest.raises(saetrain.SaeError, match="not the data this run was trained on"):
+        saetrain.train(other, resume=run.path, steps=SMALL["steps"] + 10, progress=False)
+
+
 def test_the_gil_is_released_while_training(data, tmp_path):
     ticks = []
     stop = threading.Event()

@@ -110,6 +110,11 @@ pub(super) struct Core {
     pub(super) eval_rows: usize,
     pub(super) scale: f32,
     pub(super) median_norm: f64,
+    /// A digest of the sampled rows (their norms' bits, in order, and the count of non-finite
+    /// ones), recorded in the stream position, so that a resume on other contents at the same
+    /// spec (a directory harvested again, another array of the same shape) is refused instead
+    /// of training on. Rows outside the sample may change unnoticed.
+    pub(super) sample_digest: u64,
     /// Squared norm above which a row is excluded (infinite when disabled).
     pub(super) max_sq: f64,
     pub(super) window: usize,
@@ -132,6 +137,7 @@ fn shuffle<T>(v: &mut [T], rng: &mut ChaCha8Rng) {
 
 const TAG_SHARDS: u64 = 0x5348_4152_4453;
 const TAG_WINDOW: u64 = 0x5749_4E44_4F57;
+const TAG_SAMPLE: u64 = 0x5341_4D50_4C45;
 
 impl Core {
     pub(super) fn new(ds: Dataset, opts: ShardOptions) -> Result<Self> {
@@ -217,7 +223,8 @@ impl Core {
         let train_rows: usize = chunks.iter().flatten().map(|c| c.len).sum();
         debug_assert_eq!(train_rows, t);
 
-        let (norms, _) = sample_norms(&ds, opts.sample_rows);
+        let (norms, bad) = sample_norms(&ds, opts.sample_rows);
+        let sample_digest = norms.iter().fold(bad as u64, |h, n| mix(h, n.to_bits(), TAG_SAMPLE));
         let med = median(&norms);
         let max_norm = if opts.max_norm_multiple > 0.0 { opts.max_norm_multiple * med } else { f64::INFINITY };
         let max_sq = max_norm * max_norm;
@@ -242,6 +249,7 @@ impl Core {
             eval_rows: e,
             scale,
             median_norm: med,
+            sample_digest,
             max_sq,
             window,
             ground_truth,

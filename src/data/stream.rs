@@ -30,6 +30,10 @@ pub struct StreamPos {
     /// Checked on seek: the data and seed the position belongs to.
     pub train_rows: usize,
     pub seed: u64,
+    /// Checked on seek where present (checkpoints before 2026-12-07 lack it): the digest of the
+    /// rows sampled at open, in hex (`Core::sample_digest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_sample: Option<String>,
 }
 
 /// The row stream (runs on the reader thread).
@@ -249,7 +253,12 @@ impl ShardSource {
 
     pub fn from_dataset(ds: Dataset, opts: ShardOptions) -> Result<Self> {
         let core = Arc::new(Core::new(ds, opts)?);
-        let pos = StreamPos { train_rows: core.train_rows, seed: core.opts.seed, ..Default::default() };
+        let pos = StreamPos {
+            train_rows: core.train_rows,
+            seed: core.opts.seed,
+            data_sample: Some(format!("{:016x}", core.sample_digest)),
+            ..Default::default()
+        };
         Ok(Self { core, pos, worker: None, sync: None })
     }
 
@@ -346,11 +355,21 @@ impl BatchSource for ShardSource {
                 self.core.opts.seed
             );
         }
+        let now = format!("{:016x}", self.core.sample_digest);
+        if let Some(saved) = p.data_sample.as_ref().filter(|&saved| *saved != now) {
+            bail!(
+                "{}: not the data this run was trained on: its rows sampled at open differ (digest {saved} in the \
+                 checkpoint, {now} now), though the row count and seed match; the same path (or an array of the same \
+                 shape) with other contents? Resume with the data the run was trained on, or train a new run",
+                self.core.ds.spec.display()
+            );
+        }
         if p.window >= self.core.windows_per_epoch() || p.offset > self.core.window {
             bail!("invalid data position {position}: window/offset out of range");
         }
         self.stop_worker();
-        self.pos = p;
+        // A checkpoint from before the digest existed gains it from here on.
+        self.pos = StreamPos { data_sample: Some(now), ..p };
         Ok(())
     }
     fn eval_batches(&mut self, tokens: usize) -> Result<Vec<Batch>> {
