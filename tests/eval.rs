@@ -488,3 +488,35 @@ fn a_picture_that_cannot_be_written_names_its_file() {
     let e = format!("{:#}", line_panels(&l, &[panel]).unwrap_err());
     assert!(e.contains(&l.display().to_string()), "{e}");
 }
+
+/// `sae eval` says which checkpoint it evaluated: the step and the planned steps, marked
+/// unfinished when the run has not reached them. And it never pairs an SAE file with a trainer
+/// state of another checkpoint (a run in progress writing one between the reads): it reads
+/// again, and fails rather than report a mix.
+#[test]
+fn eval_names_the_step_it_evaluated_and_never_mixes_two_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    tiny_run(&dir, SparsifierKind::Wta);
+    let e = evaluate(&dir, "run", &EvalOptions::default()).unwrap();
+    assert_eq!((e.step, e.steps, e.unfinished()), (Some(40), Some(40), String::new()));
+
+    // The same checkpoint in a run that plans 80 steps: unfinished.
+    let config = dir.join(saetrain::train::CONFIG_FILE);
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["steps"] = json!(80);
+    std::fs::write(&config, c.to_string()).unwrap();
+    let e = evaluate(&dir, "run", &EvalOptions::default()).unwrap();
+    assert_eq!((e.step, e.steps), (Some(40), Some(80)));
+    assert_eq!(e.unfinished(), ", step 40 of 80, unfinished");
+
+    // The SAE's cfg.json from another checkpoint than the trainer state (as a reader racing a
+    // checkpoint would see it, every time): refused by name.
+    let cfg_path = dir.join(CFG_FILE);
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let tokens = cfg["metadata"]["trained_tokens"].as_u64().unwrap();
+    cfg["metadata"]["trained_tokens"] = json!(tokens + 128);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = format!("{:#}", evaluate(&dir, "run", &EvalOptions::default()).unwrap_err());
+    assert!(err.contains("wrote checkpoints faster than they could be read"), "{err}");
+}

@@ -135,7 +135,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let table = write_outputs(&evals, &out, args.compare, !args.no_plots)?;
     for e in &evals {
-        println!("{}: {} ({} layout, {}), data: {}", e.label, e.path.display(), e.layout, e.architecture, e.data);
+        let (label, path, layout, arch, more) =
+            (&e.label, e.path.display(), &e.layout, &e.architecture, e.unfinished());
+        println!("{label}: {path} ({layout} layout, {arch}{more}), data: {}", e.data);
     }
     print!("{table}");
     println!("wrote {} and {} in {}", EVAL_FILE, REPORT_FILE, out.display());

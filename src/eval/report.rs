@@ -422,7 +422,7 @@ pub fn write_outputs(evals: &[SaeEval], out: &Path, compare: bool, draw: bool) -
     for e in evals {
         let _ = writeln!(
             md,
-            "- **{}**: `{}` ({} layout, {}, d_in {}, d_sae {}{}); data: {}",
+            "- **{}**: `{}` ({} layout, {}, d_in {}, d_sae {}{}{}); data: {}",
             e.label,
             e.path.display(),
             e.layout,
@@ -430,6 +430,7 @@ pub fn write_outputs(evals: &[SaeEval], out: &Path, compare: bool, draw: bool) -
             e.d_in,
             e.d_sae,
             e.k.map(|k| format!(", k {k}")).unwrap_or_default(),
+            e.unfinished(),
             e.data
         );
     }

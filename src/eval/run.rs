@@ -7,11 +7,12 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, InferMode};
 use crate::config::{Normalize, TrainConfig};
 use crate::data::{self, normalize, Batch, BatchSource, ShardOptions, ShardSource};
-use crate::export::load::{checkpoint_dir, load_sae_with_layout};
+use crate::export::load::{checkpoint_dir, load_sae_with_layout, Layout};
 use crate::export::ExportedSae;
 use crate::metrics::recon::{set_mean, weight_metrics, ReconAccumulator, ReconMetrics, WeightMetrics};
 use crate::metrics::recovery::{recovery, Recovery};
-use crate::train::checkpoint::{self, STATE_FILE};
+use crate::model::TrainState;
+use crate::train::checkpoint::{self, StateMeta, STATE_FILE};
 use crate::train::{CONFIG_FILE, METRICS_FILE};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
@@ -48,6 +49,10 @@ pub struct SaeEval {
     pub path: PathBuf,
     /// A training run directory (config.json + trainer_state) rather than a bare checkpoint.
     pub is_run: bool,
+    /// For a run directory: the step of the checkpoint evaluated, and the run's planned steps
+    /// (`step < steps`: a run in progress or stopped, its thresholds not yet calibrated).
+    pub step: Option<u64>,
+    pub steps: Option<u64>,
     pub layout: String,
     pub architecture: String,
     pub k: Option<usize>,
@@ -74,16 +79,43 @@ pub struct SaeEval {
     pub against: Option<super::mcs::Against>,
 }
 
+impl SaeEval {
+    /// ", step N of M, unfinished" for a checkpoint of a run that has not finished, else "".
+    pub fn unfinished(&self) -> String {
+        match (self.step, self.steps) {
+            (Some(a), Some(b)) if a < b => format!(", step {a} of {b}, unfinished"),
+            _ => String::new(),
+        }
+    }
+}
+
 /// Evaluate the SAE at `path` (run directory, checkpoint directory or weight file).
 pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval> {
     let dir = checkpoint_dir(path);
-    let (sae, layout) = load_sae_with_layout(&dir)?;
     let run_cfg = match dir.join(CONFIG_FILE).is_file() {
         true => Some(TrainConfig::load(&dir.join(CONFIG_FILE)).with_context(|| format!("{}", dir.display()))?),
         false => None,
     };
     let has_state = dir.join(STATE_FILE).is_file();
     let is_run = run_cfg.is_some() && has_state;
+    let (sae, layout, state) = snapshot(&dir, is_run)?;
+    let (step, steps) = match (&state, &run_cfg) {
+        (Some((_, meta)), Some(c)) => (Some(meta.step), Some(c.total_steps())),
+        _ => (None, None),
+    };
+    if let (Some(step), Some(steps), Some(c)) = (step, steps, &run_cfg) {
+        if step < steps {
+            let thresholds = match c.sparsifier.batch_dependent() {
+                true => ", whose thresholds are the training EMA's, not yet calibrated",
+                false => "",
+            };
+            eprintln!(
+                "note: {} has trained {step} of its {steps} steps (a run in progress, or stopped): evaluating that \
+                 checkpoint{thresholds}",
+                dir.display()
+            );
+        }
+    }
 
     // Where the held-out activations come from.
     let mut cfg = match (&opts.data, &run_cfg) {
@@ -135,12 +167,12 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     let mean = set_mean(raw.iter().map(|v| v.as_slice()), sae.d_in);
 
     let exported = eval_exported(&sae, &batches, &raw, mean.clone())?;
-    let (training, training_sparsifier) = if is_run {
-        let rc = run_cfg.clone().expect("is_run");
-        let name = rc.sparsifier.name().to_string();
-        (Some(eval_training(&dir, rc, &batches, &raw, mean)?), Some(name))
-    } else {
-        (None, None)
+    let (training, training_sparsifier) = match (state, run_cfg) {
+        (Some(state), Some(rc)) => {
+            let name = rc.sparsifier.name().to_string();
+            (Some(eval_training(&dir, rc, state, &batches, &raw, mean)?), Some(name))
+        }
+        _ => (None, None),
     };
     let weights = weight_metrics(&sae.w_enc, &sae.w_dec, sae.d_in);
     let recovery = source.ground_truth().map(|gt| recovery(gt, &sae.w_dec, sae.d_in));
@@ -151,6 +183,8 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
         label: label.to_string(),
         path: dir.clone(),
         is_run,
+        step,
+        steps,
         layout: layout.name().to_string(),
         architecture: sae.architecture.clone(),
         k: sae.k,
@@ -167,6 +201,30 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
         zipf_fit,
         against: None,
     })
+}
+
+/// The exported SAE and, for a run directory, its trainer state, of one checkpoint. A run in
+/// progress writes, at each checkpoint, `trainer_state`, then the SAE's weights, then `cfg.json`
+/// (each by an atomic rename). So when `cfg.json`'s `trained_tokens`, read first, equals the
+/// tokens of the state read last, the weights read between are of that checkpoint too; else a
+/// checkpoint landed meanwhile, and everything is read again.
+fn snapshot(dir: &Path, is_run: bool) -> Result<(ExportedSae, Layout, Option<(TrainState, StateMeta)>)> {
+    let trained_tokens = || -> Option<u64> {
+        let text = std::fs::read_to_string(dir.join(crate::export::saelens::CFG_FILE)).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?["metadata"]["trained_tokens"].as_u64()
+    };
+    for _ in 0..3 {
+        let tokens = trained_tokens();
+        let (sae, layout) = load_sae_with_layout(dir)?;
+        if !is_run {
+            return Ok((sae, layout, None));
+        }
+        let (state, meta) = checkpoint::load(dir)?;
+        if tokens.is_none_or(|t| t == meta.tokens) {
+            return Ok((sae, layout, Some((state, meta))));
+        }
+    }
+    bail!("{}: a run in progress wrote checkpoints faster than they could be read; try again", dir.display())
 }
 
 /// Whether `given` names the run's own training data (`run`): the same path, or one that
@@ -200,11 +258,11 @@ pub fn eval_exported(sae: &ExportedSae, batches: &[Batch], raw: &[Vec<f32>], mea
 fn eval_training(
     dir: &Path,
     cfg: TrainConfig,
+    (state, meta): (TrainState, StateMeta),
     batches: &[Batch],
     raw: &[Vec<f32>],
     mean: Vec<f64>,
 ) -> Result<ReconMetrics> {
-    let (state, meta) = checkpoint::load(dir)?;
     let s = meta.input_scale;
     let f = state.shape().d_sae;
     let per_token = cfg.normalize == Normalize::PerToken;
