@@ -422,6 +422,16 @@ fn calibration_rows_come_from_the_training_stream_without_moving_it() {
             }
         }
     }
+    // End to end: a run over its shards twice calibrates on the held-out rows, and its summary
+    // counts the passes.
+    let out = dir.path().join("two_passes");
+    let mut a = vec!["train", "--data", shards.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    a.extend_from_slice(&["--sparsifier", "batchtopk", "--k", "4", "--d-sae", "64", "--batch-size", "200"]);
+    a.extend_from_slice(&["--eval-tokens", "500", "--steps", "30", "--backend", "cpu", "--quiet"]);
+    ok(&sae(&a));
+    let s = json(&out.join("summary.json"));
+    assert_eq!(s["calibration"]["rows"], "held_out", "{s}");
+    assert_eq!(s["data_stats"]["epochs"], 2, "6000 rows drawn from 2500: {s}");
 }
 
 // ---- 6. the bimodality paper's setting -------------------------------------------------------------

@@ -69,6 +69,13 @@ pub fn print_summary(s: &Summary) {
         "trained {} steps, {} tokens in {:.1} s ({:.0} tokens/s)",
         s.steps, s.tokens, s.seconds, s.tokens_per_second
     );
+    match s.data_stats.epochs {
+        0 => {}
+        n => println!(
+            "data: {n} full pass{} over the training rows; the held-out rows below were never trained on",
+            if n == 1 { "" } else { "es" }
+        ),
+    }
     println!("held-out ({} tokens, exported sparsifier):", e.tokens);
     println!("  L0            {:>10.2}", e.l0);
     println!("  MSE           {:>10.5}", e.mse);

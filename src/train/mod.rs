@@ -41,6 +41,10 @@ pub struct Summary {
     pub tokens_per_second: f64,
     pub backend: String,
     pub data: String,
+    /// What the data stream did: completed passes over the training rows (an SAE that passed
+    /// over its rows several times has fit them: its held-out numbers say how well it
+    /// generalises), batches skipped for NaN/Inf, rows excluded for their norm.
+    pub data_stats: data::SourceStats,
     /// Held-out metrics with the exported (inference) sparsifier.
     pub eval: CoreMetrics,
     /// Held-out metrics with the training sparsifier, for comparison.
@@ -313,6 +317,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         tokens_per_second: trained as f64 / seconds.max(1e-9),
         backend: backend.name(),
         data: source.describe(),
+        data_stats: source.stats(),
         eval,
         eval_training_sparsifier,
         recovery,
