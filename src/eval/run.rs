@@ -203,12 +203,15 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     })
 }
 
+/// A run's trainer state and what is saved beside it.
+type Checkpoint = (TrainState, StateMeta);
+
 /// The exported SAE and, for a run directory, its trainer state, of one checkpoint. A run in
 /// progress writes, at each checkpoint, `trainer_state`, then the SAE's weights, then `cfg.json`
 /// (each by an atomic rename). So when `cfg.json`'s `trained_tokens`, read first, equals the
 /// tokens of the state read last, the weights read between are of that checkpoint too; else a
 /// checkpoint landed meanwhile, and everything is read again.
-fn snapshot(dir: &Path, is_run: bool) -> Result<(ExportedSae, Layout, Option<(TrainState, StateMeta)>)> {
+fn snapshot(dir: &Path, is_run: bool) -> Result<(ExportedSae, Layout, Option<Checkpoint>)> {
     let trained_tokens = || -> Option<u64> {
         let text = std::fs::read_to_string(dir.join(crate::export::saelens::CFG_FILE)).ok()?;
         serde_json::from_str::<serde_json::Value>(&text).ok()?["metadata"]["trained_tokens"].as_u64()
@@ -258,7 +261,7 @@ pub fn eval_exported(sae: &ExportedSae, batches: &[Batch], raw: &[Vec<f32>], mea
 fn eval_training(
     dir: &Path,
     cfg: TrainConfig,
-    (state, meta): (TrainState, StateMeta),
+    (state, meta): Checkpoint,
     batches: &[Batch],
     raw: &[Vec<f32>],
     mean: Vec<f64>,

@@ -50,10 +50,10 @@ pub fn rows<'a>(
     let wanted = cfg.threshold_calibration;
     let in_first_pass = |s: &dyn BatchSource| s.stats().epochs == 0;
     match wanted {
+        _ if !cfg.sparsifier.batch_dependent() => return Ok((held_out.into(), wanted)),
         Calibration::None | Calibration::HeldOut => return Ok((held_out.into(), wanted)),
         Calibration::Auto if !in_first_pass(source) => return Ok((held_out.into(), Calibration::HeldOut)),
-        _ if !cfg.sparsifier.batch_dependent() => return Ok((held_out.into(), wanted)),
-        _ => {}
+        Calibration::Auto | Calibration::Training => {}
     }
     let at = source.position();
     let n = cfg.eval_tokens.div_ceil(cfg.batch_size).max(1);
@@ -113,12 +113,12 @@ fn threshold_for(vals: &[f32], need: usize) -> f32 {
 }
 
 /// Calibrate the backend's thresholds on `eval`, the batches of [`rows`] (`rows` says which
-/// they are). Returns None for
-/// sparsifiers without thresholds.
+/// they are). Returns None for sparsifiers without thresholds.
 pub fn calibrate(
     cfg: &TrainConfig,
     backend: &mut dyn Backend,
-    (eval, rows): (&[Batch], Calibration),
+    eval: &[Batch],
+    rows: Calibration,
 ) -> Result<Option<CalibrationReport>> {
     if !cfg.sparsifier.batch_dependent() || cfg.threshold_calibration == Calibration::None || eval.is_empty() {
         return Ok(None);

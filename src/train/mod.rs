@@ -275,7 +275,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
     let calibrated = calibrate::rows(&cfg, source.as_mut(), &eval_set)
-        .and_then(|(batches, rows)| calibrate::calibrate(&cfg, backend.as_mut(), (&batches, rows)));
+        .and_then(|(batches, rows)| calibrate::calibrate(&cfg, backend.as_mut(), &batches, rows));
     let calibration = match calibrated {
         Ok(c) => c,
         // The steps are trained (the calibration rows may fail to read, like any batch): keep
