@@ -520,3 +520,48 @@ fn eval_names_the_step_it_evaluated_and_never_mixes_two_checkpoints() {
     let err = format!("{:#}", evaluate(&dir, "run", &EvalOptions::default()).unwrap_err());
     assert!(err.contains("wrote checkpoints faster than they could be read"), "{err}");
 }
+
+/// On a run's own shards, `sae eval --tokens N` stays inside the run's held-out split: a split
+/// of N rows would be laid out differently and hold rows the run trained on (before, a larger or
+/// another N evaluated partly on training rows). A run that held out nothing is refused.
+#[test]
+fn eval_of_a_run_on_its_own_shards_uses_only_the_rows_it_held_out() {
+    use saetrain::data::{cli::synth, synthetic::SynthSpec, Dtype};
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    let spec = SynthSpec { d_in: 16, n_features: 24, mean_active: 2.0, zipf: 1.0, noise: 0.01, seed: 5 };
+    synth(&shards, &spec, 4000, Dtype::Float32, 1000, false, &|| Ok(())).unwrap();
+    let run = |name: &str, eval_tokens: usize| {
+        let dir = tmp.path().join(name);
+        let cfg = TrainConfig {
+            sparsifier: SparsifierKind::Topk,
+            d_sae: 32,
+            k: 3,
+            batch_size: 128,
+            steps: 40,
+            eval_tokens,
+            data: Some(shards.clone()),
+            backend: BackendChoice::Cpu,
+            quiet: true,
+            out: dir.clone(),
+            ..TrainConfig::default()
+        };
+        saetrain::train::run(cfg, None).unwrap();
+        dir
+    };
+    let dir = run("held_out_768", 768);
+    let rows = |tokens: Option<usize>, data: Option<&Path>| {
+        let opts = EvalOptions { tokens, data: data.map(Path::to_path_buf) };
+        evaluate(&dir, "run", &opts).unwrap().exported.tokens
+    };
+    let whole = rows(None, None);
+    assert!(whole > 700 && whole <= 768, "{whole}");
+    assert_eq!(rows(Some(2000), None), whole, "more than the split: the split");
+    assert_eq!(rows(Some(2000), Some(&shards)), whole, "the run's data named with --data: the same");
+    assert!(rows(Some(300), None) <= 300);
+
+    let none = run("held_out_0", 0);
+    let opts = EvalOptions { tokens: Some(500), ..EvalOptions::default() };
+    let err = format!("{:#}", evaluate(&none, "run", &opts).unwrap_err());
+    assert!(err.contains("held out no rows"), "{err}");
+}

@@ -207,6 +207,14 @@ def test_sigterm_stops_like_ctrl_c_and_the_handler_is_restored(data, tmp_path, m
     assert done.summary["steps"] == 300
 
 
+def test_metrics_of_a_run_from_memory_stay_in_its_held_out_rows(data, run):
+    """More tokens than the run held out: its held-out rows, not a larger split that would hold
+    rows it trained on."""
+    held_out = run.metrics()["tokens"]
+    assert 0 < held_out <= SMALL["eval_tokens"]
+    assert run.metrics(tokens=3 * SMALL["eval_tokens"])["tokens"] == held_out
+
+
 def test_resume_on_another_array_of_the_same_shape_is_refused(data, run):
     """A run trained from memory continues only on the array it was trained on: another array of
     the same shape (same row count, so the same split) is refused by name, not trained on."""

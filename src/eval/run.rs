@@ -135,13 +135,27 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     }
     let tokens = opts.tokens.or(run_cfg.as_ref().map(|c| c.eval_tokens)).unwrap_or(DEFAULT_EVAL_TOKENS);
     ensure!(tokens > 0, "invalid --tokens 0: must be >= 1");
-    cfg.eval_tokens = tokens;
     cfg.quiet = true;
 
     // A separate evaluation set has no training split, so all of it may be used; the run's own
-    // data keeps its split, so that only rows the run never trained on are used.
+    // shards keep the run's split (the split moves with its size, so a split of `tokens` rows
+    // would hold rows the run trained on), and at most its held-out rows are used. The
+    // synthetic held-out set is drawn apart from the training stream at any size.
     let separate =
         opts.data.as_deref().is_some_and(|p| !same_data(p, run_cfg.as_ref().and_then(|c| c.data.as_deref())));
+    let own_split = match &run_cfg {
+        Some(rc) if !separate && cfg.data.is_some() => Some(rc.eval_tokens),
+        _ => None,
+    };
+    match own_split {
+        Some(0) => bail!(
+            "{}: the run held out no rows (--eval-tokens 0), so it trained on every row of its data: give a \
+             separate evaluation set with --data",
+            dir.display()
+        ),
+        Some(held_out) => cfg.eval_tokens = held_out,
+        None => cfg.eval_tokens = tokens,
+    }
     let mut source: Box<dyn BatchSource> = match (&cfg.data, separate) {
         (Some(p), true) => {
             let o = ShardOptions { evaluation_set: true, ..ShardOptions::from_config(&cfg, false) };
@@ -160,7 +174,13 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     ensure!(!batches.is_empty(), "the data gave no held-out tokens");
     let got: usize = batches.iter().map(|b| b.rows).sum();
     if opts.tokens.is_some_and(|t| got < t) {
-        eprintln!("note: --tokens {tokens}: the data has {got} usable held-out rows; evaluating on those");
+        match own_split {
+            Some(held_out) => eprintln!(
+                "note: --tokens {tokens}: the run held out {held_out} rows (its --eval-tokens), {got} of them usable; \
+                 evaluating on those (its other rows were trained on; --data with a separate set can give more)"
+            ),
+            None => eprintln!("note: --tokens {tokens}: the data has {got} usable held-out rows; evaluating on those"),
+        }
     }
     let scale = source.input_scale();
     let raw: Vec<Vec<f32>> = batches.iter().map(|b| unscale(&b.to_f32(), scale)).collect();
