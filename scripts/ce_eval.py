@@ -17,6 +17,11 @@ at the hook over the evaluated non-special positions), `*_mean_ablation`.
 Tokens: the harvester's token windows of --tokens (default: cfg.json metadata.dataset_path), a
 harvested directory (manifest.json shards[].tokens_file, else tokens/windows_*.npy; layout in
 scripts/saetrain_hooks.py) or one (windows, context) int .npy file; at most --max-tokens positions.
+With --held-out (what `sae eval RUN --model` passes for a run trained on those windows' shards),
+only the windows whose activation rows all lie in the run's held-out split: text the SAE was not
+trained on. When no window does (blocks of 256 held-out rows hold no window longer than 257
+tokens; a run that held out nothing), every window is used and the result says so
+(`windows_from`: "held_out", "all" = in-sample, or "given" without --held-out).
 
 Hook: --hook NAME, else --layer L (= blocks.L.hook_resid_pre, harvest.py's default), else
 cfg.json metadata.hook_name, which `sae train` copies from the shards' manifest: the SAE is
@@ -60,6 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--out", help="output file (default: SAE_DIR/ce_eval.json; with --replay-acts and no --sae: none)")
+    p.add_argument("--held-out", metavar="FILE",
+                   help="JSON {shards: [{file, rows, held_out: [[start, rows], ...]}]}: only the windows whose "
+                        "activation rows all lie in those segments (a run's held-out split; `sae eval --model` "
+                        "writes it); when none does, every window, marked in-sample")
     args = p.parse_args(argv)
     if not args.sae and not args.replay_acts:
         p.error("give --sae DIR (or --replay-acts)")
@@ -145,16 +154,52 @@ def load_acts(path, np, torch):
     return torch.from_numpy(np.array(a, dtype=np.float32))
 
 
-def load_windows(tokens, max_tokens, replay, np, torch):
-    """(windows [n, ctx] int64, stored activations [n, ctx-1, d] or None, files used)."""
-    shards = hooks.harvested_shards(tokens)
-    wins, acts, used, total = [], [], [], 0
+def held_out_windows(held_out, shards, np):
+    """Per shard, the indices of the windows whose activation rows (ctx - 1 a window, the BOS
+    position not stored) all lie in the held-out segments of `held_out` (the JSON of --held-out),
+    or None when `held_out` is None. Raises when a shard's rows do not match its windows."""
+    if held_out is None:
+        return None
+    segs = {os.path.realpath(s["file"]): s for s in held_out.get("shards", [])}
+    picked = []
     for acts_path, tok_path in shards:
+        s = segs.get(os.path.realpath(acts_path)) if acts_path else None
+        if s is None:
+            picked.append([])
+            continue
+        n, ctx = np.load(tok_path, mmap_mode="r").shape
+        per = ctx - 1
+        if s["rows"] != n * per:
+            raise SystemExit(f"{acts_path}: {s['rows']} rows but {tok_path} has {n} windows of {per}: "
+                             "cannot tell which windows are held out")
+        idx = []
+        for start, rows in s["held_out"]:
+            idx.extend(range(-(-start // per), (start + rows) // per))
+        picked.append(idx)
+    return picked
+
+
+def load_windows(tokens, max_tokens, replay, np, torch, held_out=None):
+    """(windows [n, ctx] int64, stored activations [n, ctx-1, d] or None, files used, whether the
+    windows are the held-out ones: None without --held-out)."""
+    shards = hooks.harvested_shards(tokens)
+    picked = held_out_windows(held_out, shards, np)
+    from_held_out = picked is not None and any(picked)
+    if picked is not None and not from_held_out:
+        print("note: no token window lies wholly in the run's held-out rows (held-out blocks of 256 rows, "
+              "or none held out): evaluating on every window, text the SAE was trained on (in-sample)",
+              file=sys.stderr)
+    wins, acts, used, total = [], [], [], 0
+    for i, (acts_path, tok_path) in enumerate(shards):
         w = np.load(tok_path, mmap_mode="r")
         if w.ndim != 2:
             raise SystemExit(f"{tok_path}: expected (windows, context), found shape {w.shape}")
-        take = min(w.shape[0], -(-(max_tokens - total) // w.shape[1]))
-        wins.append(torch.from_numpy(np.asarray(w[:take], dtype=np.int64)))
+        idx = np.asarray(picked[i] if from_held_out else range(w.shape[0]), dtype=np.int64)
+        if len(idx) == 0:
+            continue
+        take = min(len(idx), -(-(max_tokens - total) // w.shape[1]))
+        idx = idx[:take]
+        wins.append(torch.from_numpy(np.asarray(w[idx], dtype=np.int64)))
         used.append(tok_path)
         if replay:
             if acts_path is None:
@@ -163,11 +208,11 @@ def load_windows(tokens, max_tokens, replay, np, torch):
             per = w.shape[1] - 1
             if x.shape[0] != w.shape[0] * per:
                 raise SystemExit(f"{acts_path}: {x.shape[0]} rows but {tok_path} has {w.shape[0]} windows of {per}")
-            acts.append(x[: take * per].reshape(take, per, -1))
+            acts.append(x.reshape(w.shape[0], per, -1)[torch.from_numpy(idx)])
         total += take * w.shape[1]
         if total >= max_tokens:
             break
-    return torch.cat(wins), (torch.cat(acts) if replay else None), used
+    return torch.cat(wins), (torch.cat(acts) if replay else None), used, (from_held_out if picked is not None else None)
 
 
 def main(argv=None):
@@ -209,7 +254,12 @@ def main(argv=None):
     model = hooks.load_model(model_name, getattr(torch, args.dtype), device)
     tok = hooks.load_tokenizer(model_name)
     special = sorted({t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None})
-    windows, stored, files = load_windows(tokens, args.max_tokens, args.replay_acts, np, torch)
+    held_out = None
+    if args.held_out:
+        with open(args.held_out) as f:
+            held_out = json.load(f)
+    windows, stored, files, from_held_out = load_windows(
+        tokens, args.max_tokens, args.replay_acts, np, torch, held_out)
 
     state = {"mode": None}
 
@@ -322,6 +372,9 @@ def main(argv=None):
         "sae_layout": layout,
         "tokens": os.path.abspath(tokens),
         "token_files": len(files),
+        # "held_out": only windows of the run's held-out rows; "all": every window (with
+        # --held-out: none was held out whole, so in-sample); "given": no --held-out.
+        "windows_from": {True: "held_out", False: "all", None: "given"}[from_held_out],
         "excluded_token_ids": special,
         "dtype": args.dtype,
         "definitions": "SAEBench core: ce_loss_score = (H_zero - H_sae) / (H_zero - H_clean), kl_div_score = "

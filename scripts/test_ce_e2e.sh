@@ -10,7 +10,8 @@
 #      (|diff| < 1e-5) and KL ~ 0: harvest and splice use the same hook point, tokens and model;
 #   2. the run's cfg.json names the model and hook, and ce_eval.py finds both there;
 #   3. `sae eval RUN --model M` reports the SAE's CE loss score, which is sane: the SAE's CE lies
-#      between the clean and the zero-ablated CE, score in (0.5, 1], KL score in (0, 1].
+#      between the clean and the zero-ablated CE, score in (0.5, 1], KL score in (0, 1]; measured
+#      on the windows of the run's held-out rows only.
 # Needs target/release/sae (cargo build --release). Prints the numbers and "N passed, 0 failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,6 +82,10 @@ check("sae_ce_loss_recovered_is_sane", h0 < h < hz and 0.5 < c["ce_loss_score"] 
       f"CE loss score {c['ce_loss_score']:.4f} (vs mean ablation {c['ce_loss_score_mean_ablation']:.4f}), "
       f"KL score {c['kl_div_score']:.4f} (KL with SAE {c['kl_div_with_sae']:.4f}, zero-ablated {c['kl_div_with_ablation']:.4f}) "
       f"over {c['tokens_ce']} tokens")
+# The run held out 512 of the ~4,000 rows (2 blocks of 256; windows of 127 rows): the CE
+# evaluation takes only the windows inside them, text the SAE was not trained on.
+check("ce_eval_on_held_out_windows_only", c["windows_from"] == "held_out" and 1 <= c["sequences"] <= 4,
+      f"windows_from {c['windows_from']}, {c['sequences']} windows")
 report = open(f"{tmp}/run/eval/report.md").read()
 check("sae_eval_report_has_the_ce_scores", "CE loss score" in report and "KL score" in report, "report.md")
 print(f"{passed} passed, {failed} failed")

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Test scripts/harvest.py on a tiny random GPT-2 built locally (no downloads).
+"""Test scripts/harvest.py on a tiny random GPT-2 built locally (no downloads), and
+scripts/ce_eval.py's choice of held-out token windows.
 
 Runs only when torch and transformers are importable; otherwise prints
 "skipped: torch/transformers not installed" and exits 0.  `python scripts/test_harvest.py`
@@ -229,6 +230,37 @@ def main():
                 restore()
             assert signal.getsignal(sig) == signal.SIG_DFL
         print("ok: SIGTERM and SIGHUP interrupt a harvest as Ctrl-C does")
+
+        # ce_eval.py --held-out takes only the windows whose activation rows (ctx - 1 each) all
+        # lie in the run's held-out segments, and every window, marked, when none does.
+        import numpy as np
+
+        import ce_eval
+
+        hd = os.path.join(tmp, "windows")
+        os.makedirs(os.path.join(hd, "tokens"))
+        a_path, t_path = os.path.join(hd, "acts_00000.npy"), os.path.join(hd, "tokens", "windows_00000.npy")
+        np.save(a_path, np.zeros((40, 3), np.float32))  # 10 windows of 5 tokens: 4 rows each
+        np.save(t_path, np.arange(50, dtype=np.int64).reshape(10, 5))
+        with open(os.path.join(hd, "manifest.json"), "w") as f:
+            json.dump({"shards": [{"file": "acts_00000.npy", "rows": 40, "tokens_file": "tokens/windows_00000.npy"}]}, f)
+        held = {"shards": [{"file": a_path, "rows": 40, "held_out": [[3, 9], [24, 8], [36, 3]]}]}
+        shards = [(a_path, t_path)]
+        # rows 3..11 hold windows 1 and 2 (rows 4..11), 24..31 windows 6 and 7, 36..38 none.
+        assert ce_eval.held_out_windows(held, shards, np) == [[1, 2, 6, 7]]
+        w, _, _, from_held_out = ce_eval.load_windows(hd, 10**6, False, np, torch, held)
+        assert from_held_out is True and w[:, 0].tolist() == [5, 10, 30, 35], w
+        w, _, _, from_held_out = ce_eval.load_windows(hd, 10, False, np, torch, held)
+        assert w.shape[0] == 2, "--max-tokens 10: two windows of 5"
+        none = {"shards": [{"file": a_path, "rows": 40, "held_out": [[1, 3]]}]}
+        w, _, _, from_held_out = ce_eval.load_windows(hd, 10**6, False, np, torch, none)
+        assert from_held_out is False and w.shape[0] == 10, "no whole window held out: all, marked"
+        try:
+            ce_eval.held_out_windows({"shards": [{"file": a_path, "rows": 41, "held_out": []}]}, shards, np)
+            raise AssertionError("a shard whose rows do not match its windows must be refused")
+        except SystemExit as e:
+            assert "cannot tell which windows" in str(e), e
+        print("ok: ce_eval.py --held-out keeps only the windows of the held-out rows")
 
 
 if __name__ == "__main__":

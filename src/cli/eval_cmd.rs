@@ -69,6 +69,42 @@ const HOOKS_MODULE: &str = include_str!("../../scripts/saetrain_hooks.py");
 
 /// Run scripts/ce_eval.py on one SAE and store its `ce_eval.json` beside it (where
 /// [`evaluate`] reads it).
+/// For a run trained on harvested shards, when the CE evaluation reads their token windows (no
+/// `--ce-tokens`, or the run's own data): the run's held-out rows per shard, for
+/// `scripts/ce_eval.py --held-out`, so that the language-model scores are measured on text the
+/// SAE was not trained on, as the reconstruction metrics are. None otherwise.
+fn held_out_rows(args: &EvalArgs, dir: &std::path::Path) -> Result<Option<serde_json::Value>> {
+    use crate::config::TrainConfig;
+    use crate::data::{ShardOptions, ShardSource};
+    let config = dir.join(crate::train::CONFIG_FILE);
+    if !config.is_file() {
+        return Ok(None);
+    }
+    let cfg = TrainConfig::load(&config).with_context(|| format!("{}", dir.display()))?;
+    let Some(data) = cfg.data.as_deref() else { return Ok(None) };
+    if args.ce_tokens.as_deref().is_some_and(|t| !crate::eval::run::same_data(t, Some(data)))
+        || data.to_string_lossy().starts_with(crate::data::memory::PREFIX)
+    {
+        return Ok(None);
+    }
+    let source = ShardSource::open(data, ShardOptions::from_config(&cfg, false))?;
+    let shards = source
+        .dataset()
+        .shards
+        .iter()
+        .map(|sh| {
+            let segs: Vec<[usize; 2]> = source
+                .held_out_segments()
+                .into_iter()
+                .filter(|(p, _, _)| *p == sh.path.as_path())
+                .map(|(_, start, rows)| [start, rows])
+                .collect();
+            serde_json::json!({"file": sh.path, "rows": sh.rows, "held_out": segs})
+        })
+        .collect::<Vec<_>>();
+    Ok(Some(serde_json::json!({ "shards": shards })))
+}
+
 fn run_ce_eval(args: &EvalArgs, model: &str, input: &std::path::Path) -> Result<()> {
     use crate::eval::run::CE_EVAL_FILE;
     let dir = crate::export::load::checkpoint_dir(input);
@@ -96,6 +132,11 @@ fn run_ce_eval(args: &EvalArgs, model: &str, input: &std::path::Path) -> Result<
         }
         if let Some(n) = args.ce_max_tokens {
             cmd.arg("--max-tokens").arg(n.to_string());
+        }
+        if let Some(held_out) = held_out_rows(args, &dir)? {
+            let file = tmp.join("held_out.json");
+            std::fs::write(&file, held_out.to_string()).with_context(|| format!("cannot write {}", file.display()))?;
+            cmd.arg("--held-out").arg(&file);
         }
         let status = cmd.status().with_context(|| format!("cannot run {} (--python)", python.display()))?;
         if !status.success() {

@@ -271,6 +271,11 @@ impl ShardSource {
     pub fn eval_rows(&self) -> usize {
         self.core.eval_rows
     }
+    /// The held-out split as (shard file, first row, rows) segments in file order: what a
+    /// consumer outside this reader (the CE evaluation's token windows) must stay inside.
+    pub fn held_out_segments(&self) -> Vec<(&Path, usize, usize)> {
+        self.core.eval.iter().map(|s| (self.core.ds.shards[s.shard].path.as_path(), s.start, s.len)).collect()
+    }
     /// Median row norm of the sample (raw units).
     pub fn median_norm(&self) -> f64 {
         self.core.median_norm

@@ -252,7 +252,7 @@ fn snapshot(dir: &Path, is_run: bool) -> Result<(ExportedSae, Layout, Option<Che
 
 /// Whether `given` names the run's own training data (`run`): the same path, or one that
 /// resolves to the same file or directory.
-fn same_data(given: &Path, run: Option<&Path>) -> bool {
+pub(crate) fn same_data(given: &Path, run: Option<&Path>) -> bool {
     let Some(run) = run else { return false };
     given == run || matches!((given.canonicalize(), run.canonicalize()), (Ok(a), Ok(b)) if a == b)
 }
