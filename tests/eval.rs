@@ -558,6 +558,15 @@ fn eval_of_a_run_on_its_own_shards_uses_only_the_rows_it_held_out() {
     assert!(whole > 700 && whole <= 768, "{whole}");
     assert_eq!(rows(Some(2000), None), whole, "more than the split: the split");
     assert_eq!(rows(Some(2000), Some(&shards)), whole, "the run's data named with --data: the same");
+    // A copy of the run's shards elsewhere is the run's data too (told by the rows sampled at
+    // open), not a separate evaluation set of which 2000 rows could be taken.
+    let copy = tmp.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for f in std::fs::read_dir(&shards).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+    }
+    assert_eq!(rows(Some(2000), Some(&copy)), whole, "a copy of the run's data");
     assert!(rows(Some(300), None) <= 300);
 
     let none = run("held_out_0", 0);

@@ -36,6 +36,10 @@ pub struct StreamPos {
     pub data_sample: Option<String>,
 }
 
+fn digest_hex(d: u64) -> String {
+    format!("{d:016x}")
+}
+
 /// The row stream (runs on the reader thread).
 struct Stream {
     core: Arc<Core>,
@@ -256,7 +260,7 @@ impl ShardSource {
         let pos = StreamPos {
             train_rows: core.train_rows,
             seed: core.opts.seed,
-            data_sample: Some(format!("{:016x}", core.sample_digest)),
+            data_sample: Some(digest_hex(core.sample_digest)),
             ..Default::default()
         };
         Ok(Self { core, pos, worker: None, sync: None })
@@ -270,6 +274,11 @@ impl ShardSource {
     }
     pub fn eval_rows(&self) -> usize {
         self.core.eval_rows
+    }
+    /// The digest of the rows sampled at open, as the stream position records it
+    /// (`StreamPos::data_sample`): equal for the same contents at any path and any split.
+    pub fn data_sample(&self) -> String {
+        digest_hex(self.core.sample_digest)
     }
     /// The held-out split as (shard file, first row, rows) segments in file order: what a
     /// consumer outside this reader (the CE evaluation's token windows) must stay inside.
@@ -360,7 +369,7 @@ impl BatchSource for ShardSource {
                 self.core.opts.seed
             );
         }
-        let now = format!("{:016x}", self.core.sample_digest);
+        let now = self.data_sample();
         if let Some(saved) = p.data_sample.as_ref().filter(|&saved| *saved != now) {
             bail!(
                 "{}: not the data this run was trained on: its rows sampled at open differ (digest {saved} in the \

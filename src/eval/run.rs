@@ -141,8 +141,26 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     // shards keep the run's split (the split moves with its size, so a split of `tokens` rows
     // would hold rows the run trained on), and at most its held-out rows are used. The
     // synthetic held-out set is drawn apart from the training stream at any size.
-    let separate =
+    let mut separate =
         opts.data.as_deref().is_some_and(|p| !same_data(p, run_cfg.as_ref().and_then(|c| c.data.as_deref())));
+    let mut opened = None;
+    if let (true, Some(p)) = (separate, &cfg.data) {
+        let o = ShardOptions { evaluation_set: true, eval_tokens: tokens, ..ShardOptions::from_config(&cfg, false) };
+        let s = ShardSource::open(p, o)?;
+        // Another path to the contents the run trained on (a copy on another disk): its split.
+        let trained_on = state.as_ref().and_then(|(_, m)| m.position.get("data_sample")?.as_str().map(String::from));
+        if run_cfg.is_some() && trained_on.is_some_and(|d| d == s.data_sample()) {
+            eprintln!(
+                "note: {} holds the data {} was trained on (the same rows sampled at open): evaluating on the run's \
+                 held-out split of it",
+                p.display(),
+                dir.display()
+            );
+            separate = false;
+        } else {
+            opened = Some(s);
+        }
+    }
     let own_split = match &run_cfg {
         Some(rc) if !separate && cfg.data.is_some() => Some(rc.eval_tokens),
         _ => None,
@@ -156,12 +174,9 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
         Some(held_out) => cfg.eval_tokens = held_out,
         None => cfg.eval_tokens = tokens,
     }
-    let mut source: Box<dyn BatchSource> = match (&cfg.data, separate) {
-        (Some(p), true) => {
-            let o = ShardOptions { evaluation_set: true, ..ShardOptions::from_config(&cfg, false) };
-            Box::new(ShardSource::open(p, o)?)
-        }
-        _ => data::open_source(&cfg)?,
+    let mut source: Box<dyn BatchSource> = match opened {
+        Some(s) => Box::new(s),
+        None => data::open_source(&cfg)?,
     };
     ensure!(
         source.d_in() == sae.d_in,
