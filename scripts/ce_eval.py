@@ -19,8 +19,9 @@ harvested directory (manifest.json shards[].tokens_file, else tokens/windows_*.n
 scripts/saetrain_hooks.py) or one (windows, context) int .npy file; at most --max-tokens positions.
 With --held-out (what `sae eval RUN --model` passes for a run trained on those windows' shards),
 only the windows whose activation rows all lie in the run's held-out split: text the SAE was not
-trained on. When no window does (blocks of 256 held-out rows hold no window longer than 257
-tokens; a run that held out nothing), every window is used and the result says so
+trained on (runs since 2026-12-07 hold out whole windows). When no window does (an older run's
+blocks of 256 held-out rows hold no window longer than 257 tokens; a run that held out nothing),
+every window is used and the result says so
 (`windows_from`: "held_out", "all" = in-sample, or "given" without --held-out).
 
 Hook: --hook NAME, else --layer L (= blocks.L.hook_resid_pre, harvest.py's default), else
@@ -186,9 +187,9 @@ def load_windows(tokens, max_tokens, replay, np, torch, held_out=None):
     picked = held_out_windows(held_out, shards, np)
     from_held_out = picked is not None and any(picked)
     if picked is not None and not from_held_out:
-        print("note: no token window lies wholly in the run's held-out rows (held-out blocks of 256 rows, "
-              "or none held out): evaluating on every window, text the SAE was trained on (in-sample)",
-              file=sys.stderr)
+        print("note: no token window lies wholly in the run's held-out rows (a run from before 2026-12-07 "
+              "holds out blocks of 256 rows; or none held out): evaluating on every window, text the SAE was "
+              "trained on (in-sample)", file=sys.stderr)
     wins, acts, used, total = [], [], [], 0
     for i, (acts_path, tok_path) in enumerate(shards):
         w = np.load(tok_path, mmap_mode="r")

@@ -82,9 +82,9 @@ check("sae_ce_loss_recovered_is_sane", h0 < h < hz and 0.5 < c["ce_loss_score"] 
       f"CE loss score {c['ce_loss_score']:.4f} (vs mean ablation {c['ce_loss_score_mean_ablation']:.4f}), "
       f"KL score {c['kl_div_score']:.4f} (KL with SAE {c['kl_div_with_sae']:.4f}, zero-ablated {c['kl_div_with_ablation']:.4f}) "
       f"over {c['tokens_ce']} tokens")
-# The run held out 512 of the ~4,000 rows (2 blocks of 256; windows of 127 rows): the CE
-# evaluation takes only the windows inside them, text the SAE was not trained on.
-check("ce_eval_on_held_out_windows_only", c["windows_from"] == "held_out" and 1 <= c["sequences"] <= 4,
+# --eval-tokens 512 holds out whole windows of 127 rows: 5 of them (635 rows). The CE
+# evaluation takes exactly those, text the SAE was not trained on.
+check("ce_eval_on_held_out_windows_only", c["windows_from"] == "held_out" and c["sequences"] == 5,
       f"windows_from {c['windows_from']}, {c['sequences']} windows")
 report = open(f"{tmp}/run/eval/report.md").read()
 check("sae_eval_report_has_the_ce_scores", "CE loss score" in report and "KL score" in report, "report.md")

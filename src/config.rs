@@ -308,6 +308,15 @@ pub struct TrainConfig {
     /// Held-out tokens for evaluation (never trained on).
     #[arg(long, default_value_t = TrainConfig::default().eval_tokens)]
     pub eval_tokens: usize,
+    /// The held-out split's layout, recorded in `config.json` (not a flag): `Some(true)` (every
+    /// run since 2026-12-07) holds out whole token windows where the data's manifest gives its
+    /// `rows_per_window`, so that no window is split between training and held-out rows and the
+    /// CE evaluation has held-out windows at any context length; `None` (configs from before)
+    /// keeps the earlier blocks of 256 rows, so that their split does not move (a config file
+    /// may set `false` for a new run to get that layout).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out_windows: Option<bool>,
     /// Input normalisation: none, global (one scale so that E||x||^2 = d_in, SAELens'
     /// expected_average_only_in) or per-token ((x - mean) / ||x - mean|| per row, the MC/FC
     /// paper's). `--normalize` alone means global, as it did when it was a switch.
@@ -422,6 +431,7 @@ impl Default for TrainConfig {
             tensor: None,
             shuffle_buffer: 65_536,
             eval_tokens: 8192,
+            held_out_windows: None,
             normalize: Normalize::None,
             max_norm_multiple: 10.0,
             prefetch: 4,

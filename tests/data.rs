@@ -936,3 +936,56 @@ fn a_position_saved_on_other_contents_at_the_same_path_is_refused() {
     let (a, b) = (same.next_batch().unwrap(), s.next_batch().unwrap());
     assert_eq!(a, b, "the same contents continue where the run stopped");
 }
+
+/// With `held_out_windows` (every run since 2026-12-07), a harvested data set (its manifest
+/// gives `rows_per_window`) is held out in whole token windows: every held-out segment starts
+/// and ends on a window boundary, the split is rounded up to whole windows, and no window has
+/// rows on both sides. Without it (older configs), or where shards do not hold whole windows,
+/// the split is the earlier one of 256-row blocks.
+#[test]
+fn a_harvested_data_set_is_held_out_in_whole_token_windows() {
+    let t = tempfile::tempdir().unwrap();
+    let spec = saetrain::data::synthetic::SynthSpec {
+        d_in: 8,
+        n_features: 20,
+        mean_active: 2.0,
+        zipf: 1.0,
+        noise: 0.01,
+        seed: 4,
+    };
+    // Shards of 700, 700 and 630 rows: windows of 7 rows (an 8-token context, BOS not stored).
+    cli::synth(t.path(), &spec, 2030, Dtype::Float32, 700, false, &|| Ok(())).unwrap();
+    let manifest = t.path().join("manifest.json");
+    let with_windows = |per: usize| {
+        let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+        m["extra"] = serde_json::json!({ "rows_per_window": per, "context_length": per + 1 });
+        std::fs::write(&manifest, m.to_string()).unwrap();
+    };
+    let split = |windows: bool| {
+        let o = ShardOptions { eval_tokens: 600, held_out_windows: windows, ..opts(64) };
+        let s = ShardSource::open(t.path(), o).unwrap();
+        let segs: Vec<(usize, usize, usize)> = s
+            .held_out_segments()
+            .into_iter()
+            .map(|(p, a, n)| (s.dataset().shards.iter().position(|sh| sh.path == p).unwrap(), a, n))
+            .collect();
+        (segs, s.eval_rows(), s.train_rows())
+    };
+    with_windows(7);
+    let (segs, eval_rows, train_rows) = split(true);
+    assert_eq!(eval_rows, 602, "600 rows rounded up to 86 windows of 7");
+    assert_eq!(eval_rows + train_rows, 2030);
+    assert_eq!(segs.iter().map(|s| s.2).sum::<usize>(), 602);
+    for &(shard, start, rows) in &segs {
+        assert!(start % 7 == 0 && rows % 7 == 0, "segment ({shard}, {start}, {rows}) cuts a window");
+    }
+    assert!(segs.len() >= 2 && segs.iter().any(|s| s.0 == 2), "spread over the shards: {segs:?}");
+
+    // The earlier layout: 600 rows in blocks of 256, which cut windows.
+    let (old, eval_rows, _) = split(false);
+    assert_eq!(eval_rows, 600);
+    assert!(old.iter().any(|&(_, a, n)| a % 7 != 0 || n % 7 != 0), "{old:?}");
+    // Shards that do not hold whole windows (700 is not a multiple of 6): the earlier layout.
+    with_windows(6);
+    assert_eq!(split(true).0, old);
+}

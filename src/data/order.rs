@@ -49,6 +49,9 @@ pub struct ShardOptions {
     /// The data is an evaluation set (`sae eval --data`): it has no training split, so up to
     /// `eval_tokens` of all its rows are held out, not at most half, and no batch is drawn.
     pub evaluation_set: bool,
+    /// Hold out whole token windows where the manifest gives `rows_per_window` (the config's
+    /// `held_out_windows`; false: blocks of [`EVAL_BLOCK`] rows).
+    pub held_out_windows: bool,
 }
 
 impl Default for ShardOptions {
@@ -67,6 +70,7 @@ impl Default for ShardOptions {
             chunk_rows: 1024,
             sample_rows: 10_000,
             evaluation_set: false,
+            held_out_windows: false,
         }
     }
 }
@@ -84,6 +88,7 @@ impl ShardOptions {
             prefetch: cfg.prefetch,
             keep_half,
             d_in: cfg.d_in,
+            held_out_windows: cfg.held_out_windows == Some(true),
             ..Self::default()
         }
     }
@@ -119,6 +124,14 @@ pub(super) struct Core {
     pub(super) max_sq: f64,
     pub(super) window: usize,
     pub(super) ground_truth: Option<Vec<f32>>,
+}
+
+/// Rows per token window, from the manifest's `extra.rows_per_window` (what the harvester
+/// writes), where every shard holds whole windows; None otherwise.
+fn rows_per_window(ds: &Dataset) -> Option<usize> {
+    let (_, m) = ds.manifest.as_ref()?;
+    let per = m.extra.as_ref()?.get("rows_per_window")?.as_u64()? as usize;
+    (per > 1 && ds.shards.iter().all(|s| s.rows % per == 0)).then_some(per)
 }
 
 fn mix(a: u64, b: u64, c: u64) -> u64 {
@@ -172,13 +185,33 @@ impl Core {
                 opts.batch_size
             );
         }
-        // Held-out blocks, spread evenly over the global row space.
+        // Held-out blocks, spread evenly over the global row space: of EVAL_BLOCK rows, or of
+        // whole token windows (at least EVAL_BLOCK rows), counted in windows, so that every
+        // block starts and ends on a window boundary.
+        let unit = match opts.held_out_windows {
+            true => rows_per_window(&ds).unwrap_or(1),
+            false => 1,
+        };
+        let e = match unit {
+            1 => e,
+            _ => e.div_ceil(unit) * unit,
+        };
+        if !opts.evaluation_set && unit > 1 && (e > n / 2 || n - e < opts.batch_size) {
+            bail!(
+                "--eval-tokens {} is too large for {} ({n} rows): held out in whole windows of {unit} rows it is {e} \
+                 rows, and the held-out split may take at most half the rows and must leave at least one batch",
+                opts.eval_tokens,
+                ds.spec.display()
+            );
+        }
+        let e = e.min(n);
         let t = n - e;
-        let nb = e.div_ceil(EVAL_BLOCK);
+        let block = EVAL_BLOCK.div_ceil(unit) * unit;
+        let nb = e.div_ceil(block);
         let mut eval_global = vec![];
         for i in 0..nb {
-            let len = if i + 1 == nb { e - i * EVAL_BLOCK } else { EVAL_BLOCK };
-            let start = (i as u128 * t as u128 / nb as u128) as usize + i * EVAL_BLOCK;
+            let len = if i + 1 == nb { e - i * block } else { block };
+            let start = (i as u128 * (t / unit) as u128 / nb as u128) as usize * unit + i * block;
             eval_global.push((start, start + len));
         }
         // Per-shard segments.

@@ -120,7 +120,9 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
             let c = rundir::apply_changes(&saved, &opts.resume_changes)?;
             (TrainConfig { out: dir.to_path_buf(), quiet: cfg.quiet, threads: cfg.threads, ..c }, Some(lock))
         }
-        None => (cfg, None),
+        // A new run holds out whole token windows (config.rs, `held_out_windows`); a resumed
+        // one keeps the layout its config.json records.
+        None => (TrainConfig { held_out_windows: Some(cfg.held_out_windows.unwrap_or(true)), ..cfg }, None),
     };
     cfg.validate()?;
     // The backend is chosen first: it says whether it takes half-precision batches.
