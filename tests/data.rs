@@ -1,6 +1,7 @@
 //! Activation-shard reader: formats, validation, shuffling, resume, eval split, normalisation,
 //! massive-activation exclusion, non-finite skipping, prefetch, CLI helpers.
 
+use saetrain::data::synthetic::SynthSpec;
 use saetrain::data::{cli, open_source, BatchData, BatchSource, Dtype, Manifest, ShardOptions, ShardSource};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -84,6 +85,11 @@ fn ident_rows(first: usize, rows: usize, d: usize) -> Vec<f32> {
         }
     }
     v
+}
+
+/// Synthetic data for `sae data synth` (Zipf 1, noise 0.01).
+fn synth_spec(d_in: usize, n_features: usize, mean_active: f64, seed: u64) -> SynthSpec {
+    SynthSpec { d_in, n_features, mean_active, zipf: 1.0, noise: 0.01, seed }
 }
 
 fn opts(batch: usize) -> ShardOptions {
@@ -310,14 +316,7 @@ fn bad_files_have_clear_errors() {
 #[test]
 fn manifest_is_checked() {
     let t = tempfile::tempdir().unwrap();
-    let spec = saetrain::data::synthetic::SynthSpec {
-        d_in: 16,
-        n_features: 40,
-        mean_active: 3.0,
-        zipf: 1.0,
-        noise: 0.01,
-        seed: 3,
-    };
+    let spec = synth_spec(16, 40, 3.0, 3);
     let m = cli::synth(t.path(), &spec, 1000, Dtype::Float16, 300, false, &|| Ok(())).unwrap();
     assert_eq!(m.shards.len(), 4);
     assert_eq!(m.shards[3].rows, 100);
@@ -728,14 +727,7 @@ fn open_source_synthetic_and_shards() {
 fn synth_recovers_ground_truth_directions() {
     // Rows read from disk equal the in-memory generator's rows (f32), so recovery is measurable.
     let t = tempfile::tempdir().unwrap();
-    let spec = saetrain::data::synthetic::SynthSpec {
-        d_in: 8,
-        n_features: 20,
-        mean_active: 2.0,
-        zipf: 1.0,
-        noise: 0.0,
-        seed: 5,
-    };
+    let spec = SynthSpec { noise: 0.0, ..synth_spec(8, 20, 2.0, 5) };
     cli::synth(t.path(), &spec, 256, Dtype::Float32, 256, false, &|| Ok(())).unwrap();
     let gen = saetrain::data::synthetic::Synthetic::new(spec.clone(), 256).unwrap();
     let want = gen.generate(0, 0, 256).to_f32().into_owned();
@@ -905,14 +897,7 @@ fn a_shard_truncated_or_rewritten_under_a_running_reader_is_an_error_naming_it_a
 #[test]
 fn a_position_saved_on_other_contents_at_the_same_path_is_refused() {
     let t = tempfile::tempdir().unwrap();
-    let spec = |seed| saetrain::data::synthetic::SynthSpec {
-        d_in: 16,
-        n_features: 40,
-        mean_active: 3.0,
-        zipf: 1.0,
-        noise: 0.01,
-        seed,
-    };
+    let spec = |seed| synth_spec(16, 40, 3.0, seed);
     let write = |seed| cli::synth(t.path(), &spec(seed), 1000, Dtype::Float32, 300, true, &|| Ok(())).unwrap();
     write(1);
     let mut s = ShardSource::open(t.path(), opts(32)).unwrap();
@@ -945,14 +930,7 @@ fn a_position_saved_on_other_contents_at_the_same_path_is_refused() {
 #[test]
 fn a_harvested_data_set_is_held_out_in_whole_token_windows() {
     let t = tempfile::tempdir().unwrap();
-    let spec = saetrain::data::synthetic::SynthSpec {
-        d_in: 8,
-        n_features: 20,
-        mean_active: 2.0,
-        zipf: 1.0,
-        noise: 0.01,
-        seed: 4,
-    };
+    let spec = synth_spec(8, 20, 2.0, 4);
     // Shards of 700, 700 and 630 rows: windows of 7 rows (an 8-token context, BOS not stored).
     cli::synth(t.path(), &spec, 2030, Dtype::Float32, 700, false, &|| Ok(())).unwrap();
     let manifest = t.path().join("manifest.json");
