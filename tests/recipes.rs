@@ -371,6 +371,63 @@ fn calibrated_thresholds_match_the_training_l0() {
     assert!(json(&out.join("summary.json"))["calibration"].is_null());
 }
 
+/// SAELens's jumprelu ignores hybrid's per-token cap: the calibration reports what the exported
+/// thresholds do without it, and says so in cfg.json. Checked against the exported SAE with the
+/// cap removed, encoded by the inference loader on the same (held-out) rows.
+#[test]
+fn hybrid_calibration_measures_the_file_without_its_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hybrid");
+    let mut a = vec!["train", "--out", out.to_str().unwrap(), "--k", "8", "--d-sae", "512", "--batch-size", "256"];
+    a.extend_from_slice(&["--steps", "150", "--eval-tokens", "2048", "--backend", "cpu", "--quiet"]);
+    a.extend_from_slice(&["--sparsifier", "hybrid", "--threshold-calibration", "held-out"]);
+    ok(&sae(&a));
+    let c = &json(&out.join("summary.json"))["calibration"];
+    let u = &c["without_cap"];
+    let cap = u["cap"].as_u64().unwrap() as usize;
+    let mut uncapped = load_sae(&out).unwrap();
+    assert_eq!(uncapped.per_token_cap, Some(cap));
+    uncapped.per_token_cap = None;
+    let cfg = TrainConfig::load(&out.join("config.json")).unwrap();
+    let held_out = saetrain::data::open_source(&cfg).unwrap().eval_batches(cfg.eval_tokens).unwrap();
+    let (mut tokens, mut nnz, mut over) = (0usize, 0usize, 0usize);
+    for b in &held_out {
+        let codes = uncapped.encode(&b.to_f32(), b.rows).unwrap();
+        for r in 0..b.rows {
+            let n = codes.row(r).0.len();
+            nnz += n;
+            over += (n > cap) as usize;
+        }
+        tokens += b.rows;
+    }
+    assert_eq!(tokens, 2048);
+    let l0 = nnz as f64 / tokens as f64;
+    let frac = over as f64 / tokens as f64;
+    assert!((u["l0"].as_f64().unwrap() - l0).abs() <= 2.0 / tokens as f64, "{u} vs L0 {l0}");
+    assert!((u["frac_tokens_over_cap"].as_f64().unwrap() - frac).abs() <= 2.0 / tokens as f64, "{u} vs {frac}");
+    // At k 8 and a cap of 2k the cap binds on a real share of tokens, and only adds latents.
+    assert!(frac > 0.01 && l0 > c["calibrated_l0"].as_f64().unwrap(), "{c}");
+    let note = json(&out.join("cfg.json"))["per_token_cap_note"].as_str().unwrap().to_string();
+    assert!(note.contains(&format!("{:.1}% of tokens", 100.0 * frac)), "{note}");
+    // Only hybrid has a cap.
+    let wta = dir.path().join("wta");
+    let mut a = vec!["train", "--out", wta.to_str().unwrap(), "--k", "8", "--d-sae", "128", "--batch-size", "256"];
+    a.extend_from_slice(&[
+        "--steps",
+        "20",
+        "--eval-tokens",
+        "512",
+        "--backend",
+        "cpu",
+        "--quiet",
+        "--sparsifier",
+        "wta",
+    ]);
+    ok(&sae(&a));
+    let c = &json(&wta.join("summary.json"))["calibration"];
+    assert!(c.is_object() && c.get("without_cap").is_none(), "{c}");
+}
+
 /// Calibration on the training stream draws the rows the stream gives next and leaves its
 /// position where it was; `auto` falls back to the held-out rows once those next rows are ones
 /// the SAE has trained on (a second pass over shards), and `training` is then still available.

@@ -121,9 +121,11 @@ pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Op
 
 /// The keys saying where an SAE belongs (`model_name`, `hook_name`, `hook_layer`,
 /// `context_size`, `prepend_bos`) from `dir/cfg.json`'s SAELens `metadata`, those that are set:
-/// a run's come from its data's manifest and carry over to its exports.
+/// a run's come from its data's manifest and carry over to its exports; and how its thresholds
+/// were calibrated (`threshold_calibration`), dropped again where an export has no thresholds.
 fn provenance(dir: &Path) -> serde_json::Map<String, serde_json::Value> {
-    const KEYS: [&str; 5] = ["model_name", "hook_name", "hook_layer", "context_size", "prepend_bos"];
+    const KEYS: [&str; 6] =
+        ["model_name", "hook_name", "hook_layer", "context_size", "prepend_bos", "threshold_calibration"];
     let cfg = std::fs::read_to_string(dir.join(CFG_FILE))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
@@ -151,6 +153,9 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let (mut sae, mut md, extra) = crate::util::context::naming(sae_for_export(&args.run), "export", &args.run)?;
     if let Some(k) = args.k {
         sae = sae.as_topk(k)?;
+    }
+    if sae.threshold.is_none() {
+        md.as_object_mut().map(|m| m.remove("threshold_calibration"));
     }
     for (key, v) in [
         ("model_name", args.model_name.clone().map(serde_json::Value::from)),

@@ -197,10 +197,22 @@ impl ExportedSae {
         }
         if let Some(cap) = self.per_token_cap {
             c["per_token_cap"] = json!(cap);
+            // How much the cap matters, measured by the calibration where it ran.
+            let measured = match &c["metadata"]["threshold_calibration"]["without_cap"] {
+                u if u.is_object() => format!(
+                    " (on the {} calibration tokens: {:.1}% of tokens, L0 {:.2} without the cap against {:.2} with it)",
+                    c["metadata"]["threshold_calibration"]["tokens"],
+                    100.0 * u["frac_tokens_over_cap"].as_f64().unwrap_or(f64::NAN),
+                    u["l0"].as_f64().unwrap_or(f64::NAN),
+                    c["metadata"]["threshold_calibration"]["calibrated_l0"].as_f64().unwrap_or(f64::NAN),
+                ),
+                _ => String::new(),
+            };
             c["per_token_cap_note"] = json!(format!(
                 "trained as hybrid: after the thresholds, keep at most {cap} latents per token (the largest). \
-                 SAELens's jumprelu architecture cannot express this and ignores this key, so in SAELens a few \
-                 tokens fire more latents than in training; saetrain's loader (sae eval) applies the cap."
+                 SAELens's jumprelu architecture cannot express this and ignores this key, so in SAELens the tokens \
+                 whose thresholds keep more than {cap} latents fire all of them{measured}; saetrain's loader \
+                 (sae eval, saetrain.load) applies the cap."
             ));
         }
         if let Some(e) = extra {

@@ -31,6 +31,21 @@ pub struct CalibrationReport {
     pub ema_l0: f64,
     /// L0 with the calibrated thresholds on those rows.
     pub calibrated_l0: f64,
+    /// hybrid only: the same thresholds without the per-token cap, as SAELens's jumprelu (which
+    /// cannot express the cap) runs the exported file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub without_cap: Option<WithoutCap>,
+}
+
+/// What hybrid's exported thresholds do without its per-token cap, on the calibration rows.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WithoutCap {
+    /// The cap (`per_token_cap` in cfg.json).
+    pub cap: usize,
+    pub l0: f64,
+    /// Share of tokens whose thresholds keep more than `cap` latents: the tokens on which SAELens
+    /// and saetrain give different codes.
+    pub frac_tokens_over_cap: f64,
 }
 
 /// The rows to calibrate on, and which they are (`Training` or `HeldOut`), for
@@ -146,12 +161,16 @@ pub fn calibrate(
     let mut global = Largest::new(total + 1);
     let mut cols: Vec<Largest> =
         if per_latent { counts.iter().map(|&c| Largest::new(2 * c + 16)).collect() } else { vec![] };
-    for b in eval {
+    let pre_of = |b: &Batch| {
         let x = b.to_f32();
         let mut xc = vec![0f32; x.len()];
         encode::center(&x, p.b_dec, &mut xc);
         let mut pre = vec![0f32; b.rows * f];
         encode::encode(&xc, &w, p.b_enc, b.rows, d, &mut pre);
+        pre
+    };
+    for b in eval {
+        let pre = pre_of(b);
         for row in pre.chunks(f) {
             for (j, &v) in row.iter().enumerate() {
                 if v > 0.0 {
@@ -174,11 +193,12 @@ pub fn calibrate(
         Ok(got)
     };
     let mut got;
+    let theta: Vec<f32>;
     if per_latent {
         let cols: Vec<Vec<f32>> = cols.into_iter().map(Largest::sorted).collect();
         let mut need = counts.clone();
-        let theta: Vec<f32> = cols.iter().zip(&need).map(|(v, &n)| threshold_for(v, n)).collect();
-        backend.set_thresholds(&theta, &vec![true; f])?;
+        let mut t: Vec<f32> = cols.iter().zip(&need).map(|(v, &n)| threshold_for(v, n)).collect();
+        backend.set_thresholds(&t, &vec![true; f])?;
         got = exported_counts(backend)?;
         // Hybrid: the per-token cap after the thresholds drops entries, so a latent keeps fewer
         // than its quota; raise the quotas of those that fall short, a few rounds.
@@ -192,17 +212,33 @@ pub fn calibrate(
                     need[j] = (need[j] + counts[j] - got[j]).min(cols[j].len());
                 }
             }
-            let theta: Vec<f32> = cols.iter().zip(&need).map(|(v, &n)| threshold_for(v, n)).collect();
-            backend.set_thresholds(&theta, &vec![true; f])?;
+            t = cols.iter().zip(&need).map(|(v, &n)| threshold_for(v, n)).collect();
+            backend.set_thresholds(&t, &vec![true; f])?;
             got = exported_counts(backend)?;
         }
+        theta = t;
     } else {
         let vals = global.sorted();
-        backend.set_thresholds(&vec![threshold_for(&vals, total); f], &vec![true; f])?;
+        theta = vec![threshold_for(&vals, total); f];
+        backend.set_thresholds(&theta, &vec![true; f])?;
         got = exported_counts(backend)?;
     }
     let calibrated_nnz: usize = got.iter().sum();
     let l0 = |n: usize| n as f64 / tokens as f64;
+    // The exported rule's jumprelu part, `pre > theta` and `pre > 0` (SPEC "Thresholds"), counted
+    // per token against the cap.
+    let without_cap = (cfg.sparsifier.exported() == Architecture::JumpReluCapped).then(|| {
+        let cap = cfg.hybrid_k_max();
+        let (mut nnz, mut over) = (0usize, 0usize);
+        for b in eval {
+            for row in pre_of(b).chunks(f) {
+                let n = row.iter().zip(&theta).filter(|&(&v, &t)| v > t && v > 0.0).count();
+                nnz += n;
+                over += (n > cap) as usize;
+            }
+        }
+        WithoutCap { cap, l0: l0(nnz), frac_tokens_over_cap: over as f64 / tokens as f64 }
+    });
     Ok(Some(CalibrationReport {
         mode: if per_latent { "per_latent" } else { "global" }.into(),
         rows,
@@ -210,5 +246,6 @@ pub fn calibrate(
         target_l0: l0(total),
         ema_l0: l0(ema_nnz),
         calibrated_l0: l0(calibrated_nnz),
+        without_cap,
     }))
 }

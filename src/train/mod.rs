@@ -299,6 +299,14 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
             "thresholds calibrated ({}) on {} tokens, {rows}: exported L0 {:.2} (EMA thresholds {:.2}), training rule {:.2}",
             c.mode, c.tokens, c.calibrated_l0, c.ema_l0, c.target_l0
         );
+        if let Some(u) = &c.without_cap {
+            eprintln!(
+                "  without its per-token cap of {} (SAELens's jumprelu ignores per_token_cap): L0 {:.2}, {:.1}% of tokens over the cap",
+                u.cap,
+                u.l0,
+                100.0 * u.frac_tokens_over_cap
+            );
+        }
     }
     save_all_with(&cfg, backend.as_ref(), source.as_ref(), &out, tokens, calibration.as_ref())?;
     history::keep_final(&cfg, backend.as_ref(), source.as_ref(), &out, tokens, calibration.as_ref())?;
