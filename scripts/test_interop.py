@@ -12,7 +12,7 @@ saelens` (and `--format sparsify` where that layout holds it), then loads each f
 `sae_lens.SAE.load_from_disk` / `sparsify.Sae.load_from_disk` and checks that their codes and
 reconstructions are saetrain's own (`saetrain.load(dir).encode / reconstruct`), on synthetic rows
 with a row of 300x the usual norm and a zero row added. Also that SAELens loads a run directory
-as it stands, and that it reads the metadata (`hook_name` ...) saetrain wrote.
+as it stands and a checkpoint kept during training (`--keep-checkpoints`), and that it reads the metadata (`hook_name` ...) saetrain wrote.
 
 Codes must agree on their support except at near-ties (at most 1 entry in 2,000: two libraries'
 GEMMs sum in different orders, so a value within a rounding of the k-th largest or of a threshold
@@ -41,7 +41,7 @@ CASES = {  # name: extra `sae train` flags
     "topk_global": ["--sparsifier", "topk", "--normalize", "global"],
     "topk_per_token": ["--sparsifier", "topk", "--normalize", "per-token"],
     "topk_aligned": ["--sparsifier", "topk", "--aligned"],
-    "batchtopk": ["--sparsifier", "batchtopk"],
+    "batchtopk": ["--sparsifier", "batchtopk", "--keep-checkpoints", "100"],
     "mutual_choice": ["--sparsifier", "mutual_choice"],
     "wta": ["--sparsifier", "wta"],
     "wta_zipf": ["--sparsifier", "wta", "--budget", "zipf"],
@@ -118,7 +118,9 @@ def check_all(sae, st_py, tmp):
     x[5] *= 300.0  # a row of huge norm, as real residual streams have
     x[7] = 0.0
     np.save(j("x.npy"), x)
-    dirs = [j("saelens", n) for n in CASES] + [j("sparsify", n) for n in SPARSIFY] + [j("saelens_hybrid_uncapped")]
+    # a checkpoint kept during training (its thresholds are still the EMA's)
+    kept = j("runs", "batchtopk", "checkpoints", "step_000100")
+    dirs = [j("saelens", n) for n in CASES] + [j("sparsify", n) for n in SPARSIFY] + [j("saelens_hybrid_uncapped"), kept]
     run([st_py, "-c", SAETRAIN_SIDE, j("x.npy"), j("saetrain.npz"), json.dumps(dirs)])
     ref = np.load(j("saetrain.npz"))
     xt = torch.from_numpy(x)
@@ -166,6 +168,13 @@ def check_all(sae, st_py, tmp):
             check(f"saelens_{name}_{where.replace(' ', '_')}", ok and cls == expect_cls,
                   f"{cls} (expected {expect_cls}); {detail}" + (" (hybrid: against saetrain without the cap)"
                                                                  if name == "hybrid" else ""))
+
+    sl = SAE.load_from_disk(kept)
+    with torch.no_grad():
+        codes = sl.encode(xt)
+        xhat = sl.decode(codes).numpy()
+    ok, detail = agree(codes.numpy(), xhat, ref[kept + ":codes"], ref[kept + ":xhat"])
+    check("saelens_kept_checkpoint", ok and type(sl).__name__ == "JumpReLUSAE", f"{type(sl).__name__}; {detail}")
 
     capped, uncapped = ref[j("saelens", "hybrid") + ":codes"], ref[j("saelens_hybrid_uncapped") + ":codes"]
     cap = json.load(open(j("saelens", "hybrid", "cfg.json")))["per_token_cap"]
