@@ -185,3 +185,52 @@ fn a_diverging_point_is_recorded_and_the_sweep_goes_on() {
     ok(&sae(&a));
     assert!(!run.join("diverged.json").exists() && run.join("summary.json").is_file());
 }
+
+/// A sweep holds out every point alike: a new sweep records whole token windows in sweep.json;
+/// one defined before that was recorded, continued now, trains its new points with the layout of
+/// the points it has started (here the earlier 256-row blocks), so that their held-out rows, and
+/// so their metrics, are alike.
+#[test]
+fn a_continued_sweep_holds_out_new_points_like_its_earlier_ones() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("acts");
+    ok(&sae(&["data", "synth", "--out", data.to_str().unwrap(), "--tokens", "2100", "--d-in", "16"]));
+    // A harvest's manifest: windows of 7 rows.
+    let manifest = data.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["extra"] = serde_json::json!({ "rows_per_window": 7, "context_length": 8 });
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let json = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let out = t.path().join("sweep");
+    let run = || {
+        let mut a = vec!["sweep", "--out", out.to_str().unwrap(), "--over", "k=2,4", "--"];
+        a.extend(["--data", data.to_str().unwrap(), "--d-sae", "32", "--batch-size", "64", "--steps", "20"]);
+        a.extend(["--eval-tokens", "600", "--backend", "cpu", "--quiet"]);
+        ok(&sae(&a));
+    };
+    run();
+    assert_eq!(json(&out.join("sweep.json"))["base"]["held_out_windows"], true);
+    for p in ["k=2", "k=4"] {
+        assert_eq!(json(&out.join(p).join("config.json"))["held_out_windows"], true, "{p}");
+        let data = json(&out.join(p).join("summary.json"))["data"].as_str().unwrap().to_string();
+        assert!(data.contains("1498 training rows, 602 held out"), "{p}: 86 windows of 7: {data}");
+    }
+    // As a sweep from before: no layout in sweep.json or in k=2's config.json, and k=4 not yet run.
+    let strip = |p: &Path| {
+        let mut v = json(p);
+        let o = if v.get("base").is_some() { &mut v["base"] } else { &mut v };
+        o.as_object_mut().unwrap().remove("held_out_windows");
+        std::fs::write(p, v.to_string()).unwrap();
+    };
+    strip(&out.join("sweep.json"));
+    strip(&out.join("k=2").join("config.json"));
+    std::fs::remove_dir_all(out.join("k=4")).unwrap();
+    run();
+    assert_eq!(json(&out.join("sweep.json"))["base"]["held_out_windows"], false, "recorded now");
+    assert_eq!(json(&out.join("k=4").join("config.json"))["held_out_windows"], false);
+    let data = json(&out.join("k=4").join("summary.json"))["data"].as_str().unwrap().to_string();
+    assert!(data.contains("1500 training rows, 600 held out"), "blocks of 256, as k=2's: {data}");
+    // Recorded, the layout stays; a third invocation changes nothing.
+    run();
+    assert_eq!(json(&out.join("sweep.json"))["base"]["held_out_windows"], false);
+}

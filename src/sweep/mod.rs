@@ -138,7 +138,8 @@ impl Definition {
         let (Value::Object(a), Value::Object(b)) = (a, b) else { bail!("configs are JSON objects") };
         for (k, v) in &a {
             let old = b.get(k).cloned().unwrap_or(Value::Null);
-            if !HOW_NOT_WHAT.contains(&k.as_str()) && old != *v {
+            // The held-out layout is the sweep's own record, not an option ([`prepare`]).
+            if !HOW_NOT_WHAT.contains(&k.as_str()) && k != "held_out_windows" && old != *v {
                 out.push(format!("--{} {} (the sweep has {})", k.replace('_', "-"), v, old));
             }
         }
@@ -220,14 +221,20 @@ impl RunMetrics {
         ["explained_variance", "fvu", "l0", "frac_dead", "mse", "mmcs", "frac_recovered_0_9"];
 }
 
-/// The sweep directory: created, locked, its definition stored or checked.
-pub fn prepare(dir: &Path, def: &Definition) -> Result<rundir::RunLock> {
+/// The sweep directory: created, locked, its definition stored or checked. Also returns the
+/// held-out layout every point uses (`held_out_windows`, config.rs), recorded in `sweep.json`:
+/// whole token windows for a new sweep; for a sweep whose `sweep.json` has no such key (defined
+/// before it was recorded), the layout of its started points ([`started_layout`]), so that a
+/// point trained now is held out like the points trained before and their metrics stay
+/// comparable.
+pub fn prepare(dir: &Path, def: &Definition) -> Result<(rundir::RunLock, bool)> {
     if dir.exists() && !dir.is_dir() {
         bail!("--out {}: exists and is not a directory", dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let lock = rundir::lock(dir)?;
     let file = dir.join(SWEEP_FILE);
+    let mut windows = true;
     if file.is_file() {
         let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
         let saved: Definition =
@@ -242,6 +249,10 @@ pub fn prepare(dir: &Path, def: &Definition) -> Result<rundir::RunLock> {
                 file.display()
             );
         }
+        windows = match saved.base.held_out_windows {
+            Some(w) => w,
+            None => started_layout(dir)?.unwrap_or(true),
+        };
     } else {
         let others: Vec<String> = std::fs::read_dir(dir)?
             .flatten()
@@ -256,8 +267,25 @@ pub fn prepare(dir: &Path, def: &Definition) -> Result<rundir::RunLock> {
             );
         }
     }
-    write_json_atomic(&file, def)?;
-    Ok(lock)
+    let mut def = def.clone();
+    def.base.held_out_windows = Some(windows);
+    write_json_atomic(&file, &def)?;
+    Ok((lock, windows))
+}
+
+/// The held-out layout of the points already started in a sweep whose `sweep.json` does not
+/// record one: blocks (false) if any point has no `held_out_windows` in its config.json (trained
+/// before the layout existed), else windows; None when no point has started.
+fn started_layout(dir: &Path) -> Result<Option<bool>> {
+    let mut layout = None;
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?.flatten() {
+        let cfg = e.path().join(CONFIG_FILE);
+        if cfg.is_file() {
+            let w = TrainConfig::load(&cfg)?.held_out_windows == Some(true);
+            layout = Some(layout.unwrap_or(true) && w);
+        }
+    }
+    Ok(layout)
 }
 
 /// Train (or skip, or resume) every point, then evaluate each run.
@@ -269,8 +297,11 @@ pub fn run(
     on_step: Option<StepHook>,
     log: &mut dyn FnMut(String),
 ) -> Result<Vec<RunResult>> {
-    let points = def.points(dir)?;
-    let _lock = prepare(dir, def)?;
+    let mut points = def.points(dir)?;
+    let (_lock, windows) = prepare(dir, def)?;
+    for p in &mut points {
+        p.cfg.held_out_windows = Some(windows);
+    }
     let n = points.len();
     let mut statuses = vec![];
     for (i, p) in points.iter().enumerate() {
@@ -295,8 +326,9 @@ pub fn run(
         } else if run_dir.join(CONFIG_FILE).is_file() {
             log(format!("[{}/{n}] {}: interrupted earlier, resuming", i + 1, p.name));
             let saved = TrainConfig::load(&run_dir.join(CONFIG_FILE))?;
+            // A started run keeps the held-out layout its config.json records (train::run_with).
             let given: Map<String, Value> = match serde_json::to_value(&p.cfg)? {
-                Value::Object(m) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
+                Value::Object(m) => m.into_iter().filter(|(k, v)| !v.is_null() && k != "held_out_windows").collect(),
                 _ => Map::new(),
             };
             let changes = rundir::resume_changes(&saved, &given).with_context(|| format!("resuming {}", p.name))?;
