@@ -26,7 +26,8 @@ Output directory:
 
 Interrupted (Ctrl-C, SIGTERM, SIGHUP, a failed write): the whole shards written so far stay, and
 manifest.json lists them with extra.interrupted set, so that the data is usable as it is; the same
-command with --resume continues from there (also after a kill, from the whole shards alone).
+command with --resume continues from there (also after a kill, from the whole shards and the
+settings in harvest_in_progress.json).
 
 Example:
   python scripts/harvest.py --model HuggingFaceTB/SmolLM2-135M --layer 15 --text corpus.txt \\
@@ -181,6 +182,14 @@ DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2"}
 
 # The settings a resumed harvest must share with the one it continues (manifest "extra.settings").
 RESUMED_SETTINGS = ("model", "layer", "hook", "tokenizer", "context_length", "dtype", "model_dtype", "shard_tokens")
+# Those settings, written before the first shard and removed once a manifest holds them: after a
+# kill (no manifest) --resume still knows which model and layer the shards came from, which their
+# headers (dtype, width, context) and token windows cannot tell.
+IN_PROGRESS = "harvest_in_progress.json"
+
+
+def settings_differ(theirs, settings):
+    return [f"{k} {theirs.get(k)!r} there, {settings[k]!r} now" for k in RESUMED_SETTINGS if theirs.get(k) != settings[k]]
 
 
 def read_npy_header(path):
@@ -207,10 +216,26 @@ def done_so_far(out, settings, d_model):
             m = json.load(f)
         # prepare_out refused a finished harvest's manifest before the model loaded.
         theirs = (m.get("extra") or {}).get("settings") or {}
-        differ = [f"{k} {theirs.get(k)!r} there, {settings[k]!r} now" for k in RESUMED_SETTINGS if theirs.get(k) != settings[k]]
+        differ = settings_differ(theirs, settings)
         if differ:
             sys.exit(f"error: --resume {out}: the interrupted harvest there had other settings: {'; '.join(differ)}")
         return list(m["shards"])
+    in_progress = os.path.join(out, IN_PROGRESS)
+    if os.path.exists(in_progress):
+        try:
+            with open(in_progress) as f:
+                theirs = json.load(f)
+            assert isinstance(theirs, dict)
+        except (OSError, ValueError, AssertionError):
+            sys.exit(f"error: --resume {out}: {in_progress} is not a record of ours (a harvest's settings)")
+        differ = settings_differ(theirs, settings)
+        if differ:
+            sys.exit(f"error: --resume {out}: the killed harvest there had other settings ({in_progress}): "
+                     f"{'; '.join(differ)}")
+    else:
+        print(f"note: --resume {out}: no manifest and no {IN_PROGRESS} (a harvest killed before 2026-12-07): "
+              "the shards' dtype, width, context and token windows are checked, their model and layer cannot be",
+              file=sys.stderr)
     shards = []
     descr = DTYPES[settings["dtype"]]
     while os.path.exists(os.path.join(out, hooks.acts_file(len(shards)))):
@@ -369,6 +394,7 @@ def main(argv=None):
                 "tokenizer": getattr(tok, "name_or_path", None), "context_length": ctx, "dtype": args.dtype,
                 "model_dtype": args.model_dtype, "shard_tokens": args.shard_tokens}
     shards = done_so_far(args.out, settings, d_model) if args.resume else []
+    write_json_atomic(os.path.join(args.out, IN_PROGRESS), settings)
     resumed_windows = sum(s["rows"] for s in shards) // per_window
     acts, toks = None, None
 
@@ -473,11 +499,14 @@ def main(argv=None):
                 os.remove(under_way)
         print(file=sys.stderr)
         why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if not shards and os.path.exists(os.path.join(args.out, IN_PROGRESS)):
+            os.remove(os.path.join(args.out, IN_PROGRESS))  # nothing kept: --out is empty again
         if shards:
             rows = sum(s["rows"] for s in shards)
             try:
                 write_json_atomic(os.path.join(args.out, hooks.MANIFEST),
                                   manifest_of({"why": why, "rows": rows, "shards": len(shards)}))
+                os.remove(os.path.join(args.out, IN_PROGRESS))  # the manifest holds the settings now
                 print(f"harvest interrupted ({why}) after {rows} rows in {len(shards)} whole shard(s): "
                       f"{os.path.join(args.out, hooks.MANIFEST)} lists them (extra.interrupted); the same command "
                       "with --resume continues it", file=sys.stderr)
@@ -491,6 +520,7 @@ def main(argv=None):
     finally:
         restore_signals()
     if acts is None and not shards:
+        os.remove(os.path.join(args.out, IN_PROGRESS))
         sys.exit("error: the text gave no full window; add text or lower --context-length")
     if acts is not None:
         close_shard()
@@ -498,6 +528,7 @@ def main(argv=None):
 
     manifest = manifest_of()
     write_json_atomic(os.path.join(args.out, "manifest.json"), manifest)
+    os.remove(os.path.join(args.out, IN_PROGRESS))
     print(f"wrote {total} rows x {d_model} ({args.dtype}) in {len(shards)} shard(s) to {args.out}", file=sys.stderr)
     return manifest
 

@@ -198,14 +198,36 @@ def main():
         # write (OSError: disk full) keeps what is whole, as Ctrl-C does.
         killed = os.path.join(tmp, "killed")
         interrupted(killed, 15, KeyboardInterrupt)
+        # A kill leaves no manifest, and the settings written before the first shard.
+        with open(os.path.join(killed, "manifest.json")) as f:
+            settings = json.load(f)["extra"]["settings"]
         os.remove(os.path.join(killed, "manifest.json"))
+        with open(os.path.join(killed, harvest.IN_PROGRESS), "w") as f:
+            json.dump(settings, f)
         os.remove(os.path.join(killed, "tokens", "windows_00001.npy"))
+        # Another layer of the same model: shards of the same dtype, width and windows, which only
+        # the settings tell apart.
         try:
-            harvest.main(into(killed) + ["--shard-tokens", "100", "--resume", "--context-length", "8"])
-            raise AssertionError("--resume with another context length must be refused")
+            harvest.main([("0" if a == "1" and p == "--layer" else a) for p, a in zip([""] + into(killed), into(killed))]
+                         + ["--shard-tokens", "100", "--resume"])
+            raise AssertionError("--resume of a killed harvest with another --layer must be refused")
         except SystemExit as e:
-            assert "windows of" in str(e), e
+            assert "killed harvest there had other settings" in str(e) and "layer 1 there, 0 now" in str(e), e
+        # Another context length: refused by the settings, and (a harvest killed before they were
+        # written) by the shards' headers.
+        rec = os.path.join(killed, harvest.IN_PROGRESS)
+        for says in ["context_length 16 there, 8 now", "windows of"]:
+            try:
+                harvest.main(into(killed) + ["--shard-tokens", "100", "--resume", "--context-length", "8"])
+                raise AssertionError("--resume with another context length must be refused")
+            except SystemExit as e:
+                assert says in str(e), e
+            if says == "windows of":
+                os.rename(rec + ".away", rec)
+            else:
+                os.rename(rec, rec + ".away")  # as a harvest killed before the settings were written
         same_as_full(killed, harvest.main(into(killed) + ["--shard-tokens", "100", "--resume"]))
+        assert not os.path.exists(os.path.join(killed, harvest.IN_PROGRESS)), "removed once the manifest is written"
         full_disk = os.path.join(tmp, "full_disk")
         interrupted(full_disk, 20, OSError(28, "No space left on device"))
         with open(os.path.join(full_disk, "manifest.json")) as f:
