@@ -12,11 +12,16 @@ saelens` (and `--format sparsify` where that layout holds it), then loads each f
 `sae_lens.SAE.load_from_disk` / `sparsify.Sae.load_from_disk` and checks that their codes and
 reconstructions are saetrain's own (`saetrain.load(dir).encode / reconstruct`), on synthetic rows
 with a row of 300x the usual norm and a zero row added. Also that SAELens loads a run directory
-as it stands and a checkpoint kept during training (`--keep-checkpoints`), and that it reads the metadata (`hook_name` ...) saetrain wrote.
+as it stands and a checkpoint kept during training (`--keep-checkpoints`), and that it reads the
+metadata (`hook_name` ...) saetrain wrote. And the other way: SAEs that SAELens (`save_model`:
+topk, topk with rescale_acts_by_decoder_norm, jumprelu, standard with apply_b_dec_to_input false)
+and sparsify (`save_to_disk`) wrote, with random weights, read by `saetrain.load`, give their
+libraries' codes.
 
 Codes must agree on their support except at near-ties (at most 1 entry in 2,000: two libraries'
 GEMMs sum in different orders, so a value within a rounding of the k-th largest or of a threshold
-may fall either side) and in value to 1e-4 relative; reconstructions to 1e-4 of each row's norm.
+may fall either side) and in value to 1e-4 relative (of 1% of the row's largest code, for the
+smaller entries); reconstructions to 1e-4 of each row's norm.
 
 One known difference, checked rather than hidden: hybrid's per-token cap (`per_token_cap` in
 cfg.json) is not expressible in SAELens's jumprelu, which ignores it. SAELens's codes must equal
@@ -65,6 +70,46 @@ for d in json.loads(sys.argv[3]):
     out[d + ":xhat"] = r.reconstruct(x)
 np.savez(sys.argv[2], **out)
 """
+
+
+def write_foreign(root, d):
+    """SAEs written by SAELens (`save_model`) and sparsify (`save_to_disk`) with random weights:
+    decoder rows of unequal norms, a non-zero b_dec, positive thresholds, and the options our
+    loader folds into the weights (`rescale_acts_by_decoder_norm`, `apply_b_dec_to_input: false`).
+    Returns {directory: (kind, the module)}."""
+    import torch
+    from sae_lens import (JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE,
+                          TopKSAEConfig)
+    from sparsify import Sae as SparsifySae, SaeConfig
+
+    torch.manual_seed(0)
+    f = 384
+    made = {
+        "saelens_topk": TopKSAE(TopKSAEConfig(d_in=d, d_sae=f, k=8)),
+        "saelens_topk_rescaled": TopKSAE(TopKSAEConfig(d_in=d, d_sae=f, k=8, rescale_acts_by_decoder_norm=True)),
+        "saelens_jumprelu": JumpReLUSAE(JumpReLUSAEConfig(d_in=d, d_sae=f)),
+        "saelens_standard_no_b_dec_in": StandardSAE(StandardSAEConfig(d_in=d, d_sae=f, apply_b_dec_to_input=False)),
+        "sparsify_topk": SparsifySae(d, SaeConfig(num_latents=f, k=8)),
+    }
+    out = {}
+    for name, m in made.items():
+        with torch.no_grad():
+            for pname, p in m.named_parameters():
+                if pname == "W_dec":
+                    p.copy_(torch.randn_like(p) * torch.rand(p.shape[0], 1) / d**0.5)
+                elif pname in ("W_enc", "encoder.weight"):
+                    p.copy_(torch.randn_like(p) / d**0.5)
+                elif pname == "threshold":
+                    p.copy_(torch.rand_like(p) * 0.3)
+                else:  # biases
+                    p.copy_(torch.randn_like(p) * 0.1)
+        path = os.path.join(root, name)
+        if name.startswith("sparsify"):
+            m.save_to_disk(path)
+        else:
+            m.save_model(path)
+        out[path] = ("sparsify" if name.startswith("sparsify") else "saelens", m)
+    return out
 
 
 def run(cmd, **kw):
@@ -120,7 +165,9 @@ def check_all(sae, st_py, tmp):
     np.save(j("x.npy"), x)
     # a checkpoint kept during training (its thresholds are still the EMA's)
     kept = j("runs", "batchtopk", "checkpoints", "step_000100")
-    dirs = [j("saelens", n) for n in CASES] + [j("sparsify", n) for n in SPARSIFY] + [j("saelens_hybrid_uncapped"), kept]
+    foreign = write_foreign(j("foreign"), x.shape[1])
+    dirs = ([j("saelens", n) for n in CASES] + [j("sparsify", n) for n in SPARSIFY]
+            + [j("saelens_hybrid_uncapped"), kept] + list(foreign))
     run([st_py, "-c", SAETRAIN_SIDE, j("x.npy"), j("saetrain.npz"), json.dumps(dirs)])
     ref = np.load(j("saetrain.npz"))
     xt = torch.from_numpy(x)
@@ -144,7 +191,10 @@ def check_all(sae, st_py, tmp):
         same = ((codes != 0) == (want_codes != 0)).all(1)
         ties = int(((codes != 0) != (want_codes != 0)).sum())
         kept = max(int((want_codes != 0).sum()), 1)
-        rel_v = np.abs(codes - want_codes) / (1e-6 + np.abs(want_codes))
+        # Relative to the entry, or for entries under 1% of their row's largest to 1% of that (a
+        # bias folded in another order cancels differently near 0).
+        row_max = np.abs(want_codes).max(1, keepdims=True)
+        rel_v = np.abs(codes - want_codes) / (1e-6 + np.maximum(np.abs(want_codes), 1e-2 * row_max))
         rel_v = np.where(want_codes != 0, rel_v, 0.0)[same].max(1) / tol[same]
         norms = np.linalg.norm(want_xhat, axis=1) + 1e-6
         rel_x = (np.linalg.norm(xhat - want_xhat, axis=1) / norms)[same] / tol[same]
@@ -196,6 +246,20 @@ def check_all(sae, st_py, tmp):
             xhat = sp(xt).sae_out.numpy()
         ok, detail = agree(codes, xhat, ref[d + ":codes"], ref[d + ":xhat"])
         check(f"sparsify_{name}", ok, detail)
+
+    # The other direction: SAEs that SAELens and sparsify wrote, read by saetrain.
+    for d, (kind, model) in foreign.items():
+        with torch.no_grad():
+            if kind == "sparsify":
+                enc = model.encode(xt)
+                codes = torch.zeros(x.shape[0], model.num_latents).scatter_(1, enc.top_indices, enc.top_acts).numpy()
+                xhat = model(xt).sae_out.numpy()
+            else:
+                c = model.encode(xt)
+                xhat, codes = model.decode(c).numpy(), c.numpy()
+        # saetrain's values against theirs (the reverse of the checks above)
+        ok, detail = agree(ref[d + ":codes"], ref[d + ":xhat"], codes, xhat)
+        check(f"saetrain_reads_{os.path.basename(d)}", ok, detail)
 
     # What SAELens reads of the metadata (a synthetic run has no model or hook: null).
     md = SAE.load_from_disk(j("runs", "topk")).cfg.metadata
