@@ -14,7 +14,7 @@
 //! (`Window`); the stream (`stream.rs`) gathers the rows from the map.
 
 use super::dataset::{median, sample_norms, Dataset};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -257,6 +257,9 @@ impl Core {
         debug_assert_eq!(train_rows, t);
 
         let (norms, bad) = sample_norms(&ds, opts.sample_rows);
+        // A shard truncated (or rewritten) since it was mapped gave zeros, or other rows, to the
+        // sample: the scale, the norm cut and the digest would be of data that is not there.
+        ds.check_intact().context("while sampling rows at open")?;
         let sample_digest = norms.iter().fold(bad as u64, |h, n| mix(h, n.to_bits(), TAG_SAMPLE));
         let med = median(&norms);
         let max_norm = if opts.max_norm_multiple > 0.0 { opts.max_norm_multiple * med } else { f64::INFINITY };
@@ -339,3 +342,28 @@ impl Core {
 
 /// A loaded window: row references (shard, row) in emission order, and its segments.
 pub(super) type Window = (Vec<(u32, usize)>, Vec<Seg>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shard truncated between its mapping and the open's sample: an error naming the file, not
+    /// a scale and digest computed from the zeros the lost pages read as.
+    #[test]
+    fn a_shard_truncated_under_the_opens_sample_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acts.npy");
+        let (rows, d) = (20_000usize, 64usize);
+        let data: Vec<f32> = (0..rows * d).map(|i| 1.0 + (i % 7) as f32).collect();
+        crate::data::format::write_npy(&path, crate::data::format::Dtype::Float32, rows, d, &data).unwrap();
+        let ds = Dataset::open(&path, None).unwrap();
+        if let Err(e) = Core::new(ds, ShardOptions::default()) {
+            panic!("{e:#}");
+        }
+        let ds = Dataset::open(&path, None).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+        let Err(e) = Core::new(ds, ShardOptions::default()) else { panic!("a truncated shard must be refused") };
+        let e = format!("{e:#}");
+        assert!(e.contains("acts.npy") && e.contains("truncated") && e.contains("sampling rows at open"), "{e}");
+    }
+}
