@@ -12,7 +12,7 @@ use crate::backend::{Backend, InferMode};
 use crate::config::{ThresholdMode, TrainConfig};
 use crate::data::{Batch, BatchSource};
 use crate::sparsify::threshold::{Calibration, NEVER};
-use crate::sparsify::Architecture;
+use crate::sparsify::{self, Architecture, Selection};
 use anyhow::Result;
 use serde::Serialize;
 use std::borrow::Cow;
@@ -225,14 +225,15 @@ pub fn calibrate(
     }
     let calibrated_nnz: usize = got.iter().sum();
     let l0 = |n: usize| n as f64 / tokens as f64;
-    // The exported rule's jumprelu part, `pre > theta` and `pre > 0` (SPEC "Thresholds"), counted
-    // per token against the cap.
+    // The exported rule without its cap (`Selection::JumpRelu`, what SAELens runs), counted per
+    // token against the cap. One more encoder pass over the calibration rows, hybrid only.
     let without_cap = (cfg.sparsifier.exported() == Architecture::JumpReluCapped).then(|| {
         let cap = cfg.hybrid_k_max();
         let (mut nnz, mut over) = (0usize, 0usize);
         for b in eval {
-            for row in pre_of(b).chunks(f) {
-                let n = row.iter().zip(&theta).filter(|&(&v, &t)| v > t && v > 0.0).count();
+            let codes = sparsify::select(&pre_of(b), b.rows, f, &Selection::JumpRelu { theta: &theta });
+            for r in 0..b.rows {
+                let n = codes.row(r).0.len();
                 nnz += n;
                 over += (n > cap) as usize;
             }
