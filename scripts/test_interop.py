@@ -3,15 +3,17 @@
 
     SAE_BIN=target/release/sae CE_PY scripts/test_interop.py --saetrain-python PY [--keep DIR]
 
-CE_PY: a python with torch, sae-lens and eai-sparsify (`scripts/install-ce-deps.sh` pins them);
+CE_PY: a python with torch, sae-lens, eai-sparsify and dictionary-learning
+(`scripts/install-ce-deps.sh` pins them);
 PY: a python with the `saetrain` package (`pip install ./python`; CI's target/py-ci-venv).
 
 Trains a small SAE with every sparsifier (and topk with each input normalisation, wta with Zipf
 budgets, aligned topk) on the built-in synthetic data, exports each with `sae export --format
-saelens` (and `--format sparsify` where that layout holds it), then loads each file with
-`sae_lens.SAE.load_from_disk` / `sparsify.Sae.load_from_disk` and checks that their codes and
-reconstructions are saetrain's own (`saetrain.load(dir).encode / reconstruct`), on synthetic rows
-with a row of 300x the usual norm and a zero row added. Also that SAELens loads a run directory
+saelens`, `--format dictionary-learning` (and `--format sparsify` where that layout holds it),
+then loads each file with `sae_lens.SAE.load_from_disk` / `sparsify.Sae.load_from_disk` /
+`dictionary_learning.utils.load_dictionary` and checks that their codes and reconstructions are
+saetrain's own (`saetrain.load(dir).encode / reconstruct`; dictionary_learning's codes times each
+latent's decoder row norm, its layout's unit-norm convention), on synthetic rows with a row of 300x the usual norm and a zero row added. Also that SAELens loads a run directory
 as it stands and a checkpoint kept during training (`--keep-checkpoints`), and that it reads the
 metadata (`hook_name` ...) saetrain wrote. And the other way: SAEs that SAELens (`save_model`:
 topk, topk with rescale_acts_by_decoder_norm, jumprelu, standard with apply_b_dec_to_input false)
@@ -59,6 +61,8 @@ SPARSIFY = {  # export name: (run, extra `sae export` flags)
     "batchtopk_as_topk": ("batchtopk", ["--k", "8"]),
 }
 SAELENS_CLASS = {"topk": "TopKSAE", "relu": "StandardSAE"}  # the rest: JumpReLUSAE
+DL_CLASS = {"topk": "AutoEncoderTopK", "relu": "AutoEncoder"}  # the rest: JumpReluAutoEncoder
+DL_REFUSED = {"topk_per_token": "--format saelens (layer_norm)"}  # no run-time normalisation there
 MAX_TIE_SHARE = 1 / 2000
 
 SAETRAIN_SIDE = r"""
@@ -151,6 +155,14 @@ def check_all(sae, st_py, tmp):
         run([sae, "export", j("runs", name), "--format", "saelens", "--out", j("saelens", name)])
     for name, (src, flags) in SPARSIFY.items():
         run([sae, "export", j("runs", src), "--format", "sparsify", "--out", j("sparsify", name), *flags])
+    dl_refusals = {}
+    for name in CASES:
+        cmd = [sae, "export", j("runs", name), "--format", "dictionary-learning", "--out", j("dl", name)]
+        if name in DL_REFUSED:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            dl_refusals[name] = (p.returncode, p.stderr.strip())
+        else:
+            run(cmd)
     # hybrid as SAELens runs it: the same file without the cap
     shutil.copytree(j("saelens", "hybrid"), j("saelens_hybrid_uncapped"))
     cfg_path = j("saelens_hybrid_uncapped", "cfg.json")
@@ -246,6 +258,45 @@ def check_all(sae, st_py, tmp):
             xhat = sp(xt).sae_out.numpy()
         ok, detail = agree(codes, xhat, ref[d + ":codes"], ref[d + ":xhat"])
         check(f"sparsify_{name}", ok, detail)
+
+    # dictionary_learning (its own loader, `load_dictionary`): codes are saetrain's times each
+    # latent's decoder row norm (one factor, the mean norm, for TopK), as the export says. The
+    # norms are those of the SAELens export's W_dec (saetrain's weights, any scale folded in).
+    from safetensors.numpy import load_file
+    from dictionary_learning.utils import load_dictionary
+
+    def check_dl(name, dl_dir, saelens_dir, want, topk, expect_cls, note=""):
+        ae, cfg = load_dictionary(dl_dir, "cpu")
+        with torch.no_grad():
+            c = ae.encode(xt)
+            xhat, codes = ae.decode(c).numpy(), c.numpy()
+        norms = np.linalg.norm(load_file(os.path.join(saelens_dir, "sae_weights.safetensors"))["W_dec"].astype(np.float64), axis=1)
+        norms = np.where(norms > 0, norms, 1.0)
+        factor = np.full_like(norms, norms.mean()) if topk else norms
+        ok, detail = agree(codes, xhat, ref[want + ":codes"] * factor, ref[want + ":xhat"])
+        cls = type(ae).__name__
+        check(f"dictionary_learning_{name}", ok and cls == expect_cls and cfg["trainer"]["dict_class"] == cls,
+              f"{cls} (expected {expect_cls}), decoder row factors {factor.min():.4g}-{factor.max():.4g}; {detail}{note}")
+
+    for name in CASES:
+        if name in DL_REFUSED:
+            rc, err = dl_refusals[name]
+            check(f"dictionary_learning_{name}_refused", rc != 0 and DL_REFUSED[name] in err, f"exit {rc}: {err[-160:]}")
+            continue
+        want = j("saelens_hybrid_uncapped") if name == "hybrid" else j("saelens", name)
+        check_dl(name, j("dl", name), j("saelens", name), want, name.startswith("topk"),
+                 DL_CLASS.get(name.split("_")[0], "JumpReluAutoEncoder"),
+                 " (hybrid: against saetrain without the cap)" if name == "hybrid" else "")
+    # SAELens files with decoder rows of unequal norm, converted: the factors differ per latent.
+    for d, (kind, _) in foreign.items():
+        if kind != "saelens":
+            continue
+        base = os.path.basename(d)
+        run([sae, "export", d, "--format", "saelens", "--out", j("converted", base)])
+        run([sae, "export", d, "--format", "dictionary-learning", "--out", j("dl_converted", base)])
+        arch = base.split("_")[1]
+        check_dl(f"converted_{base}", j("dl_converted", base), j("converted", base), d, arch == "topk",
+                 DL_CLASS.get(arch.replace("standard", "relu"), "JumpReluAutoEncoder"))
 
     # The other direction: SAEs that SAELens and sparsify wrote, read by saetrain.
     for d, (kind, model) in foreign.items():

@@ -67,6 +67,46 @@ fn export_refuses_another_runs_directory_unless_overwrite() {
     ok(&sae(&["export", a.to_str().unwrap(), "--format", "saelens", "--out", fresh.to_str().unwrap()]));
 }
 
+/// dictionary_learning's `config.json` has a training run's name: that layout is refused in any
+/// run directory, the run's own included and with `--overwrite`, and the run's config survives.
+/// An earlier export of that layout is an export's directory, not a run's.
+#[test]
+fn the_dictionary_learning_layout_never_replaces_a_runs_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    ok(&train(&a, &[]));
+    ok(&train(&b, &["--seed", "3"]));
+    let configs = [std::fs::read(a.join("config.json")).unwrap(), std::fs::read(b.join("config.json")).unwrap()];
+    let export = |out: &Path, extra: &[&str]| {
+        let mut args =
+            vec!["export", a.to_str().unwrap(), "--format", "dictionary-learning", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        sae(&args)
+    };
+    for (out, extra) in [(&a, &[][..]), (&a, &["--overwrite"][..]), (&b, &[][..]), (&b, &["--overwrite"][..])] {
+        let o = export(out, extra);
+        assert!(!o.status.success(), "{out:?} {extra:?} must be refused");
+        let e = stderr(&o);
+        assert!(e.contains("holds a training run") && e.contains("config.json would replace"), "{e}");
+    }
+    assert_eq!([std::fs::read(a.join("config.json")).unwrap(), std::fs::read(b.join("config.json")).unwrap()], configs);
+    assert!(!a.join("ae.pt").exists() && !b.join("ae.pt").exists());
+    let dl = dir.path().join("dl");
+    ok(&export(&dl, &[]));
+    let o = export(&dl, &[]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("is not empty") && stderr(&o).contains("--overwrite"),
+        "{}",
+        stderr(&o)
+    );
+    ok(&export(&dl, &["--overwrite"]));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dl.join("config.json")).unwrap()).unwrap();
+    let class = cfg["trainer"]["dict_class"].as_str().unwrap_or_default();
+    assert!(["AutoEncoderTopK", "JumpReluAutoEncoder", "AutoEncoder"].contains(&class), "{cfg}");
+    assert!(temporaries(&dl).is_empty(), "{:?}", temporaries(&dl));
+}
+
 #[test]
 fn resume_refuses_options_that_conflict_with_the_saved_config() {
     let dir = tempfile::tempdir().unwrap();

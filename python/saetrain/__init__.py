@@ -311,3 +311,10 @@ class Run:
         """Write the SAE in SAELens layout to ``out`` (``sae export --format saelens``)."""
         _native.export(os.fspath(self.path), os.fspath(out), "saelens", overwrite)
         return Path(out)
+
+    def to_dictionary_learning(self, out: PathLike, overwrite: bool = False) -> Path:
+        """Write the SAE in dictionary_learning layout (``ae.pt`` + ``config.json``, for
+        ``dictionary_learning.utils.load_dictionary``) to ``out`` (``sae export --format
+        dictionary-learning``). Writes the state dict without torch."""
+        _native.export(os.fspath(self.path), os.fspath(out), "dictionary_learning", overwrite)
+        return Path(out)

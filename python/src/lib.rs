@@ -185,7 +185,12 @@ fn export(py: Python<'_>, run: PathBuf, out: PathBuf, format: &str, overwrite: b
     let format = match format {
         "saelens" => ExportFormat::Saelens,
         "sparsify" => ExportFormat::Sparsify,
-        other => return Err(PyValueError::new_err(format!("format {other:?}: expected \"saelens\" or \"sparsify\""))),
+        "dictionary_learning" => ExportFormat::DictionaryLearning,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "format {other:?}: expected \"saelens\", \"sparsify\" or \"dictionary_learning\""
+            )))
+        }
     };
     let args = ExportArgs {
         run,

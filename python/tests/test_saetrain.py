@@ -125,6 +125,12 @@ def test_weights_metrics_and_export(run, data, tmp_path):
     assert (dest / "cfg.json").is_file() and (dest / "sae_weights.safetensors").is_file()
     again = saetrain.load(dest)
     np.testing.assert_array_equal(again.encode(data[:50]).toarray(), run.encode(data[:50]).toarray())
+    # dictionary_learning's layout (loaded by that library in scripts/test_interop.py)
+    dl = run.to_dictionary_learning(tmp_path / "dl")
+    assert (dl / "ae.pt").is_file()
+    assert json.loads((dl / "config.json").read_text())["trainer"]["dict_size"] == 80
+    with pytest.raises(Exception, match="holds a training run"):
+        run.to_dictionary_learning(run.path, overwrite=True)
 
 
 def test_other_dtypes_are_read_or_converted_once(data, tmp_path):

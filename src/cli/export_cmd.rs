@@ -1,6 +1,7 @@
-//! `sae export RUN --format saelens|sparsify --out DIR`
+//! `sae export RUN --format saelens|sparsify|dictionary-learning --out DIR`
 
 use crate::config::TrainConfig;
+use crate::export::dictionary_learning::{DL_CONFIG_FILE, DL_WEIGHTS_FILE};
 use crate::export::load::{checkpoint_dir, load_sae_with_layout, SPARSIFY_WEIGHTS_FILE};
 use crate::export::saelens::{CFG_FILE, WEIGHTS_FILE};
 use crate::export::ExportedSae;
@@ -14,8 +15,8 @@ use clap::ValueEnum;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
-/// Every file an export writes (in either layout): whose stale temporaries it sweeps.
-pub const EXPORT_FILES: &[&str] = &[CFG_FILE, WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE];
+/// Every file an export writes (in any layout): whose stale temporaries it sweeps.
+pub const EXPORT_FILES: &[&str] = &[CFG_FILE, WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE, DL_WEIGHTS_FILE, DL_CONFIG_FILE];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ExportFormat {
@@ -23,6 +24,19 @@ pub enum ExportFormat {
     Saelens,
     /// EleutherAI sparsify: cfg.json + sae.safetensors (TopK SAEs only).
     Sparsify,
+    /// saprmarks/dictionary_learning: ae.pt + config.json (AutoEncoderTopK, JumpReluAutoEncoder
+    /// or AutoEncoder), for `dictionary_learning.utils.load_dictionary`.
+    DictionaryLearning,
+}
+
+impl ExportFormat {
+    fn layout(self) -> &'static str {
+        match self {
+            Self::Saelens => "SAELens",
+            Self::Sparsify => "sparsify",
+            Self::DictionaryLearning => "dictionary_learning",
+        }
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -34,7 +48,8 @@ pub struct ExportArgs {
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
-    /// Write the SAE as TopK with this k (needed for sparsify when the SAE is not TopK; lossy).
+    /// Write the SAE as TopK with this k (needed for sparsify when the SAE is not TopK, and for
+    /// dictionary-learning when it is a batchtopk SAE without thresholds; lossy).
     #[arg(long)]
     pub k: Option<usize>,
     /// SAELens metadata.model_name (e.g. the Hugging Face id of the model).
@@ -54,8 +69,16 @@ pub struct ExportArgs {
     pub overwrite: bool,
 }
 
-/// Refuse to write into a non-empty directory that is not the run's own unless `overwrite`.
-fn check_out(run: &Path, out: &Path, overwrite: bool) -> Result<()> {
+/// Whether `dir/config.json` is dictionary_learning's (a `trainer` block), not a training run's.
+fn is_dictionary_learning_config(dir: &Path) -> bool {
+    let cfg = std::fs::read_to_string(dir.join(DL_CONFIG_FILE)).ok();
+    let cfg = cfg.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    cfg.is_some_and(|c| c["trainer"]["dict_class"].is_string())
+}
+
+/// Refuse to write into a non-empty directory that is not the run's own unless `overwrite`; and
+/// the dictionary_learning layout, whose `config.json` would replace a run's, into any run.
+fn check_out(run: &Path, out: &Path, overwrite: bool, format: ExportFormat) -> Result<()> {
     if out.exists() && !out.is_dir() {
         bail!("--out {}: exists and is not a directory", out.display());
     }
@@ -67,10 +90,19 @@ fn check_out(run: &Path, out: &Path, overwrite: bool) -> Result<()> {
         .filter(|n| !is_our_temporary(n))
         .collect();
     let own = std::fs::canonicalize(out).ok() == std::fs::canonicalize(checkpoint_dir(run)).ok();
+    let holds_run = names.iter().any(|n| n == STATE_FILE || n == rundir::LOCK_FILE)
+        || (names.iter().any(|n| n == CONFIG_FILE) && !is_dictionary_learning_config(out));
+    if format == ExportFormat::DictionaryLearning && (own || holds_run) {
+        bail!(
+            "--out {} holds a training run: the dictionary_learning layout's config.json would replace the run's \
+             {CONFIG_FILE}; choose another --out",
+            out.display()
+        );
+    }
     if names.is_empty() || own || overwrite {
         return Ok(());
     }
-    let what = if names.iter().any(|n| n == CONFIG_FILE) { "holds another training run" } else { "is not empty" };
+    let what = if holds_run { "holds another training run" } else { "is not empty" };
     bail!(
         "--out {} {what} ({}); pass --overwrite to write the export there anyway, or choose another --out",
         out.display(),
@@ -136,7 +168,7 @@ fn provenance(dir: &Path) -> serde_json::Map<String, serde_json::Value> {
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
-    check_out(&args.run, &args.out, args.overwrite)?;
+    check_out(&args.run, &args.out, args.overwrite, args.format)?;
     // A run directory (it has a lock file) may have its trainer writing there right now: the
     // export's files are the trainer's own (sae_weights.safetensors, cfg.json), so hold the
     // run's lock while writing, and refuse, naming the trainer's pid, while a trainer holds it.
@@ -170,6 +202,15 @@ pub fn run(args: ExportArgs) -> Result<()> {
     match args.format {
         ExportFormat::Saelens => sae.save_saelens(&args.out, md, extra)?,
         ExportFormat::Sparsify => sae.save_sparsify(&args.out)?,
+        ExportFormat::DictionaryLearning => {
+            sae.save_dictionary_learning(&args.out, &md, extra)?;
+            if let Some(cap) = sae.per_token_cap {
+                eprintln!(
+                    "note: dictionary_learning's JumpReluAutoEncoder has no per-token cap: tokens whose thresholds \
+                     keep more than {cap} latents fire all of them there (config.json saetrain.per_token_cap_note)"
+                );
+            }
+        }
     }
     println!(
         "exported {} SAE (d_in {}, d_sae {}{}) to {} in the {} layout",
@@ -178,10 +219,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         sae.d_sae,
         sae.k.map(|k| format!(", k {k}")).unwrap_or_default(),
         args.out.display(),
-        match args.format {
-            ExportFormat::Saelens => "SAELens",
-            ExportFormat::Sparsify => "sparsify",
-        }
+        args.format.layout()
     );
     Ok(())
 }

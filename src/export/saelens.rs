@@ -197,23 +197,8 @@ impl ExportedSae {
         }
         if let Some(cap) = self.per_token_cap {
             c["per_token_cap"] = json!(cap);
-            // How much the cap matters, measured by the calibration where it ran.
-            let measured = match &c["metadata"]["threshold_calibration"]["without_cap"] {
-                u if u.is_object() => format!(
-                    " (on the {} calibration tokens: {:.1}% of tokens, L0 {:.2} without the cap against {:.2} with it)",
-                    c["metadata"]["threshold_calibration"]["tokens"],
-                    100.0 * u["frac_tokens_over_cap"].as_f64().unwrap_or(f64::NAN),
-                    u["l0"].as_f64().unwrap_or(f64::NAN),
-                    c["metadata"]["threshold_calibration"]["calibrated_l0"].as_f64().unwrap_or(f64::NAN),
-                ),
-                _ => String::new(),
-            };
-            c["per_token_cap_note"] = json!(format!(
-                "trained as hybrid: after the thresholds, keep at most {cap} latents per token (the largest). \
-                 SAELens's jumprelu architecture cannot express this and ignores this key, so in SAELens the tokens \
-                 whose thresholds keep more than {cap} latents fire all of them{measured}; saetrain's loader \
-                 (sae eval, saetrain.load) applies the cap."
-            ));
+            c["per_token_cap_note"] =
+                json!(per_token_cap_note(cap, "SAELens", "jumprelu architecture", &c["metadata"]));
         }
         if let Some(e) = extra {
             c["saetrain"] = e;
@@ -235,6 +220,28 @@ impl ExportedSae {
         }
         c
     }
+}
+
+/// What a per-token cap of `cap` means to a library whose class (`architecture`) cannot express
+/// it, with how much it matters as the calibration measured it (`metadata.threshold_calibration`).
+pub fn per_token_cap_note(cap: usize, library: &str, architecture: &str, metadata: &serde_json::Value) -> String {
+    let cal = &metadata["threshold_calibration"];
+    let measured = match &cal["without_cap"] {
+        u if u.is_object() => format!(
+            " (on the {} calibration tokens: {:.1}% of tokens, L0 {:.2} without the cap against {:.2} with it)",
+            cal["tokens"],
+            100.0 * u["frac_tokens_over_cap"].as_f64().unwrap_or(f64::NAN),
+            u["l0"].as_f64().unwrap_or(f64::NAN),
+            cal["calibrated_l0"].as_f64().unwrap_or(f64::NAN),
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "trained as hybrid: after the thresholds, keep at most {cap} latents per token (the largest). \
+         {library}'s {architecture} cannot express this and ignores this key, so in {library} the tokens \
+         whose thresholds keep more than {cap} latents fire all of them{measured}; saetrain's loader \
+         (sae eval, saetrain.load) applies the cap."
+    )
 }
 
 /// Row-major transpose of an r x c matrix.
