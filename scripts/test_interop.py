@@ -16,9 +16,11 @@ saetrain's own (`saetrain.load(dir).encode / reconstruct`; dictionary_learning's
 latent's decoder row norm, its layout's unit-norm convention), on synthetic rows with a row of 300x the usual norm and a zero row added. Also that SAELens loads a run directory
 as it stands and a checkpoint kept during training (`--keep-checkpoints`), and that it reads the
 metadata (`hook_name` ...) saetrain wrote. And the other way: SAEs that SAELens (`save_model`:
-topk, topk with rescale_acts_by_decoder_norm, jumprelu, standard with apply_b_dec_to_input false)
-and sparsify (`save_to_disk`) wrote, with random weights, read by `saetrain.load`, give their
-libraries' codes.
+topk, topk with rescale_acts_by_decoder_norm, jumprelu, standard with apply_b_dec_to_input false),
+sparsify (`save_to_disk`) and dictionary_learning (`torch.save` of a state dict, as its trainers
+save: AutoEncoderTopK, also in float16, BatchTopKSAE, MatryoshkaBatchTopKSAE, JumpReluAutoEncoder,
+AutoEncoder) wrote, with random weights, read by `saetrain.load`, give their libraries' codes (as
+`load_dictionary` loads them: AutoEncoder's decoder normalised).
 
 Codes must agree on their support except at near-ties (at most 1 entry in 2,000: two libraries'
 GEMMs sum in different orders, so a value within a rounding of the k-th largest or of a threshold
@@ -85,6 +87,11 @@ def write_foreign(root, d):
     from sae_lens import (JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE,
                           TopKSAEConfig)
     from sparsify import Sae as SparsifySae, SaeConfig
+    from dictionary_learning.dictionary import AutoEncoder, JumpReluAutoEncoder
+    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
+    from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK
+    from dictionary_learning.utils import load_dictionary
 
     torch.manual_seed(0)
     f = 384
@@ -94,6 +101,12 @@ def write_foreign(root, d):
         "saelens_jumprelu": JumpReLUSAE(JumpReLUSAEConfig(d_in=d, d_sae=f)),
         "saelens_standard_no_b_dec_in": StandardSAE(StandardSAEConfig(d_in=d, d_sae=f, apply_b_dec_to_input=False)),
         "sparsify_topk": SparsifySae(d, SaeConfig(num_latents=f, k=8)),
+        "dl_topk": AutoEncoderTopK(d, f, 8),
+        "dl_topk_f16": AutoEncoderTopK(d, f, 8),
+        "dl_batchtopk": BatchTopKSAE(d, f, 8),
+        "dl_matryoshka": MatryoshkaBatchTopKSAE(d, f, 8, [f // 4, f - f // 4]),
+        "dl_jumprelu": JumpReluAutoEncoder(d, f),
+        "dl_standard": AutoEncoder(d, f),
     }
     out = {}
     for name, m in made.items():
@@ -101,18 +114,31 @@ def write_foreign(root, d):
             for pname, p in m.named_parameters():
                 if pname == "W_dec":
                     p.copy_(torch.randn_like(p) * torch.rand(p.shape[0], 1) / d**0.5)
+                elif pname == "decoder.weight":  # nn.Linear(F, d): latents are columns
+                    p.copy_(torch.randn_like(p) * torch.rand(1, p.shape[1]) / d**0.5)
                 elif pname in ("W_enc", "encoder.weight"):
                     p.copy_(torch.randn_like(p) / d**0.5)
                 elif pname == "threshold":
                     p.copy_(torch.rand_like(p) * 0.3)
                 else:  # biases
                     p.copy_(torch.randn_like(p) * 0.1)
+            if hasattr(m, "threshold") and m.threshold.dim() == 0:  # BatchTopK's, as training estimates it
+                m.threshold.fill_(0.15)
         path = os.path.join(root, name)
         if name.startswith("sparsify"):
             m.save_to_disk(path)
+            out[path] = ("sparsify", m)
+        elif name.startswith("dl_"):
+            # as dictionary_learning's trainers save: torch.save of the state dict, config.json
+            os.makedirs(path)
+            sd = {k: (v.half() if name.endswith("f16") and v.is_floating_point() else v) for k, v in m.state_dict().items()}
+            torch.save(sd, os.path.join(path, "ae.pt"))
+            json.dump({"trainer": {"dict_class": type(m).__name__, "k": 8, "activation_dim": d, "dict_size": f}},
+                      open(os.path.join(path, "config.json"), "w"))
+            out[path] = ("dictionary_learning", load_dictionary(path, "cpu")[0])  # as its users load it
         else:
             m.save_model(path)
-        out[path] = ("sparsify" if name.startswith("sparsify") else "saelens", m)
+            out[path] = ("saelens", m)
     return out
 
 
@@ -260,7 +286,7 @@ def check_all(sae, st_py, tmp):
         check(f"sparsify_{name}", ok, detail)
 
     # dictionary_learning (its own loader, `load_dictionary`): codes are saetrain's times each
-    # latent's decoder row norm (one factor, the mean norm, for TopK), as the export says. The
+    # latent's decoder row norm (one factor, the mean norm, for TopK and hybrid), as the export says. The
     # norms are those of the SAELens export's W_dec (saetrain's weights, any scale folded in).
     from safetensors.numpy import load_file
     from dictionary_learning.utils import load_dictionary
@@ -284,7 +310,7 @@ def check_all(sae, st_py, tmp):
             check(f"dictionary_learning_{name}_refused", rc != 0 and DL_REFUSED[name] in err, f"exit {rc}: {err[-160:]}")
             continue
         want = j("saelens_hybrid_uncapped") if name == "hybrid" else j("saelens", name)
-        check_dl(name, j("dl", name), j("saelens", name), want, name.startswith("topk"),
+        check_dl(name, j("dl", name), j("saelens", name), want, name.startswith("topk") or name == "hybrid",
                  DL_CLASS.get(name.split("_")[0], "JumpReluAutoEncoder"),
                  " (hybrid: against saetrain without the cap)" if name == "hybrid" else "")
     # SAELens files with decoder rows of unequal norm, converted: the factors differ per latent.

@@ -69,7 +69,8 @@ fn export_refuses_another_runs_directory_unless_overwrite() {
 
 /// dictionary_learning's `config.json` has a training run's name: that layout is refused in any
 /// run directory, the run's own included and with `--overwrite`, and the run's config survives.
-/// An earlier export of that layout is an export's directory, not a run's.
+/// An earlier export of that layout is an export's directory, not a run's, when written and when
+/// read.
 #[test]
 fn the_dictionary_learning_layout_never_replaces_a_runs_config() {
     let dir = tempfile::tempdir().unwrap();
@@ -105,6 +106,18 @@ fn the_dictionary_learning_layout_never_replaces_a_runs_config() {
     let class = cfg["trainer"]["dict_class"].as_str().unwrap_or_default();
     assert!(["AutoEncoderTopK", "JumpReluAutoEncoder", "AutoEncoder"].contains(&class), "{cfg}");
     assert!(temporaries(&dl).is_empty(), "{:?}", temporaries(&dl));
+    // Read back: its config.json is not taken for a run's (no held-out set to regenerate), and
+    // it converts to the SAELens layout.
+    let o = sae(&["eval", dl.to_str().unwrap(), "--no-plots", "--out", dir.path().join("ev").to_str().unwrap()]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("not a run directory") && stderr(&o).contains("give --data"),
+        "{}",
+        stderr(&o)
+    );
+    let conv = dir.path().join("conv");
+    ok(&sae(&["export", dl.to_str().unwrap(), "--format", "saelens", "--out", conv.to_str().unwrap()]));
+    let sl: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(conv.join("cfg.json")).unwrap()).unwrap();
+    assert_eq!(sl["saetrain"]["converted_from"], "dictionary_learning");
 }
 
 #[test]

@@ -198,7 +198,7 @@ def _stop_on_termination():
 
 
 def load(path: PathLike) -> "Run":
-    """A run directory (or an SAE checkpoint in SAELens or sparsify layout) as a :class:`Run`."""
+    """A run directory (or an SAE checkpoint in SAELens, sparsify or dictionary_learning layout) as a :class:`Run`."""
     return Run(path)
 
 

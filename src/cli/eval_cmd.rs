@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalArgs {
-    /// Run directories or SAE checkpoints (SAELens or sparsify layout).
+    /// Run directories or SAE checkpoints (SAELens, sparsify or dictionary_learning layout).
     #[arg(required = true, value_name = "RUN_OR_CHECKPOINT")]
     pub inputs: Vec<PathBuf>,
     /// Activation shards to evaluate on (default: each run's own held-out split; required for a
@@ -76,10 +76,7 @@ const HOOKS_MODULE: &str = include_str!("../../scripts/saetrain_hooks.py");
 fn held_out_rows(args: &EvalArgs, dir: &std::path::Path) -> Result<Option<serde_json::Value>> {
     use crate::config::TrainConfig;
     use crate::data::{ShardOptions, ShardSource};
-    let config = dir.join(crate::train::CONFIG_FILE);
-    if !config.is_file() {
-        return Ok(None);
-    }
+    let Some(config) = crate::train::run_config_file(dir) else { return Ok(None) };
     let cfg = TrainConfig::load(&config).with_context(|| format!("{}", dir.display()))?;
     let Some(data) = cfg.data.as_deref() else { return Ok(None) };
     if args.ce_tokens.as_deref().is_some_and(|t| !crate::eval::run::same_data(t, Some(data)))

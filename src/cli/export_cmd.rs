@@ -1,7 +1,7 @@
 //! `sae export RUN --format saelens|sparsify|dictionary-learning --out DIR`
 
 use crate::config::TrainConfig;
-use crate::export::dictionary_learning::{DL_CONFIG_FILE, DL_WEIGHTS_FILE};
+use crate::export::dictionary_learning::{is_dictionary_learning_config, DL_CONFIG_FILE, DL_WEIGHTS_FILE};
 use crate::export::load::{checkpoint_dir, load_sae_with_layout, SPARSIFY_WEIGHTS_FILE};
 use crate::export::saelens::{CFG_FILE, WEIGHTS_FILE};
 use crate::export::ExportedSae;
@@ -41,7 +41,7 @@ impl ExportFormat {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ExportArgs {
-    /// Run directory (or an SAE checkpoint in either layout, to convert it).
+    /// Run directory (or an SAE checkpoint in any layout it reads, to convert it).
     pub run: PathBuf,
     #[arg(long, value_enum)]
     pub format: ExportFormat,
@@ -67,13 +67,6 @@ pub struct ExportArgs {
     /// Write into a non-empty --out (replacing the files of the export; others are left alone).
     #[arg(long)]
     pub overwrite: bool,
-}
-
-/// Whether `dir/config.json` is dictionary_learning's (a `trainer` block), not a training run's.
-fn is_dictionary_learning_config(dir: &Path) -> bool {
-    let cfg = std::fs::read_to_string(dir.join(DL_CONFIG_FILE)).ok();
-    let cfg = cfg.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-    cfg.is_some_and(|c| c["trainer"]["dict_class"].is_string())
 }
 
 /// Refuse to write into a non-empty directory that is not the run's own unless `overwrite`; and

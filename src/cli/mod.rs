@@ -48,7 +48,7 @@ pub enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Evaluate run directories or SAE checkpoints on held-out activations.
     Eval(eval_cmd::EvalArgs),
-    /// Write a run's SAE in the SAELens or sparsify layout.
+    /// Write a run's SAE in the SAELens, sparsify or dictionary_learning layout.
     Export(export_cmd::ExportArgs),
     /// Train and evaluate one run per point of a grid over one or two options.
     Sweep(sweep_cmd::SweepArgs),

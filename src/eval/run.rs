@@ -92,9 +92,9 @@ impl SaeEval {
 /// Evaluate the SAE at `path` (run directory, checkpoint directory or weight file).
 pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval> {
     let dir = checkpoint_dir(path);
-    let run_cfg = match dir.join(CONFIG_FILE).is_file() {
-        true => Some(TrainConfig::load(&dir.join(CONFIG_FILE)).with_context(|| format!("{}", dir.display()))?),
-        false => None,
+    let run_cfg = match crate::train::run_config_file(&dir) {
+        Some(p) => Some(TrainConfig::load(&p).with_context(|| format!("{}", dir.display()))?),
+        None => None,
     };
     let has_state = dir.join(STATE_FILE).is_file();
     let is_run = run_cfg.is_some() && has_state;

@@ -1,6 +1,6 @@
 //! dictionary_learning layout (saprmarks/dictionary_learning: the PyPI release 0.1.0 and GitHub
 //! main of 2025-08 read it alike): a folder with `ae.pt`, a `torch.save` state dict
-//! ([`super::torch_save`]), and `config.json`, which `dictionary_learning.utils.load_dictionary(
+//! ([`super::torch_pt`]), and `config.json`, which `dictionary_learning.utils.load_dictionary(
 //! folder, device)` reads for `trainer.dict_class` (and `trainer.k`) to pick the class:
 //!
 //! | saetrain SAE | class | state dict |
@@ -16,8 +16,9 @@
 //!   `AutoEncoder.from_pretrained` makes them by default, asserting the outputs unchanged). Our
 //!   rows have norm 1/s after an input scale s is folded in. Latent j of a JumpReLU or standard SAE
 //!   is rescaled by its row norm n_j (`W_dec_j / n_j`; `W_enc_j`, `b_enc_j`, `threshold_j` times
-//!   n_j): exact, since those rules look at one latent at a time. TopK compares latents, so its
-//!   SAE is rescaled by one factor, the mean row norm, which keeps its ranking. dictionary_learning
+//!   n_j): exact, since those rules look at one latent at a time. TopK and hybrid's per-token cap
+//!   compare a token's latents, so those SAEs are rescaled by one factor, the mean row norm, which
+//!   keeps the ranking. dictionary_learning
 //!   therefore gives saetrain's codes times n_j (the codes of a unit-norm decoder: raw activation
 //!   units, as its own `scale_biases` leaves them) and the same reconstructions.
 //! - dictionary_learning's `BatchTopKSAE` has one scalar threshold; ours are per latent, so a
@@ -28,12 +29,13 @@
 //!   changes in `config.json` (`saetrain.per_token_cap_note`).
 
 use super::saelens::{per_token_cap_note, transpose, ExportedSae, RunTimeNorm};
-use super::torch_save::{state_dict_bytes, Tensor};
+use super::torch_pt::read::TensorData;
+use super::torch_pt::{read_state_dict, state_dict_bytes, LoadedTensor, Tensor};
 use crate::sparsify::Selection;
 use crate::util::atomic::{write_atomic, write_json_atomic};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The state dict's file.
 pub const DL_WEIGHTS_FILE: &str = "ae.pt";
@@ -99,18 +101,23 @@ impl ExportedSae {
         })
     }
 
+    /// Whether the SAE's rule ranks a token's latents against each other (TopK; hybrid's per-token
+    /// cap, which saetrain's loader applies): then one factor for all, which keeps the ranking.
+    fn compares_latents(&self, class: &Class) -> bool {
+        matches!(class, Class::TopK { .. }) || self.per_token_cap.is_some()
+    }
+
     /// The state dict dictionary_learning's class loads.
     fn dl_state_dict(&self) -> Result<StateDict> {
         let class = self.dl_class()?;
         let (d, f) = (self.d_in, self.d_sae);
         let norms = self.w_dec.chunks(d).map(|r| r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt());
-        let scale: Vec<f64> = match class {
-            Class::TopK { .. } => {
-                let live: Vec<f64> = norms.filter(|&n| n > 0.0).collect();
-                let mean = if live.is_empty() { 1.0 } else { live.iter().sum::<f64>() / live.len() as f64 };
-                vec![mean; f]
-            }
-            _ => norms.map(|n| if n > 0.0 { n } else { 1.0 }).collect(),
+        let scale: Vec<f64> = if self.compares_latents(&class) {
+            let live: Vec<f64> = norms.filter(|&n| n > 0.0).collect();
+            let mean = if live.is_empty() { 1.0 } else { live.iter().sum::<f64>() / live.len() as f64 };
+            vec![mean; f]
+        } else {
+            norms.map(|n| if n > 0.0 { n } else { 1.0 }).collect()
         };
         let by_latent = |v: &[f32], op: fn(f64, f64) -> f64| -> Vec<f32> {
             let width = v.len() / f;
@@ -145,7 +152,8 @@ impl ExportedSae {
                     ("b_enc", f32s(by_latent(&folded, times), vec![f])),
                     ("W_dec", f32s(w_dec, vec![f, d])),
                     ("b_dec", f32s(self.b_dec.clone(), vec![d])),
-                    ("threshold", f32s(by_latent(theta, times), vec![f])),
+                    // f32::MAX (never fires) stays finite when scaled up.
+                    ("threshold", f32s(by_latent(theta, |x, c| (x * c).min(f32::MAX as f64)), vec![f])),
                 ]
             }
             Class::Standard => vec![
@@ -199,9 +207,9 @@ impl ExportedSae {
             "decoder_rows_normalized": format!(
                 "decoder rows scaled to unit norm (factors {lo:.6e} to {hi:.6e}; {}), so these codes are saetrain's times \
                  the factor and the reconstructions are saetrain's",
-                match class {
-                    Class::TopK { .. } => "one factor for all latents, the mean row norm, which keeps TopK's ranking",
-                    _ => "each latent by its own row norm",
+                match self.compares_latents(class) {
+                    true => "one factor for all latents, the mean row norm, which keeps the ranking of a token's latents",
+                    false => "each latent by its own row norm",
                 }
             ),
         });
@@ -218,6 +226,196 @@ impl ExportedSae {
             c["buffer"] = json!({"d_submodule": self.d_in, "ctx_len": ctx});
         }
         c
+    }
+}
+
+/// Whether `dir/config.json` is dictionary_learning's (it names `trainer.dict_class`), not a
+/// training run's `config.json`.
+pub fn is_dictionary_learning_config(dir: &Path) -> bool {
+    let cfg = std::fs::read_to_string(dir.join(DL_CONFIG_FILE)).ok();
+    let cfg = cfg.and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    cfg.is_some_and(|c| c["trainer"]["dict_class"].is_string())
+}
+
+/// The classes [`load_dictionary_learning`] reads.
+const KNOWN_CLASSES: [&str; 5] =
+    ["AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder", "AutoEncoder"];
+
+/// A dictionary_learning checkpoint (`ae.pt` + `config.json`, one folder of what its trainers
+/// write), read as its class's `from_pretrained` + default `encode` would run it:
+/// - `AutoEncoderTopK`: TopK with the state dict's `k` (`encode` ignores its threshold by default).
+/// - `BatchTopKSAE`, `MatryoshkaBatchTopKSAE`: `encode` thresholds by default: JumpReLU with the
+///   scalar threshold for every latent (refused while it is still -1, never estimated).
+/// - `JumpReluAutoEncoder`: the input is not centred (`apply_b_dec_to_input` False from a file),
+///   so `b_enc + W_enc b_dec` is the bias of our centred form.
+/// - `AutoEncoder`: `from_pretrained` normalises the decoder's columns by default (and scales the
+///   encoder to match); so does this loader, with torch's `allclose` test for "already unit".
+/// - A `saetrain.per_token_cap` (saetrain's hybrid exports) is applied, as for SAELens files.
+pub fn load_dictionary_learning(dir: &Path) -> Result<ExportedSae> {
+    let cfg_path = dir.join(DL_CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
+    let cfg: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
+    let Some(class) = cfg["trainer"]["dict_class"].as_str() else {
+        bail!("{}: field 'trainer.dict_class' is missing or not a string", cfg_path.display())
+    };
+    ensure!(
+        KNOWN_CLASSES.contains(&class),
+        "{}: field 'trainer.dict_class' is '{class}', which this loader does not read (known: {})",
+        cfg_path.display(),
+        KNOWN_CLASSES.join(", ")
+    );
+    let w_path = dir.join(DL_WEIGHTS_FILE);
+    let sd = StateDictFile { path: w_path.clone(), entries: read_state_dict(&w_path)? };
+    // The weights in our orientation (F x d encoder and decoder), then the class's rule.
+    let (w_enc, b_enc, w_dec, b_dec) = match class {
+        "AutoEncoderTopK" | "BatchTopKSAE" | "AutoEncoder" => {
+            let [f, d] = sd.shape2("encoder.weight")?;
+            let bias = if class == "AutoEncoder" { "bias" } else { "b_dec" };
+            (
+                sd.get("encoder.weight", &[f, d], "[dict_size, activation_dim]")?,
+                sd.get("encoder.bias", &[f], "[dict_size]")?,
+                transpose(&sd.get("decoder.weight", &[d, f], "[activation_dim, dict_size]")?, d, f),
+                sd.get(bias, &[d], "[activation_dim]")?,
+            )
+        }
+        _ => {
+            let [d, f] = sd.shape2("W_enc")?;
+            (
+                transpose(&sd.get("W_enc", &[d, f], "[activation_dim, dict_size]")?, d, f),
+                sd.get("b_enc", &[f], "[dict_size]")?,
+                sd.get("W_dec", &[f, d], "[dict_size, activation_dim]")?,
+                sd.get("b_dec", &[d], "[activation_dim]")?,
+            )
+        }
+    };
+    let (d, f) = (b_dec.len(), b_enc.len());
+    let mut sae = ExportedSae {
+        d_in: d,
+        d_sae: f,
+        w_enc,
+        b_enc,
+        w_dec,
+        b_dec,
+        threshold: None,
+        architecture: "standard".into(),
+        k: None,
+        per_token_cap: None,
+        norm: RunTimeNorm::None,
+    };
+    match class {
+        "AutoEncoderTopK" => {
+            let kk = sd.int_scalar("k")?;
+            if let Some(given) = cfg["trainer"]["k"].as_i64() {
+                ensure!(
+                    given == kk,
+                    "{}: field 'trainer.k' is {given} but tensor 'k' of {} is {kk}",
+                    cfg_path.display(),
+                    w_path.display()
+                );
+            }
+            ensure!(
+                kk >= 1 && kk as usize <= f,
+                "{}: tensor 'k' is {kk}; it must lie in 1..={f} (dict_size)",
+                w_path.display()
+            );
+            sae.k = Some(kk as usize);
+            sae.architecture = "topk".into();
+        }
+        "BatchTopKSAE" | "MatryoshkaBatchTopKSAE" => {
+            let t = sd.float_scalar("threshold")?;
+            ensure!(
+                t >= 0.0,
+                "{}: tensor 'threshold' is {t}: never estimated during training, and {class}'s default encode \
+                 then keeps every positive code; it cannot be read as the SAE it was trained to be",
+                w_path.display()
+            );
+            sae.threshold = Some(vec![t; f]);
+            sae.architecture = "jumprelu".into();
+        }
+        "JumpReluAutoEncoder" => {
+            sae.threshold = Some(sd.get("threshold", &[f], "[dict_size]")?);
+            // x W_enc + b_enc = W_enc (x - b_dec) + (b_enc + W_enc b_dec)
+            for (row, b) in sae.w_enc.chunks(d).zip(sae.b_enc.iter_mut()) {
+                *b = (*b as f64 + row.iter().zip(&sae.b_dec).map(|(&w, &bd)| w as f64 * bd as f64).sum::<f64>()) as f32;
+            }
+            sae.architecture = "jumprelu".into();
+            sae.per_token_cap = cfg["saetrain"]["per_token_cap"].as_u64().map(|c| c as usize);
+        }
+        _ => normalize_decoder_like_from_pretrained(&mut sae),
+    }
+    Ok(sae)
+}
+
+/// `AutoEncoder.normalize_decoder`: unless every decoder column's norm is `allclose` to 1
+/// (|n - 1| <= 1e-8 + 1e-5), divide each by its norm and multiply its encoder row and bias by it.
+fn normalize_decoder_like_from_pretrained(sae: &mut ExportedSae) {
+    let d = sae.d_in;
+    let norms: Vec<f64> =
+        sae.w_dec.chunks(d).map(|r| r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt()).collect();
+    if norms.iter().all(|&n| (n - 1.0).abs() <= 1e-8 + 1e-5) {
+        return;
+    }
+    for (j, &n) in norms.iter().enumerate() {
+        // torch divides by a zero norm too (a NaN column); a dead row is left as it is instead.
+        if n == 0.0 {
+            continue;
+        }
+        sae.w_dec[j * d..(j + 1) * d].iter_mut().for_each(|v| *v = (*v as f64 / n) as f32);
+        sae.w_enc[j * d..(j + 1) * d].iter_mut().for_each(|v| *v = (*v as f64 * n) as f32);
+        sae.b_enc[j] = (sae.b_enc[j] as f64 * n) as f32;
+    }
+}
+
+/// A read state dict and its file, for errors that name both.
+struct StateDictFile {
+    path: PathBuf,
+    entries: Vec<(String, LoadedTensor)>,
+}
+
+impl StateDictFile {
+    fn tensor(&self, name: &str) -> Result<&LoadedTensor> {
+        match self.entries.iter().find(|(n, _)| n == name) {
+            Some((_, t)) => Ok(t),
+            None => {
+                let names: Vec<&str> = self.entries.iter().map(|(n, _)| n.as_str()).collect();
+                bail!("{}: missing tensor '{name}' (the file holds: {})", self.path.display(), names.join(", "))
+            }
+        }
+    }
+    fn shape2(&self, name: &str) -> Result<[usize; 2]> {
+        match self.tensor(name)?.shape[..] {
+            [a, b] if a > 0 && b > 0 => Ok([a, b]),
+            ref s => bail!("{}: tensor '{name}' has shape {s:?}, expected two non-empty axes", self.path.display()),
+        }
+    }
+    /// Tensor `name` as f32, checked to have `shape` (`what` names its axes) and finite values.
+    fn get(&self, name: &str, shape: &[usize], what: &str) -> Result<Vec<f32>> {
+        let t = self.tensor(name)?;
+        ensure!(
+            t.shape == shape,
+            "{}: tensor '{name}' has shape {:?}, expected {shape:?} ({what})",
+            self.path.display(),
+            t.shape
+        );
+        let TensorData::Float(v) = &t.data else {
+            bail!("{}: tensor '{name}' holds integers, expected floats", self.path.display())
+        };
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            bail!("{}: tensor '{name}' holds a non-finite value at flat index {i}", self.path.display());
+        }
+        Ok(v.clone())
+    }
+    fn int_scalar(&self, name: &str) -> Result<i64> {
+        match &self.tensor(name)?.data {
+            TensorData::Int(v) if v.len() == 1 => Ok(v[0]),
+            _ => bail!("{}: tensor '{name}' is not one integer", self.path.display()),
+        }
+    }
+    fn float_scalar(&self, name: &str) -> Result<f32> {
+        match &self.tensor(name)?.data {
+            TensorData::Float(v) if v.len() == 1 && v[0].is_finite() => Ok(v[0]),
+            _ => bail!("{}: tensor '{name}' is not one finite number", self.path.display()),
+        }
     }
 }
 
@@ -365,6 +563,126 @@ mod tests {
         let sd = saes[1].dl_state_dict().unwrap();
         assert_eq!(sd.scale[5], 1.0);
         assert!(tensor(&sd.entries, "threshold")[3] >= f32::MAX);
+    }
+
+    /// Our exports read back by our loader: the codes of the file (ours times the factor) and
+    /// our reconstructions; hybrid's cap comes back with it.
+    #[test]
+    fn exports_read_back_as_the_files_say() {
+        let (d, f, rows) = (5, 19, 31);
+        let w_dec: Vec<f32> = (0..f * d).map(|i| ((i * 7 % 11) as f32 - 5.0) * (1.0 + (i / d % 3) as f32)).collect();
+        let base = ExportedSae {
+            d_in: d,
+            d_sae: f,
+            w_enc: (0..f * d).map(|i| (i as f32 * 0.61).cos()).collect(),
+            b_enc: (0..f).map(|j| 0.05 * j as f32 - 0.4).collect(),
+            w_dec,
+            b_dec: vec![1.0, -2.0, 0.5, 3.0, -0.25],
+            threshold: None,
+            architecture: "standard".into(),
+            k: None,
+            per_token_cap: None,
+            norm: RunTimeNorm::None,
+        };
+        let theta: Vec<f32> = (0..f).map(|j| 0.1 * (j % 4) as f32).collect();
+        let saes = [
+            ExportedSae { architecture: "topk".into(), k: Some(3), ..base.clone() },
+            ExportedSae { architecture: "jumprelu".into(), threshold: Some(theta.clone()), ..base.clone() },
+            ExportedSae {
+                architecture: "jumprelu".into(),
+                threshold: Some(theta),
+                per_token_cap: Some(2),
+                ..base.clone()
+            },
+            base,
+        ];
+        let x: Vec<f32> = (0..rows * d).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.7).collect();
+        for (n, s) in saes.iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            s.save_dictionary_learning(dir.path(), &json!({}), None).unwrap();
+            let back = load_dictionary_learning(dir.path()).unwrap();
+            assert_eq!(back.per_token_cap, s.per_token_cap, "case {n}");
+            let scale = s.dl_state_dict().unwrap().scale;
+            let (ours, recon) = s.forward(&x, rows).unwrap();
+            let (theirs, recon_back) = back.forward(&x, rows).unwrap();
+            let (ours, theirs) = (ours.to_dense(), theirs.to_dense());
+            for (e, (&a, &b)) in ours.iter().zip(&theirs).enumerate() {
+                let want = a as f64 * scale[e % f];
+                assert!((b as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "case {n} entry {e}: {b} vs {want}");
+            }
+            for (&a, &b) in recon.iter().zip(&recon_back) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "case {n}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// Files dictionary_learning's own trainers write: a BatchTopKSAE's scalar threshold becomes
+    /// every latent's; an AutoEncoder's decoder is normalised as `from_pretrained` does; and what
+    /// cannot be read says why.
+    #[test]
+    fn their_classes_read_as_their_from_pretrained_runs_them() {
+        let (d, f) = (3, 4);
+        let w_enc: Vec<f32> = (0..f * d).map(|i| i as f32 * 0.1 - 0.5).collect();
+        let dec_t: Vec<f32> = (0..d * f).map(|i| 2.0 + i as f32).collect(); // d x F, columns of norm > 1
+        let (b_enc, b_dec) = (vec![0.1f32; f], vec![0.2f32; d]);
+        let write = |class: &str, entries: &[(&str, Tensor<'_>)]| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(DL_WEIGHTS_FILE), state_dict_bytes("ae", entries).unwrap()).unwrap();
+            std::fs::write(
+                dir.path().join(DL_CONFIG_FILE),
+                json!({"trainer": {"dict_class": class, "k": 2}}).to_string(),
+            )
+            .unwrap();
+            dir
+        };
+        let k = [2i32];
+        for t in [0.25f32, -1.0] {
+            let th = [t];
+            let dir = write(
+                "BatchTopKSAE",
+                &[
+                    ("encoder.weight", Tensor::F32(&w_enc, vec![f, d])),
+                    ("encoder.bias", Tensor::F32(&b_enc, vec![f])),
+                    ("decoder.weight", Tensor::F32(&dec_t, vec![d, f])),
+                    ("b_dec", Tensor::F32(&b_dec, vec![d])),
+                    ("k", Tensor::I32(&k, vec![])),
+                    ("threshold", Tensor::F32(&th, vec![])),
+                ],
+            );
+            match load_dictionary_learning(dir.path()) {
+                Ok(s) => {
+                    assert_eq!(s.threshold, Some(vec![0.25; f]));
+                    assert_eq!(s.architecture, "jumprelu");
+                    assert_eq!(s.w_dec, transpose(&dec_t, d, f));
+                }
+                Err(e) => assert!(t < 0.0 && format!("{e:#}").contains("never estimated"), "{e:#}"),
+            }
+        }
+        let dir = write(
+            "AutoEncoder",
+            &[
+                ("bias", Tensor::F32(&b_dec, vec![d])),
+                ("encoder.weight", Tensor::F32(&w_enc, vec![f, d])),
+                ("encoder.bias", Tensor::F32(&b_enc, vec![f])),
+                ("decoder.weight", Tensor::F32(&dec_t, vec![d, f])),
+            ],
+        );
+        let s = load_dictionary_learning(dir.path()).unwrap();
+        let dec = transpose(&dec_t, d, f);
+        for j in 0..f {
+            let n = dec[j * d..(j + 1) * d].iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            for i in 0..d {
+                assert!((s.w_dec[j * d + i] as f64 - dec[j * d + i] as f64 / n).abs() < 1e-6);
+                assert!((s.w_enc[j * d + i] as f64 - w_enc[j * d + i] as f64 * n).abs() < 1e-5);
+            }
+            assert!((s.b_enc[j] as f64 - 0.1 * n).abs() < 1e-5);
+        }
+        let dir = write("GatedAutoEncoder", &[("bias", Tensor::F32(&b_dec, vec![d]))]);
+        let e = format!("{:#}", load_dictionary_learning(dir.path()).unwrap_err());
+        assert!(e.contains("'GatedAutoEncoder'") && e.contains("known: AutoEncoderTopK"), "{e}");
+        let dir = write("AutoEncoder", &[("bias", Tensor::F32(&b_dec, vec![d]))]);
+        let e = format!("{:#}", load_dictionary_learning(dir.path()).unwrap_err());
+        assert!(e.contains("ae.pt") && e.contains("missing tensor 'encoder.weight' (the file holds: bias)"), "{e}");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Loading an SAE for inference, independently of training: the SAELens layout (`cfg.json` +
-//! `sae_weights.safetensors`, also what every run directory holds) and EleutherAI sparsify's
-//! (`cfg.json` + `sae.safetensors`). Tensors may be F32, F16, BF16 or F64.
+//! `sae_weights.safetensors`, also what every run directory holds), EleutherAI sparsify's
+//! (`cfg.json` + `sae.safetensors`) and dictionary_learning's (`config.json` + `ae.pt`, read in
+//! [`super::dictionary_learning`]). Tensors may be F32, F16, BF16 or F64.
 //!
 //! A checkpoint that does not describe one SAE consistently is refused with a message naming
 //! the file and the field: a missing tensor, a tensor of the wrong shape, a `cfg.json` value that
 //! disagrees with the tensors, an unknown architecture.
 
+use super::dictionary_learning::{load_dictionary_learning, DL_CONFIG_FILE, DL_WEIGHTS_FILE};
 use super::saelens::{ExportedSae, RunTimeNorm, CFG_FILE, SAELENS_LN_EPS, WEIGHTS_FILE};
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::Dtype;
@@ -22,6 +24,7 @@ pub const SPARSIFY_WEIGHTS_FILE: &str = "sae.safetensors";
 pub enum Layout {
     Saelens,
     Sparsify,
+    DictionaryLearning,
 }
 
 impl Layout {
@@ -29,6 +32,7 @@ impl Layout {
         match self {
             Layout::Saelens => "saelens",
             Layout::Sparsify => "sparsify",
+            Layout::DictionaryLearning => "dictionary_learning",
         }
     }
 }
@@ -41,14 +45,20 @@ pub fn detect_layout(dir: &Path) -> Result<Layout> {
     if dir.join(SPARSIFY_WEIGHTS_FILE).is_file() {
         return Ok(Layout::Sparsify);
     }
+    if dir.join(DL_WEIGHTS_FILE).is_file() {
+        return Ok(Layout::DictionaryLearning);
+    }
     if !dir.exists() {
         bail!("{}: no such file or directory", dir.display());
     }
-    // A sparsify hub checkout holds one sub-directory per hookpoint.
+    // A sparsify hub checkout holds one sub-directory per hookpoint, a dictionary_learning
+    // training folder one per trainer.
     let subs: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
-                .filter(|e| e.path().join(SPARSIFY_WEIGHTS_FILE).is_file() || e.path().join(WEIGHTS_FILE).is_file())
+                .filter(|e| {
+                    [SPARSIFY_WEIGHTS_FILE, WEIGHTS_FILE, DL_WEIGHTS_FILE].iter().any(|w| e.path().join(w).is_file())
+                })
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         })
@@ -74,11 +84,14 @@ pub fn detect_layout(dir: &Path) -> Result<Layout> {
         );
     }
     bail!(
-        "{}: not an SAE checkpoint: expected {} (SAELens layout) or {} (sparsify layout) beside {}",
+        "{}: not an SAE checkpoint: expected {} (SAELens layout) or {} (sparsify layout) beside {}, or {} \
+         beside {} (dictionary_learning layout)",
         dir.display(),
         WEIGHTS_FILE,
         SPARSIFY_WEIGHTS_FILE,
-        CFG_FILE
+        CFG_FILE,
+        DL_WEIGHTS_FILE,
+        DL_CONFIG_FILE
     )
 }
 
@@ -94,6 +107,7 @@ pub fn load_sae_with_layout(path: &Path) -> Result<(ExportedSae, Layout)> {
     let sae = match layout {
         Layout::Saelens => load_saelens(&dir)?,
         Layout::Sparsify => load_sparsify(&dir)?,
+        Layout::DictionaryLearning => load_dictionary_learning(&dir)?,
     };
     Ok((sae, layout))
 }

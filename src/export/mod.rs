@@ -5,7 +5,7 @@ pub mod eleuther;
 pub mod infer;
 pub mod load;
 pub mod saelens;
-pub mod torch_save;
+pub mod torch_pt;
 
 pub use load::{load_sae, Layout};
 pub use saelens::ExportedSae;

@@ -25,6 +25,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub const CONFIG_FILE: &str = "config.json";
+
+/// `dir/config.json` when it is a training run's config: a dictionary_learning checkpoint's
+/// `config.json` has the same name.
+pub fn run_config_file(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let p = dir.join(CONFIG_FILE);
+    (p.is_file() && !crate::export::dictionary_learning::is_dictionary_learning_config(dir)).then_some(p)
+}
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 /// Written when the run's loss stopped being finite ([`Diverged`]); removed when a run in the

@@ -1,24 +1,11 @@
-//! A `torch.save(state_dict)` file written without torch: what `torch.load` reads, including its
-//! default `weights_only=True` unpickler (which admits `collections.OrderedDict`,
-//! `torch._utils._rebuild_tensor_v2` and the typed storage classes, and nothing else used here).
-//!
-//! The layout is torch's zip serialisation (torch >= 1.6): an uncompressed zip whose entries sit
-//! under one folder (`<name>/`), each entry's data aligned to 64 bytes as torch aligns them:
-//! - `data.pkl`: a protocol-2 pickle of an `OrderedDict` mapping each name to
-//!   `_rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())`, where `storage` is the
-//!   persistent id `('storage', torch.FloatStorage, '<key>', 'cpu', numel)`;
-//! - `data/<key>`: that storage's bytes, little-endian;
-//! - `.format_version` "1", `.storage_alignment` "64", `byteorder` "little", `version` "3".
-//!
-//! The pickle uses no memo (torch's own writer memoises; the reader does not need it).
+//! Writing a state dict as `torch.save` does (the layout: [`super`]).
 
 use anyhow::{ensure, Context, Result};
 use std::io::{Cursor, Write};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipWriter};
 
-/// torch's storage alignment within the zip (`torch.serialization._get_storage_alignment`).
-const ALIGNMENT: u16 = 64;
+use super::ALIGNMENT;
 
 /// One tensor of a state dict: row-major data and its shape (`[]` for a scalar).
 pub enum Tensor<'a> {
