@@ -339,7 +339,14 @@ pub fn load_dictionary_learning(dir: &Path) -> Result<ExportedSae> {
                 *b = (*b as f64 + row.iter().zip(&sae.b_dec).map(|(&w, &bd)| w as f64 * bd as f64).sum::<f64>()) as f32;
             }
             sae.architecture = "jumprelu".into();
-            sae.per_token_cap = cfg["saetrain"]["per_token_cap"].as_u64().map(|c| c as usize);
+            if let Some(cap) = cfg["saetrain"]["per_token_cap"].as_u64() {
+                ensure!(
+                    cap >= 1 && cap as usize <= f,
+                    "{}: field 'saetrain.per_token_cap' is {cap}; it must lie in 1..={f} (dict_size)",
+                    cfg_path.display()
+                );
+                sae.per_token_cap = Some(cap as usize);
+            }
         }
         _ => normalize_decoder_like_from_pretrained(&mut sae),
     }

@@ -46,7 +46,8 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, LoadedTensor)>> {
     let mut record = |name: &str| -> Result<Vec<u8>> {
         let full = format!("{prefix}{name}");
         let mut f = zip.by_name(&full).with_context(|| format!("{}: no record {full}", path.display()))?;
-        let mut v = Vec::with_capacity(f.size() as usize);
+        // The zip's declared size is not trusted for the allocation.
+        let mut v = Vec::with_capacity(f.size().min(1 << 28) as usize);
         f.read_to_end(&mut v).with_context(|| format!("{}: cannot read record {full}", path.display()))?;
         Ok(v)
     };
@@ -118,16 +119,23 @@ impl TensorRef {
     fn gather(&self, bytes: &[u8]) -> Result<LoadedTensor> {
         let size = self.dtype.size();
         ensure!(
-            bytes.len() >= self.numel * size,
+            self.numel.checked_mul(size).is_some_and(|n| bytes.len() >= n),
             "storage record data/{} holds {} bytes, its pickle says {} values of {size}",
             self.key,
             bytes.len(),
             self.numel
         );
-        let count: usize = self.shape.iter().product();
+        let overflow = || anyhow::anyhow!("shape {:?} stride {:?} overflows", self.shape, self.stride);
+        let count = self.shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n)).ok_or_else(overflow)?;
+        // A view of more values than its storage holds is a broadcast, which no state dict has.
+        ensure!(count <= self.numel, "shape {:?} holds {count} values, its storage {}", self.shape, self.numel);
         // The largest element offset the view reaches must lie in the storage.
-        let last =
-            self.offset + self.shape.iter().zip(&self.stride).map(|(&n, &s)| n.saturating_sub(1) * s).sum::<usize>();
+        let last = self
+            .shape
+            .iter()
+            .zip(&self.stride)
+            .try_fold(self.offset, |a, (&n, &s)| n.saturating_sub(1).checked_mul(s).and_then(|x| a.checked_add(x)))
+            .ok_or_else(overflow)?;
         ensure!(
             count == 0 || last < self.numel,
             "shape {:?} stride {:?} offset {} reaches element {last} of a storage of {}",
@@ -538,6 +546,27 @@ mod tests {
         let (_d, path) = file(&z.finish().unwrap().into_inner());
         let e = read_state_dict(&path).unwrap_err();
         assert!(format!("{e:#}").contains("calls os.system"), "{e:#}");
+    }
+
+    /// A hostile view: 2^40 values broadcast (stride 0) from a one-value storage is refused
+    /// before anything is allocated for it.
+    #[test]
+    fn a_view_larger_than_its_storage_is_refused() {
+        let mut p: Vec<u8> =
+            b"\x80\x02}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storage".to_vec();
+        p.extend_from_slice(b"ctorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQK\x00");
+        p.extend_from_slice(&[0x8a, 6, 0, 0, 0, 0, 0, 1, 0x85, b'K', 0, 0x85, 0x89]);
+        p.extend_from_slice(b"ccollections\nOrderedDict\n)RtRu.");
+        let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let o = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        use std::io::Write;
+        z.start_file("a/data.pkl", o).unwrap();
+        z.write_all(&p).unwrap();
+        z.start_file("a/data/0", o).unwrap();
+        z.write_all(&1f32.to_le_bytes()).unwrap();
+        let (_d, path) = file(&z.finish().unwrap().into_inner());
+        let e = format!("{:#}", read_state_dict(&path).unwrap_err());
+        assert!(e.contains("tensor 'w'") && e.contains("holds 1099511627776 values, its storage 1"), "{e}");
     }
 
     #[test]
