@@ -49,22 +49,32 @@ enum Owned {
     I32(Vec<i32>, Vec<usize>),
 }
 
+impl Owned {
+    /// The writer's view of it.
+    fn view(&self) -> Tensor<'_> {
+        match self {
+            Self::F32(v, shape) => Tensor::F32(v, shape.clone()),
+            Self::I32(v, shape) => Tensor::I32(v, shape.clone()),
+        }
+    }
+}
+
 /// What `ae.pt` holds: the class, its tensors in order, and per latent the factor its decoder row
 /// was divided by (its codes multiplied by).
-struct StateDict {
-    class: Class,
+struct StateDict<'a> {
+    class: Class<'a>,
     entries: Vec<(&'static str, Owned)>,
     scale: Vec<f64>,
 }
 
 /// How an SAE is written for dictionary_learning.
-enum Class {
+enum Class<'a> {
     TopK { k: usize },
-    JumpRelu { theta: Vec<f32> },
+    JumpRelu { theta: &'a [f32] },
     Standard,
 }
 
-impl Class {
+impl Class<'_> {
     fn name(&self) -> &'static str {
         match self {
             Self::TopK { .. } => "AutoEncoderTopK",
@@ -75,12 +85,7 @@ impl Class {
 }
 
 impl ExportedSae {
-    /// The dictionary_learning class of this SAE (`config.json` `trainer.dict_class`).
-    pub fn dictionary_learning_class(&self) -> Result<&'static str> {
-        Ok(self.dl_class()?.name())
-    }
-
-    fn dl_class(&self) -> Result<Class> {
+    fn dl_class(&self) -> Result<Class<'_>> {
         if self.norm != RunTimeNorm::None {
             bail!(
                 "the dictionary_learning layout has no input normalisation, and this SAE expects per-token \
@@ -89,9 +94,7 @@ impl ExportedSae {
         }
         Ok(match self.selection()? {
             Selection::TopK { k } => Class::TopK { k },
-            Selection::JumpRelu { theta } | Selection::JumpReluCap { theta, .. } => {
-                Class::JumpRelu { theta: theta.to_vec() }
-            }
+            Selection::JumpRelu { theta } | Selection::JumpReluCap { theta, .. } => Class::JumpRelu { theta },
             Selection::Relu => Class::Standard,
             Selection::BatchTopK { .. } => bail!(
                 "this batchtopk SAE has no thresholds, and dictionary_learning's BatchTopKSAE keeps every positive \
@@ -108,7 +111,7 @@ impl ExportedSae {
     }
 
     /// The state dict dictionary_learning's class loads.
-    fn dl_state_dict(&self) -> Result<StateDict> {
+    fn dl_state_dict(&self) -> Result<StateDict<'_>> {
         let class = self.dl_class()?;
         let (d, f) = (self.d_in, self.d_sae);
         let norms = self.w_dec.chunks(d).map(|r| r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt());
@@ -171,16 +174,7 @@ impl ExportedSae {
     /// block; both go under `config.json`'s `saetrain` key.
     pub fn save_dictionary_learning(&self, dir: &Path, metadata: &Value, extra: Option<Value>) -> Result<()> {
         let StateDict { class, entries, scale } = self.dl_state_dict()?;
-        let tensors: Vec<(&str, Tensor<'_>)> = entries
-            .iter()
-            .map(|(name, t)| {
-                let t = match t {
-                    Owned::F32(v, shape) => Tensor::F32(v, shape.clone()),
-                    Owned::I32(v, shape) => Tensor::I32(v, shape.clone()),
-                };
-                (*name, t)
-            })
-            .collect();
+        let tensors: Vec<(&str, Tensor<'_>)> = entries.iter().map(|(name, t)| (*name, t.view())).collect();
         let bytes = state_dict_bytes("ae", &tensors)?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         write_atomic(&dir.join(DL_WEIGHTS_FILE), &bytes)?;
