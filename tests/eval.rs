@@ -201,6 +201,15 @@ fn export_load_roundtrip_both_formats() {
     assert_eq!(layout, Layout::Sparsify);
     assert_eq!(back, sae);
     assert_eq!(back.forward(&x, 40).unwrap(), sae.forward(&x, 40).unwrap());
+    // A folder holding two layouts: a weight file named explicitly is read in its own layout,
+    // the folder in SAELens's.
+    let both = tmp.path().join("both");
+    let other = random_sae("jumprelu", 8, 16, 10);
+    other.save_saelens(&both, json!({}), None).unwrap();
+    std::fs::copy(dir.join(SPARSIFY_WEIGHTS_FILE), both.join(SPARSIFY_WEIGHTS_FILE)).unwrap();
+    assert_eq!(load_sae_with_layout(&both).unwrap().1, Layout::Saelens);
+    let e = format!("{:#}", load_sae_with_layout(&both.join(SPARSIFY_WEIGHTS_FILE)).unwrap_err());
+    assert!(e.contains("cfg.json") && e.contains("'k'"), "read as sparsify, whose cfg.json needs k: {e}");
     // A JumpReLU SAE has no sparsify form unless converted explicitly.
     let err = random_sae("jumprelu", 8, 16, 1).save_sparsify(&tmp.path().join("no")).unwrap_err().to_string();
     assert!(err.contains("TopK"), "{err}");
@@ -256,6 +265,22 @@ fn malformed_checkpoints_are_refused() {
     // topk without k
     let e = fail("k", json!({"architecture": "topk", "d_in": 4, "d_sae": 6}), saelens_tensors(&sae));
     assert!(e.contains("'k'"), "{e}");
+    // a tensor the architecture does not have (SAELens loads its state dict strictly)
+    let mut t = saelens_tensors(&sae);
+    t.push(("W_skip", vec![4, 4], vec![0.0; 16]));
+    let e = fail("skip", good.clone(), t);
+    assert!(e.contains("tensor 'W_skip' is not part of the SAELens standard SAE") && e.contains(WEIGHTS_FILE), "{e}");
+    let mut t = saelens_tensors(&sae);
+    t.push(("threshold", vec![6], vec![0.0; 6]));
+    let e = fail("topk-thr", json!({"architecture": "topk", "d_in": 4, "d_sae": 6, "k": 2}), t);
+    assert!(e.contains("'threshold' is not part of the SAELens topk SAE"), "{e}");
+    // a cfg.json that does not name the sizes is not SAELens's (a sparsify cfg.json beside
+    // SAELens weights)
+    for cfg in [json!({}), json!({"architecture": "standard", "d_in": 4}), json!({"k": 2, "num_latents": 6, "d_in": 4})]
+    {
+        let e = fail("sizes", cfg, saelens_tensors(&sae));
+        assert!(e.contains("field 'd_") && e.contains("is missing") && e.contains(CFG_FILE), "{e}");
+    }
     // neither layout
     let e = format!("{:#}", load_sae(tmp.path()).unwrap_err());
     assert!(e.contains("holds several SAEs") || e.contains("not an SAE checkpoint"), "{e}");
@@ -409,7 +434,7 @@ fn eval_export_and_pictures_on_a_run() {
     std::fs::write(run_a.join("ce_eval.json"), r#"{"ce_loss_score": 0.91, "kl_div_score": 0.93}"#).unwrap();
     let ea = evaluate(&run_a, "wta", &opts).unwrap();
     let out = tmp.path().join("report");
-    let table = write_outputs(std::slice::from_ref(&ea), &out, false, true).unwrap();
+    let (table, _) = write_outputs(std::slice::from_ref(&ea), &out, false, true).unwrap();
     assert!(table.contains("CE loss score") && table.contains("0.9100"), "{table}");
     let pngs = ["training_curves", "feature_density", "alignment", "enc_dec_cosine", "features_per_token"];
     for p in pngs {
@@ -517,8 +542,32 @@ fn eval_names_the_step_it_evaluated_and_never_mixes_two_checkpoints() {
     let tokens = cfg["metadata"]["trained_tokens"].as_u64().unwrap();
     cfg["metadata"]["trained_tokens"] = json!(tokens + 128);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    // While a trainer holds the run's lock, that is a race: try again.
+    let held = saetrain::train::rundir::lock(&dir).unwrap();
     let err = format!("{:#}", evaluate(&dir, "run", &EvalOptions::default()).unwrap_err());
     assert!(err.contains("wrote checkpoints faster than they could be read"), "{err}");
+    // With no writer it never resolves: the files were replaced, and the message says which
+    // field disagrees and how to write them again.
+    drop(held);
+    let err = format!("{:#}", evaluate(&dir, "run", &EvalOptions::default()).unwrap_err());
+    assert!(
+        err.contains("'metadata.trained_tokens' is")
+            && err.contains("no trainer is writing")
+            && err.contains("sae export"),
+        "{err}"
+    );
+    // Another SAE's files in the run's place (sizes or architecture unlike its trainer state's):
+    // refused, not reported beside the trainer state's numbers.
+    let other = tmp.path().join("other");
+    tiny_run(&other, SparsifierKind::Topk);
+    for f in [CFG_FILE, "sae_weights.safetensors"] {
+        std::fs::copy(other.join(f), dir.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["metadata"]["trained_tokens"] = json!(tokens);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = format!("{:#}", evaluate(&dir, "run", &EvalOptions::default()).unwrap_err());
+    assert!(err.contains("holds a topk SAE") && err.contains("not this run's"), "{err}");
 }
 
 /// On a run's own shards, `sae eval --tokens N` stays inside the run's held-out split: a split

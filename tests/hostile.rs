@@ -148,6 +148,71 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "eval --out a directory of the user's is refused without --overwrite; with it only the evaluation's files change",
+        setup: |d| {
+            ok(&train(&d.join("run"), &[]));
+            std::fs::create_dir(d.join("docs")).unwrap();
+            std::fs::write(d.join("docs/report.md"), "precious").unwrap();
+            std::fs::write(d.join("docs/notes.txt"), "mine").unwrap();
+            let (run, docs) = (s(&d.join("run")), s(&d.join("docs")));
+            let o = sae(&["eval", &run, "--out", &docs, "--no-plots"]);
+            assert!(!o.status.success(), "refused without --overwrite");
+            assert_eq!(std::fs::read_to_string(d.join("docs/report.md")).unwrap(), "precious");
+            assert!(!d.join("docs/eval.json").exists());
+            ["eval", &run, "--out", &docs, "--no-plots", "--overwrite"].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &[],
+        after: |d, _| {
+            assert_ne!(std::fs::read_to_string(d.join("docs/report.md")).unwrap(), "precious");
+            assert_eq!(std::fs::read_to_string(d.join("docs/notes.txt")).unwrap(), "mine");
+            assert_eq!(json(&d.join("docs/eval.json"))["files"], serde_json::json!(["eval.json", "report.md"]));
+        },
+    },
+    Case {
+        name: "eval --out another run's directory, or its eval/, is refused even with --overwrite",
+        setup: |d| {
+            ok(&train(&d.join("a"), &[]));
+            ok(&train(&d.join("b"), &["--seed", "3"]));
+            let (a, b) = (s(&d.join("a")), s(&d.join("b")));
+            let o = sae(&["eval", &a, "--out", &b, "--no-plots", "--overwrite"]);
+            assert!(!o.status.success() && stderr(&o).contains("holds a training run"), "{}", stderr(&o));
+            ["eval", &a, "--out", &s(&d.join("b/eval")), "--no-plots", "--overwrite"].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["is where the evaluation of the run", "--zipf-from"],
+        after: |d, _| {
+            assert!(!d.join("b/eval").exists() && !d.join("b/eval.json").exists());
+            ok(&sae(&["eval", &s(&d.join("b")), "--out", &s(&d.join("b/eval")), "--no-plots"]));
+        },
+    },
+    Case {
+        name: "a second evaluation into the same directory removes the first's files it does not write",
+        setup: |d| {
+            ok(&train(&d.join("run"), &[]));
+            let run = s(&d.join("run"));
+            ok(&sae(&["eval", &run]));
+            assert!(d.join("run/eval/feature_density.png").exists());
+            // A killed writer's temporary of a picture.
+            std::fs::write(d.join("run/eval/.alignment.png.999999999.tmp"), b"half").unwrap();
+            ["eval", &run, "--no-plots"].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &["removed", ".alignment.png.999999999.tmp"],
+        after: |d, _| {
+            let mut names: Vec<String> = std::fs::read_dir(d.join("run/eval"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            assert_eq!(names, ["eval.json", "report.md"]);
+        },
+    },
+    Case {
         name: "a failed PNG write names the file and leaves the previous picture whole",
         setup: |d| {
             ok(&train(&d.join("run"), &[]));

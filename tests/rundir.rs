@@ -44,27 +44,62 @@ fn train_refuses_a_finished_run_unless_overwrite() {
     ok(&train(&empty, &[]));
 }
 
+/// A run directory's cfg.json and sae_weights.safetensors are its own SAE: another SAE, another
+/// layout or a lossy `--k` export there would make the directory lie, `--overwrite` or not. Only
+/// the run's own plain SAELens export may go there (and into a fresh directory, no flag needed).
 #[test]
-fn export_refuses_another_runs_directory_unless_overwrite() {
+fn export_never_replaces_a_runs_own_sae() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     ok(&train(&a, &[]));
     ok(&train(&b, &["--seed", "3"]));
-    let b_cfg = std::fs::read(b.join("cfg.json")).unwrap();
-    let export = |extra: &[&str]| {
-        let mut args = vec!["export", a.to_str().unwrap(), "--format", "saelens", "--out", b.to_str().unwrap()];
+    let before = |d: &Path| {
+        (std::fs::read(d.join("cfg.json")).unwrap(), std::fs::read(d.join("sae_weights.safetensors")).unwrap())
+    };
+    let (a0, b0) = (before(&a), before(&b));
+    let export = |out: &Path, format: &str, extra: &[&str]| {
+        let mut args = vec!["export", a.to_str().unwrap(), "--format", format, "--out", out.to_str().unwrap()];
         args.extend_from_slice(extra);
         sae(&args)
     };
-    let o = export(&[]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("another training run"), "{}", stderr(&o));
-    assert_eq!(std::fs::read(b.join("cfg.json")).unwrap(), b_cfg);
-    ok(&export(&["--overwrite"]));
-    // Into the run's own directory, and into a new one: no flag needed.
-    ok(&sae(&["export", a.to_str().unwrap(), "--format", "saelens", "--out", a.to_str().unwrap()]));
+    for extra in [&[][..], &["--overwrite"][..]] {
+        let o = export(&b, "saelens", extra);
+        assert!(!o.status.success(), "{extra:?}");
+        assert!(
+            stderr(&o).contains("another training run") && stderr(&o).contains("choose another --out"),
+            "{}",
+            stderr(&o)
+        );
+        for (format, more, says) in [
+            ("sparsify", &["--k", "4"][..], "sparsify layout's cfg.json"),
+            ("saelens", &["--k", "4"][..], "k 4 (lossy)"),
+        ] {
+            let mut args = extra.to_vec();
+            args.extend_from_slice(more);
+            let o = export(&a, format, &args);
+            assert!(!o.status.success(), "{format} {args:?} into the run's own directory");
+            assert!(stderr(&o).contains("holds a training run") && stderr(&o).contains(says), "{}", stderr(&o));
+        }
+    }
+    assert_eq!((before(&a), before(&b)), (a0, b0), "neither run's SAE may change");
+    // Into the run's own directory (its own SAE again), and into a new one: no flag needed.
+    ok(&export(&a, "saelens", &[]));
     let fresh = dir.path().join("fresh");
-    ok(&sae(&["export", a.to_str().unwrap(), "--format", "saelens", "--out", fresh.to_str().unwrap()]));
+    ok(&export(&fresh, "saelens", &[]));
+    // A checkpoint that is not a run is not converted in place.
+    let o = sae(&[
+        "export",
+        fresh.to_str().unwrap(),
+        "--format",
+        "sparsify",
+        "--k",
+        "4",
+        "--out",
+        fresh.to_str().unwrap(),
+        "--overwrite",
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("is the checkpoint being exported"), "{}", stderr(&o));
+    assert!(!fresh.join("sae.safetensors").exists());
 }
 
 /// dictionary_learning's `config.json` has a training run's name: that layout is refused in any
@@ -88,7 +123,8 @@ fn the_dictionary_learning_layout_never_replaces_a_runs_config() {
         let o = export(out, extra);
         assert!(!o.status.success(), "{out:?} {extra:?} must be refused");
         let e = stderr(&o);
-        assert!(e.contains("holds a training run") && e.contains("config.json would replace"), "{e}");
+        let says = if out == &a { "config.json would replace" } else { "another training run" };
+        assert!(e.contains("training run") && e.contains(says), "{e}");
     }
     assert_eq!([std::fs::read(a.join("config.json")).unwrap(), std::fs::read(b.join("config.json")).unwrap()], configs);
     assert!(!a.join("ae.pt").exists() && !b.join("ae.pt").exists());
@@ -161,7 +197,7 @@ fn a_second_writer_is_refused_with_the_holders_pid() {
     let o = sae(&["export", out.to_str().unwrap(), "--format", "saelens", "--out", out.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains(&me), "{}", stderr(&o));
     let o =
-        sae(&["export", out.to_str().unwrap(), "--format", "sparsify", "--out", out.to_str().unwrap(), "--overwrite"]);
+        sae(&["export", out.to_str().unwrap(), "--format", "saelens", "--out", out.to_str().unwrap(), "--overwrite"]);
     assert!(!o.status.success() && stderr(&o).contains(&me), "{}", stderr(&o));
     assert_eq!(std::fs::read(out.join("sae_weights.safetensors")).unwrap(), weights);
     assert!(temporaries(&out).is_empty(), "{:?}", temporaries(&out));

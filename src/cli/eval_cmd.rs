@@ -34,6 +34,10 @@ pub struct EvalArgs {
     /// Output directory (default: RUN/eval for one input, sae-eval for several).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Write into a non-empty --out that holds no earlier evaluation (its eval.json, report.md
+    /// and pictures are replaced; other files are left alone).
+    #[arg(long, default_value_t = false)]
+    pub overwrite: bool,
     /// Skip the PNG pictures.
     #[arg(long, default_value_t = false)]
     pub no_plots: bool,
@@ -154,6 +158,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.history {
         return history(&args, &opts);
     }
+    let out = match &args.out {
+        Some(o) => o.clone(),
+        None if args.inputs.len() == 1 => crate::export::load::checkpoint_dir(&args.inputs[0]).join("eval"),
+        None => PathBuf::from("sae-eval"),
+    };
+    // Checked before the (long) evaluation, so that a refused --out costs nothing.
+    let out = crate::eval::out_dir::prepare(&out, &args.inputs, args.overwrite)?;
     let names = labels(&args.inputs);
     let mut evals = vec![];
     for (path, label) in args.inputs.iter().zip(&names) {
@@ -166,19 +177,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
         evals.push(e);
     }
-    let out = match &args.out {
-        Some(o) => o.clone(),
-        None if args.inputs.len() == 1 => crate::export::load::checkpoint_dir(&args.inputs[0]).join("eval"),
-        None => PathBuf::from("sae-eval"),
-    };
-    let table = write_outputs(&evals, &out, args.compare, !args.no_plots)?;
+
+    let (table, files) = write_outputs(&evals, &out.dir, args.compare, !args.no_plots)?;
+    out.finish(&files)?;
     for e in &evals {
         let (label, path, layout, arch, more) =
             (&e.label, e.path.display(), &e.layout, &e.architecture, e.unfinished());
         println!("{label}: {path} ({layout} layout, {arch}{more}), data: {}", e.data);
     }
     print!("{table}");
-    println!("wrote {} and {} in {}", EVAL_FILE, REPORT_FILE, out.display());
+    println!("wrote {} and {} in {}", EVAL_FILE, REPORT_FILE, out.dir.display());
     Ok(())
 }
 
@@ -187,13 +195,15 @@ fn history(args: &EvalArgs, opts: &EvalOptions) -> Result<()> {
     use crate::eval::history::{evaluate_history, write_history};
     anyhow::ensure!(args.inputs.len() == 1, "--history takes one run directory, not {}", args.inputs.len());
     let run = &args.inputs[0];
-    let h = evaluate_history(run, opts)?;
     let out = args.out.clone().unwrap_or_else(|| run.join("eval-history"));
-    let text = write_history(&h, &out, !args.no_plots)?;
+    let out = crate::eval::out_dir::prepare(&out, &args.inputs, args.overwrite)?;
+    let h = evaluate_history(run, opts)?;
+    let (text, files) = write_history(&h, &out.dir, !args.no_plots)?;
+    out.finish(&files)?;
     for n in &h.notes {
         eprintln!("note: {n}");
     }
     print!("{text}");
-    println!("wrote {} and {} in {}", EVAL_FILE, REPORT_FILE, out.display());
+    println!("wrote {} and {} in {}", EVAL_FILE, REPORT_FILE, out.dir.display());
     Ok(())
 }

@@ -69,9 +69,13 @@ pub struct ExportArgs {
     pub overwrite: bool,
 }
 
-/// Refuse to write into a non-empty directory that is not the run's own unless `overwrite`; and
-/// the dictionary_learning layout, whose `config.json` would replace a run's, into any run.
-fn check_out(run: &Path, out: &Path, overwrite: bool, format: ExportFormat) -> Result<()> {
+/// Where an export may go. A run directory's `cfg.json` and `sae_weights.safetensors` are its
+/// own SAE (what `sae eval` reports as exported, beside the trainer state): another SAE written
+/// there, or this SAE in another layout or made lossy (`--k`), would make the run's directory
+/// lie, so the only export allowed into a run directory is the run's own plain SAELens one (which
+/// rewrites what training wrote), `--overwrite` or not. A checkpoint that is not a run is never
+/// converted in place. Any other non-empty directory needs `--overwrite`.
+fn check_out(run: &Path, out: &Path, overwrite: bool, format: ExportFormat, k: Option<usize>) -> Result<()> {
     if out.exists() && !out.is_dir() {
         bail!("--out {}: exists and is not a directory", out.display());
     }
@@ -85,21 +89,38 @@ fn check_out(run: &Path, out: &Path, overwrite: bool, format: ExportFormat) -> R
     let own = std::fs::canonicalize(out).ok() == std::fs::canonicalize(checkpoint_dir(run)).ok();
     let holds_run = names.iter().any(|n| n == STATE_FILE || n == rundir::LOCK_FILE)
         || (names.iter().any(|n| n == CONFIG_FILE) && !is_dictionary_learning_config(out));
-    if format == ExportFormat::DictionaryLearning && (own || holds_run) {
+    let shown = || names.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
+    if holds_run && !own {
         bail!(
-            "--out {} holds a training run: the dictionary_learning layout's config.json would replace the run's \
-             {CONFIG_FILE}; choose another --out",
-            out.display()
+            "--out {} holds another training run ({}): an export there would replace that run's own SAE ({CFG_FILE}, {WEIGHTS_FILE}), --overwrite or not; choose another --out",
+            out.display(),
+            shown()
         );
     }
-    if names.is_empty() || own || overwrite {
+    if own && !names.is_empty() {
+        let why = match (format, k) {
+            _ if !holds_run => "the export would replace the files it is read from".to_string(),
+            (ExportFormat::Saelens, None) => return Ok(()),
+            (ExportFormat::Saelens, Some(k)) => {
+                format!("the TopK SAE with k {k} (lossy) would replace the run's own SAE ({WEIGHTS_FILE})")
+            }
+            (ExportFormat::Sparsify, _) => {
+                format!("the sparsify layout's {CFG_FILE} would replace the run's SAELens {CFG_FILE}")
+            }
+            (ExportFormat::DictionaryLearning, _) => {
+                format!("the dictionary_learning layout's {DL_CONFIG_FILE} would replace the run's {CONFIG_FILE}")
+            }
+        };
+        let what = if holds_run { "holds a training run" } else { "is the checkpoint being exported" };
+        bail!("--out {} {what}: {why}, --overwrite or not; choose another --out", out.display());
+    }
+    if names.is_empty() || overwrite {
         return Ok(());
     }
-    let what = if holds_run { "holds another training run" } else { "is not empty" };
     bail!(
-        "--out {} {what} ({}); pass --overwrite to write the export there anyway, or choose another --out",
+        "--out {} is not empty ({}); pass --overwrite to write the export there anyway, or choose another --out",
         out.display(),
-        names.iter().take(4).cloned().collect::<Vec<_>>().join(", ")
+        shown()
     )
 }
 
@@ -140,7 +161,7 @@ pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Op
         let extra = json!({"sparsifier": cfg.sparsifier.name(), "k": cfg.k, "aligned": cfg.aligned});
         return Ok((sae, md, Some(extra)));
     }
-    let (sae, layout) = load_sae_with_layout(&dir)?;
+    let (sae, layout) = load_sae_with_layout(path)?;
     Ok((sae, serde_json::Value::Object(provenance(&dir)), Some(json!({"converted_from": layout.name()}))))
 }
 
@@ -161,7 +182,7 @@ fn provenance(dir: &Path) -> serde_json::Map<String, serde_json::Value> {
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
-    check_out(&args.run, &args.out, args.overwrite, args.format)?;
+    check_out(&args.run, &args.out, args.overwrite, args.format, args.k)?;
     // A run directory (it has a lock file) may have its trainer writing there right now: the
     // export's files are the trainer's own (sae_weights.safetensors, cfg.json), so hold the
     // run's lock while writing, and refuse, naming the trainer's pid, while a trainer holds it.

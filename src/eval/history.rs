@@ -274,8 +274,11 @@ pub fn log_table(h: &HistoryEval) -> Vec<Vec<String>> {
 }
 
 /// `eval.json`, the pictures and `report.md` in `out`; returns the text for stdout.
-pub fn write_history(h: &HistoryEval, out: &Path, draw: bool) -> Result<String> {
+pub fn write_history(h: &HistoryEval, out: &Path, draw: bool) -> Result<(String, Vec<String>)> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let pics = if draw { pictures(h, out)? } else { vec![] };
+    let mut files = vec![super::report::EVAL_FILE.to_string(), super::report::REPORT_FILE.to_string()];
+    files.extend(pics.iter().map(|(file, _)| file.clone()));
     let doc = json!({
         "saetrain_version": env!("CARGO_PKG_VERSION"),
         "definitions": {
@@ -289,9 +292,8 @@ pub fn write_history(h: &HistoryEval, out: &Path, draw: bool) -> Result<String> 
             "checkpoints": "each kept checkpoint evaluated on the run's held-out set (exported sparsifier)",
         },
         "history": h,
+        (super::out_dir::FILES_KEY): files,
     });
-    write_json_atomic(&out.join(super::report::EVAL_FILE), &doc)?;
-    let pics = if draw { pictures(h, out)? } else { vec![] };
     let mut md = String::new();
     let _ = writeln!(md, "# Training history of `{}`\n", h.run.display());
     for n in &h.notes {
@@ -315,5 +317,6 @@ pub fn write_history(h: &HistoryEval, out: &Path, draw: bool) -> Result<String> 
         let _ = writeln!(md, "## {caption}\n\n![{caption}]({file})\n");
     }
     write_atomic(&out.join(super::report::REPORT_FILE), md.as_bytes())?;
-    Ok(text)
+    write_json_atomic(&out.join(super::report::EVAL_FILE), &doc)?;
+    Ok((text, files))
 }

@@ -4,6 +4,7 @@
 
 pub mod history;
 pub mod mcs;
+pub mod out_dir;
 pub mod report;
 pub mod run;
 pub mod zipf_fit;

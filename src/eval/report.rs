@@ -394,8 +394,14 @@ fn picture_set(evals: &[SaeEval], out: &Path, prefix: &str) -> Result<Vec<Pictur
 }
 
 /// `eval.json`, the pictures and `report.md` in `out`; returns the text table.
-pub fn write_outputs(evals: &[SaeEval], out: &Path, compare: bool, draw: bool) -> Result<String> {
+/// Write `eval.json`, `report.md` and the pictures of `evals` into `out` (checked by
+/// [`super::out_dir::prepare`]); returns the text table and the files written. `eval.json`
+/// comes last and lists them all.
+pub fn write_outputs(evals: &[SaeEval], out: &Path, compare: bool, draw: bool) -> Result<(String, Vec<String>)> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let pics = if draw { pictures(evals, out, compare)? } else { vec![] };
+    let mut files = vec![EVAL_FILE.to_string(), REPORT_FILE.to_string()];
+    files.extend(pics.iter().map(|p| p.file.clone()));
     let doc = json!({
         "saetrain_version": env!("CARGO_PKG_VERSION"),
         "definitions": {
@@ -413,9 +419,8 @@ pub fn write_outputs(evals: &[SaeEval], out: &Path, compare: bool, draw: bool) -
             "against": "per latent i of this SAE: mcs[i] = max_j cos(row_i, row_j of the --against SAE), decoder and encoder rows separately; argmax[i] = that j; bimodality_coefficient = Sarle's (G1^2 + 1) / (G2 + 3(n-1)^2/((n-2)(n-3))); *_vs_alignment = Pearson correlation with W_enc_i . W_dec_i",
         },
         "runs": evals,
+        (super::out_dir::FILES_KEY): files,
     });
-    write_json_atomic(&out.join(EVAL_FILE), &doc)?;
-    let pics = if draw { pictures(evals, out, compare)? } else { vec![] };
     let cells = table(evals);
     let mut md = String::new();
     let _ = writeln!(md, "# SAE evaluation\n");
@@ -446,5 +451,6 @@ pub fn write_outputs(evals: &[SaeEval], out: &Path, compare: bool, draw: bool) -
         let _ = writeln!(md, "## {}\n\n![{}]({})\n", p.caption, p.caption, p.file);
     }
     write_atomic(&out.join(REPORT_FILE), md.as_bytes())?;
-    Ok(text_table(&cells))
+    write_json_atomic(&out.join(EVAL_FILE), &doc)?;
+    Ok((text_table(&cells), files))
 }

@@ -98,7 +98,10 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     };
     let has_state = dir.join(STATE_FILE).is_file();
     let is_run = run_cfg.is_some() && has_state;
-    let (sae, layout, state) = snapshot(&dir, is_run)?;
+    let (sae, layout, state) = snapshot(path, is_run)?;
+    if let (Some((state, _)), Some(rc)) = (&state, &run_cfg) {
+        check_same_sae(&dir, &sae, rc, state)?;
+    }
     let (step, steps) = match (&state, &run_cfg) {
         (Some((_, meta)), Some(c)) => (Some(meta.step), Some(c.total_steps())),
         _ => (None, None),
@@ -246,14 +249,15 @@ type Checkpoint = (TrainState, StateMeta);
 /// (each by an atomic rename). So when `cfg.json`'s `trained_tokens`, read first, equals the
 /// tokens of the state read last, the weights read between are of that checkpoint too; else a
 /// checkpoint landed meanwhile, and everything is read again.
-fn snapshot(dir: &Path, is_run: bool) -> Result<(ExportedSae, Layout, Option<Checkpoint>)> {
+fn snapshot(path: &Path, is_run: bool) -> Result<(ExportedSae, Layout, Option<Checkpoint>)> {
+    let dir = &checkpoint_dir(path);
     let trained_tokens = || -> Option<u64> {
         let text = std::fs::read_to_string(dir.join(crate::export::saelens::CFG_FILE)).ok()?;
         serde_json::from_str::<serde_json::Value>(&text).ok()?["metadata"]["trained_tokens"].as_u64()
     };
     for _ in 0..3 {
         let tokens = trained_tokens();
-        let (sae, layout) = load_sae_with_layout(dir)?;
+        let (sae, layout) = load_sae_with_layout(path)?;
         if !is_run {
             return Ok((sae, layout, None));
         }
@@ -262,7 +266,44 @@ fn snapshot(dir: &Path, is_run: bool) -> Result<(ExportedSae, Layout, Option<Che
             return Ok((sae, layout, Some((state, meta))));
         }
     }
-    bail!("{}: a run in progress wrote checkpoints faster than they could be read; try again", dir.display())
+    if crate::train::rundir::being_written(dir) {
+        bail!("{}: a run in progress wrote checkpoints faster than they could be read; try again", dir.display())
+    }
+    let (tokens, state_tokens) = (trained_tokens().unwrap_or_default(), checkpoint::load(dir)?.1.tokens);
+    bail!(
+        "{}: field 'metadata.trained_tokens' is {tokens} but {} holds {state_tokens} trained tokens, and no trainer is writing there: the run's SAELens files are not its latest checkpoint's (replaced by hand?); `sae export {} --format saelens --out {}` writes them again from its trainer state",
+        dir.join(crate::export::saelens::CFG_FILE).display(),
+        dir.join(STATE_FILE).display(),
+        dir.display(),
+        dir.display()
+    )
+}
+
+/// A run's exported SAE must be the one its trainer state and config describe (the same sizes,
+/// architecture and k): else the report would set one SAE's numbers beside another's.
+fn check_same_sae(dir: &Path, sae: &ExportedSae, cfg: &TrainConfig, state: &TrainState) -> Result<()> {
+    let arch = cfg.sparsifier.exported().saelens_name();
+    let k = (arch == "topk").then_some(cfg.k);
+    let shape = state.params.shape;
+    let (saved, trained) =
+        ((sae.d_in, sae.d_sae, sae.architecture.as_str(), sae.k), (shape.d_in, shape.d_sae, arch, k));
+    ensure!(
+        saved == trained,
+        "{}: holds a {} SAE (d_in {}, d_sae {}{}) but the run's {} and {CONFIG_FILE} describe a {} SAE (d_in {}, d_sae {}{}): its SAELens files are not this run's (replaced by hand, or by an export of another SAE?); `sae export {} --format saelens --out {}` writes them again from its trainer state",
+        dir.join(crate::export::saelens::WEIGHTS_FILE).display(),
+        saved.2,
+        saved.0,
+        saved.1,
+        saved.3.map(|k| format!(", k {k}")).unwrap_or_default(),
+        STATE_FILE,
+        trained.2,
+        trained.0,
+        trained.1,
+        trained.3.map(|k| format!(", k {k}")).unwrap_or_default(),
+        dir.display(),
+        dir.display()
+    );
+    Ok(())
 }
 
 /// Whether `given` names the run's own training data (`run`): the same path, or one that

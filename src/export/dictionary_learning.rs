@@ -223,9 +223,13 @@ impl ExportedSae {
     }
 }
 
-/// Whether `dir/config.json` is dictionary_learning's (it names `trainer.dict_class`), not a
-/// training run's `config.json`.
+/// Whether `dir/config.json` is dictionary_learning's, not a training run's `config.json`: it
+/// names `trainer.dict_class`, or it sits beside `ae.pt` with no trainer state (a run never holds
+/// `ae.pt`: that export is refused there), so that a broken one is reported as that layout's.
 pub fn is_dictionary_learning_config(dir: &Path) -> bool {
+    if dir.join(DL_WEIGHTS_FILE).is_file() && !dir.join(crate::train::checkpoint::STATE_FILE).exists() {
+        return true;
+    }
     let cfg = std::fs::read_to_string(dir.join(DL_CONFIG_FILE)).ok();
     let cfg = cfg.and_then(|t| serde_json::from_str::<Value>(&t).ok());
     cfg.is_some_and(|c| c["trainer"]["dict_class"].is_string())
@@ -260,6 +264,7 @@ pub fn load_dictionary_learning(dir: &Path) -> Result<ExportedSae> {
     );
     let w_path = dir.join(DL_WEIGHTS_FILE);
     let sd = StateDictFile { path: w_path.clone(), entries: read_state_dict(&w_path)? };
+    sd.only(class)?;
     // The weights in our orientation (F x d encoder and decoder), then the class's rule.
     let (w_enc, b_enc, w_dec, b_dec) = match class {
         "AutoEncoderTopK" | "BatchTopKSAE" | "AutoEncoder" => {
@@ -283,6 +288,18 @@ pub fn load_dictionary_learning(dir: &Path) -> Result<ExportedSae> {
         }
     };
     let (d, f) = (b_dec.len(), b_enc.len());
+    // load_dictionary builds the class from these and then loads the state dict into it, so a
+    // size that disagrees with the tensors is a file it cannot load.
+    for (field, want) in [("activation_dim", d), ("dict_size", f)] {
+        if let Some(given) = config_int(&cfg, &cfg_path, field)? {
+            ensure!(
+                given == want as i64,
+                "{}: field 'trainer.{field}' is {given} but the tensors of {} have {want}",
+                cfg_path.display(),
+                w_path.display()
+            );
+        }
+    }
     let mut sae = ExportedSae {
         d_in: d,
         d_sae: f,
@@ -299,7 +316,7 @@ pub fn load_dictionary_learning(dir: &Path) -> Result<ExportedSae> {
     match class {
         "AutoEncoderTopK" => {
             let kk = sd.int_scalar("k")?;
-            if let Some(given) = cfg["trainer"]["k"].as_i64() {
+            if let Some(given) = config_int(&cfg, &cfg_path, "k")? {
                 ensure!(
                     given == kk,
                     "{}: field 'trainer.k' is {given} but tensor 'k' of {} is {kk}",
@@ -316,6 +333,17 @@ pub fn load_dictionary_learning(dir: &Path) -> Result<ExportedSae> {
             sae.architecture = "topk".into();
         }
         "BatchTopKSAE" | "MatryoshkaBatchTopKSAE" => {
+            // Their encode thresholds and does not use k, but from_pretrained refuses a config
+            // whose k disagrees with the state dict's.
+            if let (Some(given), true) = (config_int(&cfg, &cfg_path, "k")?, sd.entries.iter().any(|(n, _)| n == "k")) {
+                let kk = sd.int_scalar("k")?;
+                ensure!(
+                    given == kk,
+                    "{}: field 'trainer.k' is {given} but tensor 'k' of {} is {kk}",
+                    cfg_path.display(),
+                    w_path.display()
+                );
+            }
             let t = sd.float_scalar("threshold")?;
             ensure!(
                 t >= 0.0,
@@ -347,6 +375,18 @@ pub fn load_dictionary_learning(dir: &Path) -> Result<ExportedSae> {
     Ok(sae)
 }
 
+/// `config.json`'s `trainer.FIELD` as a whole number (absent or null: None); anything else is
+/// refused, as `from_pretrained`'s comparisons with the state dict would fail on it.
+fn config_int(cfg: &Value, cfg_path: &Path, field: &str) -> Result<Option<i64>> {
+    match &cfg["trainer"][field] {
+        Value::Null => Ok(None),
+        v => match v.as_i64() {
+            Some(n) => Ok(Some(n)),
+            None => bail!("{}: field 'trainer.{field}' is {v}, expected a whole number", cfg_path.display()),
+        },
+    }
+}
+
 /// `AutoEncoder.normalize_decoder`: unless every decoder column's norm is `allclose` to 1
 /// (|n - 1| <= 1e-8 + 1e-5), divide each by its norm and multiply its encoder row and bias by it.
 fn normalize_decoder_like_from_pretrained(sae: &mut ExportedSae) {
@@ -374,6 +414,29 @@ struct StateDictFile {
 }
 
 impl StateDictFile {
+    /// Refuse a state dict with entries `class` does not have: `load_state_dict` is strict there,
+    /// so dictionary_learning would refuse the file, and what the entry holds would be dropped here.
+    fn only(&self, class: &str) -> Result<()> {
+        let known: &[&str] = match class {
+            "AutoEncoderTopK" | "BatchTopKSAE" => {
+                &["encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"]
+            }
+            "MatryoshkaBatchTopKSAE" => &["W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"],
+            "JumpReluAutoEncoder" => &["W_enc", "b_enc", "W_dec", "b_dec", "threshold"],
+            _ => &["encoder.weight", "encoder.bias", "decoder.weight", "bias"],
+        };
+        let extra: Vec<&str> = self.entries.iter().map(|(n, _)| n.as_str()).filter(|n| !known.contains(n)).collect();
+        ensure!(
+            extra.is_empty(),
+            "{}: {} not part of the state dict of {class} (expected only {})",
+            self.path.display(),
+            extra.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
+                + if extra.len() > 1 { " are" } else { " is" },
+            known.join(", ")
+        );
+        Ok(())
+    }
+
     fn tensor(&self, name: &str) -> Result<&LoadedTensor> {
         match self.entries.iter().find(|(n, _)| n == name) {
             Some((_, t)) => Ok(t),
@@ -677,6 +740,43 @@ mod tests {
                 assert!((s.w_enc[j * d + i] as f64 - w_enc[j * d + i] as f64 * n).abs() < 1e-5);
             }
             assert!((s.b_enc[j] as f64 - 0.1 * n).abs() < 1e-5);
+        }
+        // What load_dictionary would refuse: an entry the class does not have (its
+        // load_state_dict is strict), config sizes or a k that disagree with the tensors.
+        let autoencoder = [
+            ("bias", Tensor::F32(&b_dec, vec![d])),
+            ("encoder.weight", Tensor::F32(&w_enc, vec![f, d])),
+            ("encoder.bias", Tensor::F32(&b_enc, vec![f])),
+            ("decoder.weight", Tensor::F32(&dec_t, vec![d, f])),
+        ];
+        let mut extra = autoencoder.to_vec();
+        extra.push(("foo", Tensor::F32(&b_dec, vec![d])));
+        let e = format!("{:#}", load_dictionary_learning(write("AutoEncoder", &extra).path()).unwrap_err());
+        assert!(e.contains("'foo' is not part of the state dict of AutoEncoder"), "{e}");
+        let dir = write("AutoEncoder", &autoencoder);
+        for (trainer, says) in [
+            (json!({"dict_class": "AutoEncoder", "activation_dim": 64}), "'trainer.activation_dim' is 64"),
+            (json!({"dict_class": "AutoEncoder", "dict_size": 999}), "'trainer.dict_size' is 999"),
+            (json!({"dict_class": "AutoEncoder", "dict_size": "4"}), "expected a whole number"),
+        ] {
+            std::fs::write(dir.path().join(DL_CONFIG_FILE), json!({ "trainer": trainer }).to_string()).unwrap();
+            let e = format!("{:#}", load_dictionary_learning(dir.path()).unwrap_err());
+            assert!(e.contains(says) && e.contains(DL_CONFIG_FILE), "{e}");
+        }
+        let topk = [
+            ("encoder.weight", Tensor::F32(&w_enc, vec![f, d])),
+            ("encoder.bias", Tensor::F32(&b_enc, vec![f])),
+            ("decoder.weight", Tensor::F32(&dec_t, vec![d, f])),
+            ("b_dec", Tensor::F32(&b_dec, vec![d])),
+            ("k", Tensor::I32(&k, vec![])),
+        ];
+        let dir = write("AutoEncoderTopK", &topk);
+        assert_eq!(load_dictionary_learning(dir.path()).unwrap().k, Some(2));
+        for (kk, says) in [(json!("2"), "expected a whole number"), (json!(3), "'trainer.k' is 3")] {
+            let cfg = json!({"trainer": {"dict_class": "AutoEncoderTopK", "k": kk}});
+            std::fs::write(dir.path().join(DL_CONFIG_FILE), cfg.to_string()).unwrap();
+            let e = format!("{:#}", load_dictionary_learning(dir.path()).unwrap_err());
+            assert!(e.contains(says), "{e}");
         }
         let dir = write("GatedAutoEncoder", &[("bias", Tensor::F32(&b_dec, vec![d]))]);
         let e = format!("{:#}", load_dictionary_learning(dir.path()).unwrap_err());

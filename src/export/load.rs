@@ -103,7 +103,18 @@ pub fn load_sae(path: &Path) -> Result<ExportedSae> {
 /// [`load_sae`], also saying which layout was read.
 pub fn load_sae_with_layout(path: &Path) -> Result<(ExportedSae, Layout)> {
     let dir = checkpoint_dir(path);
-    let layout = detect_layout(&dir)?;
+    // A weight file named explicitly is read in its own layout, even where the folder holds
+    // another one too (detect_layout prefers SAELens).
+    let named = path.is_file().then(|| path.file_name()).flatten().and_then(|n| match n.to_str()? {
+        WEIGHTS_FILE => Some(Layout::Saelens),
+        SPARSIFY_WEIGHTS_FILE => Some(Layout::Sparsify),
+        DL_WEIGHTS_FILE => Some(Layout::DictionaryLearning),
+        _ => None,
+    });
+    let layout = match named {
+        Some(l) => l,
+        None => detect_layout(&dir)?,
+    };
     let sae = match layout {
         Layout::Saelens => load_saelens(&dir)?,
         Layout::Sparsify => load_sparsify(&dir)?,
@@ -185,6 +196,25 @@ impl Tensors {
         let st = self.st();
         let t = st.tensor(name).map_err(|_| self.missing(name))?;
         Ok(t.shape().to_vec())
+    }
+
+    /// Refuse a tensor the layout does not have. SAELens, sparsify and torch load a state dict
+    /// strictly, so such a file is not one they wrote or would read, and whatever the tensor
+    /// holds (a skip connection, a second threshold) would be dropped here without a word.
+    fn only(&self, known: &[&str], layout: &str) -> Result<()> {
+        let st = self.st();
+        let mut extra: Vec<&str> = st.names().into_iter().map(|n| &n[..]).filter(|n| !known.contains(n)).collect();
+        extra.sort();
+        ensure!(
+            extra.is_empty(),
+            "{}: tensor{} {} not part of the {layout} (expected only {})",
+            self.path.display(),
+            if extra.len() > 1 { "s" } else { "" },
+            extra.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
+                + if extra.len() > 1 { " are" } else { " is" },
+            known.join(", ")
+        );
+        Ok(())
     }
 
     fn missing(&self, name: &str) -> anyhow::Error {
@@ -280,8 +310,24 @@ pub fn load_saelens(dir: &Path) -> Result<ExportedSae> {
     let we = rank(&t, "W_enc", 2)?;
     let (d, f) = (we[0], we[1]);
     ensure!(d > 0 && f > 0, "{}: tensor 'W_enc' has an empty shape {we:?}", w_path.display());
+    // Every SAELens config names both sizes (they have no default there); a cfg.json without them
+    // is another library's beside SAELens weights (a sparsify export written over a run's).
+    for field in ["d_in", "d_sae"] {
+        ensure!(
+            cfg_usize(&cfg, &cfg_path, field)?.is_some(),
+            "{}: field '{field}' is missing; a SAELens cfg.json names d_in and d_sae",
+            cfg_path.display()
+        );
+    }
     agree(&cfg_path, "d_in", cfg_usize(&cfg, &cfg_path, "d_in")?, d, "W_enc")?;
     agree(&cfg_path, "d_sae", cfg_usize(&cfg, &cfg_path, "d_sae")?, f, "W_enc")?;
+    let thresholded = matches!(architecture.as_str(), "jumprelu" | "batchtopk");
+    let known: &[&str] = if thresholded {
+        &["W_enc", "b_enc", "W_dec", "b_dec", "threshold", "scaling_factor"]
+    } else {
+        &["W_enc", "b_enc", "W_dec", "b_dec", "scaling_factor"]
+    };
+    t.only(known, &format!("SAELens {architecture} SAE"))?;
     let w_enc_t = t.get("W_enc", &[d, f], "[d_in, d_sae]")?;
     let mut b_enc = t.get("b_enc", &[f], "[d_sae]")?;
     let mut w_dec = t.get("W_dec", &[f, d], "[d_sae, d_in]")?;
@@ -383,6 +429,7 @@ pub fn load_sparsify(dir: &Path) -> Result<ExportedSae> {
         cfg_path.display()
     );
 
+    t.only(&["encoder.weight", "encoder.bias", "W_dec", "b_dec"], "sparsify TopK SAE")?;
     let we = rank(&t, "encoder.weight", 2)?;
     let (f, d) = (we[0], we[1]);
     ensure!(d > 0 && f > 0, "{}: tensor 'encoder.weight' has an empty shape {we:?}", w_path.display());

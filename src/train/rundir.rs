@@ -72,6 +72,13 @@ pub fn lock(dir: &Path) -> Result<RunLock> {
     Ok(RunLock { _file: file, path })
 }
 
+/// Whether a process holds `dir`'s lock now (a trainer or an export writing there), without
+/// taking it or writing anything: a shared lock is refused while an exclusive one is held.
+pub fn being_written(dir: &Path) -> bool {
+    let Ok(file) = File::open(dir.join(LOCK_FILE)) else { return false };
+    matches!(file.try_lock_shared(), Err(TryLockError::WouldBlock))
+}
+
 /// Make `dir` ready for a new run and lock it: created when missing; refused when it holds
 /// anything but a lock, unless `overwrite`, which removes the files a previous run wrote there
 /// (`RUN_FILES` and its kept checkpoints, `checkpoints/`) and refuses if anything else is in it.

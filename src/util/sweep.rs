@@ -11,13 +11,19 @@ use std::path::{Path, PathBuf};
 /// Remove the stale temporaries of `names` (target file names) in `dir`; returns what was
 /// removed, with the dead writer's pid. A missing directory has none.
 pub fn sweep_stale_temporaries(dir: &Path, names: &[&str]) -> Result<Vec<(PathBuf, u32)>> {
+    sweep_stale_temporaries_where(dir, |target| names.contains(&target))
+}
+
+/// [`sweep_stale_temporaries`] of every target file name that `ours` accepts (an evaluation's
+/// pictures have names of their own).
+pub fn sweep_stale_temporaries_where(dir: &Path, ours: impl Fn(&str) -> bool) -> Result<Vec<(PathBuf, u32)>> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Ok(vec![]) };
     let mut removed = vec![];
     for e in entries {
         let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
         let name = e.file_name().to_string_lossy().into_owned();
         let Some((target, pid)) = parse_temporary(&name) else { continue };
-        if !names.contains(&target) || process_alive(pid) || !e.file_type().is_ok_and(|t| t.is_file()) {
+        if !ours(target) || process_alive(pid) || !e.file_type().is_ok_and(|t| t.is_file()) {
             continue;
         }
         let p = e.path();

@@ -8,6 +8,7 @@ use zip::{CompressionMethod, ZipWriter};
 use super::ALIGNMENT;
 
 /// One tensor of a state dict: row-major data and its shape (`[]` for a scalar).
+#[derive(Clone)]
 pub enum Tensor<'a> {
     F32(&'a [f32], Vec<usize>),
     I32(&'a [i32], Vec<usize>),
