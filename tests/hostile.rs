@@ -132,6 +132,56 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "data that is mostly rows of zeros keeps its other rows (the norm cut takes their median)",
+        setup: |d| {
+            let (rows, dd) = (1024, 16);
+            let x: Vec<f32> = (0..rows * dd)
+                .map(|i| if (i / dd) % 5 < 3 { 0.0 } else { ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5 })
+                .collect();
+            write_npy(&d.join("zeros.npy"), Dtype::Float32, rows, dd, &x).unwrap();
+            train_on(&d.join("zeros.npy"), &d.join("run"), &[])
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &["warning:", "are all zeros", "median norm of the others"],
+        after: |d, _| {
+            let s = json(&d.join("run/summary.json"));
+            assert_eq!(s["data_stats"]["excluded_large_norm_rows"], 0, "{s}");
+            let ev = s["eval"]["explained_variance"].as_f64().unwrap();
+            assert!(ev < 0.999, "an SAE of the nonzero rows, not of zeros: EV {ev}");
+        },
+    },
+    Case {
+        name: "data whose rows are all zeros is refused: there is nothing to train on",
+        setup: |d| {
+            write_npy(&d.join("zeros.npy"), Dtype::Float32, 1024, 16, &vec![0.0; 1024 * 16]).unwrap();
+            train_on(&d.join("zeros.npy"), &d.join("run"), &[])
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["zeros.npy", "rows sampled at open is all zeros"],
+        after: |d, _| assert!(!d.join("run/trainer_state.safetensors").exists()),
+    },
+    Case {
+        name: "--eval-tokens 0 reports no held-out metrics instead of a perfect EV",
+        setup: |d| {
+            let mut a: Vec<String> = ["train", "--out", &s(&d.join("run"))].map(String::from).into();
+            a.extend(common::cli::TINY.iter().map(|x| x.to_string()));
+            let at = a.iter().position(|x| x == "--eval-tokens").unwrap();
+            a[at + 1] = "0".into();
+            a
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &[],
+        after: |d, o| {
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(out.contains("held-out: none (--eval-tokens 0)") && !out.contains("EV "), "{out}");
+            let s = json(&d.join("run/summary.json"));
+            assert!(s["eval"]["explained_variance"].is_null(), "{}", s["eval"]);
+        },
+    },
+    Case {
         name: "eval --data on a separate evaluation set may use more than half of it",
         setup: |d| {
             ok(&train(&d.join("run"), &[]));

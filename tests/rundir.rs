@@ -273,6 +273,23 @@ fn a_run_killed_before_its_first_checkpoint_resumes_from_step_zero() {
     );
 }
 
+/// A finished run whose trainer state was deleted (to save space) cannot continue; resuming it
+/// would have trained it again from step 0 over its SAE. Refused, and the SAE is untouched.
+#[test]
+fn resume_without_the_trainer_state_never_replaces_a_written_sae() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    ok(&train(&out, &[]));
+    std::fs::remove_file(out.join("trainer_state.safetensors")).unwrap();
+    let before = std::fs::read(out.join("sae_weights.safetensors")).unwrap();
+    let o = sae(&["train", "--resume", out.to_str().unwrap(), "--steps", "40", "--quiet"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("trainer_state.safetensors is missing") && e.contains("--overwrite"), "{e}");
+    assert_eq!(std::fs::read(out.join("sae_weights.safetensors")).unwrap(), before);
+    assert!(!out.join("resumes.jsonl").exists());
+}
+
 #[test]
 fn a_failed_checkpoint_write_names_the_file_leaves_no_temporary_and_the_last_checkpoint_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -352,4 +369,71 @@ fn stale_temporaries_of_dead_writers_are_swept_at_start_up_and_nothing_else() {
     let run = out.to_str().unwrap();
     ok(&sae(&["export", run, "--format", "saelens", "--out", run]));
     assert_swept(&out, &stale, &kept, "export");
+}
+
+/// A signal during `sae export` ends it at once (status 128 + the signal) and removes the
+/// temporary it was writing; before, the default action killed it and left a partial file of
+/// the model's size behind. The export is a large one (128 MB), so that the signal comes while its
+/// temporary exists: the test waits for that file to appear.
+#[test]
+fn a_signal_during_an_export_removes_the_temporary_being_written() {
+    use saetrain::export::ExportedSae;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (d, f) = (512, 32768);
+    let sae = ExportedSae {
+        d_in: d,
+        d_sae: f,
+        w_enc: vec![0.01; f * d],
+        b_enc: vec![0.0; f],
+        w_dec: vec![0.01; f * d],
+        b_dec: vec![0.0; d],
+        threshold: None,
+        architecture: "topk".into(),
+        k: Some(8),
+        per_token_cap: None,
+        norm: saetrain::export::saelens::RunTimeNorm::None,
+    };
+    let src = dir.path().join("src");
+    sae.save_saelens(&src, serde_json::json!({}), None).unwrap();
+    drop(sae);
+    let mut caught = 0;
+    for (attempt, sig) in [(0, libc::SIGINT), (1, libc::SIGTERM), (2, libc::SIGINT), (3, libc::SIGTERM)] {
+        let out = dir.path().join(format!("out{attempt}"));
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_sae"));
+        c.args(["export", src.to_str().unwrap(), "--format", "saelens", "--out", out.to_str().unwrap()]);
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        // SAFETY: between fork and exec only async-signal-safe calls (signal).
+        unsafe {
+            c.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGTERM, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let child = c.spawn().unwrap();
+        let t = std::time::Instant::now();
+        let mut seen = false;
+        while t.elapsed().as_secs() < 60 && !seen {
+            seen = !temporaries(&out).is_empty();
+            if !seen {
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+        }
+        if seen {
+            // SAFETY: kill only signals our own child, not yet waited for.
+            assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+        }
+        let o = child.wait_with_output().unwrap();
+        if seen && o.status.code() == Some(128 + sig) {
+            caught += 1;
+            assert!(stderr(&o).contains("stopped; the files being written are removed"), "{}", stderr(&o));
+            assert!(temporaries(&out).is_empty(), "left behind: {:?}", temporaries(&out));
+        } else {
+            // The export finished before the signal landed: it must then be whole.
+            assert!(o.status.success(), "{}", stderr(&o));
+            assert!(temporaries(&out).is_empty());
+        }
+    }
+    assert!(caught > 0, "no signal landed during the write in 4 attempts");
 }

@@ -71,8 +71,14 @@ pub fn main() -> Result<()> {
             anyhow::ensure!(report.passed(), "CUDA selftest failed");
             Ok(())
         }
-        Command::Eval(args) => eval_cmd::run(args),
-        Command::Export(args) => export_cmd::run(args),
+        Command::Eval(args) => {
+            stop::quit_cleanly_on_signal()?;
+            eval_cmd::run(args)
+        }
+        Command::Export(args) => {
+            stop::quit_cleanly_on_signal()?;
+            export_cmd::run(args)
+        }
         Command::Sweep(args) => sweep_cmd::run(args),
     }
 }

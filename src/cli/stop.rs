@@ -1,6 +1,7 @@
 //! Ctrl-C (SIGINT), SIGTERM and SIGHUP during `sae train` and `sae sweep`: the step under way
 //! finishes, a checkpoint of the steps done is written, and the process exits with 128 + the
-//! signal (130, 143, 129), saying how to resume. A second signal quits at once.
+//! signal (130, 143, 129), saying how to resume. A second signal quits at once (removing the
+//! temporaries being written).
 //!
 //! Without this, each of them killed the process and lost every step since the last periodic
 //! checkpoint (up to `--checkpoint-every`, 1000 steps by default): a batch scheduler's SIGTERM
@@ -19,7 +20,7 @@ use anyhow::{Context, Result};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::flag;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// The signals that stop a run.
@@ -27,8 +28,6 @@ const SIGNALS: [i32; 3] = [SIGINT, SIGTERM, SIGHUP];
 
 #[derive(Default)]
 struct Flags {
-    /// Set by the first signal; the second, seeing it set, exits.
-    requested: Arc<AtomicBool>,
     /// The first signal's number (0: none yet).
     which: Arc<AtomicUsize>,
 }
@@ -84,12 +83,9 @@ fn watch(what: &'static str) -> Result<()> {
         let flags = Flags::default();
         let watched: Vec<i32> = SIGNALS.into_iter().filter(|&s| !ignored(s)).collect();
         for &sig in &watched {
-            // The order matters: the shutdown is registered first, so that the first signal finds
-            // `requested` still false and only the second one exits.
-            let exit_status = 128 + sig;
-            flag::register_conditional_shutdown(sig, exit_status, Arc::clone(&flags.requested))
-                .and_then(|_| flag::register_usize(sig, Arc::clone(&flags.which), sig as usize))
-                .and_then(|_| flag::register(sig, Arc::clone(&flags.requested)))
+            // The second signal's exit is the signal thread's (it removes the temporaries being
+            // written first, which a handler may not do).
+            flag::register_usize(sig, Arc::clone(&flags.which), sig as usize)
                 .with_context(|| format!("cannot install a handler for {}", name(sig as usize)))?;
         }
         if !watched.is_empty() {
@@ -115,10 +111,40 @@ fn announce(watched: &[i32], what: &'static str) -> Result<()> {
     std::thread::Builder::new()
         .name("sae-stop".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            let mut signals = signals.forever();
+            if let Some(sig) = signals.next() {
                 // Not eprintln: after SIGHUP the terminal may be gone, and a failed write must
                 // not panic.
                 let _ = writeln!(std::io::stderr(), "\n{}: {what}; send it again to quit at once", name(sig as usize));
+            }
+            if let Some(sig) = signals.next() {
+                crate::util::atomic::remove_live_temporaries_and_exit(128 + sig);
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+/// For a command that has nothing to finish on a signal (`sae export`, `sae eval`): the first
+/// SIGINT, SIGTERM or SIGHUP ends it at once, with 128 + the signal as a killed process would,
+/// but only after removing the temporaries it was writing. (Killed by the default action, each
+/// stayed behind until a later command swept that directory.)
+pub fn quit_cleanly_on_signal() -> Result<()> {
+    let watched: Vec<i32> = SIGNALS.into_iter().filter(|&s| !ignored(s)).collect();
+    if watched.is_empty() {
+        return Ok(());
+    }
+    let mut signals = signal_hook::iterator::Signals::new(&watched).context("cannot watch for signals")?;
+    std::thread::Builder::new()
+        .name("sae-quit".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\n{}: stopped; the files being written are removed",
+                    name(sig as usize)
+                );
+                crate::util::atomic::remove_live_temporaries_and_exit(128 + sig);
             }
         })
         .context("cannot start the signal thread")?;

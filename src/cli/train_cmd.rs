@@ -76,6 +76,10 @@ pub fn print_summary(s: &Summary) {
             if n == 1 { "" } else { "es" }
         ),
     }
+    if e.tokens == 0 {
+        println!("held-out: none (--eval-tokens 0), so no held-out metrics; sae eval RUN --data DIR measures them");
+        return print_recovery(s);
+    }
     println!("held-out ({} tokens, exported sparsifier):", e.tokens);
     println!("  L0            {:>10.2}", e.l0);
     println!("  MSE           {:>10.5}", e.mse);
@@ -83,6 +87,10 @@ pub fn print_summary(s: &Summary) {
     println!("  alive         {:>10.4}   dead {}", e.frac_alive, e.dead);
     let t = &s.eval_training_sparsifier;
     println!("  (training sparsifier: L0 {:.2}, EV {:.4}, alive {:.4})", t.l0, t.explained_variance, t.frac_alive);
+    print_recovery(s)
+}
+
+fn print_recovery(s: &Summary) {
     if let Some(r) = &s.recovery {
         println!("ground truth ({} features):", r.n_true);
         println!("  MMCS          {:>10.4}", r.mmcs);

@@ -14,7 +14,7 @@
 //! (`Window`); the stream (`stream.rs`) gathers the rows from the map.
 
 use super::dataset::{median, sample_norms, Dataset};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -261,7 +261,29 @@ impl Core {
         // sample: the scale, the norm cut and the digest would be of data that is not there.
         ds.check_intact().context("while sampling rows at open")?;
         let sample_digest = norms.iter().fold(bad as u64, |h, n| mix(h, n.to_bits(), TAG_SAMPLE));
-        let med = median(&norms);
+        // Rows of zeros (padding written by a harvest, say) carry nothing to reconstruct. When
+        // half or more of the sample is zeros, their median norm is 0, and the norm cut would
+        // drop every row that is not: the cut then takes the median of the nonzero rows.
+        let nonzero: Vec<f64> = norms.iter().copied().filter(|&x| x > 0.0).collect();
+        ensure!(
+            norms.is_empty() || !nonzero.is_empty(),
+            "{}: every one of the {} rows sampled at open is all zeros: there is nothing to train on or evaluate",
+            ds.spec.display(),
+            norms.len()
+        );
+        let med = match median(&norms) {
+            m if m > 0.0 || nonzero.is_empty() => m,
+            _ => {
+                eprintln!(
+                    "warning: {}: {} of the {} rows sampled at open are all zeros; the norm cut and scale use the \
+                     median norm of the others",
+                    ds.spec.display(),
+                    norms.len() - nonzero.len(),
+                    norms.len()
+                );
+                median(&nonzero)
+            }
+        };
         let max_norm = if opts.max_norm_multiple > 0.0 { opts.max_norm_multiple * med } else { f64::INFINITY };
         let max_sq = max_norm * max_norm;
         let kept: Vec<f64> = norms.iter().copied().filter(|&x| x <= max_norm).collect();

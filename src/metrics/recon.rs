@@ -166,7 +166,9 @@ impl ReconAccumulator {
     pub fn finish(self) -> ReconMetrics {
         let t = self.tokens.max(1) as f64;
         let f = self.f.max(1) as f64;
-        let nmse = if self.total_var > 0.0 { self.sse / self.total_var } else { 0.0 };
+        // No variance to explain (no tokens, or every row the same): NMSE and EV are undefined
+        // (NaN, null in JSON), not a perfect 0 and 1.
+        let nmse = if self.total_var > 0.0 { self.sse / self.total_var } else { f64::NAN };
         let density: Vec<f64> = self.fired.iter().map(|&c| c as f64 / t).collect();
         let alive = self.fired.iter().filter(|&&c| c > 0).count();
         let above = |th: f64| density.iter().filter(|&&p| p > th).count() as f64 / f;

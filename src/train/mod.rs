@@ -124,6 +124,23 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
             let saved = TrainConfig::load(&dir.join(CONFIG_FILE))
                 .with_context(|| format!("--resume {}: not a run directory", dir.display()))?;
             let lock = rundir::lock(dir)?;
+            // Without its trainer state a run starts again from step 0, right for one killed
+            // before its first checkpoint; one that has written an SAE (its trainer state
+            // deleted, say, to save space) would be replaced by an untrained start.
+            let written = [crate::export::saelens::WEIGHTS_FILE, SUMMARY_FILE].map(|f| dir.join(f));
+            if !dir.join(checkpoint::STATE_FILE).exists() {
+                if let Some(w) = written.iter().find(|p| p.exists()) {
+                    bail!(
+                        "--resume {}: {} is missing, so the run cannot continue, but it has written {}: resuming would \
+                         train it again from step 0 and replace that. Its SAE stays usable as it is (sae eval, sae \
+                         export); to train it again from scratch, use sae train --out {} --overwrite",
+                        dir.display(),
+                        dir.join(checkpoint::STATE_FILE).display(),
+                        w.display(),
+                        dir.display()
+                    );
+                }
+            }
             let c = rundir::apply_changes(&saved, &opts.resume_changes)?;
             (TrainConfig { out: dir.to_path_buf(), quiet: cfg.quiet, threads: cfg.threads, ..c }, Some(lock))
         }

@@ -8,6 +8,26 @@ use anyhow::{Context, Result};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// The temporaries being written right now, so that a signal that ends the process at once
+/// (`sae export`, `sae eval`, a second Ctrl-C during training) can remove them first: else each
+/// stays until a later command's sweep of that directory, as large as the file it was for.
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn live() -> MutexGuard<'static, Vec<PathBuf>> {
+    LIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Remove every temporary being written and exit with `status`. The registry stays locked until
+/// the process is gone, so no writer creates a new temporary meanwhile.
+pub fn remove_live_temporaries_and_exit(status: i32) -> ! {
+    let live = live();
+    for p in live.iter() {
+        let _ = std::fs::remove_file(p);
+    }
+    std::process::exit(status)
+}
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |w| Ok(w.write_all(bytes)?))
@@ -16,7 +36,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// [`write_atomic`] of what `fill` writes (buffered), for files too large to assemble in memory
 /// first (activation shards).
 pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
-    let mut tmp = Temporary { path: tmp_path(path), renamed: false };
+    let mut tmp = Temporary::new(tmp_path(path));
     let t = tmp.path.clone();
     let fail = |what: &str| format!("cannot write {}: {what} its temporary {}", path.display(), t.display());
     let f = File::create(&tmp.path).with_context(|| fail("cannot create"))?;
@@ -46,10 +66,22 @@ struct Temporary {
     renamed: bool,
 }
 
+impl Temporary {
+    /// Registered in [`LIVE`] before the file is created.
+    fn new(path: PathBuf) -> Self {
+        live().push(path.clone());
+        Self { path, renamed: false }
+    }
+}
+
 impl Drop for Temporary {
     fn drop(&mut self) {
+        let mut live = live();
         if !self.renamed {
             let _ = std::fs::remove_file(&self.path);
+        }
+        if let Some(i) = live.iter().position(|p| *p == self.path) {
+            live.swap_remove(i);
         }
     }
 }
