@@ -455,9 +455,40 @@ impl Default for TrainConfig {
     }
 }
 
+/// A data path as the config records it: absolute (against the working directory), so that a
+/// resume, an eval or a sweep started from another directory finds the same data. `memory:NAME`
+/// (the Python package's in-memory data) is left as it is.
+pub fn absolute_data(p: &Path) -> PathBuf {
+    if crate::data::memory::name_of(p).is_some() {
+        return p.to_path_buf();
+    }
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Whether two recorded data paths (config-file values) name the same data: equal, or resolving
+/// to the same file or directory (a run recorded `acts` relative, the resume gives `/x/acts`).
+pub fn same_data_value(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    if a == b {
+        return true;
+    }
+    match (a.as_str(), b.as_str()) {
+        (Some(a), Some(b)) => {
+            matches!((Path::new(a).canonicalize(), Path::new(b).canonicalize()), (Ok(x), Ok(y)) if x == y)
+        }
+        _ => false,
+    }
+}
+
 impl TrainConfig {
-    /// Merge defaults, an optional config file and the flags actually given on the command line.
+    /// Merge defaults, an optional config file and the flags actually given on the command line
+    /// (the data path made absolute: [`absolute_data`]).
     pub fn resolve(cli: &TrainConfig, matches: &ArgMatches, file: Option<&Path>) -> Result<Self> {
+        let mut cfg = Self::merge(cli, matches, file)?;
+        cfg.data = cfg.data.as_deref().map(absolute_data);
+        Ok(cfg)
+    }
+
+    fn merge(cli: &TrainConfig, matches: &ArgMatches, file: Option<&Path>) -> Result<Self> {
         let Some(path) = file else { return Ok(cli.clone()) };
         let mut base = serde_json::to_value(Self::load(path)?)?;
         let given = serde_json::to_value(cli)?;
@@ -480,7 +511,11 @@ impl TrainConfig {
             let id = id.as_str();
             if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
                 if let Some(v) = all.get(id) {
-                    out.insert(id.to_string(), v.clone());
+                    let v = match (id, v.as_str()) {
+                        ("data", Some(p)) => serde_json::Value::from(absolute_data(Path::new(p)).to_string_lossy()),
+                        _ => v.clone(),
+                    };
+                    out.insert(id.to_string(), v);
                 }
             }
         }

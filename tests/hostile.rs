@@ -132,6 +132,20 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "a manifest listing one shard twice is refused (its held-out rows would be trained on)",
+        setup: |d| {
+            std::fs::create_dir(d.join("ds")).unwrap();
+            acts(&d.join("ds/a.npy"), 1024, 0);
+            let m = r#"{"d_in": 16, "dtype": "float32", "shards": [{"file": "a.npy", "rows": 1024}, {"file": "./a.npy", "rows": 1024}]}"#;
+            std::fs::write(d.join("ds/manifest.json"), m).unwrap();
+            train_on(&d.join("ds"), &d.join("run"), &[])
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["the same file as", "a.npy", "listed twice in", "manifest.json"],
+        after: |d, _| assert!(!d.join("run/trainer_state.safetensors").exists()),
+    },
+    Case {
         name: "data that is mostly rows of zeros keeps its other rows (the norm cut takes their median)",
         setup: |d| {
             let (rows, dd) = (1024, 16);

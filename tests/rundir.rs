@@ -437,3 +437,68 @@ fn a_signal_during_an_export_removes_the_temporary_being_written() {
     }
     assert!(caught > 0, "no signal landed during the write in 4 attempts");
 }
+
+/// A relative `--data` is recorded as an absolute path, so that `--resume` (and `sae eval`) from
+/// another directory find the data. A run recorded with a relative path (before) resumes from
+/// elsewhere when `--data` gives the path from there (recorded in resumes.jsonl), and the
+/// same data under another spelling is no change at all.
+#[test]
+fn a_relative_data_path_resumes_from_another_directory() {
+    use saetrain::data::{format::write_npy, Dtype};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    std::fs::create_dir_all(root.join("rel")).unwrap();
+    std::fs::create_dir_all(root.join("elsewhere")).unwrap();
+    let x: Vec<f32> = (0..2048 * 16).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5).collect();
+    write_npy(&root.join("rel/a.npy"), Dtype::Float32, 2048, 16, &x).unwrap();
+    let run_in = |cwd: &Path, args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sae")).args(args).current_dir(cwd).output().unwrap()
+    };
+    let train_args = [
+        "train",
+        "--data",
+        "rel/a.npy",
+        "--out",
+        "run",
+        "--d-sae",
+        "32",
+        "--k",
+        "4",
+        "--batch-size",
+        "64",
+        "--steps",
+        "20",
+        "--eval-tokens",
+        "256",
+        "--checkpoint-every",
+        "10",
+        "--backend",
+        "cpu",
+        "--quiet",
+    ];
+    ok(&run_in(&root, &train_args));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("run/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["data"], root.join("rel/a.npy").to_str().unwrap());
+    let run = root.join("run");
+    ok(&run_in(&root.join("elsewhere"), &["train", "--resume", run.to_str().unwrap(), "--steps", "30", "--quiet"]));
+    ok(&run_in(&root.join("elsewhere"), &["eval", run.to_str().unwrap(), "--no-plots"]));
+    // The same file by another spelling: not a change.
+    let o = run_in(&root, &["train", "--resume", "run", "--data", "./rel/../rel/a.npy", "--steps", "40", "--quiet"]);
+    ok(&o);
+    assert!(!std::fs::read_to_string(run.join("resumes.jsonl")).unwrap().contains("\"data\""));
+    // A config recorded with a relative path: from elsewhere it no longer leads to the data, and
+    // --data with the path from here is taken (and recorded).
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    cfg["data"] = "rel/a.npy".into();
+    std::fs::write(run.join("config.json"), cfg.to_string()).unwrap();
+    let o = run_in(&root.join("elsewhere"), &["train", "--resume", run.to_str().unwrap(), "--steps", "50", "--quiet"]);
+    assert!(!o.status.success() && stderr(&o).contains("rel/a.npy"), "{}", stderr(&o));
+    let abs = root.join("rel/a.npy");
+    let args =
+        ["train", "--resume", run.to_str().unwrap(), "--data", abs.to_str().unwrap(), "--steps", "50", "--quiet"];
+    ok(&run_in(&root.join("elsewhere"), &args));
+    let log = std::fs::read_to_string(run.join("resumes.jsonl")).unwrap();
+    assert!(log.lines().last().unwrap().contains("\"data\""), "{log}");
+}

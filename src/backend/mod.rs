@@ -154,6 +154,11 @@ pub fn choose(cfg: &TrainConfig) -> Result<Chosen> {
 }
 
 impl Chosen {
+    /// Whether the run's step runs on the CPU (its batch buffers in host memory).
+    pub fn is_cpu(&self) -> bool {
+        self.kind == Kind::Cpu
+    }
+
     /// Whether the backend takes half-precision batches as they were read: the CUDA backend
     /// uploads half-precision shards as they are and converts on the device; the CPU trains on f32.
     pub fn wants_half_input(&self) -> bool {

@@ -165,7 +165,21 @@ impl Dataset {
             None => None,
         };
         let mut shards: Vec<Shard> = Vec::with_capacity(files.len());
+        // The same file twice (a manifest listing `a.npy` and `./a.npy`, or a link to a shard)
+        // would put one copy's held-out rows in the other copy's training rows.
+        let mut seen: Vec<(PathBuf, &PathBuf)> = Vec::with_capacity(files.len());
         for f in &files {
+            let canonical = f.canonicalize().unwrap_or_else(|_| f.clone());
+            if let Some((_, first)) = seen.iter().find(|(c, _)| *c == canonical) {
+                let listed = manifest_path.as_ref().map(|m| format!(" (listed twice in {})", m.display()));
+                bail!(
+                    "{}: the same file as {}{}: each shard may appear once",
+                    f.display(),
+                    first.display(),
+                    listed.unwrap_or_default()
+                );
+            }
+            seen.push((canonical, f));
             let sh = Shard::open(f, tensor)?;
             if let Some(first) = shards.first() {
                 if sh.d_in != first.d_in {

@@ -139,7 +139,8 @@ impl Definition {
         for (k, v) in &a {
             let old = b.get(k).cloned().unwrap_or(Value::Null);
             // The held-out layout is the sweep's own record, not an option ([`prepare`]).
-            if !HOW_NOT_WHAT.contains(&k.as_str()) && k != "held_out_windows" && old != *v {
+            let same = old == *v || (k == "data" && crate::config::same_data_value(&old, v));
+            if !HOW_NOT_WHAT.contains(&k.as_str()) && k != "held_out_windows" && !same {
                 out.push(format!("--{} {} (the sweep has {})", k.replace('_', "-"), v, old));
             }
         }

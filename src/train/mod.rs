@@ -2,6 +2,7 @@
 
 pub mod calibrate;
 pub mod checkpoint;
+pub mod footprint;
 pub mod history;
 pub mod rundir;
 pub mod schedule;
@@ -159,6 +160,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         }
     }
     cfg.d_in = Some(d_in);
+    footprint::check(d_in, cfg.d_sae, cfg.batch_size, chosen.is_cpu())?;
     let out = cfg.out.clone();
     if lock.is_none() {
         lock = Some(rundir::prepare_new(&out, opts.overwrite)?);

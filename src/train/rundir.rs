@@ -169,7 +169,15 @@ pub fn resume_changes(saved: &TrainConfig, given: &Map<String, Value>) -> Result
             continue; // --resume names the directory
         }
         let old = saved_v.get(name).cloned().unwrap_or(Value::Null);
-        if &old == new {
+        if &old == new || (name == "data" && crate::config::same_data_value(&old, new)) {
+            continue;
+        }
+        // Data recorded by a path that no longer leads to it from here (relative to another
+        // directory, or moved): the path may change; the checkpoint's sample of the rows
+        // refuses other contents when the stream seeks.
+        let moved = name == "data" && old.as_str().is_some_and(|p| !Path::new(p).exists());
+        if moved {
+            changes.insert(name.clone(), Value::Array(vec![old, new.clone()]));
             continue;
         }
         if SAFE_ON_RESUME.contains(&name.as_str()) {
