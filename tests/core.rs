@@ -145,6 +145,7 @@ fn checkpoint_round_trip_and_refusals() {
         position: serde_json::json!({"batches": 43}),
         input_scale: 0.5,
         tokens: 4200,
+        config: Some(serde_json::json!({"lr": 0.001})),
     };
     let dir = tempfile::tempdir().unwrap();
     checkpoint::save(dir.path(), &st, &meta).unwrap();

@@ -502,3 +502,39 @@ fn a_relative_data_path_resumes_from_another_directory() {
     let log = std::fs::read_to_string(run.join("resumes.jsonl")).unwrap();
     assert!(log.lines().last().unwrap().contains("\"data\""), "{log}");
 }
+
+/// A resume continues the run its checkpoint is of: a config.json edited since (or a trainer
+/// state copied from another run) is refused with every difference named, and a damaged trainer
+/// state is refused naming the tensor, instead of resuming into a NaN blamed on --lr.
+#[test]
+fn resume_refuses_an_edited_config_and_a_damaged_trainer_state() {
+    use saetrain::train::checkpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    ok(&train(&out, &["--checkpoint-every", "10"]));
+    let config = out.join("config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let mut c: serde_json::Value = serde_json::from_str(&original).unwrap();
+    c["lr"] = serde_json::json!(0.5);
+    c["seed"] = serde_json::json!(7);
+    std::fs::write(&config, c.to_string()).unwrap();
+    let resume = || sae(&["train", "--resume", out.to_str().unwrap(), "--steps", "30", "--quiet"]);
+    let o = resume();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("lr 0.5 (the checkpoint was trained with") && e.contains("seed 7") && e.contains("edited"),
+        "{e}"
+    );
+    std::fs::write(&config, &original).unwrap();
+    let (mut state, meta) = checkpoint::load(&out).unwrap();
+    state.adam_v.data[3] = f32::NAN;
+    checkpoint::save(&out, &state, &meta).unwrap();
+    let o = resume();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("tensor 'adam_v' holds NaN at index 3") && e.contains("damaged"), "{e}");
+    state.adam_v.data[3] = 0.0;
+    checkpoint::save(&out, &state, &meta).unwrap();
+    ok(&resume());
+}

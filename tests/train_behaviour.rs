@@ -74,6 +74,8 @@ fn resume_is_bitwise_identical_to_an_uninterrupted_run() {
         assert_eq!(half_state.step, n / 2);
         let mut resume_cfg = mk(&split_dir, n);
         resume_cfg.d_in = Some(resume_cfg.synth_d_in);
+        // As a new run records it (config.json is otherwise what the checkpoint was trained with).
+        resume_cfg.held_out_windows = Some(true);
         std::fs::write(split_dir.join(CONFIG_FILE), serde_json::to_string_pretty(&resume_cfg).unwrap()).unwrap();
         // Only `quiet` and `threads` are taken from the caller's config on resume.
         let caller = TrainConfig { quiet: true, ..TrainConfig::default() };

@@ -6,6 +6,7 @@ use crate::util::atomic::write_atomic;
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
+use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -22,6 +23,50 @@ pub struct StateMeta {
     pub input_scale: f32,
     /// Tokens trained on so far.
     pub tokens: u64,
+    /// What the run trains, as its config said when this checkpoint was written
+    /// ([`trained_config`]): a resume refuses a `config.json` edited since, or a trainer state
+    /// from another run. Absent in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+}
+
+/// The options of `cfg` that say what a run trains: all but those a resume may change
+/// ([`super::rundir::SAFE_ON_RESUME`]), where its files go and how it prints, and the data's
+/// path (checked by the sample of its rows instead, and free to move).
+pub fn trained_config(cfg: &crate::config::TrainConfig) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(cfg)?;
+    if let Some(o) = v.as_object_mut() {
+        for k in super::rundir::SAFE_ON_RESUME.iter().chain(&["out", "quiet", "threads", "data"]) {
+            o.remove(*k);
+        }
+    }
+    Ok(v)
+}
+
+/// Refuse to resume `cfg` from a checkpoint whose recorded config differs: `config.json` was
+/// edited after the checkpoint, or the trainer state is another run's. Names every difference.
+pub fn check_same_run(dir: &Path, cfg: &crate::config::TrainConfig, meta: &StateMeta) -> Result<()> {
+    let Some(Value::Object(then)) = &meta.config else { return Ok(()) };
+    let Value::Object(now) = trained_config(cfg)? else { return Ok(()) };
+    let show = |v: Option<&Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
+    let mut keys: Vec<&String> = then.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let diff: Vec<String> = keys
+        .into_iter()
+        .filter(|k| then.get(*k) != now.get(*k))
+        .map(|k| format!("{k} {} (the checkpoint was trained with {})", show(now.get(k)), show(then.get(k))))
+        .collect();
+    ensure!(
+        diff.is_empty(),
+        "--resume {}: {} says {}, unlike {}: edited after the checkpoint, or a trainer state of another run; \
+         put the values back, or train anew with --overwrite",
+        dir.display(),
+        dir.join(crate::train::CONFIG_FILE).display(),
+        diff.join(", "),
+        dir.join(STATE_FILE).display()
+    );
+    Ok(())
 }
 
 pub fn save(dir: &Path, state: &TrainState, meta: &StateMeta) -> Result<()> {
@@ -83,8 +128,22 @@ pub fn load(dir: &Path) -> Result<(TrainState, StateMeta)> {
         since_fired: bytemuck::pod_collect_to_vec::<u8, u64>(&get("since_fired", Dtype::U64, f)?),
         density: f32s("density", f)?,
     };
-    if state.params.data.iter().any(|v| !v.is_finite()) {
-        bail!("{}: parameters contain NaN/Inf", path.display());
+    // A damaged file (a bad sector, a partial copy) would else resume and diverge, blamed on --lr.
+    let finite: [(&str, &[f32]); 4] = [
+        ("params", &state.params.data),
+        ("adam_m", &state.adam_m.data),
+        ("adam_v", &state.adam_v.data),
+        ("density", &state.density),
+    ];
+    for (name, v) in finite {
+        if let Some(i) = v.iter().position(|x| !x.is_finite() || (name == "adam_v" && *x < 0.0)) {
+            bail!(
+                "{}: tensor '{name}' holds {} at index {i}: the trainer state is damaged; resume from a kept \
+                 checkpoint (checkpoints/) or train anew",
+                path.display(),
+                v[i]
+            );
+        }
     }
     Ok((state, meta))
 }

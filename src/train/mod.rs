@@ -178,6 +178,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
     let (state, mut tokens, first_batch) = match resume {
         Some(dir) => {
             let (state, meta) = checkpoint::load(dir)?;
+            checkpoint::check_same_run(dir, &cfg, &meta)?;
             if total < meta.step {
                 bail!(
                     "--resume {}: the run has trained {} steps, more than the {total} asked for",
@@ -468,6 +469,7 @@ fn save_all_with(
         position: source.position(),
         input_scale: source.input_scale(),
         tokens,
+        config: Some(checkpoint::trained_config(cfg)?),
     };
     checkpoint::save(out, &state, &meta)?;
     export(cfg, &state, source, out, tokens, calibration)
