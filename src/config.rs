@@ -302,7 +302,7 @@ pub struct TrainConfig {
     /// Tensor name inside safetensors shards.
     #[arg(long)]
     pub tensor: Option<String>,
-    /// Token-level shuffle buffer (rows).
+    /// Token-level shuffle buffer (rows; 0 or 1: rows in shard order within each chunk).
     #[arg(long, default_value_t = TrainConfig::default().shuffle_buffer)]
     pub shuffle_buffer: usize,
     /// Held-out tokens for evaluation (never trained on).
@@ -664,13 +664,32 @@ impl TrainConfig {
         if !(self.density_decay >= 0.0 && self.density_decay < 1.0) {
             bail!("invalid --density-decay {}: must be in [0, 1)", self.density_decay);
         }
-        if self.l1_coeff < 0.0 {
-            bail!("invalid --l1-coeff {}: must be >= 0", self.l1_coeff);
+        // `!(x >= 0)` so that NaN is refused too (every comparison with NaN is false).
+        for (name, v) in [
+            ("--l1-coeff", self.l1_coeff),
+            ("--aux-alpha", self.aux_alpha),
+            ("--max-norm-multiple", self.max_norm_multiple),
+            ("--synth-noise", self.synth_noise),
+            ("--synth-zipf", self.synth_zipf),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                bail!("invalid {name} {v}: must be a finite number >= 0");
+            }
+        }
+        if !(self.synth_active > 0.0 && self.synth_active.is_finite()) {
+            bail!("invalid --synth-active {}: the mean number of active features must be > 0", self.synth_active);
+        }
+        if self.m_max == Some(0) {
+            bail!("invalid --m-max 0: the largest per-latent budget must be >= 1");
         }
         if let Some(0) = self.k_aux {
             bail!("invalid --k-aux 0: the aux loss needs at least one latent per token");
         }
-        if self.zipf_alpha <= 0.0 || self.zipf_beta < 0.0 {
+        if !(self.zipf_alpha > 0.0
+            && self.zipf_alpha.is_finite()
+            && self.zipf_beta >= 0.0
+            && self.zipf_beta.is_finite())
+        {
             bail!("invalid --zipf-alpha/--zipf-beta: alpha must be > 0 and beta >= 0");
         }
         if let (Normalize::PerToken, Some(d)) =

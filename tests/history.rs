@@ -141,11 +141,16 @@ fn kept_checkpoints_and_history_match_plain_computations_and_load_in_eval() {
         assert!(md.contains(&format!("({p}.png)")), "report.md lacks {p}");
     }
 
-    // --overwrite removes the kept checkpoints with the rest of the run (not the eval outputs,
-    // which are the user's: it refuses while they are there).
-    std::fs::remove_dir_all(run.join("eval-history")).unwrap();
+    // --overwrite removes the kept checkpoints with the rest of the run, and the run's own
+    // evaluations, which describe the SAE it replaces; a file of the user's among them is not
+    // the tool's to remove, so it refuses then.
+    std::fs::write(run.join("eval-history/notes.txt"), "mine").unwrap();
+    let o = train(&run, &["--overwrite"]);
+    assert!(!o.status.success() && stderr(&o).contains("eval-history"), "{}", stderr(&o));
+    std::fs::remove_file(run.join("eval-history/notes.txt")).unwrap();
     ok(&train(&run, &["--overwrite"]));
     assert!(kept(&run).is_empty() && !run.join("checkpoints").exists());
+    assert!(!run.join("eval-history").exists(), "the earlier SAE's evaluation goes with it");
 }
 
 #[test]

@@ -538,3 +538,28 @@ fn resume_refuses_an_edited_config_and_a_damaged_trainer_state() {
     checkpoint::save(&out, &state, &meta).unwrap();
     ok(&resume());
 }
+
+/// A refused `sae train --out` leaves the user's directory as it was (no lock file), and a
+/// dangling symbolic link as --out says so.
+#[test]
+fn a_refused_out_is_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let mine = dir.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "x").unwrap();
+    for extra in [&[][..], &["--overwrite"][..]] {
+        let o = train(&mine, extra);
+        assert!(!o.status.success(), "{extra:?}");
+        let names: Vec<String> =
+            std::fs::read_dir(&mine).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+        assert_eq!(names, ["notes.txt"], "{extra:?}");
+    }
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+    let o = train(&link, &[]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("is a symbolic link to") && stderr(&o).contains("nowhere"),
+        "{}",
+        stderr(&o)
+    );
+}

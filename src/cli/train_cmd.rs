@@ -44,6 +44,16 @@ pub fn prepare(args: &TrainArgs, matches: &ArgMatches) -> Result<(TrainConfig, R
         }
     }
     let mut opts = RunOptions { overwrite: args.overwrite, ..Default::default() };
+    if let (Some(dir), Some(clap::parser::ValueSource::CommandLine)) = (&args.resume, matches.value_source("out")) {
+        let same = matches!((dir.canonicalize(), args.cfg.out.canonicalize()), (Ok(a), Ok(b)) if a == b);
+        anyhow::ensure!(
+            same,
+            "--resume {} continues the run in that directory; --out {} names another: drop --out (a resume \
+             writes where the run is)",
+            dir.display(),
+            args.cfg.out.display()
+        );
+    }
     if let Some(dir) = &args.resume {
         // Refuse options that differ from the saved config (unless safe to change).
         if let Ok(saved) = TrainConfig::load(&dir.join(train::CONFIG_FILE)) {

@@ -114,6 +114,29 @@ pub fn prepare(out: &Path, inputs: &[PathBuf], overwrite: bool) -> Result<EvalOu
     Ok(EvalOut { dir: out.to_path_buf(), previous })
 }
 
+/// Whether `dir` is a directory holding one earlier evaluation and nothing else (the files an
+/// evaluation writes, and temporaries of them): what `sae train --overwrite` may remove with the
+/// run it describes.
+pub fn only_an_evaluation(dir: &Path) -> bool {
+    if earlier_evaluation(dir).is_none() {
+        return false;
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else { return false };
+    rd.flatten().all(|e| {
+        let n = e.file_name().to_string_lossy().into_owned();
+        e.file_type().is_ok_and(|t| t.is_file())
+            && (is_eval_file(&n) || crate::util::atomic::parse_temporary(&n).is_some_and(|(t, _)| is_eval_file(t)))
+    })
+}
+
+/// Remove an evaluation's directory that [`only_an_evaluation`] accepted.
+pub fn remove_evaluation(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)?.flatten() {
+        std::fs::remove_file(e.path()).map_err(|err| anyhow::anyhow!("cannot remove {}: {err}", e.path().display()))?;
+    }
+    std::fs::remove_dir(dir).map_err(|err| anyhow::anyhow!("cannot remove {}: {err}", dir.display()))
+}
+
 impl EvalOut {
     /// After the evaluation wrote `written`: remove the files the earlier evaluation listed that
     /// this one did not write.

@@ -86,8 +86,19 @@ pub fn prepare_new(dir: &Path, overwrite: bool) -> Result<RunLock> {
     if dir.exists() && !dir.is_dir() {
         bail!("--out {}: exists and is not a directory", dir.display());
     }
+    if let (false, Ok(target)) = (dir.exists(), std::fs::read_link(dir)) {
+        bail!("--out {} is a symbolic link to {}, which does not exist", dir.display(), target.display());
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create output directory {}", dir.display()))?;
+    // A refused --out (a directory of the user's) is left as it was: without the lock file.
+    let had_lock = dir.join(LOCK_FILE).exists();
     let lock = lock(dir)?;
+    let refuse = |e: anyhow::Error| -> Result<RunLock> {
+        if !had_lock {
+            let _ = std::fs::remove_file(dir.join(LOCK_FILE));
+        }
+        Err(e)
+    };
     let mut names = vec![];
     for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let name = e?.file_name().to_string_lossy().into_owned();
@@ -99,8 +110,12 @@ pub fn prepare_new(dir: &Path, overwrite: bool) -> Result<RunLock> {
     // user's own file, never ours to remove.
     let is_run = names.iter().any(|n| n == CONFIG_FILE)
         && names.iter().any(|n| [METRICS_FILE, STATE_FILE, SUMMARY_FILE].contains(&n.as_str()));
+    // The run's own evaluations (`sae eval RUN` writes RUN/eval) describe the SAE being replaced.
     let (ours, mut theirs): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
-        is_run && (RUN_FILES.contains(&n.as_str()) || (n == CHECKPOINTS_DIR && history::only_ours(&dir.join(n))))
+        is_run
+            && (RUN_FILES.contains(&n.as_str())
+                || (n == CHECKPOINTS_DIR && history::only_ours(&dir.join(n)))
+                || crate::eval::out_dir::only_an_evaluation(&dir.join(n)))
     });
     if theirs.is_empty() && ours.is_empty() {
         return Ok(lock);
@@ -113,23 +128,27 @@ pub fn prepare_new(dir: &Path, overwrite: bool) -> Result<RunLock> {
     if !overwrite {
         let what = if is_run { "holds a previous run" } else { "is not empty" };
         let mut all: Vec<String> = ours.iter().chain(&theirs).cloned().collect();
-        bail!(
+        return refuse(anyhow::anyhow!(
             "--out {} {what} ({}); pass --overwrite to replace a previous run, --resume {} to continue it, or choose another --out",
             dir.display(),
             list(&mut all),
             dir.display()
-        );
+        ));
     }
     if !theirs.is_empty() {
-        bail!(
+        return refuse(anyhow::anyhow!(
             "--out {}: --overwrite replaces only a previous run's files, but the directory also holds {}; choose another --out",
             dir.display(),
             list(&mut theirs)
-        );
+        ));
     }
     for name in &ours {
         if name == CHECKPOINTS_DIR {
             history::remove_all(dir)?;
+            continue;
+        }
+        if dir.join(name).is_dir() {
+            crate::eval::out_dir::remove_evaluation(&dir.join(name))?;
             continue;
         }
         let p = dir.join(name);
