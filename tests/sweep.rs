@@ -105,6 +105,32 @@ fn a_two_by_two_sweep_writes_its_runs_table_and_pictures_then_skips_resumes_and_
     assert!(!o.status.success() && stderr(&o).contains("--lr 0.01"), "{}", stderr(&o));
     // Options that say how, not what, may change.
     ok(&sweep(&out, GRID, &["--threads", "1"]));
+
+    // A point's directory holding a run trained there by hand with other settings is not this
+    // sweep's: refused, naming the difference, instead of skipped into the table.
+    let point = out.join(RUNS[0]);
+    let mut a: Vec<&str> =
+        vec!["train", "--out", point.to_str().unwrap(), "--overwrite", "--k", "2", "--sparsifier", "topk"];
+    a.extend_from_slice(SHARED);
+    let d_sae = a.iter().position(|x| *x == "--d-sae").unwrap();
+    a[d_sae + 1] = "32";
+    ok(&sae(&a));
+    let o = sweep(&out, GRID, &[]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains(RUNS[0]) && e.contains("--d-sae 32 (the point has 64)") && e.contains("not this sweep's run"),
+        "{e}"
+    );
+    // While the sweep runs (holds its lock), a point it has not reached is not trained by hand.
+    let held = saetrain::train::rundir::lock(&out).unwrap();
+    let later = out.join("k=8,sparsifier=topk");
+    let mut a: Vec<&str> = vec!["train", "--out", later.to_str().unwrap()];
+    a.extend_from_slice(SHARED);
+    let o = sae(&a);
+    assert!(!o.status.success() && stderr(&o).contains("is a point of the sweep"), "{}", stderr(&o));
+    assert!(!later.exists());
+    drop(held);
 }
 
 #[test]

@@ -289,6 +289,31 @@ fn started_layout(dir: &Path) -> Result<Option<bool>> {
     Ok(layout)
 }
 
+/// How the finished run `saved` differs from the sweep point `expected` in what it trains
+/// (its length included, which a resume may change but a finished point may not).
+fn point_differences(saved: &TrainConfig, expected: &TrainConfig) -> Result<Vec<String>> {
+    let mut out = vec![];
+    if saved.total_steps() != expected.total_steps() {
+        out.push(format!("{} steps (the point has {})", saved.total_steps(), expected.total_steps()));
+    }
+    let (a, b) = (train::checkpoint::trained_config(saved)?, train::checkpoint::trained_config(expected)?);
+    let (Value::Object(a), Value::Object(b)) = (a, b) else { bail!("configs are JSON objects") };
+    for (k, v) in &a {
+        // Set by the run (the data's width, the held-out layout), not by the point.
+        if ["d_in", "held_out_windows"].contains(&k.as_str()) || HOW_NOT_WHAT.contains(&k.as_str()) {
+            continue;
+        }
+        let want = b.get(k).cloned().unwrap_or(Value::Null);
+        if *v != want {
+            out.push(format!("--{} {} (the point has {})", k.replace('_', "-"), v, want));
+        }
+    }
+    if !crate::config::same_data_value(&serde_json::to_value(&saved.data)?, &serde_json::to_value(&expected.data)?) {
+        out.push(format!("--data {:?} (the point has {:?})", saved.data, expected.data));
+    }
+    Ok(out)
+}
+
 /// Train (or skip, or resume) every point, then evaluate each run.
 /// `on_step` is each run's [`train::StepHook`]: an error from it stops the run (with a checkpoint)
 /// and the sweep.
@@ -309,6 +334,21 @@ pub fn run(
         let run_dir = &p.cfg.out;
         let diverged_file = run_dir.join(DIVERGED_FILE);
         let status = if run_dir.join(SUMMARY_FILE).is_file() {
+            // Finished, but by this sweep? A run trained there by hand with other settings would
+            // put its numbers in this point's row.
+            let saved = TrainConfig::load(&run_dir.join(CONFIG_FILE)).with_context(|| {
+                format!("sweep point {}: {} holds a summary but no run config", p.name, run_dir.display())
+            })?;
+            let diff = point_differences(&saved, &p.cfg)?;
+            if !diff.is_empty() {
+                bail!(
+                    "sweep point {}: {} holds a finished run with other settings than this point's ({}): not this \
+                     sweep's run; move it away (the sweep then trains the point) or choose another sweep directory",
+                    p.name,
+                    run_dir.display(),
+                    diff.join(", ")
+                );
+            }
             log(format!("[{}/{n}] {}: finished earlier, skipped", i + 1, p.name));
             Status::Skipped
         } else if diverged_file.is_file() {
