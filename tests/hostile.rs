@@ -253,6 +253,49 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "eval of several inputs, one broken: each failure is named, the others are evaluated, no report is written",
+        setup: |d| {
+            ok(&train(&d.join("a"), &[]));
+            ok(&train(&d.join("b"), &["--seed", "3"]));
+            std::fs::create_dir(d.join("c")).unwrap();
+            std::fs::write(d.join("c/cfg.json"), "{}").unwrap();
+            std::fs::write(d.join("c/sae_weights.safetensors"), b"not a safetensors file").unwrap();
+            let (a, b, c, ev) = (s(&d.join("a")), s(&d.join("b")), s(&d.join("c")), s(&d.join("ev")));
+            ["eval", &a, &c, &b, "--no-plots", "--out", &ev].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["1 of the 3 inputs could not be evaluated", "no report was written", "/c/sae_weights.safetensors"],
+        after: |d, _| assert!(!d.join("ev/eval.json").exists()),
+    },
+    Case {
+        name: "eval of an SAE whose outputs overflow f32 warns that its numbers mean nothing",
+        setup: |d| {
+            let (dd, f) = (16, 32);
+            let sae = saetrain::export::ExportedSae {
+                d_in: dd,
+                d_sae: f,
+                w_enc: vec![3e38; f * dd],
+                b_enc: vec![0.0; f],
+                w_dec: vec![3e38; f * dd],
+                b_dec: vec![0.0; dd],
+                threshold: None,
+                architecture: "topk".into(),
+                k: Some(4),
+                per_token_cap: None,
+                norm: saetrain::export::saelens::RunTimeNorm::None,
+            };
+            sae.save_saelens(&d.join("huge"), serde_json::json!({}), None).unwrap();
+            acts(&d.join("acts.npy"), 512, 0);
+            let (h, a, ev) = (s(&d.join("huge")), s(&d.join("acts.npy")), s(&d.join("ev")));
+            ["eval", &h, "--data", &a, "--no-plots", "--out", &ev].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &["warning:", "/huge", "overflow", "say nothing about the SAE's quality"],
+        after: nothing,
+    },
+    Case {
         name: "a second evaluation into the same directory removes the first's files it does not write",
         setup: |d| {
             ok(&train(&d.join("run"), &[]));

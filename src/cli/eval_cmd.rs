@@ -167,15 +167,38 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let out = crate::eval::out_dir::prepare(&out, &args.inputs, args.overwrite)?;
     let names = labels(&args.inputs);
     let mut evals = vec![];
+    // Every input is evaluated even after one fails, so that one run says what is wrong with
+    // each; a report of only some of them is not written.
+    let mut failed = vec![];
     for (path, label) in args.inputs.iter().zip(&names) {
-        if let Some(model) = &args.model {
-            run_ce_eval(&args, model, path).with_context(|| format!("CE evaluation of {}", path.display()))?;
+        let one = || -> Result<crate::eval::run::SaeEval> {
+            if let Some(model) = &args.model {
+                run_ce_eval(&args, model, path).with_context(|| format!("CE evaluation of {}", path.display()))?;
+            }
+            let mut e = crate::util::context::naming(evaluate(path, label, &opts), "evaluating", path)?;
+            if let Some(b) = &args.against {
+                e.against = Some(crate::eval::mcs::against(path, b, &e.weights.alignment)?);
+            }
+            Ok(e)
+        };
+        match one() {
+            Ok(e) => {
+                warn_if_not_finite(&e);
+                evals.push(e);
+            }
+            Err(e) if args.inputs.len() == 1 => return Err(e),
+            Err(e) => failed.push(format!("{}: {e:#}", path.display())),
         }
-        let mut e = crate::util::context::naming(evaluate(path, label, &opts), "evaluating", path)?;
-        if let Some(b) = &args.against {
-            e.against = Some(crate::eval::mcs::against(path, b, &e.weights.alignment)?);
-        }
-        evals.push(e);
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{} of the {} inputs could not be evaluated, so no report was written (the other {} evaluated \
+             fine; drop the failed ones to report those):\n  {}",
+            failed.len(),
+            args.inputs.len(),
+            args.inputs.len() - failed.len(),
+            failed.join("\n  ")
+        );
     }
 
     let (table, files) = write_outputs(&evals, &out.dir, args.compare, !args.no_plots)?;
@@ -188,6 +211,27 @@ pub fn run(args: EvalArgs) -> Result<()> {
     print!("{table}");
     println!("wrote {} and {} in {}", EVAL_FILE, REPORT_FILE, out.dir.display());
     Ok(())
+}
+
+/// Say so when an SAE's metrics are not numbers: weights so large that its outputs overflow
+/// f32 (a diverged or damaged SAE) give NaN or infinite errors, which the report would otherwise
+/// show without a word.
+fn warn_if_not_finite(e: &crate::eval::run::SaeEval) {
+    let m = &e.exported;
+    let bad: Vec<String> = [("MSE", m.mse), ("EV", m.explained_variance), ("L0", m.l0)]
+        .iter()
+        .filter(|(_, v)| !v.is_finite() || v.abs() > 1e30)
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect();
+    if !bad.is_empty() && m.tokens > 0 {
+        eprintln!(
+            "warning: {}: {} on {} tokens: its reconstructions overflow or explode (weights too large for f32?); \
+             these numbers say nothing about the SAE's quality",
+            e.path.display(),
+            bad.join(", "),
+            m.tokens
+        );
+    }
 }
 
 /// `sae eval --history RUN`.

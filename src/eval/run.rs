@@ -183,7 +183,8 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     };
     ensure!(
         source.d_in() == sae.d_in,
-        "the data has width {} but the SAE in {} has d_in {}",
+        "the data {} has width {} but the SAE in {} has d_in {}",
+        cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(synthetic)".into()),
         source.d_in(),
         dir.display(),
         sae.d_in
