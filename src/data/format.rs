@@ -525,6 +525,9 @@ pub fn parse_safetensors(buf: &[u8], tensor: Option<&str>) -> Result<(Dtype, usi
             safetensors::SafeTensorError::MetadataIncompleteBuffer => {
                 " (truncated: the file is shorter or longer than its header says)"
             }
+            safetensors::SafeTensorError::TensorInvalidInfo => {
+                " (a tensor's shape and dtype in the header disagree with the bytes it says it spans)"
+            }
             _ => "",
         };
         anyhow!("invalid safetensors file: {e:?}{hint}")

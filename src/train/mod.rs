@@ -15,7 +15,7 @@ use crate::metrics::core::{core_metrics, CoreMetrics};
 use crate::metrics::recovery::{recovery, Recovery};
 use crate::model::{aligned, init, Shape, TrainState};
 use crate::util::atomic::write_json_atomic;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use checkpoint::StateMeta;
 use indicatif::{ProgressBar, ProgressStyle};
 use schedule::Schedule;
@@ -156,7 +156,16 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
     let d_in = source.d_in();
     if let Some(d) = cfg.d_in {
         if d != d_in {
-            bail!("invalid --d-in {d}: the data has width {d_in}");
+            let data = cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(synthetic)".into());
+            match resume {
+                Some(dir) => bail!(
+                    "--resume {}: the run was trained on data of width {d} ({} d_in) but its data {data} now has \
+                     width {d_in}",
+                    dir.display(),
+                    dir.join(CONFIG_FILE).display()
+                ),
+                None => bail!("invalid --d-in {d}: the data {data} has width {d_in}"),
+            }
         }
     }
     cfg.d_in = Some(d_in);
@@ -178,6 +187,15 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
     let (state, mut tokens, first_batch) = match resume {
         Some(dir) => {
             let (state, meta) = checkpoint::load(dir)?;
+            ensure!(
+                meta.d_sae == cfg.d_sae,
+                "--resume {}: {} has d_sae {} but {} says {}",
+                dir.display(),
+                dir.join(checkpoint::STATE_FILE).display(),
+                meta.d_sae,
+                dir.join(CONFIG_FILE).display(),
+                cfg.d_sae
+            );
             checkpoint::check_same_run(dir, &cfg, &meta)?;
             if total < meta.step {
                 bail!(
