@@ -271,20 +271,7 @@ const CASES: &[Case] = &[
     Case {
         name: "eval of an SAE whose outputs overflow f32 warns that its numbers mean nothing",
         setup: |d| {
-            let (dd, f) = (16, 32);
-            let sae = saetrain::export::ExportedSae {
-                d_in: dd,
-                d_sae: f,
-                w_enc: vec![3e38; f * dd],
-                b_enc: vec![0.0; f],
-                w_dec: vec![3e38; f * dd],
-                b_dec: vec![0.0; dd],
-                threshold: None,
-                architecture: "topk".into(),
-                k: Some(4),
-                per_token_cap: None,
-                norm: saetrain::export::saelens::RunTimeNorm::None,
-            };
+            let sae = common::constant_topk_sae(16, 32, 3e38);
             sae.save_saelens(&d.join("huge"), serde_json::json!({}), None).unwrap();
             acts(&d.join("acts.npy"), 512, 0);
             let (h, a, ev) = (s(&d.join("huge")), s(&d.join("acts.npy")), s(&d.join("ev")));

@@ -377,23 +377,9 @@ fn stale_temporaries_of_dead_writers_are_swept_at_start_up_and_nothing_else() {
 /// temporary exists: the test waits for that file to appear.
 #[test]
 fn a_signal_during_an_export_removes_the_temporary_being_written() {
-    use saetrain::export::ExportedSae;
     use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
-    let (d, f) = (512, 32768);
-    let sae = ExportedSae {
-        d_in: d,
-        d_sae: f,
-        w_enc: vec![0.01; f * d],
-        b_enc: vec![0.0; f],
-        w_dec: vec![0.01; f * d],
-        b_dec: vec![0.0; d],
-        threshold: None,
-        architecture: "topk".into(),
-        k: Some(8),
-        per_token_cap: None,
-        norm: saetrain::export::saelens::RunTimeNorm::None,
-    };
+    let sae = common::constant_topk_sae(512, 32768, 0.01);
     let src = dir.path().join("src");
     sae.save_saelens(&src, serde_json::json!({}), None).unwrap();
     drop(sae);

@@ -203,7 +203,7 @@ impl Tensors {
     /// holds (a skip connection, a second threshold) would be dropped here without a word.
     fn only(&self, known: &[&str], layout: &str) -> Result<()> {
         let st = self.st();
-        let mut extra: Vec<&str> = st.names().into_iter().map(|n| &n[..]).filter(|n| !known.contains(n)).collect();
+        let mut extra: Vec<&str> = st.names().into_iter().filter(|n| !known.contains(n)).collect();
         extra.sort();
         ensure!(
             extra.is_empty(),
