@@ -281,6 +281,15 @@ fn malformed_checkpoints_are_refused() {
         let e = fail("sizes", cfg, saelens_tensors(&sae));
         assert!(e.contains("field 'd_") && e.contains("is missing") && e.contains(CFG_FILE), "{e}");
     }
+    // a per-token cap outside 1..=d_sae
+    for cap in [0, 7] {
+        let e = fail(
+            "cap",
+            json!({"architecture": "standard", "d_in": 4, "d_sae": 6, "per_token_cap": cap}),
+            saelens_tensors(&sae),
+        );
+        assert!(e.contains("'per_token_cap'") && e.contains("1..=6"), "{e}");
+    }
     // neither layout
     let e = format!("{:#}", load_sae(tmp.path()).unwrap_err());
     assert!(e.contains("holds several SAEs") || e.contains("not an SAE checkpoint"), "{e}");

@@ -221,7 +221,7 @@ fn warn_if_not_finite(e: &crate::eval::run::SaeEval) {
     let bad: Vec<String> = [("MSE", m.mse), ("EV", m.explained_variance), ("L0", m.l0)]
         .iter()
         .filter(|(_, v)| !v.is_finite() || v.abs() > 1e30)
-        .map(|(n, v)| format!("{n} {v}"))
+        .map(|(n, v)| format!("{n} {v:.4e}"))
         .collect();
     if !bad.is_empty() && m.tokens > 0 {
         eprintln!(

@@ -399,6 +399,13 @@ pub fn load_saelens(dir: &Path) -> Result<ExportedSae> {
             format!("{}: field 'per_token_cap' is {v}, expected a whole number of latents", cfg_path.display())
         })?),
     };
+    if let Some(cap) = per_token_cap {
+        ensure!(
+            (1..=f).contains(&cap),
+            "{}: field 'per_token_cap' is {cap}; it must lie in 1..={f} (d_sae)",
+            cfg_path.display()
+        );
+    }
     Ok(ExportedSae { d_in: d, d_sae: f, w_enc, b_enc, w_dec, b_dec, threshold, architecture, k, per_token_cap, norm })
 }
 
