@@ -149,17 +149,8 @@ pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Op
     if dir.join(CONFIG_FILE).is_file() && dir.join(STATE_FILE).is_file() {
         let cfg = TrainConfig::load(&dir.join(CONFIG_FILE))?;
         let (state, meta) = checkpoint::load(&dir)?;
-        if meta.step < cfg.total_steps() {
-            let thresholds = match cfg.sparsifier.batch_dependent() {
-                true => ", whose thresholds are the training EMA's, not yet calibrated",
-                false => "",
-            };
-            eprintln!(
-                "note: {} has trained {} of its {} steps (a run in progress, or stopped): exporting that checkpoint{thresholds}",
-                dir.display(),
-                meta.step,
-                cfg.total_steps()
-            );
+        if let Some(note) = crate::eval::run::unfinished_note(&dir, meta.step, &cfg, "exporting") {
+            eprintln!("{note}");
         }
         let w_enc_eff = effective_encoder(&cfg, &state);
         let theta = crate::sparsify::threshold::exported(&state.theta, &state.theta_set);

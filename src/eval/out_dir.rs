@@ -44,10 +44,6 @@ fn holds_run(dir: &Path) -> bool {
     dir.join(STATE_FILE).exists() || dir.join(LOCK_FILE).exists() || crate::train::run_config_file(dir).is_some()
 }
 
-fn same_dir(a: &Path, b: &Path) -> bool {
-    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
-}
-
 /// The files an earlier `sae eval` wrote in `dir` (listed by its `eval.json`), or None when
 /// `dir/eval.json` is not one of ours.
 fn earlier_evaluation(dir: &Path) -> Option<Vec<String>> {
@@ -78,7 +74,10 @@ pub fn prepare(out: &Path, inputs: &[PathBuf], overwrite: bool) -> Result<EvalOu
     }
     let run_dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let named = out.file_name().and_then(|n| n.to_str()).is_some_and(|n| RUN_EVAL_DIRS.contains(&n));
-    if named && holds_run(run_dir) && !(inputs.len() == 1 && same_dir(&checkpoint_dir(&inputs[0]), run_dir)) {
+    if named
+        && holds_run(run_dir)
+        && !(inputs.len() == 1 && super::run::same_data(&checkpoint_dir(&inputs[0]), Some(run_dir)))
+    {
         bail!(
             "--out {} is where the evaluation of the run {} goes (`sae eval {}`; `--zipf-from {}` reads it): \
              another SAE's evaluation there is refused, --overwrite or not; choose another --out",

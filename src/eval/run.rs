@@ -106,17 +106,9 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
         (Some((_, meta)), Some(c)) => (Some(meta.step), Some(c.total_steps())),
         _ => (None, None),
     };
-    if let (Some(step), Some(steps), Some(c)) = (step, steps, &run_cfg) {
-        if step < steps {
-            let thresholds = match c.sparsifier.batch_dependent() {
-                true => ", whose thresholds are the training EMA's, not yet calibrated",
-                false => "",
-            };
-            eprintln!(
-                "note: {} has trained {step} of its {steps} steps (a run in progress, or stopped): evaluating that \
-                 checkpoint{thresholds}",
-                dir.display()
-            );
+    if let (Some(step), Some(c)) = (step, &run_cfg) {
+        if let Some(note) = unfinished_note(&dir, step, c, "evaluating") {
+            eprintln!("{note}");
         }
     }
 
@@ -305,6 +297,23 @@ fn check_same_sae(dir: &Path, sae: &ExportedSae, cfg: &TrainConfig, state: &Trai
         dir.display()
     );
     Ok(())
+}
+
+/// The note for a checkpoint of a run that has not reached its planned steps (`doing`:
+/// "evaluating", "exporting"), None for a finished one.
+pub(crate) fn unfinished_note(dir: &Path, step: u64, cfg: &TrainConfig, doing: &str) -> Option<String> {
+    let steps = cfg.total_steps();
+    let thresholds = match cfg.sparsifier.batch_dependent() {
+        true => ", whose thresholds are the training EMA's, not yet calibrated",
+        false => "",
+    };
+    (step < steps).then(|| {
+        format!(
+            "note: {} has trained {step} of its {steps} steps (a run in progress, or stopped): {doing} that \
+             checkpoint{thresholds}",
+            dir.display()
+        )
+    })
 }
 
 /// Whether `given` names the run's own training data (`run`): the same path, or one that
