@@ -461,6 +461,17 @@ const CASES: &[Case] = &[
             assert_eq!(e.matches(&s(&d.join("empty"))).count(), 1, "{e}");
         },
     },
+    Case {
+        name: "a negative number after a flag is its value, checked by the option (not clap's 'unexpected argument')",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            train_on(&d.join("acts.npy"), &d.join("run"), &["--lr", "-1"])
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["invalid --lr -1: must be positive"],
+        after: |d, _| assert!(!d.join("run").join("config.json").exists()),
+    },
 ];
 
 /// `sae data synth` into `out`: 500 rows of d_in 16 in shards of 1000 (one shard) unless `extra`

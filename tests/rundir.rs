@@ -255,6 +255,68 @@ fn sigint_sigterm_and_sighup_stop_a_run_after_its_step_with_a_checkpoint_that_re
     }
 }
 
+/// A second signal while the first one's checkpoint is being written quits at once (128 + the
+/// second signal), says so, and removes the partial trainer state; the run is large (a 400 MB
+/// trainer state) so that the second signal comes while that temporary exists.
+#[test]
+fn a_second_signal_during_the_checkpoint_quits_and_removes_its_temporary() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut caught = 0;
+    for (attempt, (first, second)) in
+        [(libc::SIGTERM, libc::SIGHUP), (libc::SIGINT, libc::SIGTERM)].into_iter().enumerate()
+    {
+        let out = dir.path().join(format!("run{attempt}"));
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_sae"));
+        c.args(["train", "--out", out.to_str().unwrap(), "--synth-d-in", "256", "--synth-features", "512"]);
+        c.args(["--d-sae", "65536", "--k", "8", "--batch-size", "64", "--steps", "10000000", "--eval-tokens", "256"]);
+        c.args(["--log-every", "1", "--checkpoint-every", "5000000", "--backend", "cpu"]);
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        // SAFETY: between fork and exec only async-signal-safe calls (signal).
+        unsafe {
+            c.pre_exec(|| {
+                for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                    libc::signal(s, libc::SIG_DFL);
+                }
+                Ok(())
+            });
+        }
+        let child = c.spawn().unwrap();
+        let kill = |sig| {
+            // SAFETY: kill only signals our own child, not yet waited for.
+            assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+        };
+        let t = std::time::Instant::now();
+        while !out.join("metrics.jsonl").exists() {
+            assert!(t.elapsed().as_secs() < 120, "the run did not start");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        kill(first);
+        let mut seen = false;
+        while t.elapsed().as_secs() < 120 && !seen && !out.join("trainer_state.safetensors").exists() {
+            seen = !temporaries(&out).is_empty();
+            if !seen {
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+        }
+        if seen {
+            kill(second);
+        }
+        let o = child.wait_with_output().unwrap();
+        let e = stderr(&o);
+        if seen && o.status.code() == Some(128 + second) {
+            caught += 1;
+            assert!(e.contains("quit at once; the files being written are removed"), "{e}");
+            assert!(temporaries(&out).is_empty(), "left behind: {:?}", temporaries(&out));
+        } else {
+            // The checkpoint was written before the second signal landed: it stopped after its step.
+            assert_eq!(o.status.code(), Some(128 + first), "{e}");
+            assert!(out.join("trainer_state.safetensors").is_file() && temporaries(&out).is_empty(), "{e}");
+        }
+    }
+    assert!(caught > 0, "no second signal landed while the checkpoint was written in 2 attempts");
+}
+
 #[test]
 fn a_run_killed_before_its_first_checkpoint_resumes_from_step_zero() {
     let dir = tempfile::tempdir().unwrap();

@@ -33,6 +33,9 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train an SAE (default: a WTA SAE on built-in synthetic data).
+    // Negative numbers are values (`--lr -1`), so that the option's own check can say what is
+    // wrong with them instead of clap's "unexpected argument '-1'".
+    #[command(allow_negative_numbers = true)]
     Train(Box<train_cmd::TrainArgs>),
     /// Activation shards: inspect them, or write the synthetic dataset to disk.
     #[command(subcommand)]
@@ -47,8 +50,10 @@ pub enum Command {
     #[command(subcommand)]
     Bench(bench_cmd::BenchArgs),
     /// Evaluate run directories or SAE checkpoints on held-out activations.
+    #[command(allow_negative_numbers = true)]
     Eval(eval_cmd::EvalArgs),
     /// Write a run's SAE in the SAELens, sparsify or dictionary_learning layout.
+    #[command(allow_negative_numbers = true)]
     Export(export_cmd::ExportArgs),
     /// Train and evaluate one run per point of a grid over one or two options.
     Sweep(sweep_cmd::SweepArgs),

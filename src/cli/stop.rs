@@ -118,6 +118,13 @@ fn announce(watched: &[i32], what: &'static str) -> Result<()> {
                 let _ = writeln!(std::io::stderr(), "\n{}: {what}; send it again to quit at once", name(sig as usize));
             }
             if let Some(sig) = signals.next() {
+                // Said, so that a run that ends without "interrupted after step N" is not
+                // mistaken for one that wrote its checkpoint.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\n{}: quit at once; the files being written are removed (a resume starts from the last checkpoint written before)",
+                    name(sig as usize)
+                );
                 crate::util::atomic::remove_live_temporaries_and_exit(128 + sig);
             }
         })

@@ -27,7 +27,7 @@ pub struct SweepArgs {
 
 /// The shared `sae train` flags, parsed as `sae train` parses them.
 #[derive(Parser, Debug)]
-#[command(name = "sae sweep ... --", no_binary_name = false)]
+#[command(name = "sae sweep ... --", no_binary_name = false, allow_negative_numbers = true)]
 struct Shared {
     /// TOML or JSON file with training options (flags given here override it).
     #[arg(long)]
