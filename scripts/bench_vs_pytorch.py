@@ -48,8 +48,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: saetrain --backend cpu and torch on the CPU; cuda: both on the GPU")
     p.add_argument("--sae", default=str(ROOT / "target" / "release" / "sae"), help="the sae binary")
-    p.add_argument("--json", help="also write the table as JSON here")
+    p.add_argument("--json", help="also write the table as JSON here (a new file, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     a = p.parse_args()
+    # Refused before minutes of timing, not after; the file is written whole (temporary, rename).
+    if a.json and os.path.lexists(a.json) and not a.overwrite:
+        p.error(f"--json {a.json}: the file exists; add --overwrite to replace it")
     a.sparsifiers = [s.strip() for s in a.sparsifiers.split(",") if s.strip()]
     for s in a.sparsifiers:
         if s not in ("topk", "batchtopk"):
@@ -251,7 +255,13 @@ def main() -> None:
     rows += more
     print_table(rows, report, a, notes)
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows, "notes": notes}, indent=2))
+        target = Path(a.json)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"args": vars(a), "rows": rows, "notes": notes}, indent=2))
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -433,13 +433,13 @@ fi
 for p in f32 tf32 bf16; do
     if need "bench_step_$p"; then
         step "bench_step_$p" 180 "JSON bench-step-$p.json" \
-            "$SAE" bench step --backend "$BACKEND" --precision "$p" "${STEP_SHAPE[@]}" --json "$OUT/bench-step-$p.json"
+            "$SAE" bench step --backend "$BACKEND" --precision "$p" "${STEP_SHAPE[@]}" --json "$OUT/bench-step-$p.json" --overwrite
     fi
 done
 
 if need bench_sparsifiers; then
     step bench_sparsifiers 300 "JSON bench-sparsifiers.json" \
-        "$SAE" bench sparsifiers --backend "cpu,$BACKEND" "${SPARS_SHAPE[@]}" --json "$OUT/bench-sparsifiers.json"
+        "$SAE" bench sparsifiers --backend "cpu,$BACKEND" "${SPARS_SHAPE[@]}" --json "$OUT/bench-sparsifiers.json" --overwrite
 fi
 
 if need bench_memory; then

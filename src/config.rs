@@ -540,6 +540,17 @@ impl TrainConfig {
             None => self.steps,
         }
     }
+    /// The built-in synthetic data these options describe (used when `data` is None).
+    pub fn synth_spec(&self) -> crate::data::synthetic::SynthSpec {
+        crate::data::synthetic::SynthSpec {
+            d_in: self.d_in.unwrap_or(self.synth_d_in),
+            n_features: self.synth_features,
+            mean_active: self.synth_active,
+            zipf: self.synth_zipf,
+            noise: self.synth_noise,
+            seed: self.seed,
+        }
+    }
     pub fn warmup(&self) -> u64 {
         self.warmup_steps.unwrap_or_else(|| 1000.min(self.total_steps() / 10))
     }
@@ -669,15 +680,10 @@ impl TrainConfig {
             ("--l1-coeff", self.l1_coeff),
             ("--aux-alpha", self.aux_alpha),
             ("--max-norm-multiple", self.max_norm_multiple),
-            ("--synth-noise", self.synth_noise),
-            ("--synth-zipf", self.synth_zipf),
         ] {
             if !(v >= 0.0 && v.is_finite()) {
                 bail!("invalid {name} {v}: must be a finite number >= 0");
             }
-        }
-        if !(self.synth_active > 0.0 && self.synth_active.is_finite()) {
-            bail!("invalid --synth-active {}: the mean number of active features must be > 0", self.synth_active);
         }
         if self.m_max == Some(0) {
             bail!("invalid --m-max 0: the largest per-latent budget must be >= 1");
@@ -700,9 +706,7 @@ impl TrainConfig {
             }
         }
         if self.data.is_none() {
-            if self.synth_features == 0 || self.synth_d_in == 0 {
-                bail!("invalid --synth-features/--synth-d-in: must be >= 1");
-            }
+            self.synth_spec().check("--synth-")?;
             if let Some(d) = self.d_in {
                 if d != self.synth_d_in {
                     bail!("invalid --d-in {d}: the synthetic data has width --synth-d-in {}", self.synth_d_in);

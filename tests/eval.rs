@@ -632,3 +632,18 @@ fn eval_of_a_run_on_its_own_shards_uses_only_the_rows_it_held_out() {
     let err = format!("{:#}", evaluate(&none, "run", &opts).unwrap_err());
     assert!(err.contains("held out no rows"), "{err}");
 }
+
+/// Labels name each input's pictures, so they must differ: numbering the two `run`s gives
+/// run-1, which a third input is called by its own name.
+#[test]
+fn labels_of_several_inputs_never_repeat() {
+    use saetrain::eval::report::labels;
+    let p = |s: &str| std::path::PathBuf::from(format!("/nonexistent-saetrain-labels/{s}"));
+    let l = labels(&[p("a/run"), p("b/run"), p("run-1")]);
+    assert_eq!(l, ["run-1", "run-2", "run-1-2"]);
+    let l = labels(&[p("x y"), p("x_y"), p("z")]);
+    assert_eq!(l, ["x_y", "x_y-2", "z"]);
+    let mut seen = l.clone();
+    seen.dedup();
+    assert_eq!(seen.len(), 3);
+}

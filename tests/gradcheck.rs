@@ -152,6 +152,40 @@ fn random_params(d: usize, f: usize, aligned: bool, seed: u64) -> Params {
     p
 }
 
+/// [`random_params`] for case `c`, with the latents its aux loss should find kept quiet: the
+/// latents marked dead but one, and the low-density ones of a `densities` case (where aux_zipf looks for
+/// dying latents), get a small encoder row and a small positive bias. Their `pre` is then
+/// positive on some tokens (the aux loss has something to select) but never among the kept
+/// entries, so that they stay candidates once the batch is counted in (a latent that fires in
+/// the batch is not dead in it, and raises its density).
+fn case_params(c: &Case, seed: u64) -> Params {
+    let (d, f) = (c.cfg.d_in.unwrap(), c.cfg.d_sae);
+    let mut p = random_params(d, f, c.cfg.aligned, seed);
+    let quiet: Vec<usize> = if c.densities {
+        (0..f).filter(|i| low_density(*i, f)).collect()
+    } else {
+        // All but the first: it fires in the batch, so that the cases check that a latent
+        // firing in this batch is no aux candidate.
+        c.dead.iter().skip(1).copied().collect()
+    };
+    let m = p.parts_mut();
+    for i in quiet {
+        m.w_enc[i * d..(i + 1) * d].iter_mut().for_each(|v| *v *= 0.02);
+        m.b_enc[i] = 0.02;
+    }
+    p
+}
+
+/// The position of latent `i` in the densities of a `densities` case, in [0, 1).
+fn density_position(i: usize, f: usize) -> f32 {
+    ((i * 37) % f) as f32 / f as f32
+}
+
+/// The latents of a `densities` case at the low end (most of the bottom quarter).
+fn low_density(i: usize, f: usize) -> bool {
+    density_position(i, f) < 0.2
+}
+
 fn random_x(rows: usize, d: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xABCD);
     (0..rows * d).map(|_| normal(&mut rng) * rng.random_range(0.5f32..1.5)).collect()
@@ -173,7 +207,7 @@ fn backend(c: &Case, params: Params) -> CpuBackend {
         // bias-corrected values the aux_zipf rule sees.
         let bias = 1.0 - (c.cfg.density_decay as f32).powi(5);
         for (i, dn) in state.density.iter_mut().enumerate() {
-            let u = ((i * 37) % f) as f32 / f as f32;
+            let u = density_position(i, f);
             // Part of the bottom quarter below 0.6 x its Zipf density: 13 of 15 are dying.
             *dn = (0.012 + 0.3 * u * u) * bias;
         }
@@ -228,18 +262,28 @@ struct Tracking<'a> {
     step: u64,
 }
 
+/// The tracking once the batch's main codes are counted in (SPEC: candidates come from the
+/// counters and densities with this batch counted): a latent that fired is not dead, the
+/// others are `rows` tokens older, and the densities have one more EMA update.
+fn counted(c: &TrainConfig, tr: &Tracking, rows: usize, mask: &Mask) -> (Vec<u64>, Vec<f32>, u64) {
+    let f = tr.since.len();
+    let fired: Vec<usize> = (0..f).map(|i| (0..rows).filter(|&b| mask.get(b, i)).count()).collect();
+    let since = (0..f).map(|i| if fired[i] > 0 { 0 } else { tr.since[i] + rows as u64 }).collect();
+    let decay = c.density_decay as f32;
+    let density = (0..f).map(|i| decay * tr.density[i] + (1.0 - decay) * (fired[i] as f32 / rows as f32)).collect();
+    (since, density, tr.step + 1)
+}
+
 /// The aux set the SPEC prescribes, selected independently in f64 from the reference `pre`;
 /// None when there are no candidates or none of them is positive (no aux term then).
 fn aux_mask(c: &TrainConfig, p: &RefParams, x: &[f64], rows: usize, mask: &Mask, tr: &Tracking) -> Option<Mask> {
     let kinds = c.aux_kinds();
     assert!(kinds.len() <= 1, "the reference has one aux set; {kinds:?}");
+    let (since, density, step) = counted(c, tr, rows, mask);
     let cand: Vec<bool> = match kinds.first().copied().unwrap_or(AuxKind::None) {
         AuxKind::None => return None,
-        AuxKind::AuxK => tr.since.iter().map(|&s| s >= c.dead_window_tokens()).collect(),
-        AuxKind::AuxZipf if tr.step == 0 => return None,
-        AuxKind::AuxZipf => {
-            dying(&corrected(tr.density, tr.step, c.density_decay), rows, c.k, c.zipf_alpha, c.zipf_beta)
-        }
+        AuxKind::AuxK => since.iter().map(|&s| s >= c.dead_window_tokens()).collect(),
+        AuxKind::AuxZipf => dying(&corrected(&density, step, c.density_decay), rows, c.k, c.zipf_alpha, c.zipf_beta),
     };
     let fw = r::forward(p, &loss_cfg(c), x, rows, mask);
     let m = r::select_aux(&fw.pre, rows, p.f, &cand, c.k_aux_for(p.d));
@@ -324,7 +368,7 @@ struct Prepared {
 
 fn prepare(c: &Case, seed: u64, project: bool) -> Prepared {
     let d = c.cfg.d_in.unwrap();
-    let params = random_params(d, c.cfg.d_sae, c.cfg.aligned, seed);
+    let params = case_params(c, seed);
     let x32 = random_x(c.rows, d, seed);
     let mut be = backend(c, params.clone());
     let st = be.state_ref().clone();
@@ -336,13 +380,17 @@ fn prepare(c: &Case, seed: u64, project: bool) -> Prepared {
     let mask = mask_of(&pass.codes);
     assert!(mask.count() > 0, "{}: empty kept set", c.name);
     let aux = aux_mask(&c.cfg, &p, &x, c.rows, &mask, &tr);
+    let (since, density, step) = counted(&c.cfg, &tr, c.rows, &mask);
     if !c.dead.is_empty() {
         assert!(aux.is_some(), "{}: the aux loss should be active", c.name);
-        assert_eq!(pass.aux_candidates, c.dead.len(), "{}: aux candidates", c.name);
+        // The marked latents that stayed silent in this batch (one that fired is not dead).
+        let silent = c.dead.iter().filter(|&&i| since[i] > 0).count();
+        assert!(silent > 0 && silent < c.dead.len(), "{}: {silent} of the marked latents are silent", c.name);
+        assert_eq!(pass.aux_candidates, silent, "{}: aux candidates", c.name);
     }
     if c.densities {
         assert!(aux.is_some(), "{}: the aux loss should be active", c.name);
-        let dens = corrected(&st.density, st.step, c.cfg.density_decay);
+        let dens = corrected(&density, step, c.cfg.density_decay);
         let n = dying(&dens, c.rows, c.cfg.k, c.cfg.zipf_alpha, c.cfg.zipf_beta).iter().filter(|&&x| x).count();
         assert!(n > 0 && n < c.cfg.d_sae / 4, "{}: {n} dying latents", c.name);
         assert_eq!(pass.aux_candidates, n, "{}: aux candidates", c.name);
@@ -516,7 +564,7 @@ fn cpu_steps_match_reference_adam() {
         cf.threshold_decay = Some(0.9);
         let c = Case { cfg: cf, ..c.clone() };
         let (d, f, rows) = (c.cfg.d_in.unwrap(), c.cfg.d_sae, c.rows);
-        let params = random_params(d, f, c.cfg.aligned, 400 + n as u64);
+        let params = case_params(&c, 400 + n as u64);
         let mut be = backend(&c, params.clone());
         let lc = loss_cfg(&c.cfg);
         let h = r::AdamHyper {

@@ -472,7 +472,193 @@ const CASES: &[Case] = &[
         says: &["invalid --lr -1: must be positive"],
         after: |d, _| assert!(!d.join("run").join("config.json").exists()),
     },
+    Case {
+        name: "--overwrite --init-from its own --out is refused before anything is deleted",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "run", &[]);
+            let mut a = train_on(&d.join("acts.npy"), &d.join("run"), &["--overwrite"]);
+            a.extend(["--init-from".into(), s(&d.join("run"))]);
+            a
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["is this run's own --out"],
+        after: |d, _| assert!(d.join("run/trainer_state.safetensors").is_file() && d.join("run/summary.json").is_file()),
+    },
+    Case {
+        name: "--overwrite with an --init-from that cannot be used leaves the run it would replace",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "old", &[]);
+            trained(d, "wide", &["--d-sae", "128"]);
+            let mut a = train_on(&d.join("acts.npy"), &d.join("old"), &["--overwrite"]);
+            a.extend(["--init-from".into(), s(&d.join("wide"))]);
+            a
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["--init-from", "d_sae 128"],
+        after: |d, _| assert!(d.join("old/trainer_state.safetensors").is_file() && d.join("old/summary.json").is_file()),
+    },
+    Case {
+        name: "bench --json into a run directory is refused (it replaced the run's config.json)",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "run", &[]);
+            let a = ["bench", "step", "--d-in", "16", "--d-sae", "32", "--batch", "64", "--k", "4", "--steps", "1"];
+            let mut a: Vec<String> = a.map(String::from).into();
+            a.extend(["--sparsifier".into(), "topk".into(), "--json".into(), s(&d.join("run/config.json"))]);
+            a
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["holds a run, whose files are its own"],
+        after: |d, _| {
+            saetrain::config::TrainConfig::load(&d.join("run/config.json")).unwrap();
+        },
+    },
+    Case {
+        name: "bench --json onto an existing file needs --overwrite",
+        setup: |d| {
+            std::fs::write(d.join("notes.txt"), "mine").unwrap();
+            let a = ["bench", "sparsifiers", "--batch", "64", "--d-sae", "32", "--k", "4", "--reps", "1", "--json"];
+            let mut a: Vec<String> = a.map(String::from).into();
+            a.push(s(&d.join("notes.txt")));
+            a
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["the file exists; add --overwrite"],
+        after: |d, _| assert_eq!(std::fs::read_to_string(d.join("notes.txt")).unwrap(), "mine"),
+    },
+    Case {
+        name: "export of a run whose config.json was edited after its checkpoint is refused",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "run", &[]);
+            edit_config(&d.join("run"), "k", serde_json::json!(16));
+            ["export", &s(&d.join("run")), "--format", "saelens", "--out", &s(&d.join("x"))].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["sae export", "config.json says k 16 (the checkpoint was trained with 4)"],
+        after: |d, _| assert!(!d.join("x").exists(), "the refused export left its --out"),
+    },
+    Case {
+        name: "eval of a run whose config.json now holds out other rows is refused",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "run", &[]);
+            edit_config(&d.join("run"), "eval_tokens", serde_json::json!(512));
+            ["eval", &s(&d.join("run")), "--no-plots"].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["sae eval", "eval_tokens 512 (the checkpoint was trained with 256)"],
+        after: |d, _| assert!(!d.join("run/eval").exists(), "a refused eval left a directory"),
+    },
+    Case {
+        name: "eval of a run whose data gained a shard is refused (the split moved onto training rows)",
+        setup: |d| {
+            std::fs::create_dir(d.join("ds")).unwrap();
+            acts(&d.join("ds/a.npy"), 1024, 0);
+            let o = sae(&train_on(&d.join("ds"), &d.join("run"), &[]).iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(o.status.success(), "{}", stderr(&o));
+            acts(&d.join("ds/b.npy"), 512, 0);
+            ["eval", &s(&d.join("run")), "--no-plots"].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["is not what the run trained on", "training rows", "--data"],
+        after: nothing,
+    },
+    Case {
+        name: "an evaluation killed while writing leaves pictures that the next one removes",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "run", &[]);
+            // What a killed `sae eval --out ev` leaves: its record of what was there before (nothing)
+            // and a picture no eval.json lists.
+            std::fs::create_dir(d.join("ev")).unwrap();
+            std::fs::write(d.join("ev/.eval-pending.json"), r#"{"present": []}"#).unwrap();
+            std::fs::write(d.join("ev/other_alignment.png"), "half a picture").unwrap();
+            ["eval", &s(&d.join("run")), "--no-plots", "--out", &s(&d.join("ev"))].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &[],
+        after: |d, _| {
+            let mut left: Vec<String> = std::fs::read_dir(d.join("ev"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            left.sort();
+            assert_eq!(left, ["eval.json", "report.md"]);
+        },
+    },
+    Case {
+        name: "a lock file planted as a link is refused, and the file it points at is left alone",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "run", &[]);
+            std::fs::write(d.join("important.txt"), "keep").unwrap();
+            std::fs::remove_file(d.join("run/.sae.lock")).unwrap();
+            std::os::unix::fs::symlink(d.join("important.txt"), d.join("run/.sae.lock")).unwrap();
+            ["train", "--resume", &s(&d.join("run")), "--steps", "50", "--quiet"].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["is a symbolic link"],
+        after: |d, _| assert_eq!(std::fs::read_to_string(d.join("important.txt")).unwrap(), "keep"),
+    },
+    Case {
+        name: "data synth refuses a NaN --zipf",
+        setup: |d| synth(&d.join("ds"), &["--zipf", "nan"]),
+        file_size_limit: None,
+        succeeds: false,
+        says: &["invalid --zipf NaN"],
+        after: |d, _| assert!(!d.join("ds").join("manifest.json").exists()),
+    },
+    Case {
+        name: "data synth refuses more active features than features",
+        setup: |d| synth(&d.join("ds"), &["--active", "100", "--features", "10"]),
+        file_size_limit: None,
+        succeeds: false,
+        says: &["invalid --active 100", "at most --features (10)"],
+        after: nothing,
+    },
+    Case {
+        name: "bench refuses a step of nothing",
+        setup: |_| ["bench", "step", "--d-sae", "0", "--steps", "1"].map(String::from).into(),
+        file_size_limit: None,
+        succeeds: false,
+        says: &["invalid --d-sae 0"],
+        after: nothing,
+    },
 ];
+
+/// Train `d/name` on `d/acts.npy` (train_on's flags and `extra`); panics unless it succeeds.
+fn trained(d: &Path, name: &str, extra: &[&str]) {
+    let mut a = train_on(&d.join("acts.npy"), &d.join(name), &[]);
+    // `extra` replaces a flag's value where train_on gives it.
+    for pair in extra.chunks(2) {
+        match a.iter().position(|x| x == pair[0]) {
+            Some(i) => a[i + 1] = pair[1].to_string(),
+            None => a.extend(pair.iter().map(|x| x.to_string())),
+        }
+    }
+    let o = sae(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Set `key` in `run/config.json` by hand (as a user editing it).
+fn edit_config(run: &Path, key: &str, v: serde_json::Value) {
+    let p = run.join("config.json");
+    let mut c = json(&p);
+    c[key] = v;
+    std::fs::write(&p, serde_json::to_string_pretty(&c).unwrap()).unwrap();
+}
 
 /// `sae data synth` into `out`: 500 rows of d_in 16 in shards of 1000 (one shard) unless `extra`
 /// says otherwise.

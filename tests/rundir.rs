@@ -611,3 +611,60 @@ fn a_refused_out_is_left_as_it_was() {
         stderr(&o)
     );
 }
+
+/// A sweep killed while writing its own files (sweep.json, the results, the report, a picture)
+/// leaves temporaries: the next run of the sweep removes them, as train, export and eval do.
+#[test]
+fn a_sweep_sweeps_the_temporaries_of_its_own_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let sw = dir.path().join("sw");
+    let mut a = vec!["sweep", "--over", "lr=0.001", "--out", sw.to_str().unwrap(), "--no-plots", "--"];
+    a.extend_from_slice(TINY);
+    ok(&sae(&a));
+    let (stale, _) = plant_temporaries(&sw, &["results.csv", "sweep.json", "report.md", "sweep_fvu.png"]);
+    ok(&sae(&a));
+    assert_swept(&sw, &stale, &[], "sweep");
+}
+
+/// Two exports, or two evaluations, into one directory: the second is refused while the first
+/// holds the directory (a lock on the directory itself, so no `.sae.lock` makes it look like a
+/// run), and a new --out left by a refused export is removed again.
+#[test]
+fn an_export_or_eval_into_a_directory_another_process_writes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    ok(&train(&run, &[]));
+    for (what, out) in [("export", dir.path().join("x")), ("eval", dir.path().join("ev"))] {
+        std::fs::create_dir(&out).unwrap();
+        let held = saetrain::util::dirlock::lock_dir(&out, "test").unwrap();
+        let o = match what {
+            "export" => sae(&["export", run.to_str().unwrap(), "--format", "saelens", "--out", out.to_str().unwrap()]),
+            _ => sae(&["eval", run.to_str().unwrap(), "--no-plots", "--out", out.to_str().unwrap()]),
+        };
+        assert!(!o.status.success() && stderr(&o).contains("another sae process is writing there"), "{}", stderr(&o));
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "{what} wrote into a locked directory");
+        drop(held);
+        std::fs::remove_dir(&out).unwrap();
+    }
+    // A refused export (here: its input is no SAE) leaves no new --out behind.
+    let x = dir.path().join("x");
+    let o = sae(&["export", dir.path().to_str().unwrap(), "--format", "saelens", "--out", x.to_str().unwrap()]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(!x.exists(), "the refused export left {}", x.display());
+}
+
+/// Shards a `sae data synth` is still writing (it holds the directory's lock) are not trained on.
+#[test]
+fn train_refuses_data_that_is_being_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    ok(&sae(&["data", "synth", "--out", ds.to_str().unwrap(), "--tokens", "2000", "--d-in", "16"]));
+    let held = saetrain::train::rundir::lock(&ds).unwrap();
+    let out = dir.path().join("run");
+    let args = ["train", "--data", ds.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "5"];
+    let args = [&args[..], &["--batch-size", "64", "--eval-tokens", "256", "--quiet"]].concat();
+    let o = sae(&args);
+    assert!(!o.status.success() && stderr(&o).contains("is being written now"), "{}", stderr(&o));
+    drop(held);
+    ok(&sae(&args));
+}

@@ -250,6 +250,15 @@ fn a_continued_sweep_holds_out_new_points_like_its_earlier_ones() {
     };
     strip(&out.join("sweep.json"));
     strip(&out.join("k=2").join("config.json"));
+    // Its checkpoint from before too: those recorded no config.
+    let (state, mut meta) = saetrain::train::checkpoint::load(&out.join("k=2")).unwrap();
+    meta.config = None;
+    // ... and a data position of the layout its config now says (blocks of 256 rows: 1500
+    // training rows), as such a run would have written.
+    meta.position["train_rows"] = serde_json::json!(1500);
+    meta.position["window"] = serde_json::json!(0);
+    meta.position["offset"] = serde_json::json!(0);
+    saetrain::train::checkpoint::save(&out.join("k=2"), &state, &meta).unwrap();
     std::fs::remove_dir_all(out.join("k=4")).unwrap();
     run();
     assert_eq!(json(&out.join("sweep.json"))["base"]["held_out_windows"], false, "recorded now");

@@ -53,7 +53,8 @@ impl StepStats {
             l1_loss,
             l0: nnz as f64 / rows as f64,
             mse: rec_loss / d as f64,
-            ev: if total_var > 0.0 { 1.0 - sse / total_var } else { 0.0 },
+            // Undefined without variance to explain (SPEC "Metrics"): NaN, written as null.
+            ev: if total_var > 0.0 { 1.0 - sse / total_var } else { f64::NAN },
             dead,
         }
     }

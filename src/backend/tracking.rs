@@ -11,6 +11,20 @@ pub fn dead_count(cfg: &TrainConfig, since_fired: &[u64]) -> usize {
     since_fired.iter().filter(|&&s| s >= w).count()
 }
 
+/// The counters and densities as they stand once this batch (`counts` of `rows` tokens) is
+/// counted, on copies: what the aux losses pick their candidates from ([`crate::sparsify::plan::aux_candidates`]).
+pub fn counted(
+    cfg: &TrainConfig,
+    since_fired: &[u64],
+    density: &[f32],
+    counts: &[u32],
+    rows: usize,
+) -> (Vec<u64>, Vec<f32>) {
+    let (mut s, mut d) = (since_fired.to_vec(), density.to_vec());
+    record_firing(cfg, &mut s, &mut d, counts, rows);
+    (s, d)
+}
+
 /// After a step: firing counters (`counts[i]` = tokens latent i fired on in this batch of `rows`)
 /// and running densities.
 pub fn record_firing(cfg: &TrainConfig, since_fired: &mut [u64], density: &mut [f32], counts: &[u32], rows: usize) {

@@ -11,10 +11,13 @@ use std::path::PathBuf;
 #[derive(Subcommand, Debug)]
 pub enum BenchArgs {
     /// A training step per sparsifier, split into phases, against the encoder GEMM alone.
+    #[command(allow_negative_numbers = true)]
     Step(StepArgs),
     /// Selection alone for every sparsifier over a grid of shapes.
+    #[command(allow_negative_numbers = true)]
     Sparsifiers(SparsifierArgs),
     /// The CUDA backend's device-memory plan for a config, and the largest dictionary that fits.
+    #[command(allow_negative_numbers = true)]
     Memory(MemoryArgs),
 }
 
@@ -51,8 +54,12 @@ pub struct StepArgs {
     /// Only these sparsifiers (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub sparsifier: Vec<SparsifierKind>,
+    /// Also write the results as JSON to this file (a new one, unless --overwrite).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Let --json replace an existing file.
+    #[arg(long, default_value_t = false)]
+    pub overwrite: bool,
     #[arg(long)]
     pub threads: Option<usize>,
     /// cpu, cuda (both encoders: cuBLAS and the fused kernel), or auto (cuda when usable).
@@ -83,8 +90,12 @@ pub struct SparsifierArgs {
     pub full: bool,
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
+    /// Also write the results as JSON to this file (a new one, unless --overwrite).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Let --json replace an existing file.
+    #[arg(long, default_value_t = false)]
+    pub overwrite: bool,
     #[arg(long)]
     pub threads: Option<usize>,
     /// Backends to time (default: the CPU, and CUDA when a device is usable).
@@ -235,10 +246,47 @@ fn print_step_table(rows: &[(&str, &bench::StepRow)], dp: usize) {
     }
 }
 
+/// Sizes a benchmark can time: each at least 1, and k at most d_sae (a step of nothing reported
+/// millions of tokens per second before).
+fn check_sizes(d_in: usize, d_saes: &[usize], batches: &[usize], ks: &[usize]) -> Result<()> {
+    for (name, vs) in [("--d-in", &[d_in][..]), ("--d-sae", d_saes), ("--batch", batches), ("--k", ks)] {
+        anyhow::ensure!(vs.iter().all(|&v| v >= 1), "invalid {name} 0: must be >= 1");
+    }
+    let (f, k) = (d_saes.iter().min().copied().unwrap_or(1), ks.iter().max().copied().unwrap_or(1));
+    anyhow::ensure!(k <= f, "invalid --k {k}: more than --d-sae {f} latents");
+    Ok(())
+}
+
+/// Refuse, before a benchmark runs for minutes, a `--json` file it may not write: an existing
+/// file without `--overwrite` (it replaced any file before, a run's `config.json` included), and
+/// any file in a directory that holds a run, whose files are the run's alone.
+fn check_json_target(path: Option<&std::path::Path>, overwrite: bool) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    anyhow::ensure!(
+        !crate::eval::out_dir::holds_run(&parent),
+        "--json {}: {} holds a run, whose files are its own; write the benchmark elsewhere",
+        path.display(),
+        parent.display()
+    );
+    anyhow::ensure!(!path.is_dir(), "--json {}: is a directory; give a file name", path.display());
+    anyhow::ensure!(
+        overwrite || std::fs::symlink_metadata(path).is_err(),
+        "--json {}: the file exists; add --overwrite to replace it",
+        path.display()
+    );
+    Ok(())
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     match args {
         BenchArgs::Memory(a) => {
             use crate::backend::cuda::memory::{largest_d_sae, memory_plan};
+            check_sizes(a.d_in, &[a.d_sae], &[a.batch], &[a.k])?;
+            anyhow::ensure!(a.gb > 0.0 && a.gb.is_finite(), "invalid --gb {}: must be a positive number of GB", a.gb);
             let plan = memory_plan(a.d_in, a.d_sae, a.batch, a.k, a.precision);
             println!("{plan}");
             println!("fits in {} GB: {}", a.gb, plan.fits(a.gb));
@@ -248,6 +296,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
         BenchArgs::Step(a) => {
+            check_json_target(a.json.as_deref(), a.overwrite)?;
+            check_sizes(a.d_in, &[a.d_sae], &[a.batch], &[a.k])?;
+            anyhow::ensure!(a.steps >= 1, "invalid --steps 0: must be >= 1");
+            anyhow::ensure!(
+                (0.0..1.0).contains(&a.dead_fraction),
+                "invalid --dead-fraction {}: must be in [0, 1)",
+                a.dead_fraction
+            );
             super::train_cmd::init_threads(a.threads)?;
             let kinds = cases_of(&a.sparsifier);
             if let Some(target) = cuda_target(a.backend) {
@@ -270,6 +326,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
         BenchArgs::Sparsifiers(a) => {
+            check_json_target(a.json.as_deref(), a.overwrite)?;
+            check_sizes(1, &a.d_sae, &a.batch, &a.k)?;
+            anyhow::ensure!(a.reps >= 1, "invalid --reps 0: must be >= 1");
             super::train_cmd::init_threads(a.threads)?;
             let (batches, d_saes) = if a.full {
                 (vec![1024, 4096, 16384], vec![4096, 16384, 65536])

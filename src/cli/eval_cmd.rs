@@ -164,7 +164,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         None => PathBuf::from("sae-eval"),
     };
     // Checked before the (long) evaluation, so that a refused --out costs nothing.
-    let out = crate::eval::out_dir::prepare(&out, &args.inputs, args.overwrite)?;
+    let mut out = crate::eval::out_dir::prepare(&out, &args.inputs, args.overwrite)?;
     let names = labels(&args.inputs);
     let mut evals = vec![];
     // Every input is evaluated even after one fails, so that one run says what is wrong with
@@ -201,6 +201,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         );
     }
 
+    out.begin()?;
     let (table, files) = write_outputs(&evals, &out.dir, args.compare, !args.no_plots)?;
     out.finish(&files)?;
     for e in &evals {
@@ -240,8 +241,9 @@ fn history(args: &EvalArgs, opts: &EvalOptions) -> Result<()> {
     anyhow::ensure!(args.inputs.len() == 1, "--history takes one run directory, not {}", args.inputs.len());
     let run = &args.inputs[0];
     let out = args.out.clone().unwrap_or_else(|| run.join("eval-history"));
-    let out = crate::eval::out_dir::prepare(&out, &args.inputs, args.overwrite)?;
+    let mut out = crate::eval::out_dir::prepare(&out, &args.inputs, args.overwrite)?;
     let h = evaluate_history(run, opts)?;
+    out.begin()?;
     let (text, files) = write_history(&h, &out.dir, !args.no_plots)?;
     out.finish(&files)?;
     for n in &h.notes {

@@ -149,6 +149,10 @@ pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Op
     if dir.join(CONFIG_FILE).is_file() && dir.join(STATE_FILE).is_file() {
         let cfg = TrainConfig::load(&dir.join(CONFIG_FILE))?;
         let (state, meta) = checkpoint::load(&dir)?;
+        // The SAE is rebuilt from the trainer state as config.json describes it (sparsifier, k,
+        // normalisation): a config edited since would export another SAE than was trained.
+        let command = format!("sae export {}", dir.display());
+        checkpoint::check_same_run(&dir, &cfg, &meta, &command, "")?;
         if let Some(note) = crate::eval::run::unfinished_note(&dir, meta.step, &cfg, "exporting") {
             eprintln!("{note}");
         }
@@ -193,6 +197,31 @@ pub fn run(args: ExportArgs) -> Result<()> {
         true => Some(rundir::lock(&args.out).with_context(|| format!("export to --out {}", args.out.display()))?),
         false => None,
     };
+    // Any other --out is locked too, with a lock that writes no file (a `.sae.lock` would make
+    // it look like a run), and checked again under it: two exports into one new directory
+    // both passed the check above, and one's cfg.json could end beside the other's weights.
+    let created = !args.out.exists();
+    let _dir_lock = match &_lock {
+        Some(_) => None,
+        None => {
+            std::fs::create_dir_all(&args.out)
+                .with_context(|| format!("cannot create --out {}", args.out.display()))?;
+            let l = crate::util::dirlock::lock_dir(&args.out, "sae export --out")?;
+            check_out(&args.run, &args.out, args.overwrite, args.format, args.k)?;
+            Some(l)
+        }
+    };
+    let written = write_export(&args);
+    if written.is_err() && created {
+        // Nothing was exported: leave no empty directory behind (remove_dir removes only an
+        // empty one).
+        let _ = std::fs::remove_dir(&args.out);
+    }
+    written
+}
+
+/// The export itself, into a checked and locked `--out`.
+fn write_export(args: &ExportArgs) -> Result<()> {
     for line in describe(&sweep_stale_temporaries(&args.out, EXPORT_FILES)?) {
         eprintln!("{line}");
     }

@@ -26,7 +26,10 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let (cfg, mut opts) = prepare(&args, matches)?;
-    refuse_a_running_sweeps_point(args.resume.as_deref().unwrap_or(&cfg.out))?;
+    match args.resume.as_deref() {
+        Some(dir) => refuse_a_running_sweeps_point(dir, "--resume")?,
+        None => refuse_a_running_sweeps_point(&cfg.out, "--out")?,
+    }
     init_threads(cfg.threads)?;
     opts.on_step = Some(super::stop::install()?);
     let summary = train::run_with(cfg, args.resume.as_deref(), &opts)?;
@@ -66,11 +69,11 @@ pub fn prepare(args: &TrainArgs, matches: &ArgMatches) -> Result<(TrainConfig, R
 
 /// A run directory inside a sweep that is running now is that sweep's to write (its lock is on
 /// the sweep's directory, not on points it has not reached yet).
-fn refuse_a_running_sweeps_point(out: &std::path::Path) -> Result<()> {
+fn refuse_a_running_sweeps_point(out: &std::path::Path, flag: &str) -> Result<()> {
     let Some(sweep) = out.parent().filter(|p| !p.as_os_str().is_empty()) else { return Ok(()) };
     anyhow::ensure!(
         !(sweep.join(crate::sweep::SWEEP_FILE).is_file() && rundir::being_written(sweep)),
-        "--out {} is a point of the sweep in {}, which is running now: the sweep trains it; wait for the sweep \
+        "{flag} {} is a point of the sweep in {}, which is running now: the sweep trains it; wait for the sweep \
          to finish, or choose another --out",
         out.display(),
         sweep.display()

@@ -26,6 +26,7 @@ pub enum DataArgs {
         sample: usize,
     },
     /// Write the synthetic superposition data as npy shards + manifest.json + ground_truth.npy.
+    #[command(allow_negative_numbers = true)]
     Synth {
         /// Output directory (created). It must be empty, or hold a synthetic dataset written
         /// here before and --overwrite be given.
@@ -72,6 +73,7 @@ pub fn run(args: DataArgs) -> Result<()> {
         }
         DataArgs::Synth { out, overwrite, tokens, d_in, features, active, zipf, noise, seed, dtype, shard_tokens } => {
             let spec = SynthSpec { d_in, n_features: features, mean_active: active, zipf, noise, seed };
+            spec.check("--")?;
             let stop = crate::cli::stop::install_for_writing(
                 "sae data synth stops after the shard under way and removes the shards it wrote",
             )?;

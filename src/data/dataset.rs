@@ -153,6 +153,16 @@ impl Dataset {
             return Ok(Self { spec: spec.to_path_buf(), shards: vec![sh], d_in, dtype, manifest: None, root });
         }
         let (files, manifest_path, root) = resolve(spec)?;
+        // `sae data synth` holds the directory's lock while it writes shards: read now, a run
+        // would train on the shards written so far, without a word.
+        if crate::train::rundir::being_written(&root) {
+            bail!(
+                "{}: {} is being written now (another sae process holds {}): wait for it to finish",
+                spec.display(),
+                root.display(),
+                root.join(crate::train::rundir::LOCK_FILE).display()
+            );
+        }
         if let (Some(t), Some(npy)) = (tensor, files.iter().find(|f| has_ext(f, "npy"))) {
             bail!(
                 "--tensor {t}: {} is a .npy file, which holds one unnamed array; --tensor chooses a tensor \

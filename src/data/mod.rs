@@ -118,17 +118,7 @@ pub fn open_source_with(cfg: &crate::config::TrainConfig, keep_half: bool) -> Re
 /// set, is applied by the shard reader itself).
 fn open_raw(cfg: &crate::config::TrainConfig, keep_half: bool) -> Result<Box<dyn BatchSource>> {
     match &cfg.data {
-        None => {
-            let spec = synthetic::SynthSpec {
-                d_in: cfg.d_in.unwrap_or(cfg.synth_d_in),
-                n_features: cfg.synth_features,
-                mean_active: cfg.synth_active,
-                zipf: cfg.synth_zipf,
-                noise: cfg.synth_noise,
-                seed: cfg.seed,
-            };
-            Ok(Box::new(synthetic::Synthetic::new(spec, cfg.batch_size)?))
-        }
+        None => Ok(Box::new(synthetic::Synthetic::new(cfg.synth_spec(), cfg.batch_size)?)),
         Some(path) => Ok(Box::new(ShardSource::open(path, ShardOptions::from_config(cfg, keep_half))?)),
     }
 }

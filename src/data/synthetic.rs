@@ -25,6 +25,44 @@ pub struct SynthSpec {
     pub seed: u64,
 }
 
+impl SynthSpec {
+    /// Refuse a spec that cannot generate data, naming the flags by `prefix` (`--synth-` for
+    /// `sae train`, `--` for `sae data synth`). Before, NaN noise or zipf generated NaN rows or
+    /// rows of another scale, more active features than features were silently capped, and a
+    /// direction table too large for memory aborted in the allocator.
+    pub fn check(&self, prefix: &str) -> Result<()> {
+        if self.d_in == 0 || self.n_features == 0 {
+            bail!("invalid {prefix}d-in {} / {prefix}features {}: both must be >= 1", self.d_in, self.n_features);
+        }
+        for (name, v) in [("noise", self.noise), ("zipf", self.zipf)] {
+            // `!(v >= 0)` refuses NaN too.
+            if !(v >= 0.0 && v.is_finite()) {
+                bail!("invalid {prefix}{name} {v}: must be a finite number >= 0");
+            }
+        }
+        if !(self.mean_active > 0.0 && self.mean_active <= self.n_features as f64) {
+            bail!(
+                "invalid {prefix}active {}: the mean number of active features must be > 0 and at most {prefix}features ({})",
+                self.mean_active,
+                self.n_features
+            );
+        }
+        let bytes = (self.d_in as u128) * (self.n_features as u128) * 4;
+        if let Some(total) = crate::train::footprint::total_memory() {
+            if bytes > total {
+                bail!(
+                    "invalid {prefix}d-in {} x {prefix}features {}: the feature directions alone take {:.1} GB, more than this machine's {:.1} GB of memory",
+                    self.d_in,
+                    self.n_features,
+                    bytes as f64 / 1e9,
+                    total as f64 / 1e9
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Rows per independently seeded chunk: generation is parallel yet identical for any thread count.
 const CHUNK: usize = 64;
 /// Stream id of the held-out split.

@@ -13,6 +13,12 @@
 //!   replaced.
 //!
 //! `eval.json` is written last and lists every file of the evaluation (`files`).
+//!
+//! The directory is created and locked only when the evaluation is done and its files are
+//! about to be written ([`EvalOut::begin`]; a failed evaluation leaves no empty directory), and
+//! the checks are made again under the lock, so two evaluations into one directory never mix.
+//! While the files are written, [`PENDING_FILE`] lists what was there before: an evaluation
+//! killed meanwhile leaves pictures that no `eval.json` lists, and the next one removes them.
 
 use super::report::{EVAL_FILE, REPORT_FILE};
 use crate::export::load::checkpoint_dir;
@@ -29,18 +35,38 @@ pub const FILES_KEY: &str = "files";
 /// The sub-directories of a run that hold its own evaluations.
 const RUN_EVAL_DIRS: [&str; 2] = ["eval", "eval-history"];
 
+/// Written while an evaluation writes its files: the names that were in the directory before.
+pub const PENDING_FILE: &str = ".eval-pending.json";
+
 /// An output directory checked for an evaluation, with what an earlier one there wrote.
 pub struct EvalOut {
     pub dir: PathBuf,
+    inputs: Vec<PathBuf>,
+    overwrite: bool,
     previous: Vec<String>,
+    _lock: Option<crate::util::dirlock::DirLock>,
 }
 
 /// Whether `name` is a file an evaluation writes (and so may replace or remove).
 fn is_eval_file(name: &str) -> bool {
-    !name.contains('/') && (name == EVAL_FILE || name == REPORT_FILE || name.ends_with(".png"))
+    !name.contains('/') && (name == EVAL_FILE || name == REPORT_FILE || name == PENDING_FILE || name.ends_with(".png"))
 }
 
-fn holds_run(dir: &Path) -> bool {
+/// The evaluation files that an evaluation killed while writing in `dir` left there: those not
+/// present when it began (its [`PENDING_FILE`] says which were). Empty when none was killed.
+fn left_by_a_killed_evaluation(dir: &Path, names: &[String]) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(dir.join(PENDING_FILE)) else { return vec![] };
+    let before: Vec<String> = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("present")?.as_array().cloned())
+        .map(|a| a.iter().filter_map(|n| n.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    names.iter().filter(|n| is_eval_file(n) && *n != PENDING_FILE && !before.contains(n)).cloned().collect()
+}
+
+/// Whether `dir` holds a run (its trainer state, lock or config): no file but the run's own
+/// belongs there.
+pub(crate) fn holds_run(dir: &Path) -> bool {
     dir.join(STATE_FILE).exists() || dir.join(LOCK_FILE).exists() || crate::train::run_config_file(dir).is_some()
 }
 
@@ -57,9 +83,15 @@ fn earlier_evaluation(dir: &Path) -> Option<Vec<String>> {
     Some(files.iter().filter_map(|f| f.as_str()).filter(|f| is_eval_file(f)).map(String::from).collect())
 }
 
-/// Check `out` for an evaluation of `inputs` (see the module's rules), create it, and sweep the
-/// temporaries a killed evaluation left there.
+/// Check `out` for an evaluation of `inputs` (see the module's rules), before the evaluation
+/// (so that a refused `--out` costs nothing); [`EvalOut::begin`] creates and locks it.
 pub fn prepare(out: &Path, inputs: &[PathBuf], overwrite: bool) -> Result<EvalOut> {
+    let previous = check(out, inputs, overwrite)?;
+    Ok(EvalOut { dir: out.to_path_buf(), inputs: inputs.to_vec(), overwrite, previous, _lock: None })
+}
+
+/// The module's rules for `out`; the files of earlier evaluations there that this one replaces.
+fn check(out: &Path, inputs: &[PathBuf], overwrite: bool) -> Result<Vec<String>> {
     if out.exists() && !out.is_dir() {
         bail!("--out {}: exists and is not a directory; give a directory for the evaluation's files", out.display());
     }
@@ -91,7 +123,9 @@ pub fn prepare(out: &Path, inputs: &[PathBuf], overwrite: bool) -> Result<EvalOu
         .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     let names: Vec<String> = names.into_iter().filter(|n| !is_our_temporary(n)).collect();
-    let previous = match earlier_evaluation(out) {
+    let killed = left_by_a_killed_evaluation(out, &names);
+    let names: Vec<String> = names.into_iter().filter(|n| !killed.contains(n) && n != PENDING_FILE).collect();
+    let mut previous = match earlier_evaluation(out) {
         Some(files) => files,
         None if names.is_empty() || overwrite => vec![],
         None => {
@@ -106,11 +140,8 @@ pub fn prepare(out: &Path, inputs: &[PathBuf], overwrite: bool) -> Result<EvalOu
             )
         }
     };
-    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create --out {}: {e}", out.display()))?;
-    for line in describe(&sweep_stale_temporaries_where(out, is_eval_file)?) {
-        eprintln!("{line}");
-    }
-    Ok(EvalOut { dir: out.to_path_buf(), previous })
+    previous.extend(killed);
+    Ok(previous)
 }
 
 /// Whether `dir` is a directory holding one earlier evaluation and nothing else (the files an
@@ -137,6 +168,27 @@ pub fn remove_evaluation(dir: &Path) -> Result<()> {
 }
 
 impl EvalOut {
+    /// Before the files are written: create the directory, lock it, check it again under the
+    /// lock (another evaluation may have written there meanwhile), record what is there in
+    /// [`PENDING_FILE`], and sweep the temporaries of killed evaluations.
+    pub fn begin(&mut self) -> Result<()> {
+        let out = &self.dir;
+        std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create --out {}: {e}", out.display()))?;
+        self._lock = Some(crate::util::dirlock::lock_dir(out, "sae eval --out")?);
+        self.previous = check(out, &self.inputs, self.overwrite)?;
+        for line in describe(&sweep_stale_temporaries_where(out, is_eval_file)?) {
+            eprintln!("{line}");
+        }
+        let mut present: Vec<String> = std::fs::read_dir(out)
+            .map_err(|e| anyhow::anyhow!("cannot read --out {}: {e}", out.display()))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != PENDING_FILE && !self.previous.contains(n))
+            .collect();
+        present.sort();
+        crate::util::atomic::write_json_atomic(&out.join(PENDING_FILE), &serde_json::json!({ "present": present }))
+    }
+
     /// After the evaluation wrote `written`: remove the files the earlier evaluation listed that
     /// this one did not write.
     pub fn finish(&self, written: &[String]) -> Result<()> {
@@ -148,6 +200,10 @@ impl EvalOut {
                 Err(e) => bail!("cannot remove {}, a file of the earlier evaluation there: {e}", p.display()),
             }
         }
-        Ok(())
+        let pending = self.dir.join(PENDING_FILE);
+        match std::fs::remove_file(&pending) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => bail!("cannot remove {}: {e}", pending.display()),
+            _ => Ok(()),
+        }
     }
 }

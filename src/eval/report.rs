@@ -192,11 +192,24 @@ pub fn labels(paths: &[PathBuf]) -> Vec<String> {
             d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "sae".into())
         })
         .collect();
-    base.iter()
+    let mut labels: Vec<String> = base
+        .iter()
         .enumerate()
         .map(|(i, b)| if base.iter().filter(|x| *x == b).count() > 1 { format!("{b}-{}", i + 1) } else { b.clone() })
         .map(|s| s.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect())
-        .collect()
+        .collect();
+    // Numbering can meet another input's own name (`a/run`, `b/run` and `run-1` give run-1
+    // twice), as can two names that differ only in replaced characters: a label names its
+    // pictures, so a second one would overwrite the first's. Later ones get a further number.
+    for i in 0..labels.len() {
+        let mut n = 2;
+        let stem = labels[i].clone();
+        while labels[..i].contains(&labels[i]) || labels[i + 1..].contains(&labels[i]) && labels[i] != stem {
+            labels[i] = format!("{stem}-{n}");
+            n += 1;
+        }
+    }
+    labels
 }
 
 /// A picture written, with its caption.

@@ -99,7 +99,11 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     let has_state = dir.join(STATE_FILE).is_file();
     let is_run = run_cfg.is_some() && has_state;
     let (sae, layout, state) = snapshot(path, is_run)?;
-    if let (Some((state, _)), Some(rc)) = (&state, &run_cfg) {
+    if let (Some((state, meta)), Some(rc)) = (&state, &run_cfg) {
+        // config.json says which rows were held out and how the SAE encodes: one edited since
+        // the checkpoint would report on training rows, or on another SAE.
+        let command = format!("sae eval {}", dir.display());
+        crate::train::checkpoint::check_same_run(&dir, rc, meta, &command, "")?;
         check_same_sae(&dir, &sae, rc, state)?;
     }
     let (step, steps) = match (&state, &run_cfg) {
@@ -181,6 +185,18 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
         dir.display(),
         sae.d_in
     );
+    // The run's own split is the held-out set only of the data it trained on: a shard added or
+    // replaced since moves the split (or changes its rows), and "held-out" would then include
+    // rows it trained on. The same check as a resume's (row count, seed, sampled digest).
+    if let (Some(_), Some((_, meta))) = (own_split, &state) {
+        if let Err(e) = source.seek(&meta.position) {
+            bail!(
+                "sae eval {}: its data {} is not what the run trained on ({e:#}), so the run's held-out split of it would include training rows; evaluate with the data it trained on, or give a separate evaluation set with --data",
+                dir.display(),
+                cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            );
+        }
+    }
     let batches = source.eval_batches(tokens)?;
     ensure!(!batches.is_empty(), "the data gave no held-out tokens");
     let got: usize = batches.iter().map(|b| b.rows).sum();

@@ -34,21 +34,28 @@ pub struct CandidateRule {
     pub zipf_alpha: f64,
     pub zipf_beta: f64,
     pub density_decay: f64,
+    /// The densities started from another run's estimates (`--init-from`), not from 0: they
+    /// carry no EMA bias to remove, and are measured before the first step.
+    pub density_inherited: bool,
 }
 
-/// Latents eligible for the aux loss at step `step` (0 = before the first update), ascending.
+/// Latents eligible for the aux loss, ascending, from counters and densities that have had
+/// `step` updates (0: none yet, no density measured).
 pub fn candidates(rule: &CandidateRule, step: u64, since_fired: &[u64], density: &[f32], rows: usize) -> Vec<u32> {
     let f = since_fired.len() as u32;
     match rule.kind {
         AuxKind::None => vec![],
         AuxKind::AuxK => (0..f).filter(|&i| since_fired[i as usize] >= rule.dead_window).collect(),
         AuxKind::AuxZipf => {
-            if step == 0 {
+            let density = if rule.density_inherited {
+                density.to_vec()
+            } else if step == 0 {
                 return vec![]; // no density measured yet
-            }
-            // The EMA starts at 0: remove its bias (as Adam does for its moments) so that
-            // "density < 0.6 x the Zipf prediction" compares like with like from step 1.
-            let density = budget::bias_corrected(density, step, rule.density_decay);
+            } else {
+                // The EMA starts at 0: remove its bias (as Adam does for its moments) so that
+                // "density < 0.6 x the Zipf prediction" compares like with like from step 1.
+                budget::bias_corrected(density, step, rule.density_decay)
+            };
             let dying = budget::dying_latents(&density, rows, rule.k, rule.zipf_alpha, rule.zipf_beta);
             (0..f).filter(|&i| dying[i as usize]).collect()
         }

@@ -84,21 +84,33 @@ pub fn candidate_rule(cfg: &TrainConfig, kind: AuxKind) -> CandidateRule {
         zipf_alpha: cfg.zipf_alpha,
         zipf_beta: cfg.zipf_beta,
         density_decay: cfg.density_decay,
+        density_inherited: cfg.init_from.is_some(),
     }
 }
 
-/// Per aux loss in force, the latents eligible for it at step `step` (0 = before the first
-/// update), ascending. Losses without candidates at this step are left out.
+/// Per aux loss in force, the latents eligible for it at step `step` (0 = the first), ascending,
+/// from the dead counters and densities of the steps before (`since_fired`, `density`) with this
+/// batch's main codes counted in (`counts`: tokens each latent fired on of the `rows`). So a
+/// latent that fires in this batch is not dead in it, and a latent becomes dead in the batch
+/// that makes its window, as Gao et al.'s code has it ("has to go after stats update!",
+/// openai/sparse_autoencoder train.py; dictionary_learning and BatchTopK do the same). Losses
+/// without candidates at this step are left out.
 pub fn aux_candidates(
     cfg: &TrainConfig,
     step: u64,
     since_fired: &[u64],
     density: &[f32],
+    counts: &[u32],
     rows: usize,
 ) -> Vec<(AuxKind, Vec<u32>)> {
-    cfg.aux_kinds()
+    let kinds = cfg.aux_kinds();
+    if kinds.is_empty() {
+        return vec![];
+    }
+    let (since, density) = crate::backend::tracking::counted(cfg, since_fired, density, counts, rows);
+    kinds
         .into_iter()
-        .map(|kind| (kind, aux::candidates(&candidate_rule(cfg, kind), step, since_fired, density, rows)))
+        .map(|kind| (kind, aux::candidates(&candidate_rule(cfg, kind), step + 1, &since, &density, rows)))
         .filter(|(_, c)| !c.is_empty())
         .collect()
 }

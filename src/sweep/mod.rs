@@ -268,6 +268,15 @@ pub fn prepare(dir: &Path, def: &Definition) -> Result<(rundir::RunLock, bool)> 
             );
         }
     }
+    // Temporaries of a sweep killed while writing its own files (sweep.json, the results, the
+    // report and its pictures): train, export and eval sweep theirs at start-up too.
+    let ours = |n: &str| {
+        [SWEEP_FILE, report::RESULTS_CSV, report::RESULTS_JSON, crate::eval::report::REPORT_FILE].contains(&n)
+            || n.ends_with(".png")
+    };
+    for line in crate::util::sweep::describe(&crate::util::sweep::sweep_stale_temporaries_where(dir, ours)?) {
+        eprintln!("{line}");
+    }
     let mut def = def.clone();
     def.base.held_out_windows = Some(windows);
     write_json_atomic(&file, &def)?;

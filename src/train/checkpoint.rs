@@ -45,7 +45,14 @@ pub fn trained_config(cfg: &crate::config::TrainConfig) -> Result<serde_json::Va
 
 /// Refuse to resume `cfg` from a checkpoint whose recorded config differs: `config.json` was
 /// edited after the checkpoint, or the trainer state is another run's. Names every difference.
-pub fn check_same_run(dir: &Path, cfg: &crate::config::TrainConfig, meta: &StateMeta) -> Result<()> {
+/// `command` says who refuses ("--resume DIR", "sae export DIR"); `remedy` what else to do.
+pub fn check_same_run(
+    dir: &Path,
+    cfg: &crate::config::TrainConfig,
+    meta: &StateMeta,
+    command: &str,
+    remedy: &str,
+) -> Result<()> {
     let Some(Value::Object(then)) = &meta.config else { return Ok(()) };
     let Value::Object(now) = trained_config(cfg)? else { return Ok(()) };
     let show = |v: Option<&Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
@@ -59,9 +66,8 @@ pub fn check_same_run(dir: &Path, cfg: &crate::config::TrainConfig, meta: &State
         .collect();
     ensure!(
         diff.is_empty(),
-        "--resume {}: {} says {}, unlike {}: edited after the checkpoint, or a trainer state of another run; \
-         put the values back, or train anew with --overwrite",
-        dir.display(),
+        "{command}: {} says {}, unlike {}: edited after the checkpoint, or a trainer state of another run; \
+         put the values back{remedy}",
         dir.join(crate::train::CONFIG_FILE).display(),
         diff.join(", "),
         dir.join(STATE_FILE).display()

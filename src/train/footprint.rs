@@ -18,7 +18,7 @@ pub fn training_bytes(d_in: usize, d_sae: usize, batch: usize, on_cpu: bool) -> 
 }
 
 /// This machine's physical memory (`MemTotal` of /proc/meminfo), when it can be read.
-fn total_memory() -> Option<u128> {
+pub fn total_memory() -> Option<u128> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -171,6 +171,20 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
     cfg.d_in = Some(d_in);
     footprint::check(d_in, cfg.d_sae, cfg.batch_size, chosen.is_cpu())?;
     let out = cfg.out.clone();
+    // `--init-from` is read whole before `--overwrite` deletes anything: a run that cannot be
+    // started from (missing, other sizes) leaves the directory it would replace as it was.
+    let inherited = match (resume, &cfg.init_from) {
+        (None, Some(run)) => {
+            if matches!((run.canonicalize(), out.canonicalize()), (Ok(a), Ok(b)) if a == b) {
+                bail!(
+                    "--init-from {} is this run's own --out: the run would be replaced by one started from it. Copy it elsewhere and start from the copy, or give another --out",
+                    run.display()
+                );
+            }
+            Some(init_from(run, &cfg, d_in)?)
+        }
+        _ => None,
+    };
     if lock.is_none() {
         lock = Some(rundir::prepare_new(&out, opts.overwrite)?);
     }
@@ -196,7 +210,8 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
                 dir.join(CONFIG_FILE).display(),
                 cfg.d_sae
             );
-            checkpoint::check_same_run(dir, &cfg, &meta)?;
+            let command = format!("--resume {}", dir.display());
+            checkpoint::check_same_run(dir, &cfg, &meta, &command, ", or train anew with --overwrite")?;
             if total < meta.step {
                 bail!(
                     "--resume {}: the run has trained {} steps, more than the {total} asked for",
@@ -219,9 +234,11 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
             let _ = std::fs::remove_file(out.join(history::HISTORY_FILE));
             history::truncate(&out, 0)?;
             let first = source.next_batch()?;
-            let state = match &cfg.init_from {
-                Some(run) => init_from(run, &cfg, d_in)?,
-                None => {
+            let state = match (inherited, &cfg.init_from) {
+                (Some(state), _) => state,
+                // A resume of a run that wrote no trainer state yet starts it again.
+                (None, Some(run)) => init_from(run, &cfg, d_in)?,
+                (None, None) => {
                     let mut params = init::tied(Shape::new(d_in, cfg.d_sae), cfg.seed, cfg.aligned);
                     let b_dec = init::b_dec_from_batch(&first.to_f32(), d_in, cfg.b_dec_init);
                     params.parts_mut().b_dec.copy_from_slice(&b_dec);
@@ -391,8 +408,8 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
 }
 
 /// The starting state of `--init-from RUN`: the run's parameters (b_dec included) and running
-/// densities (so Zipf budgets rank latents from the first step), with a fresh optimiser, step
-/// counter, dead counters and thresholds.
+/// densities (so Zipf budgets rank latents, and aux_zipf finds dying latents, from the first
+/// step), with a fresh optimiser, step counter, dead counters and thresholds.
 pub fn init_from(run: &Path, cfg: &TrainConfig, d_in: usize) -> Result<TrainState> {
     let ctx = || format!("--init-from {}", run.display());
     let theirs = TrainConfig::load(&run.join(CONFIG_FILE)).with_context(ctx)?;
@@ -424,7 +441,15 @@ pub fn init_from(run: &Path, cfg: &TrainConfig, d_in: usize) -> Result<TrainStat
         );
     }
     let mut fresh = TrainState::new(state.params);
-    fresh.density = state.density;
+    // The run's densities as estimates: an EMA that started at 0 is divided by its bias now,
+    // once (a run that was itself initialised from another holds estimates already). This run's
+    // EMA then continues from them and needs no correction (`CandidateRule::density_inherited`);
+    // corrected by this run's own step count instead, every density looked 1 / (1 - 0.99^step)
+    // times too large and no latent was dying for the first ~100 steps.
+    fresh.density = match theirs.init_from {
+        Some(_) => state.density,
+        None => crate::sparsify::budget::bias_corrected(&state.density, state.step, theirs.density_decay),
+    };
     Ok(fresh)
 }
 

@@ -41,13 +41,23 @@ pub struct RunLock {
 /// Lock `dir` (which must exist) for writing, or say which process holds it.
 pub fn lock(dir: &Path) -> Result<RunLock> {
     let path = dir.join(LOCK_FILE);
+    // Never through a link: a `.sae.lock` planted as a link to a user's file would be truncated
+    // and overwritten with the pid.
+    use std::os::unix::fs::OpenOptionsExt;
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
-        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        .with_context(|| {
+            let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+            match link {
+                true => format!("cannot open the lock file {}: it is a symbolic link (remove it)", path.display()),
+                false => format!("cannot open the lock file {}", path.display()),
+            }
+        })?;
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
@@ -65,10 +75,13 @@ pub fn lock(dir: &Path) -> Result<RunLock> {
             return Err(e).with_context(|| format!("cannot lock {}", path.display()));
         }
     }
-    file.set_len(0)?;
-    file.rewind()?;
-    write!(file, "{}", std::process::id())?;
-    file.flush()?;
+    let mut record_pid = || -> std::io::Result<()> {
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        file.flush()
+    };
+    record_pid().with_context(|| format!("cannot write this process's pid into the lock file {}", path.display()))?;
     Ok(RunLock { _file: file, path })
 }
 

@@ -2,6 +2,7 @@
 
 pub mod atomic;
 pub mod context;
+pub mod dirlock;
 pub mod hugepage;
 pub mod stats;
 pub mod sweep;

@@ -138,10 +138,14 @@ impl CpuBackend {
         sparsify::select(&self.ws.pre, rows, self.cfg.d_sae, &sel)
     }
 
-    /// Per aux loss, the latents eligible for it at this step (ascending).
-    fn aux_candidates(&self, rows: usize) -> Vec<(AuxKind, Vec<u32>)> {
+    /// Per aux loss, the latents eligible for it at this step (ascending), this batch's `codes`
+    /// counted in.
+    fn aux_candidates(&self, codes: &SparseCodes, rows: usize) -> Vec<(AuxKind, Vec<u32>)> {
+        if self.cfg.aux_kinds().is_empty() {
+            return vec![];
+        }
         let s = &self.state;
-        plan::aux_candidates(&self.cfg, s.step, &s.since_fired, &s.density, rows)
+        plan::aux_candidates(&self.cfg, s.step, &s.since_fired, &s.density, &codes.col_counts(), rows)
     }
 
     fn dead_count(&self) -> usize {
@@ -266,7 +270,7 @@ impl CpuBackend {
         let t1 = Instant::now();
         let codes = self.select_training(rows, true);
         let t2 = Instant::now();
-        let candidates = self.aux_candidates(rows);
+        let candidates = self.aux_candidates(&codes, rows);
         let dense = self.dense_products(&codes);
         let aux_reads_residual = candidates.iter().any(|(_, c)| !c.is_empty());
         let mut dec = self.decode_phase(&codes, x, rows, dense, aux_reads_residual);

@@ -203,11 +203,15 @@ impl Backend for CudaBackend {
         let sel = plan::step_rule(&self.cfg, &m, &theta, &filter, self.step);
         let hist_ready = self.forward_encode(batch, &sel)?;
         clock.lap(&self.dev, &mut ph.encode)?;
-        let candidates = plan::aux_candidates(&self.cfg, self.step, &self.since_fired, &self.density, rows);
         let cx = Ctx { dev: &self.dev, cfg: &self.cfg, shape: self.shape, params: &self.params };
         let ws = self.ws.as_mut().unwrap();
 
         select(cx.dev, ws, &sel, hist_ready)?;
+        // Per latent, tokens fired and the smallest kept value of the main codes (which nothing
+        // below changes): the aux candidates count this batch in, and the bookkeeping after
+        // Adam uses them.
+        let (counts, minbits) = adam::latent_stats(cx.dev, ws)?;
+        let candidates = plan::aux_candidates(cx.cfg, self.step, &self.since_fired, &self.density, &counts, rows);
         clock.lap(cx.dev, &mut ph.select)?;
 
         decode::reconstruction(&cx, ws)?;
@@ -250,7 +254,6 @@ impl Backend for CudaBackend {
             ws.b.acc.upload_at(K::ACC_GRAD_SQ, &[0f64])?; // each step sums afresh
         }
         adam::step(cx.dev, self.shape, &state, h, cx.cfg.decoder_norm == crate::config::DecoderNorm::Unit, clip)?;
-        let (counts, minbits) = adam::latent_stats(cx.dev, ws)?;
         let acc: Vec<f64> = ws.b.acc.to_vec(K::ACC_SLOTS)?;
         let nnz = ws.main.nnz;
         // Dead count before this step's bookkeeping, as the CPU backend reports it.
