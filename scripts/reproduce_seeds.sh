@@ -36,8 +36,30 @@ run() { # name, then sae train flags
     local name=$1
     shift
     if [ "${REUSE:-0}" = 1 ] && [ -s "$OUT/$name/summary.json" ]; then
-        echo "  $name: reused (REUSE=1)" >&2
-        return
+        # Reused only when it is the run this invocation would train: results.md states this
+        # invocation's STEPS and DATA, so a run of other steps or data must not stand in for it.
+        local steps="" prev=""
+        for a in "$@"; do
+            [ "$prev" = --steps ] && steps=$a
+            prev=$a
+        done
+        local why
+        why=$(python3 - "$OUT/$name" "$steps" "$DATA" <<'PY'
+import json, os, sys
+run, steps, data = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = json.load(open(f"{run}/summary.json"))
+c = json.load(open(f"{run}/config.json"))
+if s.get("steps") != steps:
+    print(f"it trained {s.get('steps')} steps, this invocation asks {steps}")
+elif os.path.realpath(str(c.get("data"))) != os.path.realpath(data):
+    print(f"it trained on {c.get('data')}, this invocation's data is {data}")
+PY
+        )
+        if [ -z "$why" ]; then
+            echo "  $name: reused (REUSE=1)" >&2
+            return
+        fi
+        echo "  $name: not reused ($why): training it again" >&2
     fi
     local t0=$SECONDS
     "$SAE" train "${COMMON[@]}" --out "$OUT/$name" "$@"
