@@ -35,6 +35,7 @@ Example:
 """
 
 import argparse
+import fcntl
 import glob
 import json
 import os
@@ -121,6 +122,39 @@ def remove_stale_temporaries(out):
                 os.remove(os.path.join(d, n))
             except (PermissionError, OverflowError, ValueError):
                 pass
+
+
+class OutLock:
+    """The directory lock `sae` takes (`.sae.lock`, an exclusive flock holding the writer's pid):
+    while a harvest writes, `sae train --data OUT` refuses the data as being written, and a
+    second harvest into OUT refuses to start. The OS releases it if the process dies."""
+
+    def __init__(self, out):
+        self.path = os.path.join(out, ".sae.lock")
+        self.had = os.path.lexists(self.path)
+        try:
+            # Never through a link: a planted `.sae.lock` link would truncate the file it names.
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            why = "it is a symbolic link (remove it)" if os.path.islink(self.path) else e.strerror
+            sys.exit(f"error: cannot open the lock file {self.path}: {why}")
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip()
+            os.close(self.fd)
+            who = f"process {holder}" if holder else "another process"
+            sys.exit(f"error: {out} is being written by {who} (lock {self.path}); wait for it to finish or "
+                     "choose another --out")
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+
+    def release(self, remove=False):
+        """Unlock; `remove` takes away a lock file this harvest created (a refused --out, a
+        directory of the user's, is left as it was)."""
+        if remove and not self.had:
+            os.remove(self.path)
+        os.close(self.fd)
 
 
 def prepare_out(out, overwrite, resume=False):
@@ -354,8 +388,21 @@ def main(argv=None):
     if args.resume and not os.path.isdir(args.out):
         sys.exit(f"error: --resume {args.out}: no such directory")
     # Before the model loads: a refusal should not cost a model download.
-    prepare_out(args.out, args.overwrite, args.resume)
+    os.makedirs(args.out, exist_ok=True)
+    lock = OutLock(args.out)
+    try:
+        prepare_out(args.out, args.overwrite, args.resume)
+    except SystemExit:
+        lock.release(remove=True)
+        raise
+    try:
+        return harvest(args)
+    finally:
+        lock.release()
 
+
+def harvest(args):
+    """The harvest itself, into the prepared and locked `args.out`."""
     import torch
 
     if args.context_length < 2:

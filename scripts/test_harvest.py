@@ -98,7 +98,7 @@ def main():
         m = harvest.main(args + ["--shard-tokens", "100000", "--overwrite"])
         assert len(m["shards"]) == 1
         left = sorted(os.listdir(out)) + sorted(os.listdir(os.path.join(out, "tokens")))
-        assert left == ["acts_00000.npy", "manifest.json", "tokens", "windows_00000.npy"], left
+        assert left == [".sae.lock", "acts_00000.npy", "manifest.json", "tokens", "windows_00000.npy"], left
         with open(os.path.join(out, "notes.txt"), "w") as f:
             f.write("mine")
         try:
@@ -118,7 +118,29 @@ def main():
             assert "no data set of ours" in str(e), e
         with open(os.path.join(other, "acts_00000.npy"), "rb") as f:
             assert f.read() == b"not ours"
+        assert os.listdir(other) == ["acts_00000.npy"], "a refused --out is left as it was, with no lock file"
         print("ok: harvest refuses a full --out, --overwrite replaces only a data set of ours")
+
+        # While another process writes --out (holds its .sae.lock, as `sae` or a harvest does),
+        # a harvest into it is refused before anything is touched.
+        import subprocess
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({os.path.join(out, '.sae.lock')!r}, os.O_RDWR)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, str(os.getpid()).encode())\n"
+            "print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            try:
+                harvest.main(args + ["--overwrite"])
+                raise AssertionError("a harvest into a directory being written must be refused")
+            except SystemExit as e:
+                assert f"is being written by process {holder.pid}" in str(e), e
+        finally:
+            holder.kill()
+            holder.wait()
+        assert os.path.isfile(os.path.join(out, "notes.txt")) and os.path.isfile(os.path.join(out, "manifest.json"))
+        print("ok: harvest refuses an --out another process is writing")
 
         # Interrupted in the middle of its third shard (6 windows of 15 rows each): the two whole
         # shards stay, listed by a manifest marked interrupted; --resume continues it to what an
@@ -155,7 +177,7 @@ def main():
             man = json.load(f)
         assert man["extra"]["interrupted"]["why"] == "KeyboardInterrupt", man["extra"]
         assert len(man["shards"]) == 2 and man["total_rows"] == 180, man
-        assert sorted(os.listdir(part)) == ["acts_00000.npy", "acts_00001.npy", "manifest.json", "tokens"]
+        assert sorted(os.listdir(part)) == [".sae.lock", "acts_00000.npy", "acts_00001.npy", "manifest.json", "tokens"]
         assert sorted(os.listdir(os.path.join(part, "tokens"))) == ["windows_00000.npy", "windows_00001.npy"]
         for extra, says in [
             ([], "pass --resume"),

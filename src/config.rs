@@ -528,7 +528,7 @@ impl TrainConfig {
             std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         let is_json = path.extension().is_some_and(|e| e == "json");
         if is_json {
-            serde_json::from_str(&text).with_context(|| format!("config file {}", path.display()))
+            crate::util::json::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
         } else {
             toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
         }

@@ -60,6 +60,64 @@ fn json(p: &Path) -> serde_json::Value {
 
 const CASES: &[Case] = &[
     Case {
+        name: "a manifest value of the wrong type names its field",
+        setup: |d| {
+            std::fs::create_dir(d.join("ds")).unwrap();
+            acts(&d.join("ds/a.npy"), 1024, 0);
+            acts(&d.join("ds/b.npy"), 1024, 0);
+            let m = r#"{"d_in": 16, "dtype": "float32", "shards": [{"file": "a.npy", "rows": 1024}, {"file": "b.npy", "rows": "1024"}]}"#;
+            std::fs::write(d.join("ds/manifest.json"), m).unwrap();
+            train_on(&d.join("ds"), &d.join("run"), &[])
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["manifest.json", "field shards[1].rows", "invalid type: string \"1024\""],
+        after: |d, _| assert!(!d.join("run/trainer_state.safetensors").exists()),
+    },
+    Case {
+        name: "an optional manifest field this tool reads, of the wrong type, is refused (not ignored)",
+        setup: |d| {
+            std::fs::create_dir(d.join("ds")).unwrap();
+            acts(&d.join("ds/a.npy"), 1024, 0);
+            let m = r#"{"d_in": 16, "dtype": "float32", "shards": [{"file": "a.npy", "rows": 1024}], "extra": {"rows_per_window": "128"}}"#;
+            std::fs::write(d.join("ds/manifest.json"), m).unwrap();
+            train_on(&d.join("ds"), &d.join("run"), &[])
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["manifest.json", "field extra.rows_per_window = \"128\"", "expected a positive integer"],
+        after: |d, _| assert!(!d.join("run/trainer_state.safetensors").exists()),
+    },
+    Case {
+        name: "a config file value of the wrong type names its field",
+        setup: |d| {
+            std::fs::write(d.join("c.json"), r#"{"k": 4, "lr": "fast"}"#).unwrap();
+            ["train", "--config", &s(&d.join("c.json")), "--out", &s(&d.join("run")), "--steps", "5"]
+                .map(String::from)
+                .into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["c.json", "field lr: invalid type: string \"fast\", expected f64"],
+        after: |d, _| assert!(!d.join("run").exists()),
+    },
+    Case {
+        name: "a line of metrics.jsonl that is not JSON is skipped with a note naming it",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 2048, 0);
+            trained(d, "run", &[]);
+            let m = d.join("run/metrics.jsonl");
+            let mut text = std::fs::read_to_string(&m).unwrap();
+            text.insert_str(text.find('\n').unwrap() + 1, "{\"step\": 3, \"lo\n");
+            std::fs::write(&m, text).unwrap();
+            ["eval", &s(&d.join("run")), "--out", &s(&d.join("ev"))].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &["note:", "metrics.jsonl: skipped line 2: they are not JSON"],
+        after: |d, _| assert!(d.join("ev/eval.json").is_file()),
+    },
+    Case {
         name: "--tensor with .npy data is refused",
         setup: |d| {
             acts(&d.join("acts.npy"), 1024, 0);
@@ -485,6 +543,57 @@ const CASES: &[Case] = &[
         succeeds: false,
         says: &["is this run's own --out"],
         after: |d, _| assert!(d.join("run/trainer_state.safetensors").is_file() && d.join("run/summary.json").is_file()),
+    },
+    Case {
+        name: "a data path or --out that is a loop of symbolic links is said to be one",
+        setup: |d| {
+            std::os::unix::fs::symlink(d.join("b"), d.join("a")).unwrap();
+            std::os::unix::fs::symlink(d.join("a"), d.join("b")).unwrap();
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "run", &[]);
+            let o = sae(&["eval", &s(&d.join("run")), "--out", &s(&d.join("a")), "--no-plots"]);
+            assert!(!o.status.success() && stderr(&o).contains("--out") && stderr(&o).contains("in a loop"), "{}", stderr(&o));
+            train_on(&d.join("a"), &d.join("r2"), &[])
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["data path", "is a symbolic link in a loop (", "/a -> ", "/b -> "],
+        after: |d, _| assert!(!d.join("r2").exists()),
+    },
+    Case {
+        name: "--init-from a run that has not finished says so",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "src", &[]);
+            // As a run stopped at step 40 of 400.
+            edit_config(&d.join("src"), "steps", 400.into());
+            let mut a = train_on(&d.join("acts.npy"), &d.join("run"), &[]);
+            a.extend(["--init-from".into(), s(&d.join("src"))]);
+            a
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &["note: --init-from", "has trained 40 of its 400 steps", "starting from that checkpoint"],
+        after: |d, _| assert!(d.join("run/summary.json").is_file()),
+    },
+    Case {
+        name: "eval of an export on the data it was trained on says the rows are training rows",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 2048, 0);
+            trained(d, "run", &[]);
+            let o = sae(&["export", &s(&d.join("run")), "--format", "saelens", "--out", &s(&d.join("ex"))]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            ["eval", &s(&d.join("ex")), "--data", &s(&d.join("acts.npy")), "--out", &s(&d.join("ev")), "--no-plots"]
+                .map(String::from)
+                .into()
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &["holds the data the SAE in", "they are not held-out ones"],
+        after: |d, _| {
+            let data = json(&d.join("ev/eval.json"))["runs"][0]["data"].as_str().unwrap().to_string();
+            assert!(data.contains("the SAE was trained on this data: these rows are not held out"), "{data}");
+        },
     },
     Case {
         name: "--overwrite with an --init-from that cannot be used leaves the run it would replace",

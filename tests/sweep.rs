@@ -140,6 +140,9 @@ fn sweep_refuses_bad_grids_before_training() {
     for (over, says) in [
         (&["nope=1,2"][..], "not a training option"),
         (&["k=2,2"][..], "repeats"),
+        (&["lr=1e-3,0.001"][..], "values '1e-3' and '0.001' are the same value"),
+        (&["k=2,02"][..], "values '2' and '02' are the same value"),
+        (&["k=2,x"][..], "field k: invalid type: string \"x\", expected usize"),
         (&["out=a,b"][..], "cannot be swept"),
         (&["k=2,4", "seed=1,2", "lr=0.1"][..], "one or two"),
         (&["sparsifier=topk,bogus"][..], "sparsifier=bogus"),

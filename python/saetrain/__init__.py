@@ -88,6 +88,32 @@ def _f32(x: Any, what: str) -> np.ndarray:
     return (a.astype(np.uint32) << 16).view(np.float32)
 
 
+def _count(value: Any, what: str) -> Optional[int]:
+    """``value`` as a positive int (None stays None), or a ValueError / TypeError naming it (the
+    Rust side takes an unsigned size, and would say only "can't convert negative int")."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what}: expected a positive integer, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{what} = {value}: expected a positive integer")
+    return int(value)
+
+
+def _index_array(a: Any, what: str, dtype, low: int, high: int) -> np.ndarray:
+    """An integer array checked against [low, high) before it is narrowed to ``dtype``, so that
+    an index of 2**32 + 3 is an error, not latent 3."""
+    a = np.asarray(a)
+    if a.size and a.dtype.kind not in "iu":
+        raise TypeError(f"codes: {what} must be integers, got {a.dtype}")
+    if a.size:
+        lo, hi = a.min(), a.max()
+        if lo < low or hi >= high:
+            bad = lo if lo < low else hi
+            raise ValueError(f"codes: {what} {bad} is outside {low}..{high}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
 def _raw(a: np.ndarray, code: str) -> tuple:
     return (a.ctypes.data, a.nbytes, code, a.shape[0], a.shape[1])
 
@@ -152,6 +178,7 @@ def train(
     """
     if "data" in options:
         raise TypeError("pass the data as the first argument of train(), not as data=")
+    threads = _count(threads, "threads")
     show = (not options.get("quiet", False)) if progress is None else progress
     argv = _flags({**options, "quiet": True})
     if resume is not None:
@@ -270,8 +297,8 @@ class Run:
             indptr, indices, values = csr.indptr, csr.indices, csr.data
         else:
             raise TypeError("codes: expected a scipy.sparse matrix or (indptr, indices, values) from encode()")
-        indptr = np.ascontiguousarray(indptr, dtype=np.int64)
-        indices = np.ascontiguousarray(indices, dtype=np.int32)
+        indices = _index_array(indices, "latent index", np.int32, 0, self.d_sae)
+        indptr = _index_array(indptr, "indptr entry", np.int64, 0, len(indices) + 1)
         values = np.ascontiguousarray(values, dtype=np.float32)
         return self._sae.decode(indptr, indices, values, len(indptr) - 1)
 
@@ -284,6 +311,7 @@ class Run:
         """The ``sae eval`` core metrics with the exported sparsifier: on ``x`` when given, else on
         the run's own held-out split (for a run trained from memory, the array it was trained on,
         which this object keeps). The whole evaluation is under the key ``"eval"``."""
+        tokens = _count(tokens, "tokens")
         array = None
         name = "eval"
         keep = None
@@ -304,7 +332,9 @@ class Run:
 
     def weights(self) -> dict:
         """The weights as NumPy arrays in the SAELens layout: ``W_enc [d_in, d_sae]``, ``b_enc``,
-        ``W_dec [d_sae, d_in]``, ``b_dec`` (and ``threshold`` where the SAE has one)."""
+        ``W_dec [d_sae, d_in]``, ``b_dec`` (and ``threshold`` where the SAE has one), whichever
+        layout the SAE was loaded from (SAELens, sparsify or dictionary_learning): the weights
+        that :meth:`encode` applies."""
         return dict(self._sae.weights())
 
     def to_saelens(self, out: PathLike, overwrite: bool = False) -> Path:

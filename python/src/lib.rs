@@ -17,7 +17,7 @@ use saetrain::export::load::load_sae;
 use saetrain::export::ExportedSae;
 use saetrain::sparse::SparseCodes;
 use saetrain::train::{Interrupted, StepHook};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 pyo3::create_exception!(
@@ -277,24 +277,27 @@ impl Sae {
         Ok((csr_arrays(py, codes), PyArray1::from_vec(py, x_hat).reshape([rows, d])?.into_any()))
     }
 
-    /// The tensors of the SAE's weight file, by name, in the file's layout (SAELens:
-    /// `W_enc [d_in, d_sae]`, `b_enc`, `W_dec [d_sae, d_in]`, `b_dec`, `threshold`).
+    /// The weights of the loaded SAE (whatever layout it was read from) in SAELens's names and
+    /// shapes: `W_enc [d_in, d_sae]`, `b_enc`, `W_dec [d_sae, d_in]`, `b_dec`, and `threshold`
+    /// where one applies. These are the weights `encode` uses, so that for a sparsify or
+    /// dictionary_learning checkpoint they are the same as for its SAELens export.
     fn weights<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let file = weight_file(&self.path).map_err(py_err)?;
-        let bytes =
-            std::fs::read(&file).map_err(|e| SaeError::new_err(format!("{}: cannot read: {e}", file.display())))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| SaeError::new_err(format!("{}: not a safetensors file: {e}", file.display())))?;
-        let out = PyDict::new(py);
-        let mut names = st.names();
-        names.sort();
-        for name in names {
-            let t = st.tensor(name).map_err(|e| SaeError::new_err(format!("{}: {name}: {e}", file.display())))?;
-            if t.dtype() != safetensors::Dtype::F32 {
-                return Err(SaeError::new_err(format!("{}: {name} is {:?}, expected F32", file.display(), t.dtype())));
+        let s = &self.inner;
+        let (d, f) = (s.d_in, s.d_sae);
+        // Stored F x d; SAELens's W_enc is d x F.
+        let mut w_enc = vec![0f32; d * f];
+        for (i, row) in s.w_enc.chunks_exact(d).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                w_enc[j * f + i] = v;
             }
-            let v: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            out.set_item(name, PyArray1::from_vec(py, v).reshape(t.shape().to_vec())?)?;
+        }
+        let out = PyDict::new(py);
+        out.set_item("W_enc", PyArray1::from_vec(py, w_enc).reshape([d, f])?)?;
+        out.set_item("b_enc", PyArray1::from_vec(py, s.b_enc.clone()))?;
+        out.set_item("W_dec", PyArray1::from_vec(py, s.w_dec.clone()).reshape([f, d])?)?;
+        out.set_item("b_dec", PyArray1::from_vec(py, s.b_dec.clone()))?;
+        if let Some(t) = &s.threshold {
+            out.set_item("threshold", PyArray1::from_vec(py, t.clone()))?;
         }
         Ok(out)
     }
@@ -312,19 +315,6 @@ impl Sae {
         }
         Ok(rows)
     }
-}
-
-/// The weight file of a run or checkpoint (SAELens, else sparsify layout).
-fn weight_file(path: &Path) -> anyhow::Result<PathBuf> {
-    if path.is_file() {
-        return Ok(path.to_path_buf());
-    }
-    let dir = saetrain::export::load::checkpoint_dir(path);
-    [saetrain::export::saelens::WEIGHTS_FILE, saetrain::export::load::SPARSIFY_WEIGHTS_FILE]
-        .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{}: no SAE weight file", dir.display()))
 }
 
 /// CSR codes as NumPy arrays: (indptr, indices, values).

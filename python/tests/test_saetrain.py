@@ -128,6 +128,18 @@ def test_weights_metrics_and_export(run, data, tmp_path):
     # dictionary_learning's layout (loaded by that library in scripts/test_interop.py)
     dl = run.to_dictionary_learning(tmp_path / "dl")
     assert (dl / "ae.pt").is_file()
+    # weights() gives SAELens's names and shapes whatever the layout, equal to the file's own.
+    file = read_safetensors(run.path / "sae_weights.safetensors")
+    for name, want in file.items():
+        np.testing.assert_array_equal(w[name], want, err_msg=name)
+    subprocess.run(
+        [SAE_BIN, "export", run.path, "--format", "sparsify", "--out", tmp_path / "sp"], check=True, capture_output=True
+    )
+    for other in [saetrain.load(dl), saetrain.load(tmp_path / "sp")]:
+        got = other.weights()
+        assert sorted(got) == sorted(w), other
+        for name in w:
+            np.testing.assert_allclose(got[name], w[name], rtol=1e-6, atol=1e-7, err_msg=f"{other}: {name}")
     assert json.loads((dl / "config.json").read_text())["trainer"]["dict_size"] == 80
     with pytest.raises(Exception, match="holds a training run"):
         run.to_dictionary_learning(run.path, overwrite=True)
@@ -174,6 +186,22 @@ def test_bad_inputs_raise_clear_exceptions(data, run, tmp_path):
         run.encode(data[:, :10])
     with pytest.raises(saetrain.SaeError, match="no SAE weight file|cfg.json|cannot"):
         saetrain.load(tmp_path)
+    with pytest.raises(ValueError, match="threads = -1: expected a positive integer"):
+        saetrain.train(data, threads=-1, out=tmp_path / "neg")
+    with pytest.raises(TypeError, match="threads: expected a positive integer"):
+        saetrain.train(data, threads=1.5, out=tmp_path / "neg")
+    with pytest.raises(ValueError, match="tokens = 0"):
+        run.metrics(data[:100], tokens=0)
+    # An index past 2**32 is refused, not wrapped onto another latent.
+    indptr, indices, values = run.encode(data[:3], format="arrays")
+    wide = indices.astype(np.int64)
+    wide[0] += 2**32
+    with pytest.raises(ValueError, match=f"latent index {wide[0]} is outside 0..80"):
+        run.decode((indptr, wide, values))
+    with pytest.raises(ValueError, match="latent index -1"):
+        run.decode((indptr, np.full_like(indices, -1), values))
+    with pytest.raises(TypeError, match="must be integers"):
+        run.decode((indptr, indices.astype(np.float32), values))
 
 
 def test_ctrl_c_leaves_a_run_that_resumes_to_the_uninterrupted_result(data, tmp_path, monkeypatch):

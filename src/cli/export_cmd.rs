@@ -159,11 +159,7 @@ pub fn sae_for_export(path: &Path) -> Result<(ExportedSae, serde_json::Value, Op
         let w_enc_eff = effective_encoder(&cfg, &state);
         let theta = crate::sparsify::threshold::exported(&state.theta, &state.theta_set);
         let sae = ExportedSae::from_training(&cfg, &state.params, &w_enc_eff, &theta, meta.input_scale);
-        let mut md = json!({
-            "dataset_path": cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
-            "trained_tokens": meta.tokens,
-            "input_scale_folded": meta.input_scale,
-        });
+        let mut md = crate::train::training_metadata(&cfg, meta.tokens, meta.input_scale, &meta.position);
         md.as_object_mut().expect("an object").extend(provenance(&dir));
         let extra = json!({"sparsifier": cfg.sparsifier.name(), "k": cfg.k, "aligned": cfg.aligned});
         return Ok((sae, md, Some(extra)));
@@ -200,6 +196,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     // Any other --out is locked too, with a lock that writes no file (a `.sae.lock` would make
     // it look like a run), and checked again under it: two exports into one new directory
     // both passed the check above, and one's cfg.json could end beside the other's weights.
+    crate::util::paths::refuse_dangling(&args.out, "--out")?;
     let created = !args.out.exists();
     let _dir_lock = match &_lock {
         Some(_) => None,

@@ -214,6 +214,7 @@ pub fn synth(
     if out.exists() && !out.is_dir() {
         bail!("--out {}: exists and is not a directory", out.display());
     }
+    crate::util::paths::refuse_dangling(out, "--out")?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let _lock = crate::train::rundir::lock(out)?;
     let mut names = vec![MANIFEST.to_string(), GROUND_TRUTH.to_string()];

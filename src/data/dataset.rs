@@ -103,7 +103,7 @@ pub fn resolve(spec: &Path) -> Result<(Vec<PathBuf>, Option<PathBuf>, PathBuf)> 
         return Ok((files, m.is_file().then_some(m), parent.to_path_buf()));
     }
     if !spec.exists() {
-        bail!("{s}: data path does not exist");
+        bail!("{}", crate::util::paths::missing(spec, "data path"));
     }
     if spec.is_dir() {
         let m = spec.join(MANIFEST);

@@ -58,11 +58,12 @@ fn default_version() -> u32 {
 impl Manifest {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let m: Manifest =
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))?;
+        let m: Manifest = crate::util::json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: invalid manifest: {e}", path.display()))?;
         for s in &m.shards {
             check_inside(path, &s.file)?;
         }
+        check_extra(path, m.extra.as_ref())?;
         if let Some(t) = m.total_rows {
             let s: usize = m.shards.iter().map(|s| s.rows).sum();
             if t != s {
@@ -127,6 +128,31 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// The `extra` fields this tool reads must have their type: a `rows_per_window` of "127" (a
+/// string) would otherwise be ignored, and held-out rows would split token windows unnoticed.
+fn check_extra(path: &Path, extra: Option<&serde_json::Value>) -> Result<()> {
+    let Some(extra) = extra else { return Ok(()) };
+    let Some(fields) = extra.as_object() else {
+        bail!("{}: field extra = {extra}: expected an object", path.display());
+    };
+    type Check = fn(&serde_json::Value) -> bool;
+    let positive: Check = |v| v.as_u64().is_some_and(|n| n > 0);
+    let checks: [(&str, &str, Check); 3] = [
+        ("rows_per_window", "a positive integer (activation rows per token window)", positive),
+        ("context_length", "a positive integer (tokens per window)", positive),
+        ("prepend_bos", "true or false", |v| v.is_boolean()),
+    ];
+    for (name, expected, ok) in checks {
+        match fields.get(name) {
+            Some(v) if !v.is_null() && !ok(v) => {
+                bail!("{}: field extra.{name} = {v}: expected {expected}", path.display())
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// L of a TransformerLens / SAELens hook name `blocks.L.<anything>`.

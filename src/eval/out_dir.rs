@@ -173,6 +173,7 @@ impl EvalOut {
     /// [`PENDING_FILE`], and sweep the temporaries of killed evaluations.
     pub fn begin(&mut self) -> Result<()> {
         let out = &self.dir;
+        crate::util::paths::refuse_dangling(out, "--out")?;
         std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create --out {}: {e}", out.display()))?;
         self._lock = Some(crate::util::dirlock::lock_dir(out, "sae eval --out")?);
         self.previous = check(out, &self.inputs, self.overwrite)?;

@@ -143,11 +143,18 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     let mut separate =
         opts.data.as_deref().is_some_and(|p| !same_data(p, run_cfg.as_ref().and_then(|c| c.data.as_deref())));
     let mut opened = None;
+    let mut training_rows = false;
     if let (true, Some(p)) = (separate, &cfg.data) {
         let o = ShardOptions { evaluation_set: true, eval_tokens: tokens, ..ShardOptions::from_config(&cfg, false) };
         let s = ShardSource::open(p, o)?;
         // Another path to the contents the run trained on (a copy on another disk): its split.
         let trained_on = state.as_ref().and_then(|(_, m)| m.position.get("data_sample")?.as_str().map(String::from));
+        if run_cfg.is_none() {
+            if let Some(note) = training_rows_note(&dir, p, &s) {
+                eprintln!("{note}");
+                training_rows = true;
+            }
+        }
         if run_cfg.is_some() && trained_on.is_some_and(|d| d == s.data_sample()) {
             eprintln!(
                 "note: {} holds the data {} was trained on (the same rows sampled at open): evaluating on the run's \
@@ -237,7 +244,10 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
         k: sae.k,
         d_in: sae.d_in,
         d_sae: sae.d_sae,
-        data: source.describe(),
+        data: match training_rows {
+            true => format!("{}; the SAE was trained on this data: these rows are not held out", source.describe()),
+            false => source.describe(),
+        },
         training_sparsifier,
         exported,
         training,
@@ -252,6 +262,24 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
 
 /// A run's trainer state and what is saved beside it.
 type Checkpoint = (TrainState, StateMeta);
+
+/// An export (no run directory beside it) evaluated on the data it was trained on: its cfg.json
+/// records that data's sampled digest (`metadata.saetrain_data_sample`). Its held-out split is
+/// not known here, so the rows are training rows: said, so that the numbers are not read as
+/// held-out ones.
+fn training_rows_note(dir: &Path, data: &Path, s: &ShardSource) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(crate::export::saelens::CFG_FILE)).ok()?;
+    let md = serde_json::from_str::<serde_json::Value>(&text).ok()?.get("metadata")?.clone();
+    (md.get("saetrain_data_sample")?.as_str()? == s.data_sample()).then(|| {
+        format!(
+            "note: {} holds the data the SAE in {} was trained on (metadata.saetrain_data_sample): these numbers \
+             include its training rows, they are not held-out ones; evaluate its run directory (which knows its \
+             held-out split) or give a separate evaluation set",
+            data.display(),
+            dir.display()
+        )
+    })
+}
 
 /// The exported SAE and, for a run directory, its trainer state, of one checkpoint. A run in
 /// progress writes, at each checkpoint, `trainer_state`, then the SAE's weights, then `cfg.json`
@@ -398,13 +426,12 @@ fn read_ce_eval(dir: &Path) -> Result<Option<serde_json::Value>> {
     Ok(Some(v))
 }
 
-/// Loss, L0 and EV per logged step (lines that do not parse are skipped).
+/// Loss, L0 and EV per logged step (lines that do not parse are skipped, with a note).
 pub fn read_curves(path: &Path) -> Result<Vec<CurvePoint>> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(vec![]) };
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| {
+    Ok(crate::util::jsonl::parse(path, &text)
+        .into_iter()
+        .filter_map(|(_, v)| {
             Some(CurvePoint {
                 step: v.get("step")?.as_f64()?,
                 loss: v.get("loss").and_then(|x| x.as_f64()),

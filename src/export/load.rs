@@ -49,7 +49,7 @@ pub fn detect_layout(dir: &Path) -> Result<Layout> {
         return Ok(Layout::DictionaryLearning);
     }
     if !dir.exists() {
-        bail!("{}: no such file or directory", dir.display());
+        bail!("{}", crate::util::paths::missing(dir, "SAE path"));
     }
     // A sparsify hub checkout holds one sub-directory per hookpoint, a dictionary_learning
     // training folder one per trainer.

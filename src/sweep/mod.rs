@@ -64,12 +64,31 @@ pub struct Point {
     pub cfg: TrainConfig,
 }
 
-/// A config value from its command-line spelling: a number or bool when it reads as one, else
-/// the string (enum names, paths).
-fn json_value(raw: &str) -> Value {
-    match serde_json::from_str::<Value>(raw) {
-        Ok(v @ (Value::Number(_) | Value::Bool(_))) => v,
-        _ => Value::String(raw.to_string()),
+/// A config value from its command-line spelling, for an option whose default is `current`: the
+/// string itself for a string option (enum names, paths), else a number or bool when it reads
+/// as one as the command line would (`04` is 4, `1e-3` is 0.001), else the string (so that
+/// serde names the type it expected).
+fn json_value(raw: &str, current: &Value) -> Value {
+    if current.is_string() {
+        return Value::String(raw.to_string());
+    }
+    if let Ok(b) = raw.parse::<bool>() {
+        return Value::Bool(b);
+    }
+    if let Ok(i) = raw.parse::<i64>() {
+        return Value::from(i);
+    }
+    match raw.parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
+        Some(n) => Value::Number(n),
+        None => Value::String(raw.to_string()),
+    }
+}
+
+/// Whether two command-line values of an option mean the same value (`16` and `16.0` do).
+fn same_value(a: &str, b: &str, current: &Value) -> bool {
+    match (json_value(a, current), json_value(b, current)) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (x, y) => x == y,
     }
 }
 
@@ -93,6 +112,13 @@ impl Definition {
                 "--over {}: says how runs are carried out, not what they train; it cannot be swept",
                 a.option
             );
+            // Two spellings of one value (1e-3 and 0.001) would train the same point twice.
+            for (i, v) in a.values.iter().enumerate() {
+                let same = a.values[..i].iter().find(|w| same_value(w, v, &base[&a.option]));
+                if let Some(w) = same {
+                    bail!("--over {}: values '{w}' and '{v}' are the same value; give each once", a.option);
+                }
+            }
         }
         ensure!(
             self.over.len() < 2 || self.over[0].option != self.over[1].option,
@@ -113,10 +139,22 @@ impl Definition {
                 let name = values.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
                 let mut c = base.clone();
                 for (k, v) in &values {
-                    c[k] = json_value(v);
+                    c[k] = json_value(v, &base[k]);
                 }
                 c["out"] = Value::String(sweep_dir.join(&name).display().to_string());
-                let cfg: TrainConfig = serde_json::from_value(c).with_context(|| format!("sweep point {name}"))?;
+                let cfg: TrainConfig = match crate::util::json::from_value(c.clone()) {
+                    Ok(cfg) => cfg,
+                    Err(e) => {
+                        // An option with no default (`data`, `init_from`) may be a path that
+                        // reads as a number: try those values as written.
+                        for (k, v) in &values {
+                            if base[k].is_null() {
+                                c[k] = Value::String(v.clone());
+                            }
+                        }
+                        crate::util::json::from_value(c).map_err(|_| anyhow::anyhow!("sweep point {name}: {e}"))?
+                    }
+                };
                 cfg.validate().with_context(|| format!("sweep point {name}"))?;
                 points.push(Point { values, name, cfg });
             }
@@ -232,14 +270,15 @@ pub fn prepare(dir: &Path, def: &Definition) -> Result<(rundir::RunLock, bool)> 
     if dir.exists() && !dir.is_dir() {
         bail!("--out {}: exists and is not a directory", dir.display());
     }
+    crate::util::paths::refuse_dangling(dir, "--out")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let lock = rundir::lock(dir)?;
     let file = dir.join(SWEEP_FILE);
     let mut windows = true;
     if file.is_file() {
         let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-        let saved: Definition =
-            serde_json::from_str(&text).with_context(|| format!("{}: not a sweep definition", file.display()))?;
+        let saved: Definition = crate::util::json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not a sweep definition: {e}", file.display()))?;
         let diff = def.differences(&saved)?;
         if !diff.is_empty() {
             bail!(
@@ -432,5 +471,29 @@ fn outcome(r: Result<train::Summary>, done: Status, name: &str, log: &mut dyn Fn
             }
             None => Err(e.context(format!("sweep run {name}"))),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_read_as_the_command_line_would() {
+        let def = Definition {
+            over: vec![Axis::parse("k=04,16").unwrap(), Axis::parse("data=01").unwrap()],
+            base: TrainConfig { data: Some("x".into()), ..TrainConfig::default() },
+        };
+        let points = def.points(Path::new("sw")).unwrap();
+        assert_eq!(points.iter().map(|p| p.cfg.k).collect::<Vec<_>>(), [4, 16]);
+        // A string option keeps the text as written.
+        assert_eq!(points[0].cfg.data.as_deref(), Some(std::path::Path::new("01")));
+        assert_eq!(points[0].name, "k=04,data=01");
+        let num = Value::from(0.1);
+        assert!(same_value("1e-3", "0.001", &num) && same_value("16", "16.0", &num));
+        assert!(!same_value("1e-3", "1e-4", &num));
+        assert_eq!(json_value("true", &Value::Null), Value::Bool(true));
+        assert_eq!(json_value("nan", &num), Value::String("nan".into()));
+        assert_eq!(json_value("topk", &Value::String("wta".into())), Value::String("topk".into()));
     }
 }

@@ -156,10 +156,11 @@ impl HistoryLine {
     }
 }
 
-/// `history.jsonl`, read back (lines that do not parse are skipped).
+/// `history.jsonl`, read back (lines that do not parse are skipped, with a note).
 pub fn read_history(run: &Path) -> Vec<HistoryLine> {
-    let Ok(text) = std::fs::read_to_string(run.join(HISTORY_FILE)) else { return vec![] };
-    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    let path = run.join(HISTORY_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else { return vec![] };
+    crate::util::jsonl::parse_as(&path, &text)
 }
 
 /// The name of the kept checkpoint of `step`.

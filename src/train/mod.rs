@@ -440,6 +440,15 @@ pub fn init_from(run: &Path, cfg: &TrainConfig, d_in: usize) -> Result<TrainStat
             cfg.normalize.name()
         );
     }
+    if meta.step < theirs.total_steps() {
+        eprintln!(
+            "note: --init-from {}: the run has trained {} of its {} steps (a run in progress, or stopped): starting \
+             from that checkpoint",
+            run.display(),
+            meta.step,
+            theirs.total_steps()
+        );
+    }
     let mut fresh = TrainState::new(state.params);
     // The run's densities as estimates: an EMA that started at 0 is divided by its bias now,
     // once (a run that was itself initialised from another holds estimates already). This run's
@@ -531,18 +540,32 @@ pub(crate) fn export(
     let theta = crate::sparsify::threshold::exported(&state.theta, &state.theta_set);
     let input_scale = source.input_scale();
     let sae = ExportedSae::from_training(cfg, &state.params, &w_enc_eff, &theta, input_scale);
-    let mut md = json!({
-        "dataset_path": cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
-        "trained_tokens": tokens,
-        "input_scale_folded": input_scale,
-        "threshold_calibration": calibration,
-    });
+    let mut md = training_metadata(cfg, tokens, input_scale, &source.position());
+    md["threshold_calibration"] = json!(calibration);
     // Where the activations come from (model, hook, context, BOS), from the data's manifest:
     // what SAELens / SAEBench and scripts/ce_eval.py need to splice the SAE back in.
     if let Some(m) = source.manifest() {
         md.as_object_mut().expect("an object").extend(m.saelens_metadata());
     }
     sae.save(dir, cfg, md)
+}
+
+/// The SAELens `metadata` entries that say what an SAE was trained on: the data's path, the
+/// tokens, the global scale folded into the weights, and the data's sampled digest
+/// (`saetrain_data_sample`, from the stream `position`), by which `sae eval EXPORT --data D`
+/// knows D for the rows the SAE was trained on.
+pub fn training_metadata(
+    cfg: &TrainConfig,
+    tokens: u64,
+    input_scale: f32,
+    position: &serde_json::Value,
+) -> serde_json::Value {
+    json!({
+        "dataset_path": cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
+        "trained_tokens": tokens,
+        "input_scale_folded": input_scale,
+        "saetrain_data_sample": position.get("data_sample"),
+    })
 }
 
 /// The encoder actually applied (A + alpha W_dec under aligned training).
@@ -557,18 +580,14 @@ pub fn effective_encoder(cfg: &TrainConfig, state: &TrainState) -> Vec<f32> {
     }
 }
 
-/// Keep only the metric lines of steps <= `step` (a resumed run rewrites what follows).
+/// Keep only the metric lines of steps <= `step` (a resumed run rewrites what follows). Lines
+/// that are not JSON (one cut off by a kill) are dropped, with a note.
 pub(crate) fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
+    let kept: String = crate::util::jsonl::parse(path, &text)
+        .into_iter()
+        .filter(|(_, v)| v["step"].as_u64().is_some_and(|s| s <= step))
+        .map(|(l, _)| format!("{l}\n"))
         .collect();
     crate::util::atomic::write_atomic(path, kept.as_bytes())
 }

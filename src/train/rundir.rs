@@ -99,9 +99,7 @@ pub fn prepare_new(dir: &Path, overwrite: bool) -> Result<RunLock> {
     if dir.exists() && !dir.is_dir() {
         bail!("--out {}: exists and is not a directory", dir.display());
     }
-    if let (false, Ok(target)) = (dir.exists(), std::fs::read_link(dir)) {
-        bail!("--out {} is a symbolic link to {}, which does not exist", dir.display(), target.display());
-    }
+    crate::util::paths::refuse_dangling(dir, "--out")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create output directory {}", dir.display()))?;
     // A refused --out (a directory of the user's) is left as it was: without the lock file.
     let had_lock = dir.join(LOCK_FILE).exists();
