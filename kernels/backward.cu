@@ -30,17 +30,18 @@ extern "C" __global__ void row_norms(const float* __restrict__ w, u32 d, float* 
     if (threadIdx.x == 0) norms[blockIdx.x] = sqrtf(s);
 }
 
-// relu's L1 term lambda * sum z_bi ||W_dec_i||: dpre[e] += lambda n_i, l1_sums[i] += z,
-// acc[SAE_ACC_L1] += lambda z n_i. One thread per entry; l1_sums and acc zeroed by the host.
+// relu's L1 term lambda * sum z_bi ||W_dec_i||: dpre[e] += lambda n_i and
+// acc[SAE_ACC_L1] += lambda z n_i (a logged loss; acc zeroed by the host). One thread per entry.
+// The per-latent code sums the decoder-norm gradient needs are taken by latent_grads, in token
+// order: an f32 atomicAdd here would make them, and so the weights, differ run to run on a GPU.
 extern "C" __global__ void l1_terms(const u32* __restrict__ idx, const float* __restrict__ val, u32 nnz,
                                     const float* __restrict__ norms, float lambda, float* __restrict__ dpre,
-                                    float* __restrict__ l1_sums, double* __restrict__ acc) {
+                                    double* __restrict__ acc) {
     u32 e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= nnz) return;
     u32 i = idx[e];
     float n = norms[i], z = val[e];
     dpre[e] += lambda * n;
-    atomicAdd(&l1_sums[i], z);
     atomicAdd(&acc[SAE_ACC_L1], (double)(lambda * z * n));
 }
 
@@ -85,14 +86,16 @@ extern "C" __global__ void csc_sort(const u32* __restrict__ col_ptr, const u32* 
 }
 
 // Latent-row gradients of one group of entries (main codes, or the aux codes with accumulate=1):
-//   dW_dec_i += sum z * G_b, dW_enc_i += sum dpre * xc_b, db_enc_i += sum dpre.
-// accumulate = 0 overwrites (rows without entries become 0). One block per latent, threads along d.
+//   dW_dec_i += sum z * G_b, dW_enc_i += sum dpre * xc_b, db_enc_i += sum dpre,
+// and, when l1_sums is not null (relu's main codes), l1_sums[i] = sum z (in token order, so the
+// same every run). accumulate = 0 overwrites (rows without entries become 0). One block per
+// latent, threads along d.
 extern "C" __global__ void latent_grads(const u32* __restrict__ col_ptr, const u32* __restrict__ tok,
                                         const u32* __restrict__ pos, const float* __restrict__ val,
                                         const float* __restrict__ dpre, const float* __restrict__ g,
                                         const float* __restrict__ xc, u32 d, int accumulate,
                                         float* __restrict__ dw_enc, float* __restrict__ db_enc,
-                                        float* __restrict__ dw_dec) {
+                                        float* __restrict__ dw_dec, float* __restrict__ l1_sums) {
     const u32 i = blockIdx.x;
     const u32 s0 = col_ptr[i], s1 = col_ptr[i + 1];
     for (u32 j = threadIdx.x; j < d; j += blockDim.x) {
@@ -110,6 +113,11 @@ extern "C" __global__ void latent_grads(const u32* __restrict__ col_ptr, const u
         float bs = accumulate ? db_enc[i] : 0.f;
         for (u32 s = s0; s < s1; s++) bs += dpre[pos[s]];
         db_enc[i] = bs;
+    }
+    if (l1_sums && threadIdx.x == (blockDim.x > WARP ? WARP : 0)) {
+        float z = 0.f;
+        for (u32 s = s0; s < s1; s++) z += val[pos[s]];
+        l1_sums[i] = z;
     }
 }
 

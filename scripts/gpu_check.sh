@@ -35,6 +35,7 @@
 #   bench memory     1 s                                         timeout 30 s
 #   train cuda/cpu   15 s each (300 steps, built-in data)        timeout 240 s each
 #   compare          1 s                                         timeout 30 s
+#   same_twice       20 s (relu and topk, 60 steps, twice each)  timeout 120 s
 #   nsys             45 s (profile + stats)                      timeout 240 s
 # The emulator mode takes 3-5 minutes on 2 cores (the two emulated selftests are most of it).
 #
@@ -206,6 +207,14 @@ nvidia_smi() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || return 1
     echo
     nvidia-smi
+    # The kernels (nvcc 13.0) and the driver bindings (cudarc's cuda-13000) need a CUDA 13 driver:
+    # with an older one every GPU step below fails with a module-load error; say why here.
+    local major
+    major="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n 1 | cut -d. -f1 | tr -dc 0-9)"
+    if [ -n "$major" ] && [ "$major" -lt 580 ]; then
+        echo "gpu_check: driver $major.x is older than 580 (CUDA 13): the GPU steps below will fail to load the kernels; update the driver" >&2
+        return 1
+    fi
 }
 
 nvcc_install() {
@@ -331,6 +340,28 @@ nsys_stats() {
 
 export -f toolchain nvidia_smi nvcc_install cublas_found lib_dir cublas_install build compare_runs nsys_stats now
 export CUBLAS_VERSION
+
+# The same run twice on the GPU must give the same weights, byte for byte (docs/cuda.md,
+# "Determinism on a GPU"): relu, whose per-latent sums were once atomics, and topk with aux_k.
+same_twice() { # BACKEND SHAPE_FLAGS...
+    local backend="$1" s i bad=0
+    shift
+    for s in relu topk; do
+        for i in 1 2; do
+            "$SAE" train --steps 60 --seed 1 --quiet --overwrite --sparsifier "$s" --backend "$backend" \
+                "$@" --out "$OUT/twice-$s-$i" || return 1
+        done
+        if cmp "$OUT/twice-$s-1/sae_weights.safetensors" "$OUT/twice-$s-2/sae_weights.safetensors"; then
+            echo "$s: the two runs' weights are identical"
+        else
+            echo "$s: the two runs' weights differ" >&2
+            bad=1
+        fi
+        rm -rf "$OUT/twice-$s-1" "$OUT/twice-$s-2"
+    done
+    return "$bad"
+}
+export -f same_twice
 
 # ---- the pipeline
 
@@ -465,6 +496,12 @@ if [ "$TRAIN_OK" = 1 ]; then
         bash -c 'compare_runs "$OUT/train-cuda" "$OUT/train-cpu"'
 else
     skip compare_train "a training run failed"
+fi
+
+if need same_twice; then
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    step same_twice 120 "the same run twice: identical weights" \
+        bash -c 'same_twice "$@"' _ "$BACKEND" "${TRAIN_SHAPE[@]}"
 fi
 
 if [ "$EMULATOR" = 1 ]; then

@@ -16,17 +16,16 @@ pub fn code_grads(dev: &Dev, codes: &DevCodes, g: &DevBuf<f32>, w_dec: Ptr<f32>,
     K::code_grads(dev, L::per_line(rows, 128), c.row_ptr.p(), c.idx.p(), g.p(), w_dec, d as u32, c.dpre.p())
 }
 
-/// relu: decoder row norms, `dpre += lambda ||W_dec_i||`, per-latent code sums and the L1 loss
-/// (into `acc`).
+/// relu: decoder row norms, `dpre += lambda ||W_dec_i||` and the L1 loss (into `acc`); the
+/// per-latent code sums come from the main codes' [`latent_grads`].
 pub fn l1_terms(cx: &Ctx, ws: &Ws, lambda: f32) -> Result<()> {
     let (dev, b) = (cx.dev, &ws.b);
     let (d, f) = (cx.shape.d_in, cx.shape.d_sae);
     let c = &ws.main.b;
     let nnz = ws.main.nnz as u32;
-    b.l1_sums.zero()?;
     K::row_norms(dev, L::per_line(f, d), cx.w_dec(), d as u32, b.norms.p())?;
     let l = L::elementwise(nnz as u64);
-    K::l1_terms(dev, l, c.idx.p(), c.val.p(), nnz, b.norms.p(), lambda, c.dpre.p(), b.l1_sums.p(), b.acc.p())
+    K::l1_terms(dev, l, c.idx.p(), c.val.p(), nnz, b.norms.p(), lambda, c.dpre.p(), b.acc.p())
 }
 
 /// The per-latent view of `codes` (counting sort by latent, each latent's tokens sorted).
@@ -60,7 +59,8 @@ pub struct GradPtrs {
 }
 
 /// Latent-row gradients of one group of codes: the main codes overwrite the rows
-/// (`accumulate` false), each aux group adds onto them.
+/// (`accumulate` false), each aux group adds onto them. For relu the main group also writes
+/// the per-latent code sums of the L1 term.
 pub fn latent_grads(cx: &Ctx, ws: &Ws, grads: &GradPtrs, aux: bool) -> Result<()> {
     let (dev, b) = (cx.dev, &ws.b);
     let (d, f) = (cx.shape.d_in, cx.shape.d_sae);
@@ -69,6 +69,10 @@ pub fn latent_grads(cx: &Ctx, ws: &Ws, grads: &GradPtrs, aux: bool) -> Result<()
     let c = &codes.b;
     let (cp, tok, pos, val, dpre) = (c.col_ptr.p(), c.tok.p(), c.pos.p(), c.val.p(), c.dpre.p());
     let lat = L::per_line(f, d);
+    let l1_sums = match !aux && cx.cfg.sparsifier.has_l1() {
+        true => b.l1_sums.p(),
+        false => Ptr::null(),
+    };
     K::latent_grads(
         dev,
         lat,
@@ -84,6 +88,7 @@ pub fn latent_grads(cx: &Ctx, ws: &Ws, grads: &GradPtrs, aux: bool) -> Result<()
         grads.w_enc,
         grads.b_enc,
         grads.w_dec,
+        l1_sums,
     )
 }
 

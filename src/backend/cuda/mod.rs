@@ -42,6 +42,10 @@ pub const HAS_FATBIN: bool = cfg!(saetrain_fatbin);
 
 fn guarded<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<T> {
     // Silence the default panic message while probing: a panic here is an answer, not a bug.
+    // The hook is process-wide: two probes at once (parallel tests) must not interleave their
+    // take / set, or the silent hook would stay installed and hide every later panic.
+    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = HOOK.lock().unwrap_or_else(|p| p.into_inner());
     let prev = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let r = std::panic::catch_unwind(f);

@@ -494,16 +494,15 @@ fn backward_checks(dev: &Dev, inp: &ParityInputs, c: &mut Checks) {
 
     c.run("l1_terms vs cpu::backward::L1Terms::new", || {
         let (idx, val, norms) = (dev.upload(&codes.idx)?, dev.upload(&codes.val)?, dev.upload(&l1.norms)?);
-        let (dpre, sums, acc) = (dev.upload(&inp.dpre)?, dev.alloc::<f32>(f)?, dev.alloc::<f64>(K::ACC_SLOTS)?);
+        let (dpre, acc) = (dev.upload(&inp.dpre)?, dev.alloc::<f64>(K::ACC_SLOTS)?);
         let l = L::elementwise(nnz as u64);
-        K::l1_terms(dev, l, idx.p(), val.p(), nnz as u32, norms.p(), inp.lambda, dpre.p(), sums.p(), acc.p())?;
+        K::l1_terms(dev, l, idx.p(), val.p(), nnz as u32, norms.p(), inp.lambda, dpre.p(), acc.p())?;
         let mut want_dpre = inp.dpre.clone();
         let want = L1Terms::new(codes, &inp.w_dec, d, inp.lambda, &mut want_dpre);
         let loss = acc.to_vec(K::ACC_SLOTS)?[K::ACC_L1];
         Ok(within(
             &[
                 ("dpre", err(&dpre.to_vec(nnz)?, &want_dpre)),
-                ("sums", err(&sums.to_vec(f)?, &want.sums)),
                 ("loss", (loss - want.loss).abs() / want.loss.abs().max(1.0)),
             ],
             TOL,
@@ -562,13 +561,15 @@ fn backward_checks(dev: &Dev, inp: &ParityInputs, c: &mut Checks) {
         ))
     });
 
-    // latent_grads: main codes overwriting rows full of garbage, then the aux codes on top.
+    // latent_grads: main codes overwriting rows full of garbage, then the aux codes on top; the
+    // main group also writes relu's per-latent code sums (over garbage too), the aux group none.
     let lat = L::per_line(f, d);
-    let grads = || -> Result<[Vec<f32>; 6]> {
+    let grads = || -> Result<[Vec<f32>; 7]> {
         let garbage = normal(&mut ChaCha8Rng::seed_from_u64(0x5ae_0009), f * d + f, 1e3, 0.0);
         let (ge, gb, gd) =
             (dev.upload(&garbage[..f * d])?, dev.upload(&garbage[f * d..])?, dev.upload(&garbage[..f * d])?);
         let xc = dev.upload(&inp.xc)?;
+        let sums = dev.upload(&garbage[..f])?;
         let mut out = vec![];
         for (cd, view, dpre, g, accumulate) in
             [(codes, &inp.view, &inp.dpre, &inp.g, 0), (&inp.aux, &inp.aux_view, &inp.aux_dpre, &inp.g_aux, 1)]
@@ -576,10 +577,12 @@ fn backward_checks(dev: &Dev, inp: &ParityInputs, c: &mut Checks) {
             let (cp, tok, pos) = (dev.upload(&u32s(&view.col_ptr))?, dev.upload(&view.tok)?, dev.upload(&view.pos)?);
             let (val, dp, gg) = (dev.upload(&cd.val)?, dev.upload(dpre)?, dev.upload(g)?);
             let (cp, tok, pos, val, dp, gg) = (cp.p(), tok.p(), pos.p(), val.p(), dp.p(), gg.p());
-            K::latent_grads(dev, lat, cp, tok, pos, val, dp, gg, xc.p(), d32, accumulate, ge.p(), gb.p(), gd.p())?;
+            let sp = if accumulate == 0 { sums.p() } else { Ptr::null() };
+            K::latent_grads(dev, lat, cp, tok, pos, val, dp, gg, xc.p(), d32, accumulate, ge.p(), gb.p(), gd.p(), sp)?;
             out.extend([ge.to_vec(f * d)?, gb.to_vec(f)?, gd.to_vec(f * d)?]);
         }
-        Ok(out.try_into().expect("six outputs"))
+        out.push(sums.to_vec(f)?);
+        Ok(out.try_into().expect("seven outputs"))
     };
     let got = grads();
     for (name, with_aux) in [("latent_grads main", false), ("latent_grads + aux (accumulate=1)", true)] {
@@ -588,7 +591,13 @@ fn backward_checks(dev: &Dev, inp: &ParityInputs, c: &mut Checks) {
             let o = if with_aux { 3 } else { 0 };
             let (ge, gb, gd) = inp.latent_grads(with_aux);
             Ok(within(
-                &[("dW_enc", err(&g[o], &ge)), ("db_enc", err(&g[o + 1], &gb)), ("dW_dec", err(&g[o + 2], &gd))],
+                &[
+                    ("dW_enc", err(&g[o], &ge)),
+                    ("db_enc", err(&g[o + 1], &gb)),
+                    ("dW_dec", err(&g[o + 2], &gd)),
+                    // Written by the main group, left alone by the aux group.
+                    ("l1_sums", err(&g[6], &l1.sums)),
+                ],
                 TOL,
             ))
         });

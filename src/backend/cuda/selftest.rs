@@ -323,12 +323,20 @@ pub fn compare_steps(target: Target, cfg: &TrainConfig, steps: usize) -> Result<
     let mut gpu = CudaBackend::on(target.open()?, cfg.clone(), state)?;
     let mut worst = 0f64;
     let mut l0 = (0.0, 0.0);
+    // The CPU computes pre-activations in f32 whatever the precision, so under tf32 / bf16 an
+    // entry at the top-k boundary may be kept on one side only (a simulation at these sizes:
+    // some kept entry differs in ~all bf16 runs, a latent's counter in ~3.5 % of them). Exact
+    // there only for f32; else at most 1 % of the latents (at least one) may differ.
+    let slack = match cfg.precision {
+        Precision::F32 => 0,
+        _ => (d_sae / 100).max(1),
+    };
     for b in data.iter().take(steps) {
         let c = cpu.step(b, cfg.lr as f32)?;
         let g = gpu.step(b, cfg.lr as f32)?;
         let rel = |x: f64, y: f64| (x - y).abs() / y.abs().max(1e-3);
         worst = worst.max(rel(g.loss, c.loss)).max(rel(g.l0, c.l0)).max(rel(g.ev, c.ev));
-        anyhow::ensure!(g.dead == c.dead, "dead latents {} vs CPU {}", g.dead, c.dead);
+        anyhow::ensure!(g.dead.abs_diff(c.dead) <= slack, "dead latents {} vs CPU {} (slack {slack})", g.dead, c.dead);
         l0 = (g.l0, c.l0);
     }
     let (cs, gs) = (cpu.state()?, gpu.state()?);
@@ -347,7 +355,8 @@ pub fn compare_steps(target: Target, cfg: &TrainConfig, steps: usize) -> Result<
     let m_scale = cs.adam_m.data.iter().fold(f64::MIN_POSITIVE, |m, v| m.max(v.abs() as f64));
     let em = max_rel(&gs.adam_m.data, &cs.adam_m.data) * 1f64.max(m_scale) / m_scale;
     let et = max_rel(&gs.theta, &cs.theta);
-    anyhow::ensure!(gs.since_fired == cs.since_fired, "dead-latent counters differ");
+    let differ = gs.since_fired.iter().zip(&cs.since_fired).filter(|(a, b)| a != b).count();
+    anyhow::ensure!(differ <= slack, "dead-latent counters differ for {differ} latents (slack {slack})");
     // Inference with the exported sparsifier on a held-out batch.
     let held = &data[steps];
     let ci = cpu.infer(held, InferMode::Exported)?;
