@@ -445,6 +445,10 @@ fn eval_export_and_pictures_on_a_run() {
     let out = tmp.path().join("report");
     let (table, _) = write_outputs(std::slice::from_ref(&ea), &out, false, true).unwrap();
     assert!(table.contains("CE loss score") && table.contains("0.9100"), "{table}");
+    // wta's training column differs from its JumpReLU export; topk's would repeat the numbers.
+    assert!(table.contains("wta (train: wta)"), "{table}");
+    let (table_b, _) = write_outputs(std::slice::from_ref(&eb), &tmp.path().join("report-b"), false, true).unwrap();
+    assert!(table_b.contains("topk (topk)") && !table_b.contains("(train: topk)"), "{table_b}");
     let pngs = ["training_curves", "feature_density", "alignment", "enc_dec_cosine", "features_per_token"];
     for p in pngs {
         let bytes = std::fs::read(out.join(format!("{p}.png"))).unwrap();

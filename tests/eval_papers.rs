@@ -362,10 +362,11 @@ fn train_zipf_from_takes_the_fit_saves_it_and_resumes_with_it() {
     let s = src.to_str().unwrap();
     let fc = ["--sparsifier", "wta", "--budget", "zipf", "--zipf-from", s];
 
-    // No eval.json yet: the run is evaluated, and the fit is that of `sae eval`'s numbers.
+    // No eval.json yet: the run is evaluated, and the fit is that of `sae eval`'s numbers. With
+    // --threads too: the evaluation once took rayon's global pool before training could size it.
     let want = saetrain::eval::zipf_fit::fit_of_run(&src).unwrap().0;
     let b = tmp.path().join("b");
-    let o = train(&b, &fc);
+    let o = train(&b, &[&fc[..], &["--threads", "2"]].concat());
     ok(&o);
     assert!(stderr(&o).contains("--zipf-from") && stderr(&o).contains("held-out tokens"), "{}", stderr(&o));
     let cfg = json_of(&b.join("config.json"));

@@ -28,6 +28,11 @@ fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
 }
 
+/// [`s`], where a local named `s` hides it.
+fn s_(p: &Path) -> String {
+    s(p)
+}
+
 /// `rows` x 16 float32 activations; every `nan_every`-th row (when > 0) holds a NaN.
 fn acts(path: &Path, rows: usize, nan_every: usize) {
     let d = 16;
@@ -251,6 +256,17 @@ const CASES: &[Case] = &[
             assert!(out.contains("held-out: none (--eval-tokens 0)") && !out.contains("EV "), "{out}");
             let s = json(&d.join("run/summary.json"));
             assert!(s["eval"]["explained_variance"].is_null(), "{}", s["eval"]);
+            // The synthetic held-out set is drawn apart from training: its evaluation works (it
+            // said "invalid --tokens 0"), at eval's default size.
+            let o = sae(&["eval", &s_(&d.join("run")), "--no-plots", "--out", &s_(&d.join("ev"))]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            assert_eq!(json(&d.join("ev/eval.json"))["runs"][0]["exported"]["tokens"], 8192);
+            // On shards it trained on every row: refused with the reason, pointing at --data.
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "shards", &["--eval-tokens", "0"]);
+            let o = sae(&["eval", &s_(&d.join("shards")), "--no-plots", "--out", &s_(&d.join("ev2"))]);
+            let e = stderr(&o);
+            assert!(!o.status.success() && e.contains("held out no rows") && e.contains("--data"), "{e}");
         },
     },
     Case {
@@ -561,6 +577,22 @@ const CASES: &[Case] = &[
         after: |d, _| assert!(!d.join("r2").exists()),
     },
     Case {
+        name: "a learning rate that overflows Adam's moments while the loss stays finite is a divergence, not a damaged run",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            train_on(&d.join("acts.npy"), &d.join("run"), &["--lr", "1e6"])
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["the trainer state stopped being finite by step 40", "tensor 'adam_v' holds inf", "lower --lr"],
+        after: |d, _| {
+            let why = json(&d.join("run/diverged.json"));
+            assert!(why["state"].as_str().unwrap().contains("adam_v") && why["step"] == 40, "{why}");
+            // No checkpoint that eval, export and --resume would refuse as damaged.
+            assert!(!d.join("run/trainer_state.safetensors").exists() && !d.join("run/summary.json").exists());
+        },
+    },
+    Case {
         name: "--init-from a run that has not finished says so",
         setup: |d| {
             acts(&d.join("acts.npy"), 1024, 0);
@@ -837,13 +869,17 @@ fn a_shard_truncated_under_a_running_train_stops_it_with_a_checkpoint_and_an_err
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::fs::OpenOptions::new().write(true).open(&data).unwrap().set_len(4096).unwrap();
+    // Its own 120 s from the truncation (a loaded machine may take long to the first checkpoint).
+    let t = std::time::Instant::now();
     while child.try_wait().unwrap().is_none() && t.elapsed().as_secs() < 120 {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    let killed = child.try_wait().unwrap().is_none();
     let _ = child.kill();
     let o = child.wait_with_output().unwrap();
     let e = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "a clean error exit, not a signal: {e}");
+    assert!(!killed, "still running 120 s after the truncation: {e}");
+    assert_eq!(o.status.code(), Some(1), "a clean error exit, not a signal ({:?}): {e}", o.status);
     assert!(e.contains(&s(&data)) && e.contains("truncated") && e.contains("it now has 4096 bytes"), "{e}");
     let n: u64 = e.split("interrupted after step ").nth(1).and_then(|r| r.split(';').next()).unwrap().parse().unwrap();
     assert!(n >= 5 && e.contains(&format!("--resume {}", s(&out))), "{e}");

@@ -51,7 +51,7 @@ pub struct StepArgs {
     /// Timed steps per sparsifier (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
-    /// Only these sparsifiers (default: all).
+    /// Only these sparsifiers (default: all; wta also times its Zipf-budget form, "wta zipf").
     #[arg(long, value_enum, value_delimiter = ',')]
     pub sparsifier: Vec<SparsifierKind>,
     /// Also write the results as JSON to this file (a new one, unless --overwrite).

@@ -17,7 +17,8 @@ pub struct TrainArgs {
     /// (changes are recorded in resumes.jsonl).
     #[arg(long, conflicts_with = "config")]
     pub resume: Option<PathBuf>,
-    /// Replace a previous run's files in --out (other files are never touched).
+    /// Replace a previous run's files in --out (refused when --out also holds other files: they
+    /// are never deleted).
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
     #[command(flatten)]
@@ -43,7 +44,18 @@ pub fn prepare(args: &TrainArgs, matches: &ArgMatches) -> Result<(TrainConfig, R
     let mut cfg = TrainConfig::resolve(&args.cfg, matches, args.config.as_deref())?;
     if args.resume.is_none() {
         // The fitted values go into config.json: a resume reads them back, it does not refit.
-        if let Some(line) = crate::eval::zipf_fit::apply_zipf_from(&mut cfg)? {
+        // The fit may evaluate the source run: in a pool of its own, sized as --threads says, so
+        // that rayon's global pool is still free to be sized for training (`init_threads`).
+        let fit = |cfg: &mut TrainConfig| crate::eval::zipf_fit::apply_zipf_from(cfg);
+        let line = match cfg.threads {
+            Some(n) => rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .context("cannot size the thread pool")?
+                .install(|| fit(&mut cfg))?,
+            None => fit(&mut cfg)?,
+        };
+        if let Some(line) = line {
             eprintln!("{line}");
         }
     }

@@ -22,12 +22,20 @@ struct Column<'a> {
 fn columns(evals: &[SaeEval]) -> Vec<Column<'_>> {
     let mut cols = vec![];
     for e in evals {
-        cols.push(Column { title: format!("{} ({})", e.label, e.architecture), e, training: false });
-        // The training sparsifier's column, where it differs from the exported one (topk and
-        // relu runs give identical numbers; eval.json has both either way).
-        if e.training.as_ref().is_some_and(|t| *t != e.exported) {
-            let name = e.training_sparsifier.clone().unwrap_or_default();
-            cols.push(Column { title: format!("{} (train: {name})", e.label), e, training: true });
+        let exported = Column { title: format!("{} ({})", e.label, e.architecture), e, training: false };
+        // The training sparsifier's column, where it would show other numbers than the exported
+        // one (topk and relu runs give the same, up to roundings the table does not print;
+        // eval.json has both either way).
+        let name = e.training_sparsifier.clone().unwrap_or_default();
+        let training = Column { title: format!("{} (train: {name})", e.label), e, training: true };
+        // (Rows the training column leaves empty, the weights', do not count.)
+        let differs = e.training.is_some()
+            && rows()
+                .iter()
+                .any(|(_, cell)| matches!((cell(&exported), cell(&training)), (Some(a), Some(b)) if a != b));
+        cols.push(exported);
+        if differs {
+            cols.push(training);
         }
     }
     cols

@@ -132,7 +132,10 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
     if cfg.data.is_some() && opts.data.is_some() {
         cfg.d_in = None;
     }
-    let tokens = opts.tokens.or(run_cfg.as_ref().map(|c| c.eval_tokens)).unwrap_or(DEFAULT_EVAL_TOKENS);
+    // A run that held out no rows gives no default here: on its own data that is refused below
+    // (pointing at --data), on another set the default applies.
+    let tokens =
+        opts.tokens.or(run_cfg.as_ref().map(|c| c.eval_tokens).filter(|&t| t > 0)).unwrap_or(DEFAULT_EVAL_TOKENS);
     ensure!(tokens > 0, "invalid --tokens 0: must be >= 1");
     cfg.quiet = true;
 

@@ -135,21 +135,28 @@ pub fn load(dir: &Path) -> Result<(TrainState, StateMeta)> {
         density: f32s("density", f)?,
     };
     // A damaged file (a bad sector, a partial copy) would else resume and diverge, blamed on --lr.
+    if let Some(what) = non_finite(&state) {
+        bail!(
+            "{}: {what}: the trainer state is damaged; resume from a kept checkpoint (checkpoints/) or train anew",
+            path.display()
+        );
+    }
+    Ok((state, meta))
+}
+
+/// "tensor 'adam_v' holds inf at index 3328" for the first value of the state that cannot be
+/// (a non-finite parameter, moment or density, a negative second moment), else None. The
+/// trainer checks before it writes a checkpoint (a learning rate so high that the second
+/// moments overflow leaves the loss finite), and the loader again.
+pub fn non_finite(state: &TrainState) -> Option<String> {
     let finite: [(&str, &[f32]); 4] = [
         ("params", &state.params.data),
         ("adam_m", &state.adam_m.data),
         ("adam_v", &state.adam_v.data),
         ("density", &state.density),
     ];
-    for (name, v) in finite {
-        if let Some(i) = v.iter().position(|x| !x.is_finite() || (name == "adam_v" && *x < 0.0)) {
-            bail!(
-                "{}: tensor '{name}' holds {} at index {i}: the trainer state is damaged; resume from a kept \
-                 checkpoint (checkpoints/) or train anew",
-                path.display(),
-                v[i]
-            );
-        }
-    }
-    Ok((state, meta))
+    finite.into_iter().find_map(|(name, v)| {
+        let i = v.iter().position(|x| !x.is_finite() || (name == "adam_v" && *x < 0.0))?;
+        Some(format!("tensor '{name}' holds {} at index {i}", v[i]))
+    })
 }

@@ -101,13 +101,27 @@ impl std::error::Error for Interrupted {}
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Diverged {
     pub step: u64,
-    /// The loss as text ("NaN", "inf"): JSON has no such numbers.
+    /// The loss as text ("NaN", "inf"): JSON has no such numbers; "finite" when `state` says
+    /// what diverged instead.
     pub loss: String,
+    /// The trainer state's first impossible value, when the loss stayed finite but the state
+    /// did not (Adam's second moments overflow at a learning rate of 1e6): found when a
+    /// checkpoint was to be written, at `step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 impl std::fmt::Display for Diverged {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "loss became {} at step {}: lower --lr or check the data", self.loss, self.step)
+        match &self.state {
+            Some(what) => write!(
+                f,
+                "the trainer state stopped being finite by step {} ({what}; the loss was still finite): lower --lr \
+                 or check the data",
+                self.step
+            ),
+            None => write!(f, "loss became {} at step {}: lower --lr or check the data", self.loss, self.step),
+        }
     }
 }
 
@@ -298,7 +312,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         let stats = backend.step(&batch, lr as f32)?;
         if !stats.loss.is_finite() {
             bar.finish_and_clear();
-            let why = Diverged { step, loss: stats.loss.to_string() };
+            let why = Diverged { step, loss: stats.loss.to_string(), state: None };
             write_json_atomic(&out.join(DIVERGED_FILE), &why)?;
             return Err(why.into());
         }
@@ -513,6 +527,12 @@ fn save_all_with(
     calibration: Option<&calibrate::CalibrationReport>,
 ) -> Result<()> {
     let state = backend.state()?;
+    // Never a checkpoint that cannot be loaded: the run diverged (the last good checkpoint stays).
+    if let Some(what) = checkpoint::non_finite(&state) {
+        let why = Diverged { step: state.step, loss: "finite".into(), state: Some(what) };
+        write_json_atomic(&out.join(DIVERGED_FILE), &why)?;
+        return Err(why.into());
+    }
     let shape = state.shape();
     let meta = StateMeta {
         step: state.step,
