@@ -288,8 +288,13 @@ fn hybrid_exports_its_per_token_cap_and_every_loader_applies_it() {
 fn readme_flag_values_parse_in_both_spellings() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let start = readme.find("Common training flags").expect("README lists the common flags");
-    let block: String =
-        readme[start..].lines().skip(2).take_while(|l| l.starts_with("    ")).collect::<Vec<_>>().join(" ");
+    // The indented block after the heading's paragraph.
+    let block: String = readme[start..]
+        .lines()
+        .skip_while(|l| !l.starts_with("    "))
+        .take_while(|l| l.starts_with("    "))
+        .collect::<Vec<_>>()
+        .join(" ");
     let words: Vec<&str> = block.split_whitespace().collect();
     let mut checked = 0;
     for (i, w) in words.iter().enumerate() {

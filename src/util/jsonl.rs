@@ -11,35 +11,25 @@ use std::path::Path;
 /// The lines of `text` (read from `path`) that are JSON, each with its text; blank lines are not
 /// counted as bad.
 pub fn parse<'a>(path: &Path, text: &'a str) -> Vec<(&'a str, Value)> {
-    let mut out = Vec::new();
-    let mut bad = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Value>(line) {
-            Ok(v) => out.push((line, v)),
-            Err(_) => bad.push(i + 1),
-        }
-    }
-    note_skipped(path, &bad, "are not JSON");
-    out
+    read(path, text, "are not JSON", |line| Some((line, serde_json::from_str::<Value>(line).ok()?)))
 }
 
 /// The lines of `text` that are JSON records of type `T`; the others are noted as skipped.
 pub fn parse_as<T: DeserializeOwned>(path: &Path, text: &str) -> Vec<T> {
+    read(path, text, "are not records of this log", |line| serde_json::from_str(line).ok())
+}
+
+/// `each` of the non-blank lines; those it gives nothing for are noted (`what` they are).
+fn read<'a, T>(path: &Path, text: &'a str, what: &str, each: impl Fn(&'a str) -> Option<T>) -> Vec<T> {
     let mut out = Vec::new();
     let mut bad = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<T>(line) {
-            Ok(v) => out.push(v),
-            Err(_) => bad.push(i + 1),
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        match each(line) {
+            Some(v) => out.push(v),
+            None => bad.push(i + 1),
         }
     }
-    note_skipped(path, &bad, "are not records of this log");
+    note_skipped(path, &bad, what);
     out
 }
 
