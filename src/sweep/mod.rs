@@ -489,6 +489,11 @@ mod tests {
         // A string option keeps the text as written.
         assert_eq!(points[0].cfg.data.as_deref(), Some(std::path::Path::new("01")));
         assert_eq!(points[0].name, "k=04,data=01");
+        // An option without a default (`data` null) reads "01" as 1 first, and its path on retry.
+        let def = Definition { over: vec![Axis::parse("data=01,02").unwrap()], base: TrainConfig::default() };
+        assert!(def.base.data.is_none());
+        let points = def.points(Path::new("sw")).unwrap();
+        assert_eq!(points[1].cfg.data.as_deref(), Some(std::path::Path::new("02")));
         let num = Value::from(0.1);
         assert!(same_value("1e-3", "0.001", &num) && same_value("16", "16.0", &num));
         assert!(!same_value("1e-3", "1e-4", &num));
