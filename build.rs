@@ -181,15 +181,15 @@ fn typed_launcher(file: &str, sig: &Signature) -> String {
     f
 }
 
-/// Rust constants for every `#define SAE_NAME N` in common.cuh: `ACC_*` (slots of the step's
-/// f64 accumulator, `usize`) and `MASK_*` (selection mask modes, `i32`).
+/// Rust constants for every `#define SAE_NAME N` in common.cuh: `MASK_*` (selection mask modes)
+/// are `i32`, every other one (accumulator slots, sizes the host launches by) `usize`.
 fn shared_constants(common: &str) -> String {
     let mut rs = String::from("// Constants shared with kernels/common.cuh (its `#define SAE_*` lines).\n");
     for line in common.lines() {
         let Some(rest) = line.trim().strip_prefix("#define SAE_") else { continue };
         let mut it = rest.split_whitespace();
         let (name, value) = (it.next().unwrap(), it.next().expect("SAE_ define has a value"));
-        let ty = if name.starts_with("ACC_") { "usize" } else { "i32" };
+        let ty = if name.starts_with("MASK_") { "i32" } else { "usize" };
         writeln!(rs, "pub const {name}: {ty} = {value};").unwrap();
     }
     rs

@@ -143,6 +143,13 @@ inline T atomicCAS(T* a, U cmp, U v) {
     return old;
 }
 
+template <class T, class U>
+inline T atomicOr(T* a, U v) {
+    T old = *a;
+    *a = old | (T)v;
+    return old;
+}
+
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }

@@ -67,21 +67,67 @@ extern "C" __global__ void csc_fill(const u32* __restrict__ row_ptr, const u32* 
     }
 }
 
-// Sort each latent's segment by entry position (= by token, as the CPU's by_latent), so that the
-// gradient sums below run in the CPU's order and are deterministic. Rank sort: the rank of an
-// entry is the number of smaller positions in its segment (positions are unique). One block per
-// latent; segments are short for every sparsifier except early dense relu.
+// Sort each latent's segment by token (= by entry position, as the CPU's by_latent), so that the
+// gradient sums below run in the CPU's order and are deterministic. One block per latent.
+// Short segments (every sparsifier but early dense relu): rank = number of smaller positions,
+// O(n^2) but n <= SAE_CSC_SHORT. Long ones: a latent occurs at most once per token (a code row
+// holds each latent once), so its tokens are a set: mark them in a shared bitmap and read each
+// token's rank off the popcounts before it, O(n + rows / 32) per latent instead of O(n^2) (a
+// dense relu segment is up to the batch long). The bitmap covers SAE_CSC_WINDOW_WORDS * 32
+// tokens; larger batches take one pass per window.
 extern "C" __global__ void csc_sort(const u32* __restrict__ col_ptr, const u32* __restrict__ tok_in,
-                                    const u32* __restrict__ pos_in, u32* __restrict__ tok_out,
+                                    const u32* __restrict__ pos_in, u32 rows, u32* __restrict__ tok_out,
                                     u32* __restrict__ pos_out) {
+    __shared__ u32 bits[SAE_CSC_WINDOW_WORDS];
+    __shared__ u32 before[SAE_CSC_WINDOW_WORDS];  // set bits in the window's earlier words
+    __shared__ u32 scan_scratch[WARP + 1];
     const u32 i = blockIdx.x;
     const u32 s0 = col_ptr[i], s1 = col_ptr[i + 1];
-    for (u32 a = s0 + threadIdx.x; a < s1; a += blockDim.x) {
-        u32 p = pos_in[a];
-        u32 rank = 0;
-        for (u32 c = s0; c < s1; c++) rank += pos_in[c] < p ? 1u : 0u;
-        pos_out[s0 + rank] = p;
-        tok_out[s0 + rank] = tok_in[a];
+    if (s1 - s0 <= SAE_CSC_SHORT) {
+        for (u32 a = s0 + threadIdx.x; a < s1; a += blockDim.x) {
+            u32 p = pos_in[a];
+            u32 rank = 0;
+            for (u32 c = s0; c < s1; c++) rank += pos_in[c] < p ? 1u : 0u;
+            pos_out[s0 + rank] = p;
+            tok_out[s0 + rank] = tok_in[a];
+        }
+        return;  // uniform over the block: no barrier is skipped by only some threads
+    }
+    const u32 span = SAE_CSC_WINDOW_WORDS * 32u;
+    u32 placed = 0;  // entries of earlier windows
+    for (u32 t0 = 0; t0 < rows; t0 += span) {
+        const u32 left = rows - t0;
+        const u32 nw = left >= span ? SAE_CSC_WINDOW_WORDS : (left + 31u) / 32u;
+        for (u32 w = threadIdx.x; w < nw; w += blockDim.x) bits[w] = 0u;
+        __syncthreads();
+        for (u32 a = s0 + threadIdx.x; a < s1; a += blockDim.x) {
+            u32 t = tok_in[a] - t0;  // wraps past span for tokens before the window
+            if (t < span) atomicOr(&bits[t / 32u], 1u << (t % 32u));
+        }
+        __syncthreads();
+        // Each thread takes a run of consecutive words; a block scan orders the runs.
+        const u32 per = (nw + blockDim.x - 1) / blockDim.x;
+        const u32 w0 = threadIdx.x * per < nw ? threadIdx.x * per : nw;
+        const u32 w1 = w0 + per < nw ? w0 + per : nw;
+        u32 mine = 0;
+        for (u32 w = w0; w < w1; w++) mine += __popc(bits[w]);
+        u32 total;
+        u32 off = block_exclusive_scan(mine, scan_scratch, &total);
+        for (u32 w = w0; w < w1; w++) {
+            before[w] = off;
+            off += __popc(bits[w]);
+        }
+        __syncthreads();
+        for (u32 a = s0 + threadIdx.x; a < s1; a += blockDim.x) {
+            u32 tok = tok_in[a], t = tok - t0;
+            if (t >= span) continue;
+            u32 w = t / 32u, below = bits[w] & ((1u << (t % 32u)) - 1u);
+            u32 r = placed + before[w] + __popc(below);
+            tok_out[s0 + r] = tok;
+            pos_out[s0 + r] = pos_in[a];
+        }
+        placed += total;
+        __syncthreads();  // bits and before are rewritten by the next window
     }
 }
 
@@ -169,16 +215,14 @@ extern "C" __global__ void latent_finish(const u32* __restrict__ col_ptr, const 
     }
 }
 
-// db_dec[j] = colsum_g[j] - sum_i db_enc[i] W_enc[i][j] (b_dec is subtracted from the input too).
-// One thread per input dimension, f64 accumulation.
-extern "C" __global__ void bdec_grad(const double* __restrict__ colsum_g, const float* __restrict__ w_enc,
-                                     const float* __restrict__ db_enc, u32 f, u32 d, float* __restrict__ out) {
+// db_dec[j] = colsum_g[j] - sum_i db_enc[i] W_enc[i][j] (b_dec is subtracted from the input too):
+// the sum over latents comes in parts from col_partials (weights db_enc, rows W_enc), added here
+// in order. One thread per input dimension, f64 accumulation.
+extern "C" __global__ void bdec_grad(const double* __restrict__ colsum_g, const double* __restrict__ part,
+                                     u32 parts, u32 d, float* __restrict__ out) {
     u32 j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= d) return;
     double acc = 0.0;
-    for (u32 i = 0; i < f; i++) {
-        float c = db_enc[i];
-        if (c != 0.f) acc += (double)c * (double)w_enc[(u64)i * d + j];
-    }
+    for (u32 p = 0; p < parts; p++) acc += part[(u64)p * d + j];
     out[j] = (float)(colsum_g[j] - acc);
 }

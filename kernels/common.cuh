@@ -19,6 +19,9 @@ typedef unsigned long long u64;
 #define SAE_MASK_THETA 0     // v > 0 && v > theta[i] (theta null: relu); cmask applies
 #define SAE_MASK_ROW 1       // per-row cut (rT[b], rc[b]) on the filtered key
 #define SAE_MASK_COL 2       // per-column cut (cT[i], cc[i]) on the filtered key
+#define SAE_CSC_SHORT 32         // csc_sort: a latent's segment up to this long is rank-sorted pairwise
+#define SAE_CSC_WINDOW_WORDS 1024 // csc_sort: tokens per bitmap pass, / 32 (2 x 4 KB of shared memory)
+#define SAE_COLSUM_LANES 8       // col_partials: rows summed side by side in a block of 32 x LANES
 
 #define WARP 32
 #define FULL_MASK 0xffffffffu

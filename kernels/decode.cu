@@ -27,12 +27,39 @@ extern "C" __global__ void residual_grad(const float* __restrict__ x, const floa
     }
 }
 
-// out[j] = sum_b x[b][j] in f64. One thread per column (coalesced across the warp).
-extern "C" __global__ void col_sums(const float* __restrict__ x, u32 rows, u32 d, double* __restrict__ out) {
+// Column sums in two passes, so that a long column is summed by many blocks and the result is
+// still the same every run (no float atomics): col_partials writes part[p][j] = sum over the rows
+// of part p (rows p * per_part ..) of w[b] x[b][j] in f64 (w null: 1; rows with w[b] = 0 are
+// skipped, a whole warp at a time), then col_sums_finish or bdec_grad add the parts in order.
+// Block: 32 columns x SAE_COLSUM_LANES row lanes; grid (column groups, parts).
+extern "C" __global__ void col_partials(const float* __restrict__ x, const float* __restrict__ w, u32 rows, u32 d,
+                                        u32 per_part, double* __restrict__ part) {
+    __shared__ double lanes[SAE_COLSUM_LANES][WARP];
+    const u32 lane = threadIdx.x % WARP, row_lane = threadIdx.x / WARP, nl = blockDim.x / WARP;
+    const u32 j = blockIdx.x * WARP + lane;
+    const u64 r0 = (u64)blockIdx.y * per_part;
+    const u64 r1 = r0 + per_part < rows ? r0 + per_part : rows;
+    double acc = 0.0;
+    if (j < d)
+        for (u64 b = r0 + row_lane; b < r1; b += nl) {
+            float c = w ? w[b] : 1.f;
+            if (c != 0.f) acc += (double)c * (double)x[b * d + j];
+        }
+    lanes[row_lane][lane] = acc;
+    __syncthreads();
+    if (row_lane == 0 && j < d) {
+        double s = 0.0;
+        for (u32 l = 0; l < nl; l++) s += lanes[l][lane];
+        part[(u64)blockIdx.y * d + j] = s;
+    }
+}
+
+// out[j] = sum_b x[b][j]: the parts of col_partials added in order. One thread per column.
+extern "C" __global__ void col_sums_finish(const double* __restrict__ part, u32 parts, u32 d, double* __restrict__ out) {
     u32 j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= d) return;
     double acc = 0.0;
-    for (u32 b = 0; b < rows; b++) acc += (double)x[(u64)b * d + j];
+    for (u32 p = 0; p < parts; p++) acc += part[(u64)p * d + j];
     out[j] = acc;
 }
 

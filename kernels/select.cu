@@ -175,20 +175,28 @@ extern "C" __global__ void sel_row_eq_count(const float* __restrict__ pre, u32 c
     if (threadIdx.x == 0) eq[b] = (u32)c;
 }
 
-// One thread: split the batch's `remaining` ties over rows in row order (lower flat index first),
-// giving each row its threshold and the number of ties it keeps (in need_out; converted to a
-// cutoff by sel_row_ties).
+// Split the batch's `remaining` ties over rows in row order (lower flat index first), giving each
+// row its threshold and the number of ties it keeps (in need_out; converted to a cutoff by
+// sel_row_ties): row b keeps min(eq[b], remaining - ties of the rows before it), clamped at 0,
+// which is what a greedy walk over the rows takes. One block; a scan over the rows in chunks.
 extern "C" __global__ void sel_batch_split(const u32* __restrict__ state, const u32* __restrict__ eq, u32 rows,
                                            u32* __restrict__ thr_out, u32* __restrict__ need_out) {
-    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    __shared__ u32 scan_scratch[WARP + 1];
     const int all = state[3] != 0u;
     const u32 thr = all ? 0u : state[0];
-    u32 left = all ? 0u : state[2];
-    for (u32 b = 0; b < rows; b++) {
-        u32 take = eq[b] < left ? eq[b] : left;
-        thr_out[b] = thr;
-        need_out[b] = take;
-        left -= take;
+    const u32 remaining = all ? 0u : state[2];
+    u64 carry = 0;  // ties of earlier chunks (u64: the batch may hold 2^32 ties or more)
+    for (u32 b0 = 0; b0 < rows; b0 += blockDim.x) {
+        u32 b = b0 + threadIdx.x;
+        u32 e = b < rows ? eq[b] : 0u;
+        u32 total;
+        u64 prior = carry + block_exclusive_scan(e, scan_scratch, &total);
+        if (b < rows) {
+            u64 left = prior < remaining ? remaining - prior : 0;
+            thr_out[b] = thr;
+            need_out[b] = left < e ? (u32)left : e;
+        }
+        carry += total;
     }
 }
 

@@ -3,6 +3,7 @@
 //! b_enc and W_dec (main codes, then aux codes on top), the L1 / aligned finish, and b_dec.
 
 use super::backend::Ctx;
+use super::decode;
 use super::device::{Dev, DevBuf, Ptr};
 use super::kernels as K;
 use super::launch as L;
@@ -28,7 +29,8 @@ pub fn l1_terms(cx: &Ctx, ws: &Ws, lambda: f32) -> Result<()> {
     K::l1_terms(dev, l, c.idx.p(), c.val.p(), nnz, b.norms.p(), lambda, c.dpre.p(), b.acc.p())
 }
 
-/// The per-latent view of `codes` (counting sort by latent, each latent's tokens sorted).
+/// The per-latent view of `codes` (counting sort by latent, then each latent's tokens sorted:
+/// pairwise ranks for short segments, a token bitmap for long ones).
 fn build_csc(dev: &Dev, codes: &DevCodes, f: usize) -> Result<()> {
     let c = &codes.b;
     let rows = c.row_ptr.len() - 1;
@@ -47,7 +49,8 @@ fn build_csc(dev: &Dev, codes: &DevCodes, f: usize) -> Result<()> {
         c.tok_a.p(),
         c.pos_a.p(),
     )?;
-    K::csc_sort(dev, L::per_line(f, 64), c.col_ptr.p(), c.tok_a.p(), c.pos_a.p(), c.tok.p(), c.pos.p())
+    let r32 = rows as u32;
+    K::csc_sort(dev, L::csc_sort(f), c.col_ptr.p(), c.tok_a.p(), c.pos_a.p(), r32, c.tok.p(), c.pos.p())
 }
 
 /// Where the gradients go: W_enc, b_enc, W_dec and b_dec slices of the flat gradient buffer.
@@ -126,6 +129,7 @@ pub fn finish(cx: &Ctx, ws: &Ws, grads: &GradPtrs, w_enc_eff: Ptr<f32>, aux_grou
             grads.w_dec,
         )?;
     }
-    K::col_sums(dev, L::per_column(d), b.g.p(), rows as u32, d32, b.colsum_g.p())?;
-    K::bdec_grad(dev, L::per_column(d), b.colsum_g.p(), w_enc_eff, grads.b_enc, f as u32, d32, grads.b_dec)
+    decode::col_sums(dev, b.g.p(), rows, d, &b.col_part, b.colsum_g.p())?;
+    let parts = decode::col_partials(dev, w_enc_eff, grads.b_enc, f, d, &b.col_part)?;
+    K::bdec_grad(dev, L::per_column(d), b.colsum_g.p(), b.col_part.p(), parts, d32, grads.b_dec)
 }

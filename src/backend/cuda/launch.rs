@@ -22,6 +22,10 @@ pub const MAX_GRID_X: u64 = (1 << 31) - 1;
 /// Fallback GEMM tile (must match GEMM_BM/GEMM_BN in kernels/encode.cu) and its thread count.
 pub const GEMM_TILE: u32 = 64;
 pub const GEMM_THREADS: u32 = 256;
+/// Column sums: the most row parts (the f64 partial buffer is `COLSUM_PARTS x d`), and the
+/// fewest rows in one (below it a part's 8 row lanes would each add only a handful).
+pub const COLSUM_PARTS: usize = 64;
+pub const COLSUM_MIN_ROWS: usize = 128;
 /// Blocks of the grid-stride batch histogram (enough to fill any current GPU several times).
 pub const HIST_BLOCKS: u32 = 1024;
 
@@ -56,17 +60,34 @@ pub fn per_line(lines: usize, width: usize) -> Launch {
     check(Launch { grid: (blocks_for(lines as u64, 1), 1, 1), block: (threads, 1, 1), shmem: 0 })
 }
 
-/// One thread per column of a row-major matrix with `d` columns (col_sums, bdec_grad).
+/// One thread per column of a row-major matrix with `d` columns (col_sums_finish, bdec_grad).
 pub fn per_column(d: usize) -> Launch {
     check(Launch { grid: (blocks_for(d as u64, 128), 1, 1), block: (128, 1, 1), shmem: 0 })
 }
 
-/// A single block (exclusive_scan over up to 2^32 - 1 elements, looping in block-sized chunks).
+/// One block per latent of the segment sort (csc_sort): 128 threads, enough to clear and scan its
+/// bitmap window in a few passes, few enough to leave the short segments' idle threads cheap.
+pub fn csc_sort(f: usize) -> Launch {
+    per_line(f, 128)
+}
+
+/// Column sums in row parts (col_partials): x over 32-column groups, y over parts of at least
+/// [`COLSUM_MIN_ROWS`] rows (at most [`COLSUM_PARTS`]), 32 x `COLSUM_LANES` threads. Returns the
+/// launch, the number of parts and the rows per part.
+pub fn col_partials(rows: usize, d: usize) -> (Launch, u32, u32) {
+    let parts = rows.div_ceil(COLSUM_MIN_ROWS).clamp(1, COLSUM_PARTS) as u32;
+    let per_part = (rows.div_ceil(parts as usize)).max(1) as u32;
+    let block = 32 * super::kernels::COLSUM_LANES as u32;
+    (check(Launch { grid: (blocks_for(d as u64, 32), parts, 1), block: (block, 1, 1), shmem: 0 }), parts, per_part)
+}
+
+/// A single block of 1024 threads looping over up to 2^32 - 1 elements in block-sized chunks
+/// (exclusive_scan, sel_batch_split).
 pub fn scan() -> Launch {
     check(Launch { grid: (1, 1, 1), block: (1024, 1, 1), shmem: 0 })
 }
 
-/// A single warp of which one thread works (sel_batch_pick, sel_batch_split).
+/// A single warp of which one thread works (sel_batch_pick).
 pub fn single_thread() -> Launch {
     check(Launch { grid: (1, 1, 1), block: (32, 1, 1), shmem: 0 })
 }
@@ -104,6 +125,11 @@ mod tests {
         assert_eq!(per_line(300, 100_000).block.0, 256);
         assert_eq!(gemm_fallback(300, 333).grid, (6, 5, 1));
         assert_eq!(batch_hist(1 << 30).grid.0, HIST_BLOCKS);
+        let (l, parts, per) = col_partials(4096, 70);
+        assert_eq!((l.grid, parts, per), ((3, 32, 1), 32, 128));
+        let (l, parts, per) = col_partials(100_000, 576);
+        assert_eq!((l.grid.1, parts, per), (64, 64, 1563));
+        assert_eq!(col_partials(1, 5).1, 1);
     }
 
     #[test]

@@ -419,10 +419,13 @@ fn decode_checks(dev: &Dev, inp: &ParityInputs, c: &mut Checks) {
         ))
     });
 
-    c.run("col_sums vs cpu::linalg::column_sums", || {
+    c.run("col_partials + col_sums_finish vs cpu::linalg::column_sums", || {
         let (x, out) = (dev.upload(&inp.x)?, dev.alloc::<f64>(d)?);
-        K::col_sums(dev, L::per_column(d), x.p(), r32, d32, out.p())?;
-        Ok(within(&[("sums", err64s(&out.to_vec(d)?, &linalg::column_sums(&inp.x, d)))], TOL_F64))
+        let part = dev.alloc::<f64>(L::COLSUM_PARTS * d)?;
+        super::decode::col_sums(dev, x.p(), rows, d, &part, out.p())?;
+        let parts = L::col_partials(rows, d).1;
+        let v = within(&[("sums", err64s(&out.to_vec(d)?, &linalg::column_sums(&inp.x, d)))], TOL_F64);
+        Ok(Verdict { detail: format!("{} ({parts} row parts)", v.detail), ..v })
     });
 
     c.run("row_stats vs cpu::decode::residual_stats", || {
@@ -537,29 +540,18 @@ fn backward_checks(dev: &Dev, inp: &ParityInputs, c: &mut Checks) {
             "segments (as sets)",
         ))
     });
-    c.run("csc_sort vs SparseCodes::by_latent", || {
-        // Each segment shuffled (csc_fill's order follows the block schedule: sorted on a forward one).
-        let mut rng = ChaCha8Rng::seed_from_u64(0x5ae_0008);
-        let (mut tok_in, mut pos_in) = (inp.view.tok.clone(), inp.view.pos.clone());
-        for i in 0..f {
-            let r = inp.view.entries(i);
-            let mut pairs: Vec<(u32, u32)> =
-                tok_in[r.clone()].iter().copied().zip(pos_in[r.clone()].iter().copied()).collect();
-            pairs.shuffle(&mut rng);
-            pairs.reverse();
-            for (s, (t, p)) in r.zip(pairs) {
-                tok_in[s] = t;
-                pos_in[s] = p;
-            }
-        }
-        let (cp, ti, pi) = (dev.upload(&col_ptr)?, dev.upload(&tok_in)?, dev.upload(&pos_in)?);
-        let (tok, pos) = (dev.alloc::<u32>(nnz)?, dev.alloc::<u32>(nnz)?);
-        K::csc_sort(dev, L::per_line(f, 64), cp.p(), ti.p(), pi.p(), tok.p(), pos.p())?;
-        Ok(exact(
-            &[("tok", mismatch(&tok.to_vec(nnz)?, &inp.view.tok)), ("pos", mismatch(&pos.to_vec(nnz)?, &inp.view.pos))],
-            "col_ptr segments, tok and pos",
-        ))
-    });
+    // csc_sort on shuffled segments: the main codes (short segments, pairwise ranks) and dense
+    // relu-like codes (long segments at the larger size: the token bitmap); once, not per size,
+    // a batch longer than one bitmap window.
+    let dense = SparseCodes::from_mask(&inp.pre, rows, f, |b, i| inp.pre[b * f + i] > 0.0);
+    let dense_view = dense.by_latent();
+    c.run("csc_sort vs SparseCodes::by_latent", || csc_sort_check(dev, codes, &inp.view));
+    c.run("csc_sort dense relu-like codes vs SparseCodes::by_latent", || csc_sort_check(dev, &dense, &dense_view));
+    if rows == super::selftest::SIZES.rows {
+        let long_batch = csc_long_batch();
+        let view = long_batch.by_latent();
+        c.run("csc_sort past one bitmap window vs SparseCodes::by_latent", || csc_sort_check(dev, &long_batch, &view));
+    }
 
     // latent_grads: main codes overwriting rows full of garbage, then the aux codes on top; the
     // main group also writes relu's per-latent code sums (over garbage too), the aux group none.
@@ -645,14 +637,67 @@ fn backward_checks(dev: &Dev, inp: &ParityInputs, c: &mut Checks) {
         });
     }
 
-    c.run("bdec_grad vs cpu::backward::b_dec_grad", || {
+    c.run("col_partials (weighted) + bdec_grad vs cpu::backward::b_dec_grad", || {
         let cs = linalg::column_sums(&inp.g, d);
         let (csd, w, gb, out) = (dev.upload(&cs)?, dev.upload(&inp.w_enc)?, dev.upload(&gb0)?, dev.alloc::<f32>(d)?);
-        K::bdec_grad(dev, L::per_column(d), csd.p(), w.p(), gb.p(), f as u32, d32, out.p())?;
+        let part = dev.alloc::<f64>(L::COLSUM_PARTS * d)?;
+        let parts = super::decode::col_partials(dev, w.p(), gb.p(), f, d, &part)?;
+        K::bdec_grad(dev, L::per_column(d), csd.p(), part.p(), parts, d32, out.p())?;
         let zero = gb0.iter().filter(|v| **v == 0.0).count();
         let v = within(&[("db_dec", err(&out.to_vec(d)?, &cpu_bwd::b_dec_grad(&cs, &inp.w_enc, &gb0, d)))], TOL);
-        Ok(Verdict { detail: format!("{} ({zero} latents with db_enc = 0)", v.detail), ..v })
+        Ok(Verdict { detail: format!("{} ({zero} latents with db_enc = 0, {parts} parts)", v.detail), ..v })
     });
+}
+
+/// Codes over more tokens than one csc_sort bitmap window holds, with 5 latents: 0 in every
+/// token, 1 in every third, 2 in none, 3 in three tokens across the windows (a short segment),
+/// 4 in every 1000th (a long segment, sparse in each window).
+fn csc_long_batch() -> SparseCodes {
+    let rows = K::CSC_WINDOW_WORDS * 32 + 77;
+    let lists = (0..rows)
+        .map(|b| {
+            let mut l = vec![(0u32, 1.0f32)];
+            if b % 3 == 0 {
+                l.push((1, 1.0));
+            }
+            if [5, rows - 45, rows - 1].contains(&b) {
+                l.push((3, 1.0));
+            }
+            if b % 1000 == 999 {
+                l.push((4, 1.0));
+            }
+            l
+        })
+        .collect();
+    SparseCodes::from_rows(5, lists)
+}
+
+/// csc_sort, launched as the step launches it, on `view` with each segment shuffled (on the
+/// emulator csc_fill's output is already sorted, so a sort that did nothing would pass on it).
+fn csc_sort_check(dev: &Dev, codes: &SparseCodes, view: &LatentView) -> Result<Verdict> {
+    let (rows, f) = (codes.row_ptr.len() - 1, view.col_ptr.len() - 1);
+    let nnz = view.tok.len();
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5ae_0008);
+    let (mut tok_in, mut pos_in) = (view.tok.clone(), view.pos.clone());
+    for i in 0..f {
+        let r = view.entries(i);
+        let mut pairs: Vec<(u32, u32)> =
+            tok_in[r.clone()].iter().copied().zip(pos_in[r.clone()].iter().copied()).collect();
+        pairs.shuffle(&mut rng);
+        pairs.reverse();
+        for (s, (t, p)) in r.zip(pairs) {
+            tok_in[s] = t;
+            pos_in[s] = p;
+        }
+    }
+    let (cp, ti, pi) = (dev.upload(&u32s(&view.col_ptr))?, dev.upload(&tok_in)?, dev.upload(&pos_in)?);
+    let (tok, pos) = (dev.alloc::<u32>(nnz)?, dev.alloc::<u32>(nnz)?);
+    K::csc_sort(dev, L::csc_sort(f), cp.p(), ti.p(), pi.p(), rows as u32, tok.p(), pos.p())?;
+    let longest = (0..f).map(|i| view.entries(i).len()).max().unwrap_or(0);
+    Ok(exact(
+        &[("tok", mismatch(&tok.to_vec(nnz)?, &view.tok)), ("pos", mismatch(&pos.to_vec(nnz)?, &view.pos))],
+        &format!("{rows} tokens, longest segment {longest}: tok and pos"),
+    ))
 }
 
 // ---- adam.cu ----------------------------------------------------------------------------------

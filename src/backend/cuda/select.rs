@@ -83,7 +83,7 @@ pub fn select(dev: &Dev, ws: &mut Ws, sel: &Selection, hist_ready: bool) -> Resu
                 K::sel_batch_pick(dev, L::single_thread(), b.bstate.p(), b.hist.p(), shift)?;
             }
             K::sel_row_eq_count(dev, row_lines, b.pre.p(), f32_, b.bstate.p(), b.eq_r.p())?;
-            K::sel_batch_split(dev, L::single_thread(), b.bstate.p(), b.eq_r.p(), r32, b.thr_r.p(), b.need_r.p())?;
+            K::sel_batch_split(dev, L::scan(), b.bstate.p(), b.eq_r.p(), r32, b.thr_r.p(), b.need_r.p())?;
             K::sel_row_ties(dev, row_lines, b.pre.p(), r32, f32_, b.thr_r.p(), b.need_r.p(), b.cut_r.p())?;
             Mask { thr: b.thr_r.p(), cut: b.cut_r.p(), ..Mask::new(K::MASK_ROW) }
         }

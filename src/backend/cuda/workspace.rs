@@ -121,6 +121,8 @@ buffers! {
         colsum_x: f64 = s.d, Workspace;
         colsum_r: f64 = s.d, Workspace;
         colsum_g: f64 = s.d, Workspace;
+        /// Row parts of a column sum (col_partials), added in order by its finishing kernel.
+        col_part: f64 = super::launch::COLSUM_PARTS * s.d, Workspace;
         /// The step's f64 sums, slots `kernels::ACC_*`.
         acc: f64 = super::kernels::ACC_SLOTS, Workspace;
         /// Decoder row norms and per-latent code sums (relu's L1).
