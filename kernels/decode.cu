@@ -54,13 +54,18 @@ extern "C" __global__ void col_partials(const float* __restrict__ x, const float
     }
 }
 
-// out[j] = sum_b x[b][j]: the parts of col_partials added in order. One thread per column.
-extern "C" __global__ void col_sums_finish(const double* __restrict__ part, u32 parts, u32 d, double* __restrict__ out) {
+// sum_b x[b][j]: the parts of col_partials added in order, into out (f64) or, where out is null,
+// out32 (f32). One thread per column.
+extern "C" __global__ void col_sums_finish(const double* __restrict__ part, u32 parts, u32 d, double* __restrict__ out,
+                                           float* __restrict__ out32) {
     u32 j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= d) return;
     double acc = 0.0;
     for (u32 p = 0; p < parts; p++) acc += part[(u64)p * d + j];
-    out[j] = acc;
+    if (out)
+        out[j] = acc;
+    else
+        out32[j] = (float)acc;
 }
 
 // acc[SSE] += sum ||x_b - xh_b||^2, acc[TOTAL_VAR] += sum ||x_b - mean||^2, acc[COS] += sum cos;

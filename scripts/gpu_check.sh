@@ -31,6 +31,7 @@
 #   nvrtc_compile    5 s                                         timeout 120 s
 #   selftest         10 s                                        timeout 180 s
 #   bench step x 3   25 s each (7 sparsifiers x 2 encoders)      timeout 180 s each
+#   bench relu x 2   10 s each (--dense-codes never, always)      timeout 120 s each
 #   bench sparsif.   60 s (CPU side of the default grid)         timeout 300 s
 #   bench memory     1 s                                         timeout 30 s
 #   train cuda/cpu   15 s each (300 steps, built-in data)        timeout 240 s each
@@ -465,6 +466,16 @@ for p in f32 tf32 bf16; do
     if need "bench_step_$p"; then
         step "bench_step_$p" 180 "JSON bench-step-$p.json" \
             "$SAE" bench step --backend "$BACKEND" --precision "$p" "${STEP_SHAPE[@]}" --json "$OUT/bench-step-$p.json" --overwrite
+    fi
+done
+
+# relu at initialisation keeps about half of B x F: its products as gathers and as GEMMs (the
+# dense codes path), side by side, to set backend/cuda/dense.rs's DENSE_ABOVE.
+for dc in never always; do
+    if need "bench_relu_dense_$dc"; then
+        step "bench_relu_dense_$dc" 120 "JSON bench-relu-dense-$dc.json" \
+            "$SAE" bench step --backend "$BACKEND" --sparsifier relu --dense-codes "$dc" "${STEP_SHAPE[@]}" \
+            --json "$OUT/bench-relu-dense-$dc.json" --overwrite
     fi
 done
 

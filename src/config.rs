@@ -66,17 +66,19 @@ pub enum DecoderNorm {
     Free,
 }
 
-/// How the CPU backend computes the products with the codes (decode, dL/dz, the two weight
+/// How a backend computes the products with the codes (decode, dL/dz, the two weight
 /// gradients): as sparse gathers (cost nnz x d) or as dense GEMMs (cost B x F x d, at GEMM speed).
+/// The CUDA backend applies it to the main codes (backend/cuda/dense.rs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum DenseCodes {
     /// Per step from the codes' density: dense above `backend::cpu::dense::DENSE_ABOVE` (for the
-    /// aux codes: their density within the candidates).
+    /// aux codes: their density within the candidates); CUDA: above
+    /// `backend::cuda::dense::DENSE_ABOVE`, with cuBLAS only.
     Auto,
     /// Always the sparse gathers.
     Never,
-    /// Always the dense GEMMs (the aux codes too, as a block over their candidates).
+    /// Always the dense GEMMs (CPU: the aux codes too, as a block over their candidates).
     Always,
 }
 

@@ -72,7 +72,8 @@ pub struct StepArgs {
     /// marked "+aux"; sparsifiers without a default aux loss get aux_k).
     #[arg(long, default_value_t = 0.0)]
     pub dead_fraction: f64,
-    /// CPU: sparse or dense products with the codes (as `sae train --dense-codes`).
+    /// Sparse or dense products with the codes (as `sae train --dense-codes`; CUDA: the main
+    /// codes, and auto only with cuBLAS).
     #[arg(long, value_enum, default_value_t = crate::config::DenseCodes::Auto)]
     pub dense_codes: crate::config::DenseCodes,
 }

@@ -8,6 +8,7 @@
 use super::adam::{self, Clip, DevState, Folded};
 use super::backward::{self, GradPtrs};
 use super::decode;
+use super::dense;
 use super::device::{Dev, DevBuf, Ptr};
 use super::encode;
 use super::kernels as K;
@@ -151,7 +152,10 @@ impl CudaBackend {
     fn ensure_ws(&mut self, rows: usize) -> Result<()> {
         if self.ws.as_ref().is_none_or(|w| w.rows != rows) {
             self.ws = None; // free first
-            let dims = Dims::new(self.shape, rows, self.cfg.k, self.cfg.aligned, self.cfg.precision);
+            let dims = Dims {
+                dense: dense::may_run(&self.cfg),
+                ..Dims::new(self.shape, rows, self.cfg.k, self.cfg.aligned, self.cfg.precision)
+            };
             self.ws = Some(Ws::new(&self.dev, dims)?);
         }
         Ok(())
@@ -214,19 +218,24 @@ impl Backend for CudaBackend {
         let candidates = plan::aux_candidates(cx.cfg, self.step, &self.since_fired, &self.density, &counts, rows);
         clock.lap(cx.dev, &mut ph.select)?;
 
-        decode::reconstruction(&cx, ws)?;
+        let dense = dense::this_step(&cx, ws);
+        decode::reconstruction(&cx, ws, dense)?;
         clock.lap(cx.dev, &mut ph.decode)?;
 
         let b = nvtx::range("backward");
-        backward::code_grads(cx.dev, &ws.main, &ws.b.g, cx.w_dec(), d)?;
         let lambda = cx.cfg.l1_lambda(self.step, rows);
-        if cx.cfg.sparsifier.has_l1() {
-            backward::l1_terms(&cx, ws, lambda)?;
-        }
         let [_, o_benc, o_wdec, o_bdec, _] = self.shape.offsets();
         let g = &self.grads;
         let grads = GradPtrs { w_enc: g.at(0), b_enc: g.at(o_benc), w_dec: g.at(o_wdec), b_dec: g.at(o_bdec) };
-        backward::latent_grads(&cx, ws, &grads, false)?;
+        if dense {
+            dense::main_grads(&cx, ws, &grads, lambda)?;
+        } else {
+            backward::code_grads(cx.dev, &ws.main, &ws.b.g, cx.w_dec(), d)?;
+            if cx.cfg.sparsifier.has_l1() {
+                backward::l1_terms(&cx, ws, lambda)?;
+            }
+            backward::latent_grads(&cx, ws, &grads, false)?;
+        }
         // Each aux loss in turn: its codes, loss, dL/dpre, and its rows added onto the gradient.
         let mut aux_loss = 0.0;
         let mut aux_groups = 0;
@@ -241,7 +250,7 @@ impl Backend for CudaBackend {
             aux_groups += 1;
         }
         let w_enc_eff = if cx.cfg.aligned { ws.b.w_eff.p() } else { cx.w_enc() };
-        backward::finish(&cx, ws, &grads, w_enc_eff, aux_groups, lambda)?;
+        backward::finish(&cx, ws, &grads, w_enc_eff, aux_groups, !dense, lambda)?;
         drop(b);
         clock.lap(cx.dev, &mut ph.backward)?;
 

@@ -96,18 +96,27 @@ pub fn latent_grads(cx: &Ctx, ws: &Ws, grads: &GradPtrs, aux: bool) -> Result<()
 }
 
 /// After every group: the L1 and aligned terms of each latent row, then the b_dec gradient.
-/// `aux_groups` is how many aux groups added onto the rows (their per-latent views say which
-/// rows were touched only while at most one is in the workspace). `w_enc_eff` is the encoder
-/// applied.
-pub fn finish(cx: &Ctx, ws: &Ws, grads: &GradPtrs, w_enc_eff: Ptr<f32>, aux_groups: usize, lambda: f32) -> Result<()> {
+/// The per-latent views say which rows were touched only when the main codes have one
+/// (`main_view`: not after the dense path) and at most one aux group (`aux_groups`) added onto
+/// the rows; otherwise every row is finished. `w_enc_eff` is the encoder applied.
+#[allow(clippy::too_many_arguments)]
+pub fn finish(
+    cx: &Ctx,
+    ws: &Ws,
+    grads: &GradPtrs,
+    w_enc_eff: Ptr<f32>,
+    aux_groups: usize,
+    main_view: bool,
+    lambda: f32,
+) -> Result<()> {
     let (dev, b) = (cx.dev, &ws.b);
     let (rows, d, f) = (ws.rows, cx.shape.d_in, cx.shape.d_sae);
     let d32 = d as u32;
     let is_relu = cx.cfg.sparsifier.has_l1();
     if is_relu || cx.cfg.aligned {
-        let (main_cp, aux_cp) = match aux_groups {
-            0 => (ws.main.b.col_ptr.p(), Ptr::null()),
-            1 => (ws.main.b.col_ptr.p(), ws.aux.b.col_ptr.p()),
+        let (main_cp, aux_cp) = match (main_view, aux_groups) {
+            (true, 0) => (ws.main.b.col_ptr.p(), Ptr::null()),
+            (true, 1) => (ws.main.b.col_ptr.p(), ws.aux.b.col_ptr.p()),
             _ => (Ptr::null(), Ptr::null()),
         };
         let (l1, norms) = if is_relu { (b.l1_sums.p(), b.norms.p()) } else { (Ptr::null(), Ptr::null()) };

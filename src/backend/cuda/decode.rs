@@ -27,7 +27,13 @@ pub fn decode_rows(
 /// side (col_partials), then added in order, so the same every run.
 pub fn col_sums(dev: &Dev, x: Ptr<f32>, rows: usize, d: usize, part: &DevBuf<f64>, out: Ptr<f64>) -> Result<()> {
     let parts = col_partials(dev, x, Ptr::null(), rows, d, part)?;
-    K::col_sums_finish(dev, L::per_column(d), part.p(), parts, d as u32, out)
+    K::col_sums_finish(dev, L::per_column(d), part.p(), parts, d as u32, out, Ptr::null())
+}
+
+/// [`col_sums`] rounded to f32 (the dense path's per-latent sums: `db_enc`, relu's code sums).
+pub fn col_sums_f32(dev: &Dev, x: Ptr<f32>, rows: usize, d: usize, part: &DevBuf<f64>, out: Ptr<f32>) -> Result<()> {
+    let parts = col_partials(dev, x, Ptr::null(), rows, d, part)?;
+    K::col_sums_finish(dev, L::per_column(d), part.p(), parts, d as u32, Ptr::null(), out)
 }
 
 /// The row parts of `sum_b w[b] x[b][j]` (w null: 1) into `part` (`parts x d`); returns how many
@@ -39,16 +45,19 @@ pub fn col_partials(dev: &Dev, x: Ptr<f32>, w: Ptr<f32>, rows: usize, d: usize, 
     Ok(parts)
 }
 
-/// x_hat from the main codes, the loss sums into `acc` (SSE, total variance, cosine),
-/// the residual and `G = (2/B) (x_hat - x)`.
-pub fn reconstruction(cx: &Ctx, ws: &Ws) -> Result<()> {
+/// x_hat from the main codes (as gathers, or with `dense` as a GEMM: dense.rs), the loss sums
+/// into `acc` (SSE, total variance, cosine), the residual and `G = (2/B) (x_hat - x)`.
+pub fn reconstruction(cx: &Ctx, ws: &Ws, dense: bool) -> Result<()> {
     let _r = nvtx::range("decode");
     let (dev, b) = (cx.dev, &ws.b);
     let (rows, d) = (ws.rows, cx.shape.d_in);
     let (r32, d32) = (rows as u32, d as u32);
     let bd = (rows * d) as u64;
     b.acc.zero()?;
-    decode_rows(dev, &ws.main, cx.w_dec(), cx.b_dec(), d, &b.x_hat)?;
+    match dense {
+        true => super::dense::decode(cx, ws)?,
+        false => decode_rows(dev, &ws.main, cx.w_dec(), cx.b_dec(), d, &b.x_hat)?,
+    }
     col_sums(dev, b.x.p(), rows, d, &b.col_part, b.colsum_x.p())?;
     K::row_stats(dev, L::per_line(rows, d), b.x.p(), b.x_hat.p(), b.colsum_x.p(), r32, d32, b.acc.p())?;
     let scale = 2.0 / rows as f32;

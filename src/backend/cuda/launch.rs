@@ -65,6 +65,12 @@ pub fn per_column(d: usize) -> Launch {
     check(Launch { grid: (blocks_for(d as u64, 128), 1, 1), block: (128, 1, 1), shmem: 0 })
 }
 
+/// The fallback strided GEMM (gemm_strided): one 32 x 32 output tile per block of 256 threads,
+/// x over column tiles, y over row tiles.
+pub fn gemm_strided(m: usize, n: usize) -> Launch {
+    check(Launch { grid: (blocks_for(n as u64, 32), blocks_for(m as u64, 32), 1), block: (256, 1, 1), shmem: 0 })
+}
+
 /// One block per latent of the segment sort (csc_sort): 128 threads, enough to clear and scan its
 /// bitmap window in a few passes, few enough to leave the short segments' idle threads cheap.
 pub fn csc_sort(f: usize) -> Launch {

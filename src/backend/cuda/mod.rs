@@ -10,6 +10,7 @@ pub mod adam;
 pub mod backend;
 pub mod backward;
 pub mod decode;
+pub mod dense;
 pub mod device;
 pub mod emulator;
 pub mod encode;

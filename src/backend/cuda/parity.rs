@@ -30,6 +30,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use std::fmt::Debug;
 
+mod dense;
+
 /// f32 results whose summation order differs from the CPU's.
 const TOL: f64 = 1e-5;
 /// f64 accumulators.
@@ -278,6 +280,7 @@ pub fn kernel_checks(dev: &Dev, s: Sizes, rep: &mut SelftestReport) -> Result<()
     encode_checks(dev, &inp, &mut c);
     decode_checks(dev, &inp, &mut c);
     backward_checks(dev, &inp, &mut c);
+    dense::dense_checks(dev, &inp, &mut c);
     adam_checks(dev, &inp, &mut c);
     scan_check(dev, &inp, &mut c);
     Ok(())

@@ -17,7 +17,7 @@ use super::select::select;
 use super::workspace::{Dims, Ws};
 use crate::backend::cpu::{backward as cpu_bwd, decode as cpu_dec, CpuBackend};
 use crate::backend::{Backend, InferMode};
-use crate::config::{AuxKind, DecoderNorm, EncoderKind, Precision, SparsifierKind, TrainConfig};
+use crate::config::{AuxKind, DecoderNorm, DenseCodes, EncoderKind, Precision, SparsifierKind, TrainConfig};
 use crate::data::Batch;
 use crate::model::{init, Shape, TrainState};
 use crate::sparse::SparseCodes;
@@ -276,6 +276,25 @@ pub fn step_configs(s: Sizes) -> Vec<(String, TrainConfig)> {
         // The hand-written encoder (what the emulator always runs, as it has no cuBLAS).
         ("batchtopk fused encoder".into(), with(SparsifierKind::Batchtopk, &|c| c.encoder = EncoderKind::Fused)),
         ("topk fused encoder".into(), with(SparsifierKind::Topk, &|c| c.encoder = EncoderKind::Fused)),
+        // The dense codes path (dense.rs): forced, since the emulator has no cuBLAS and auto
+        // needs it; with the aux codes on top (the rows to finish are then all of them).
+        ("relu dense codes".into(), with(SparsifierKind::Relu, &|c| c.dense_codes = DenseCodes::Always)),
+        (
+            "relu dense codes, free decoder norms, aligned".into(),
+            with(SparsifierKind::Relu, &|c| {
+                c.dense_codes = DenseCodes::Always;
+                c.decoder_norm = DecoderNorm::Free;
+                c.aligned = true;
+            }),
+        ),
+        (
+            "topk + aux_k dense codes".into(),
+            with(SparsifierKind::Topk, &|c| {
+                c.dense_codes = DenseCodes::Always;
+                c.aux = Some(vec![AuxKind::AuxK]);
+                c.dead_window = Some(1);
+            }),
+        ),
         ("topk tf32".into(), with(SparsifierKind::Topk, &|c| c.precision = Precision::Tf32)),
         ("topk bf16".into(), with(SparsifierKind::Topk, &|c| c.precision = Precision::Bf16)),
     ]);

@@ -18,11 +18,14 @@ pub struct Dims {
     pub k: usize,
     pub aligned: bool,
     pub bf16: bool,
+    /// Whether the dense codes path may run (dense.rs): the B x F `dense` buffer.
+    pub dense: bool,
 }
 
 impl Dims {
     pub fn new(shape: Shape, rows: usize, k: usize, aligned: bool, precision: Precision) -> Self {
-        Self { rows, d: shape.d_in, f: shape.d_sae, k, aligned, bf16: precision == Precision::Bf16 }
+        let bf16 = precision == Precision::Bf16;
+        Self { rows, d: shape.d_in, f: shape.d_sae, k, aligned, bf16, dense: false }
     }
     /// Initial capacity of the main and the aux codes (entries).
     fn code_caps(&self) -> (usize, usize) {
@@ -35,7 +38,7 @@ impl Dims {
 pub enum Group {
     /// B x d buffers.
     Activations,
-    /// The one B x F transient.
+    /// The B x F transients (pre-activations; the dense codes path's buffer).
     Pre,
     /// Sparse codes and their per-latent view.
     Codes,
@@ -95,6 +98,8 @@ buffers! {
         e_hat: f32 = s.rows * s.d, Activations;
         /// Pre-activations (B x F).
         pre: f32 = s.rows * s.f, Pre;
+        /// The dense codes path's Z, dZ and dP in turn (dense.rs).
+        dense: f32 = if s.dense { s.rows * s.f } else { 0 }, Pre;
         /// Aligned training's effective encoder A + alpha W_dec.
         w_eff: f32 = if s.aligned { s.f * s.d } else { 0 }, Workspace;
         xc_bf16: u16 = if s.bf16 { s.rows * s.d } else { 0 }, Workspace;
@@ -122,7 +127,7 @@ buffers! {
         colsum_r: f64 = s.d, Workspace;
         colsum_g: f64 = s.d, Workspace;
         /// Row parts of a column sum (col_partials), added in order by its finishing kernel.
-        col_part: f64 = super::launch::COLSUM_PARTS * s.d, Workspace;
+        col_part: f64 = super::launch::COLSUM_PARTS * if s.dense { s.d.max(s.f) } else { s.d }, Workspace;
         /// The step's f64 sums, slots `kernels::ACC_*`.
         acc: f64 = super::kernels::ACC_SLOTS, Workspace;
         /// Decoder row norms and per-latent code sums (relu's L1).
