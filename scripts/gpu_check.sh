@@ -541,6 +541,27 @@ TOTAL=$(elapsed "$T_START" "$(now)")
         echo "| ${NAMES[$i]} | ${STATUSES[$i]} | ${SECONDS_TAKEN[$i]} | ${NOTES[$i]} |"
     done
     echo
+    # Every step bench's rows in one table (relu's two rows: the dense codes path's crossover).
+    python3 - "$OUT" <<'EOF'
+import glob, json, os, sys
+rows = []
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench-*.json"))):
+    try:
+        rep = json.load(open(path))
+    except (OSError, ValueError):
+        continue
+    if not isinstance(rep, dict) or "precision" not in rep:
+        continue
+    for r in rep.get("rows", []):
+        rows.append((os.path.basename(path), rep["precision"], r))
+if rows:
+    print("| bench | precision | encoder | sparsifier | step ms | step / GEMM | tokens/s | L0 |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    for name, prec, r in rows:
+        print(f"| {name} | {prec} | {r.get('encoder', '')} | {r['sparsifier']} | {r['step_ms']:.3f} "
+              f"| {r['step_over_gemm']:.2f} | {r['tokens_per_s']:.0f} | {r['l0']:.1f} |")
+    print()
+EOF
     echo "total: ${TOTAL} s (budget on an H100/H200: 480 s)"
     if [ "$FAILED" = 1 ]; then echo "result: FAILED"; else echo "result: passed"; fi
 } >"$OUT/summary.md"

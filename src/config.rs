@@ -212,8 +212,9 @@ pub struct TrainConfig {
     /// Aligned training: constrain W_enc_i . W_dec_i = 1.
     #[arg(long, default_value_t = false)]
     pub aligned: bool,
-    /// CPU backend: compute decode and backward as dense GEMMs when the codes are dense (auto:
-    /// chosen per step from the number of kept entries; relu at initialisation keeps half of B x F).
+    /// Compute decode and backward as dense GEMMs when the codes are dense (auto: chosen per step
+    /// from the number of kept entries; relu at initialisation keeps half of B x F). CUDA: the
+    /// main codes, and auto only with cuBLAS.
     #[arg(long, value_enum, default_value_t = TrainConfig::default().dense_codes)]
     pub dense_codes: DenseCodes,
     /// Start from the weights of this finished run (W_enc, b_enc, W_dec, b_dec and its running
