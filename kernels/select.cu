@@ -185,14 +185,14 @@ extern "C" __global__ void sel_batch_split(const u32* __restrict__ state, const 
     const int all = state[3] != 0u;
     const u32 thr = all ? 0u : state[0];
     const u32 remaining = all ? 0u : state[2];
-    u64 carry = 0;  // ties of earlier chunks (u64: the batch may hold 2^32 ties or more)
+    u32 carry = 0;  // ties of earlier chunks (< B x F < 2^32, which Ws::new enforces, as every sum here)
     for (u32 b0 = 0; b0 < rows; b0 += blockDim.x) {
         u32 b = b0 + threadIdx.x;
         u32 e = b < rows ? eq[b] : 0u;
         u32 total;
-        u64 prior = carry + block_exclusive_scan(e, scan_scratch, &total);
+        u32 prior = carry + block_exclusive_scan(e, scan_scratch, &total);
         if (b < rows) {
-            u64 left = prior < remaining ? remaining - prior : 0;
+            u32 left = prior < remaining ? remaining - prior : 0u;
             thr_out[b] = thr;
             need_out[b] = left < e ? (u32)left : e;
         }

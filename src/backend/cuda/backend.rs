@@ -153,7 +153,7 @@ impl CudaBackend {
         if self.ws.as_ref().is_none_or(|w| w.rows != rows) {
             self.ws = None; // free first
             let dims = Dims {
-                dense: dense::may_run(&self.cfg),
+                dense: dense::may_run(&self.cfg, self.dev.blas.is_some()),
                 ..Dims::new(self.shape, rows, self.cfg.k, self.cfg.aligned, self.cfg.precision)
             };
             self.ws = Some(Ws::new(&self.dev, dims)?);

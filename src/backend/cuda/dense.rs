@@ -33,13 +33,14 @@ use cudarc::cublas::{result as blas, sys as bsys};
 /// what should set it.
 pub const DENSE_ABOVE: f64 = 0.08;
 
-/// Whether the workspace holds the B x F dense buffer: `--dense-codes always`, or auto with a
-/// sparsifier whose codes can be dense (relu, or a mean budget k above [`DENSE_ABOVE`] of F).
-pub fn may_run(cfg: &TrainConfig) -> bool {
+/// Whether the workspace holds the B x F dense buffer: `--dense-codes always`, or auto with
+/// cuBLAS and a sparsifier whose codes can be dense (relu, or a mean budget k above
+/// [`DENSE_ABOVE`] of F).
+pub fn may_run(cfg: &TrainConfig, blas: bool) -> bool {
     match cfg.dense_codes {
         DenseCodes::Never => false,
         DenseCodes::Always => true,
-        DenseCodes::Auto => cfg.sparsifier.has_l1() || cfg.k as f64 > DENSE_ABOVE * cfg.d_sae as f64,
+        DenseCodes::Auto => blas && (cfg.sparsifier.has_l1() || cfg.k as f64 > DENSE_ABOVE * cfg.d_sae as f64),
     }
 }
 
@@ -51,9 +52,8 @@ pub fn this_step(cx: &Ctx, ws: &Ws) -> bool {
     match cx.cfg.dense_codes {
         DenseCodes::Never => false,
         DenseCodes::Always => true,
-        DenseCodes::Auto => {
-            cx.dev.blas.is_some() && ws.main.nnz as f64 > DENSE_ABOVE * ws.rows as f64 * cx.shape.d_sae as f64
-        }
+        // may_run saw cuBLAS when it allocated the buffer.
+        DenseCodes::Auto => ws.main.nnz as f64 > DENSE_ABOVE * ws.rows as f64 * cx.shape.d_sae as f64,
     }
 }
 

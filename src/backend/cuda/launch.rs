@@ -2,7 +2,8 @@
 //!
 //! Kernels use static shared memory only (their `__shared__` arrays are sized by compile-time
 //! constants: 256 histogram bins, 33-entry scan scratch, 32-entry reduction scratch, the
-//! 2 x 16 x 65 GEMM tiles), so every launch here has `shmem = 0`. Block sizes are multiples of 32
+//! 2 x 16 x 65 encoder GEMM tiles, the 2 x 32 x 33 strided GEMM tiles, csc_sort's 2 x 1024-word
+//! token bitmap, col_partials' 8 x 32 f64 lanes), so every launch here has `shmem = 0`. Block sizes are multiples of 32
 //! (the block reductions and scans in common.cuh rely on it) and at most 1024.
 
 /// One launch configuration.
@@ -22,10 +23,12 @@ pub const MAX_GRID_X: u64 = (1 << 31) - 1;
 /// Fallback GEMM tile (must match GEMM_BM/GEMM_BN in kernels/encode.cu) and its thread count.
 pub const GEMM_TILE: u32 = 64;
 pub const GEMM_THREADS: u32 = 256;
-/// Column sums: the most row parts (the f64 partial buffer is `COLSUM_PARTS x d`), and the
-/// fewest rows in one (below it a part's 8 row lanes would each add only a handful).
+/// Column sums: the most row parts (the f64 partial buffer is `COLSUM_PARTS x d`), the fewest
+/// rows in one (below it a part's 8 row lanes would each add only a handful), and the blocks
+/// worth having in all (a wide matrix has enough column groups without splitting its rows).
 pub const COLSUM_PARTS: usize = 64;
 pub const COLSUM_MIN_ROWS: usize = 128;
+pub const COLSUM_BLOCKS: usize = 1024;
 /// Blocks of the grid-stride batch histogram (enough to fill any current GPU several times).
 pub const HIST_BLOCKS: u32 = 1024;
 
@@ -66,9 +69,11 @@ pub fn per_column(d: usize) -> Launch {
 }
 
 /// The fallback strided GEMM (gemm_strided): one 32 x 32 output tile per block of 256 threads,
-/// x over column tiles, y over row tiles.
+/// the tiles numbered along x only (row tile = block / column tiles), so that neither m nor n
+/// meets grid.y's 65,535.
 pub fn gemm_strided(m: usize, n: usize) -> Launch {
-    check(Launch { grid: (blocks_for(n as u64, 32), blocks_for(m as u64, 32), 1), block: (256, 1, 1), shmem: 0 })
+    let tiles = (m as u64).div_ceil(32).max(1) * (n as u64).div_ceil(32).max(1);
+    check(Launch { grid: (blocks_for(tiles, 1), 1, 1), block: (256, 1, 1), shmem: 0 })
 }
 
 /// One block per latent of the segment sort (csc_sort): 128 threads, enough to clear and scan its
@@ -81,7 +86,8 @@ pub fn csc_sort(f: usize) -> Launch {
 /// [`COLSUM_MIN_ROWS`] rows (at most [`COLSUM_PARTS`]), 32 x `COLSUM_LANES` threads. Returns the
 /// launch, the number of parts and the rows per part.
 pub fn col_partials(rows: usize, d: usize) -> (Launch, u32, u32) {
-    let parts = rows.div_ceil(COLSUM_MIN_ROWS).clamp(1, COLSUM_PARTS) as u32;
+    let groups = d.div_ceil(32).max(1);
+    let parts = rows.div_ceil(COLSUM_MIN_ROWS).min(COLSUM_BLOCKS.div_ceil(groups)).clamp(1, COLSUM_PARTS) as u32;
     let per_part = (rows.div_ceil(parts as usize)).max(1) as u32;
     let block = 32 * super::kernels::COLSUM_LANES as u32;
     (check(Launch { grid: (blocks_for(d as u64, 32), parts, 1), block: (block, 1, 1), shmem: 0 }), parts, per_part)
@@ -134,8 +140,11 @@ mod tests {
         let (l, parts, per) = col_partials(4096, 70);
         assert_eq!((l.grid, parts, per), ((3, 32, 1), 32, 128));
         let (l, parts, per) = col_partials(100_000, 576);
-        assert_eq!((l.grid.1, parts, per), (64, 64, 1563));
+        assert_eq!((l.grid.1, parts, per), (57, 57, 1755));
         assert_eq!(col_partials(1, 5).1, 1);
+        // Wide: 144 column groups are enough blocks by themselves.
+        assert_eq!(col_partials(4096, 4608).1, 8);
+        assert_eq!(gemm_strided(4608, 576).grid, (144 * 18, 1, 1));
     }
 
     #[test]

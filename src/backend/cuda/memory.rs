@@ -50,7 +50,11 @@ pub fn memory_plan(d_in: usize, d_sae: usize, batch: usize, k: usize, precision:
     let (d, f) = (d_in as u64, d_sae as u64);
     let p = 2 * f * d + f + d;
     let params = 4 * p;
-    let dims = Dims::new(Shape::new(d_in, d_sae), batch, k, false, precision);
+    // A k-sparse rule under --dense-codes auto with cuBLAS (what a GPU run is): the dense codes
+    // path's B x F buffer is there when k is above its crossover (dense::may_run). relu's codes
+    // are not k-sized at all; this plan is for the k rules.
+    let dense = k as f64 > super::dense::DENSE_ABOVE * d_sae as f64;
+    let dims = Dims { dense, ..Dims::new(Shape::new(d_in, d_sae), batch, k, false, precision) };
     let group = |g: Group| Ws::table(dims).iter().filter(|b| b.group == g).map(|b| b.bytes).sum::<u64>();
     let (activations, pre, codes) = (group(Group::Activations), group(Group::Pre), group(Group::Codes));
     let workspace = group(Group::Workspace) + CUBLAS_WORKSPACE;
