@@ -527,6 +527,12 @@ impl TrainConfig {
 
     /// Read a config file (`.toml` or `.json`); unknown keys are an error that names them.
     pub fn load(path: &Path) -> Result<Self> {
+        // A FIFO or a device would block the read or never end it.
+        if let Ok(m) = std::fs::metadata(path) {
+            if !m.is_file() {
+                bail!("config file {}: not a regular file", path.display());
+            }
+        }
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         let is_json = path.extension().is_some_and(|e| e == "json");

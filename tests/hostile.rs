@@ -391,7 +391,7 @@ const CASES: &[Case] = &[
         // eval.json (12 KB) fits; training_curves.png (about 290 KB) does not.
         file_size_limit: Some(20 * 1024),
         succeeds: false,
-        says: &["/ev/training_curves.png", "File too large"],
+        says: &["/ev/.eval-staging/training_curves.png", "File too large"],
         after: |d, _| {
             no_temporaries(&d.join("ev"));
             for e in std::fs::read_dir(d.join("ev")).unwrap().flatten() {
@@ -768,6 +768,122 @@ const CASES: &[Case] = &[
         succeeds: false,
         says: &["invalid --active 100", "at most --features (10)"],
         after: nothing,
+    },
+    Case {
+        name: "an --overwrite export in another layout removes the old layout's files, so eval reads the new SAE",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "run", &[]);
+            trained(d, "run2", &["--d-sae", "32"]);
+            let o = sae(&["export", &s(&d.join("run")), "--format", "saelens", "--out", &s(&d.join("x"))]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            ["export", &s(&d.join("run2")), "--format", "dictionary-learning", "--out", &s(&d.join("x")), "--overwrite"]
+                .map(String::from)
+                .into()
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &["removed", "sae_weights.safetensors (another layout's export"],
+        after: |d, _| {
+            let x = d.join("x");
+            assert!(!x.join("cfg.json").exists() && !x.join("sae_weights.safetensors").exists());
+            assert_eq!(saetrain::export::load::load_sae(&x).unwrap().d_sae, 32);
+        },
+    },
+    Case {
+        name: "export into a run's checkpoints folder is refused",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "run", &[]);
+            let out = d.join("run/checkpoints/mine");
+            ["export", &s(&d.join("run")), "--format", "saelens", "--out", &s(&out), "--overwrite"].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["is inside the checkpoints/ folder of the training run"],
+        after: |d, _| assert!(!d.join("run/checkpoints/mine").exists()),
+    },
+    Case {
+        name: "an evaluation whose writing fails half way leaves the earlier evaluation whole",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "run", &[]);
+            let o = sae(&["eval", &s(&d.join("run")), "--out", &s(&d.join("ev"))]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            std::fs::copy(d.join("ev/eval.json"), d.join("before.json")).unwrap();
+            trained(d, "run2", &["--d-sae", "32"]);
+            // The pictures are larger than the limit: the first one fails after report.md is written.
+            ["eval", &s(&d.join("run2")), "--out", &s(&d.join("ev")), "--overwrite"].map(String::from).into()
+        },
+        file_size_limit: Some(16_384),
+        succeeds: false,
+        says: &[],
+        after: |d, _| {
+            let ev = d.join("ev");
+            assert_eq!(std::fs::read(ev.join("eval.json")).unwrap(), std::fs::read(d.join("before.json")).unwrap());
+            assert!(!ev.join(".eval-staging").exists(), "the staging folder was left");
+            no_temporaries(&ev);
+            let o = sae(&["eval", &s(&d.join("run2")), "--out", &s(&ev), "--overwrite", "--no-plots"]);
+            assert!(o.status.success(), "{}", stderr(&o));
+        },
+    },
+    Case {
+        name: "a damaged kept checkpoint is named by eval --history, not skipped silently",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "run", &["--steps", "60", "--keep-checkpoints", "5", "--checkpoint-every", "20"]);
+            let dirs: Vec<_> = std::fs::read_dir(d.join("run/checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
+            let victim = dirs.iter().min().unwrap();
+            std::fs::remove_file(victim.join("sae_weights.safetensors")).unwrap();
+            ["eval", &s(&d.join("run")), "--history", "--no-plots"].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: true,
+        says: &["is left out: it has no sae_weights.safetensors"],
+        after: nothing,
+    },
+    Case {
+        name: "a held-out set larger than the machine's memory is refused before anything is written",
+        setup: |d| {
+            ["train", "--out", &s(&d.join("run")), "--synth-d-in", "16", "--d-sae", "64", "--eval-tokens", "99999999999999"]
+                .map(String::from)
+                .into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["invalid --eval-tokens 99999999999999", "lower --eval-tokens"],
+        after: |d, _| assert!(!d.join("run").exists()),
+    },
+    Case {
+        name: "data synth refuses values f16 cannot hold",
+        setup: |d| synth(&d.join("ds"), &["--dtype", "f16", "--noise", "1e6"]),
+        file_size_limit: None,
+        succeeds: false,
+        says: &["--dtype f16 cannot hold these values", "--noise"],
+        after: |d, _| assert!(!d.join("ds").join("manifest.json").exists() && !d.join("ds/acts_00000.npy").exists()),
+    },
+    Case {
+        name: "a FIFO as --config is refused, not read forever",
+        setup: |d| {
+            let fifo = d.join("cfg.toml");
+            assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+            ["train", "--config", &s(&fifo), "--out", &s(&d.join("run"))].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["not a regular file"],
+        after: nothing,
+    },
+    Case {
+        name: "bench memory with an enormous --gb ends, within the workspace's limit",
+        setup: |_| ["bench", "memory", "--gb", "1e30"].map(String::from).into(),
+        file_size_limit: None,
+        succeeds: true,
+        says: &[],
+        after: |_, o| {
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(out.contains("at d_in=4096, batch=8192: 523264"), "{out}");
+        },
     },
     Case {
         name: "bench refuses a step of nothing",

@@ -255,6 +255,18 @@ fn check_sizes(d_in: usize, d_saes: &[usize], batches: &[usize], ks: &[usize]) -
     }
     let (f, k) = (d_saes.iter().min().copied().unwrap_or(1), ks.iter().max().copied().unwrap_or(1));
     anyhow::ensure!(k <= f, "invalid --k {k}: more than --d-sae {f} latents");
+    // What a step allocates must be countable: batch x d_sae within the workspace's 2^32
+    // entries (the CUDA backend's limit, and 16 GiB of pre-activations on the CPU), d_sae x d_in
+    // within 2^40 (4 TiB of weights).
+    let (f_max, b_max) = (d_saes.iter().max().copied().unwrap_or(1), batches.iter().max().copied().unwrap_or(1));
+    anyhow::ensure!(
+        (b_max as u128) * (f_max as u128) < crate::backend::cuda::memory::MAX_PRE_ENTRIES as u128,
+        "invalid --batch {b_max} with --d-sae {f_max}: batch x d_sae must stay below 2^32 entries"
+    );
+    anyhow::ensure!(
+        (d_in as u128) * (f_max as u128) <= 1u128 << 40,
+        "invalid --d-in {d_in} with --d-sae {f_max}: d_in x d_sae must stay within 2^40 weights"
+    );
     Ok(())
 }
 

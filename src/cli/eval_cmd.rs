@@ -202,7 +202,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
 
     out.begin()?;
-    let (table, files) = write_outputs(&evals, &out.dir, args.compare, !args.no_plots)?;
+    let (table, files) = write_outputs(&evals, &out.staging(), args.compare, !args.no_plots)?;
     out.finish(&files)?;
     for e in &evals {
         let (label, path, layout, arch, more) =
@@ -244,7 +244,7 @@ fn history(args: &EvalArgs, opts: &EvalOptions) -> Result<()> {
     let mut out = crate::eval::out_dir::prepare(&out, &args.inputs, args.overwrite)?;
     let h = evaluate_history(run, opts)?;
     out.begin()?;
-    let (text, files) = write_history(&h, &out.dir, !args.no_plots)?;
+    let (text, files) = write_history(&h, &out.staging(), !args.no_plots)?;
     out.finish(&files)?;
     for n in &h.notes {
         eprintln!("note: {n}");

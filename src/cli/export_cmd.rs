@@ -79,6 +79,7 @@ fn check_out(run: &Path, out: &Path, overwrite: bool, format: ExportFormat, k: O
     if out.exists() && !out.is_dir() {
         bail!("--out {}: exists and is not a directory", out.display());
     }
+    refuse_run_subdir(out)?;
     let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
     // Temporaries a killed export left are ours (swept next), not the user's files.
     let names: Vec<String> = entries
@@ -122,6 +123,49 @@ fn check_out(run: &Path, out: &Path, overwrite: bool, format: ExportFormat, k: O
         out.display(),
         shown()
     )
+}
+
+/// The folders of a run directory that its trainer and `sae eval` manage: an export inside one
+/// would be taken for (or block) their own contents (`checkpoints/` holds only `step_NNNNNN/`
+/// checkpoints, and `train --overwrite` refuses to replace what it does not know there).
+const RUN_SUBDIRS: [&str; 3] = [crate::train::history::CHECKPOINTS_DIR, "eval", "eval-history"];
+
+/// Refuse an `--out` inside one of a run directory's managed folders ([`RUN_SUBDIRS`]), at any
+/// depth, links resolved.
+fn refuse_run_subdir(out: &Path) -> Result<()> {
+    let abs = std::path::absolute(out).unwrap_or_else(|_| out.to_path_buf());
+    // Resolve the part that exists (links included); the rest is appended as given.
+    let mut real = abs.clone();
+    let mut rest = vec![];
+    while !real.exists() {
+        match (real.file_name().map(|n| n.to_os_string()), real.parent()) {
+            (Some(n), Some(p)) => {
+                rest.push(n);
+                real = p.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut full = std::fs::canonicalize(&real).unwrap_or(real);
+    full.extend(rest.iter().rev());
+    for dir in full.ancestors().skip(1) {
+        let is_run =
+            dir.join(CONFIG_FILE).is_file() && (dir.join(STATE_FILE).exists() || dir.join(rundir::LOCK_FILE).exists());
+        if !is_run {
+            continue;
+        }
+        let below = full.strip_prefix(dir).ok().and_then(|r| r.components().next());
+        if let Some(sub) = below.map(|c| c.as_os_str().to_string_lossy().into_owned()) {
+            if RUN_SUBDIRS.contains(&sub.as_str()) {
+                bail!(
+                    "--out {} is inside the {sub}/ folder of the training run {}, which the run manages itself; choose another --out",
+                    out.display(),
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Say so when a run's own SAELens weights cannot be read: the export is rebuilt from its
@@ -264,5 +308,36 @@ fn write_export(args: &ExportArgs) -> Result<()> {
         args.out.display(),
         args.format.layout()
     );
+    for gone in remove_other_layouts(&args.out, args.format)? {
+        eprintln!("note: removed {} (another layout's export, replaced by --overwrite)", gone.display());
+    }
     Ok(())
+}
+
+/// The files of another layout's export left in `out` (an `--overwrite` into a directory that
+/// held, say, a SAELens export while this one is dictionary_learning's), removed once this
+/// export is in place: left there, `sae eval` and the libraries' loaders, which look for their
+/// own layout's files first, would read the old SAE, and a shared `cfg.json` would pair one
+/// export's config with another's weights. A run directory's own files are never among them
+/// (only its own SAELens export is written there, and `config.json` is removed only where it is
+/// a dictionary_learning config).
+fn remove_other_layouts(out: &Path, format: ExportFormat) -> Result<Vec<PathBuf>> {
+    if out.join(STATE_FILE).exists() || out.join(rundir::LOCK_FILE).exists() {
+        return Ok(vec![]);
+    }
+    let stale: &[&str] = match format {
+        ExportFormat::Saelens => &[SPARSIFY_WEIGHTS_FILE, DL_CONFIG_FILE, DL_WEIGHTS_FILE],
+        ExportFormat::Sparsify => &[WEIGHTS_FILE, DL_CONFIG_FILE, DL_WEIGHTS_FILE],
+        ExportFormat::DictionaryLearning => &[CFG_FILE, WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE],
+    };
+    let mut removed = vec![];
+    for name in stale {
+        let p = out.join(name);
+        if !p.is_file() || (*name == DL_CONFIG_FILE && !is_dictionary_learning_config(out)) {
+            continue;
+        }
+        std::fs::remove_file(&p).with_context(|| format!("cannot remove {} (another layout's export)", p.display()))?;
+        removed.push(p);
+    }
+    Ok(removed)
 }

@@ -244,7 +244,18 @@ pub fn synth(
         let rows = left.min(shard_tokens);
         let b = gen.generate(0, i, rows);
         let name = shard_name(i as usize);
-        write_npy(&out.join(&name), dtype, rows, spec.d_in, &b.to_f32())?;
+        let x = b.to_f32();
+        // f16 tops out at 65504: larger values (a large --noise) would be written as infinities.
+        if dtype == Dtype::Float16 {
+            if let Some(v) = x.iter().find(|v| v.abs() > f32::from(half::f16::MAX)) {
+                bail!(
+                    "--dtype f16 cannot hold these values: shard {i} has {v:.4e}, beyond f16's largest ({}) \
+                     (written, it would be an infinity); lower --noise or use --dtype f32",
+                    half::f16::MAX
+                );
+            }
+        }
+        write_npy(&out.join(&name), dtype, rows, spec.d_in, &x)?;
         created.0.push(out.join(&name));
         shards.push(ManifestShard { file: name, rows, tokens_file: None });
         left -= rows;

@@ -62,6 +62,13 @@ pub fn evaluate_history(run: &Path, opts: &EvalOptions) -> Result<HistoryEval> {
         );
     }
     let mut notes = vec![];
+    for (_, dir, missing) in history::incomplete_checkpoints(run) {
+        notes.push(format!(
+            "{} is left out: it has no {} (a checkpoint being written right now, or a damaged one)",
+            dir.display(),
+            missing.join(", ")
+        ));
+    }
     if kept.is_empty() {
         notes.push(format!(
             "no kept checkpoints in {} (train with --keep-checkpoints N): the alignment histograms come from \

@@ -17,8 +17,12 @@
 //! The directory is created and locked only when the evaluation is done and its files are
 //! about to be written ([`EvalOut::begin`]; a failed evaluation leaves no empty directory), and
 //! the checks are made again under the lock, so two evaluations into one directory never mix.
-//! While the files are written, [`PENDING_FILE`] lists what was there before: an evaluation
-//! killed meanwhile leaves pictures that no `eval.json` lists, and the next one removes them.
+//! The files are written into [`STAGING_DIR`] inside `--out` first and moved into place only
+//! when every one is written (`eval.json` last), so an evaluation stopped or failing half way
+//! leaves the earlier one whole, never its numbers beside this one's pictures (the next
+//! evaluation removes the staging folder). While they are moved, [`PENDING_FILE`] lists what
+//! was there before: an evaluation killed in that instant leaves files that no `eval.json`
+//! lists, and the next one removes them.
 
 use super::report::{EVAL_FILE, REPORT_FILE};
 use crate::export::load::checkpoint_dir;
@@ -37,6 +41,8 @@ const RUN_EVAL_DIRS: [&str; 2] = ["eval", "eval-history"];
 
 /// Written while an evaluation writes its files: the names that were in the directory before.
 pub const PENDING_FILE: &str = ".eval-pending.json";
+/// Where an evaluation writes its files before moving them into `--out`.
+pub const STAGING_DIR: &str = ".eval-staging";
 
 /// An output directory checked for an evaluation, with what an earlier one there wrote.
 pub struct EvalOut {
@@ -124,7 +130,8 @@ fn check(out: &Path, inputs: &[PathBuf], overwrite: bool) -> Result<Vec<String>>
         .unwrap_or_default();
     let names: Vec<String> = names.into_iter().filter(|n| !is_our_temporary(n)).collect();
     let killed = left_by_a_killed_evaluation(out, &names);
-    let names: Vec<String> = names.into_iter().filter(|n| !killed.contains(n) && n != PENDING_FILE).collect();
+    let names: Vec<String> =
+        names.into_iter().filter(|n| !killed.contains(n) && n != PENDING_FILE && n != STAGING_DIR).collect();
     let mut previous = match earlier_evaluation(out) {
         Some(files) => files,
         None if names.is_empty() || overwrite => vec![],
@@ -154,17 +161,46 @@ pub fn only_an_evaluation(dir: &Path) -> bool {
     let Ok(rd) = std::fs::read_dir(dir) else { return false };
     rd.flatten().all(|e| {
         let n = e.file_name().to_string_lossy().into_owned();
-        e.file_type().is_ok_and(|t| t.is_file())
-            && (is_eval_file(&n) || crate::util::atomic::parse_temporary(&n).is_some_and(|(t, _)| is_eval_file(t)))
+        (n == STAGING_DIR && e.file_type().is_ok_and(|t| t.is_dir()))
+            || (e.file_type().is_ok_and(|t| t.is_file())
+                && (is_eval_file(&n) || crate::util::atomic::parse_temporary(&n).is_some_and(|(t, _)| is_eval_file(t))))
     })
+}
+
+/// Remove a staging folder: the evaluation files (and their temporaries) in it, then the folder.
+fn remove_staging(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", dir.display()))?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let ours = is_eval_file(&n) || crate::util::atomic::parse_temporary(&n).is_some_and(|(t, _)| is_eval_file(t));
+        if !ours || !e.file_type().is_ok_and(|t| t.is_file()) {
+            bail!("{} holds {n}, which no evaluation writes: remove it by hand", dir.display());
+        }
+        std::fs::remove_file(e.path()).map_err(|err| anyhow::anyhow!("cannot remove {}: {err}", e.path().display()))?;
+    }
+    std::fs::remove_dir(dir).map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", dir.display()))
 }
 
 /// Remove an evaluation's directory that [`only_an_evaluation`] accepted.
 pub fn remove_evaluation(dir: &Path) -> Result<()> {
     for e in std::fs::read_dir(dir)?.flatten() {
+        if e.file_name() == STAGING_DIR {
+            remove_staging(&e.path())?;
+            continue;
+        }
         std::fs::remove_file(e.path()).map_err(|err| anyhow::anyhow!("cannot remove {}: {err}", e.path().display()))?;
     }
     std::fs::remove_dir(dir).map_err(|err| anyhow::anyhow!("cannot remove {}: {err}", dir.display()))
+}
+
+/// An evaluation that failed after [`EvalOut::begin`] (a write error) takes its staging folder
+/// with it; the earlier evaluation's files were never touched.
+impl Drop for EvalOut {
+    fn drop(&mut self) {
+        let staging = self.staging();
+        if self._lock.is_some() && staging.is_dir() {
+            let _ = remove_staging(&staging);
+        }
+    }
 }
 
 impl EvalOut {
@@ -180,19 +216,42 @@ impl EvalOut {
         for line in describe(&sweep_stale_temporaries_where(out, is_eval_file)?) {
             eprintln!("{line}");
         }
+        // A killed evaluation's staging folder: files of its own only, never moved into place.
+        let staging = self.staging();
+        if staging.exists() {
+            remove_staging(&staging)?;
+            eprintln!("note: removed {}, what an evaluation stopped before it finished had written", staging.display());
+        }
+        std::fs::create_dir(&staging).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", staging.display()))?;
+        Ok(())
+    }
+
+    /// Where the evaluation writes its files ([`STAGING_DIR`]); [`EvalOut::finish`] moves them.
+    pub fn staging(&self) -> PathBuf {
+        self.dir.join(STAGING_DIR)
+    }
+
+    /// After the evaluation wrote `written` into [`EvalOut::staging`]: move them into place,
+    /// `eval.json` last, and remove the files the earlier evaluation listed that this one did not
+    /// write.
+    pub fn finish(&self, written: &[String]) -> Result<()> {
+        let out = &self.dir;
         let mut present: Vec<String> = std::fs::read_dir(out)
             .map_err(|e| anyhow::anyhow!("cannot read --out {}: {e}", out.display()))?
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != PENDING_FILE && !self.previous.contains(n))
+            .filter(|n| n != PENDING_FILE && n != STAGING_DIR && !self.previous.contains(n))
             .collect();
         present.sort();
-        crate::util::atomic::write_json_atomic(&out.join(PENDING_FILE), &serde_json::json!({ "present": present }))
-    }
-
-    /// After the evaluation wrote `written`: remove the files the earlier evaluation listed that
-    /// this one did not write.
-    pub fn finish(&self, written: &[String]) -> Result<()> {
+        crate::util::atomic::write_json_atomic(&out.join(PENDING_FILE), &serde_json::json!({ "present": present }))?;
+        let staging = self.staging();
+        let last = written.iter().filter(|f| *f == super::report::EVAL_FILE);
+        for f in written.iter().filter(|f| *f != super::report::EVAL_FILE).chain(last) {
+            let (from, to) = (staging.join(f), out.join(f));
+            std::fs::rename(&from, &to)
+                .map_err(|e| anyhow::anyhow!("cannot move {} to {}: {e}", from.display(), to.display()))?;
+        }
+        remove_staging(&staging)?;
         for f in self.previous.iter().filter(|f| !written.contains(f)) {
             let p = self.dir.join(f);
             match std::fs::remove_file(&p) {

@@ -208,7 +208,18 @@ pub fn evaluate(path: &Path, label: &str, opts: &EvalOptions) -> Result<SaeEval>
         }
     }
     let batches = source.eval_batches(tokens)?;
-    ensure!(!batches.is_empty(), "the data gave no held-out tokens");
+    if batches.is_empty() {
+        let st = source.stats();
+        let data = cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(synthetic)".into());
+        let why = match (st.skipped_nonfinite_batches, st.excluded_large_norm_rows) {
+            (0, 0) => {
+                "every held-out batch was empty or held NaN/Inf values: `sae data inspect` shows where".to_string()
+            }
+            (n, 0) => format!("{n} batches skipped for NaN/Inf values: `sae data inspect` shows where"),
+            (n, m) => format!("{n} batches skipped for NaN/Inf values, {m} rows excluded for their norm"),
+        };
+        bail!("sae eval {}: the data {data} gave no held-out tokens ({why})", dir.display());
+    }
     let got: usize = batches.iter().map(|b| b.rows).sum();
     if opts.tokens.is_some_and(|t| got < t) {
         match own_split {

@@ -29,9 +29,25 @@ fn gib(bytes: u128) -> f64 {
     bytes as f64 / (1u128 << 30) as f64
 }
 
-/// Refuse a run whose [`training_bytes`] exceed this machine's memory, naming the options.
-pub fn check(d_in: usize, d_sae: usize, batch: usize, on_cpu: bool) -> Result<()> {
-    let need = training_bytes(d_in, d_sae, batch, on_cpu);
+/// Bytes of the held-out set, kept in memory as f32 rows for the whole run.
+pub fn held_out_bytes(d_in: usize, eval_tokens: usize) -> u128 {
+    4 * d_in as u128 * eval_tokens as u128
+}
+
+/// Refuse a run whose held-out set, or whose [`training_bytes`] with it, exceed this machine's
+/// memory, naming the options.
+pub fn check(d_in: usize, d_sae: usize, batch: usize, eval_tokens: usize, on_cpu: bool) -> Result<()> {
+    let held_out = held_out_bytes(d_in, eval_tokens);
+    let limit = total_memory().unwrap_or(isize::MAX as u128).min(isize::MAX as u128);
+    if held_out > limit {
+        bail!(
+            "invalid --eval-tokens {eval_tokens}: the held-out set of {eval_tokens} rows of width {d_in} takes {:.1} GiB, \
+             more than this machine's {:.1} GiB of memory; lower --eval-tokens",
+            gib(held_out),
+            gib(limit)
+        );
+    }
+    let need = training_bytes(d_in, d_sae, batch, on_cpu) + held_out;
     if let Some(have) = total_memory() {
         check_against(need, have, d_in, d_sae, batch)?;
     }
@@ -46,8 +62,8 @@ fn check_against(need: u128, have: u128, d_in: usize, d_sae: usize, batch: usize
     if need > have {
         bail!(
             "--d-sae {d_sae} with d_in {d_in} and --batch-size {batch} needs at least {:.1} GiB of memory (parameters, \
-             their gradients and Adam's moments, and the batch x d_sae buffers), more than this machine's {:.1} GiB: \
-             lower --d-sae or --batch-size",
+             their gradients and Adam's moments, the batch x d_sae buffers and the held-out set), more than this \
+             machine's {:.1} GiB: lower --d-sae or --batch-size (or --eval-tokens)",
             gib(need),
             gib(have)
         );
@@ -69,5 +85,8 @@ mod tests {
         let e = check_against(huge, 24 << 30, 576, usize::MAX, 4096).unwrap_err().to_string();
         assert!(e.contains("--d-sae") && e.contains("24.0 GiB") && e.contains("lower"), "{e}");
         assert!(check_against(1 << 20, 24 << 30, 576, 4608, 4096).is_ok());
+        assert_eq!(held_out_bytes(576, 8192), 4 * 576 * 8192);
+        let e = check(16, 64, 64, 99_999_999_999_999, true).unwrap_err().to_string();
+        assert!(e.contains("invalid --eval-tokens 99999999999999") && e.contains("lower --eval-tokens"), "{e}");
     }
 }

@@ -191,6 +191,18 @@ pub fn kept_checkpoints(run: &Path) -> Vec<(u64, PathBuf)> {
     kept_dirs(run).into_iter().filter(|(_, d)| KEPT_FILES.iter().all(|f| d.join(f).is_file())).collect()
 }
 
+/// The kept checkpoint directories of `run` that lack some of [`KEPT_FILES`] (one being written
+/// right now, or a damaged one), by step, with the files they lack.
+pub fn incomplete_checkpoints(run: &Path) -> Vec<(u64, PathBuf, Vec<&'static str>)> {
+    kept_dirs(run)
+        .into_iter()
+        .filter_map(|(step, d)| {
+            let missing: Vec<&'static str> = KEPT_FILES.iter().copied().filter(|f| !d.join(f).is_file()).collect();
+            (!missing.is_empty()).then_some((step, d, missing))
+        })
+        .collect()
+}
+
 /// Whether `checkpoints` holds only what training writes there (step directories holding kept
 /// files and their temporaries), so that `--overwrite` may remove it.
 pub fn only_ours(checkpoints: &Path) -> bool {

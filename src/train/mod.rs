@@ -183,7 +183,7 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
         }
     }
     cfg.d_in = Some(d_in);
-    footprint::check(d_in, cfg.d_sae, cfg.batch_size, chosen.is_cpu())?;
+    footprint::check(d_in, cfg.d_sae, cfg.batch_size, cfg.eval_tokens, chosen.is_cpu())?;
     let out = cfg.out.clone();
     // `--init-from` is read whole before `--overwrite` deletes anything: a run that cannot be
     // started from (missing, other sizes) leaves the directory it would replace as it was.

@@ -220,7 +220,10 @@ pub struct Ws {
 
 impl Ws {
     pub fn new(dev: &Dev, dims: Dims) -> Result<Self> {
-        ensure!((dims.rows as u64) * (dims.f as u64) < (1u64 << 32) - 1, "batch x d_sae must stay below 2^32 entries");
+        ensure!(
+            (dims.rows as u64) * (dims.f as u64) < super::memory::MAX_PRE_ENTRIES,
+            "batch x d_sae must stay below 2^32 entries"
+        );
         let (main_cap, aux_cap) = dims.code_caps();
         Ok(Self {
             dims,
