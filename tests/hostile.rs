@@ -886,6 +886,35 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "--init-from an export says it is an export, not a run",
+        setup: |d| {
+            acts(&d.join("acts.npy"), 1024, 0);
+            trained(d, "run", &[]);
+            let o = sae(&["export", &s(&d.join("run")), "--format", "saelens", "--out", &s(&d.join("ex"))]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            train_on(&d.join("acts.npy"), &d.join("run2"), &["--init-from", &s(&d.join("ex"))])
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["an exported SAE, not a training run"],
+        after: |d, _| assert!(!d.join("run2").exists()),
+    },
+    Case {
+        name: "a resume whose data was moved says where the data must be",
+        setup: |d| {
+            std::fs::create_dir(d.join("ds")).unwrap();
+            acts(&d.join("ds/acts.npy"), 1024, 0);
+            let o = sae(&train_on(&d.join("ds/acts.npy"), &d.join("run"), &[]).iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(o.status.success(), "{}", stderr(&o));
+            std::fs::rename(d.join("ds"), d.join("moved")).unwrap();
+            ["train", "--resume", &s(&d.join("run")), "--steps", "80", "--quiet"].map(String::from).into()
+        },
+        file_size_limit: None,
+        succeeds: false,
+        says: &["the run reads its data from", "ds/acts.npy", "put it back there"],
+        after: nothing,
+    },
+    Case {
         name: "bench refuses a step of nothing",
         setup: |_| ["bench", "step", "--d-sae", "0", "--steps", "1"].map(String::from).into(),
         file_size_limit: None,

@@ -134,14 +134,19 @@ impl InspectReport {
             self.bytes as f64 / 1e9
         );
         let how = if self.full { "all rows".to_string() } else { format!("sample of {} rows", self.scanned_rows) };
+        // Norms are of the rows without NaN/Inf; where there are none, there are no norms.
+        let finite = (self.scanned_rows as u64).saturating_sub(self.nonfinite_rows);
+        if finite == 0 && self.scanned_rows > 0 {
+            s += &format!("norms ({how}): none, every row scanned holds NaN/Inf\n");
+        } else {
+            s += &format!(
+                "norms ({how}, the {finite} rows without NaN/Inf): mean {:.4}, median {:.4}, max {:.4}\n",
+                self.mean_norm, self.median_norm, self.max_norm
+            );
+        }
         s += &format!(
-            "norms ({how}): mean {:.4}, median {:.4}, max {:.4}\nnon-finite: {} values in {} rows\nrows over 10x median norm: {}\n",
-            self.mean_norm,
-            self.median_norm,
-            self.max_norm,
-            self.nonfinite_values,
-            self.nonfinite_rows,
-            self.rows_over_10x_median
+            "non-finite: {} values in {} rows\nrows over 10x median norm: {}\n",
+            self.nonfinite_values, self.nonfinite_rows, self.rows_over_10x_median
         );
         s
     }

@@ -167,8 +167,14 @@ fn check_inside(manifest_path: &Path, file: &str) -> Result<()> {
     if file.is_empty() {
         bail!("{mp}: field shards: an entry has an empty file name");
     }
+    let dir = manifest_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if Path::new(file).is_absolute() {
+        bail!(
+            "{mp}: field shards: file '{file}' is an absolute path; entries are paths relative to the dataset directory {}",
+            dir.display()
+        );
+    }
     if Path::new(file).components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
-        let dir = manifest_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         bail!(
             "{mp}: field shards: file '{file}' escapes the dataset directory {}; entries must be paths inside it",
             dir.display()

@@ -166,7 +166,17 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
     cfg.validate()?;
     // The backend is chosen first: it says whether it takes half-precision batches.
     let chosen = backend::choose(&cfg)?;
-    let mut source = data::open_source_with(&cfg, chosen.wants_half_input())?;
+    let mut source =
+        data::open_source_with(&cfg, chosen.wants_half_input()).map_err(|e| match (resume, &cfg.data) {
+            // The data may not change on a resume (its digest is checked): say where it must be.
+            (Some(dir), Some(data)) => e.context(format!(
+            "--resume {}: the run reads its data from {} ({}); a resumed run reads the same data, so put it back there",
+            dir.display(),
+            data.display(),
+            dir.join(CONFIG_FILE).display()
+        )),
+            _ => e,
+        })?;
     let d_in = source.d_in();
     if let Some(d) = cfg.d_in {
         if d != d_in {
@@ -426,6 +436,16 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
 /// step), with a fresh optimiser, step counter, dead counters and thresholds.
 pub fn init_from(run: &Path, cfg: &TrainConfig, d_in: usize) -> Result<TrainState> {
     let ctx = || format!("--init-from {}", run.display());
+    if !run.join(CONFIG_FILE).is_file() && run.is_dir() {
+        let what = match crate::export::load::load_sae(run) {
+            Ok(_) => "an exported SAE, not a training run",
+            Err(_) => "not a training run",
+        };
+        bail!(
+            "--init-from {}: {what} (no {CONFIG_FILE}); --init-from starts from a run directory's trainer state",
+            run.display()
+        );
+    }
     let theirs = TrainConfig::load(&run.join(CONFIG_FILE)).with_context(ctx)?;
     let (state, meta) = checkpoint::load(run).with_context(ctx)?;
     if (meta.d_in, meta.d_sae) != (d_in, cfg.d_sae) {

@@ -22,7 +22,8 @@ pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, St
 fn describe(e: serde_path_to_error::Error<serde_json::Error>) -> String {
     let path = e.path().to_string();
     match path.as_str() {
-        "" | "." => e.into_inner().to_string(),
+        // "?": serde_path_to_error knows no position (a document cut short).
+        "" | "." | "?" => e.into_inner().to_string(),
         _ => format!("field {path}: {}", e.into_inner()),
     }
 }
