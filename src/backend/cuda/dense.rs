@@ -66,62 +66,53 @@ pub struct Operand {
     pub t: bool,
 }
 
-/// Row-major `C (m x n, leading dimension n) = op(A) op(B)` (`accumulate`: `C +=`), op(A) m x k,
-/// op(B) k x n.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm(
-    dev: &Dev,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Operand,
-    b: Operand,
-    c: Ptr<f32>,
-    accumulate: bool,
-) -> Result<()> {
+/// One row-major product `C (m x n, leading dimension n) = op(A) op(B)` (`accumulate`:
+/// `C +=`), op(A) m x k, op(B) k x n.
+#[derive(Clone, Copy)]
+pub struct Product {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: Operand,
+    pub b: Operand,
+    pub c: Ptr<f32>,
+    pub accumulate: bool,
+}
+
+impl Product {
+    /// `C = op(A) op(B)` at `(m, n, k)`, overwriting C.
+    pub fn new((m, n, k): (usize, usize, usize), a: Operand, b: Operand, c: Ptr<f32>) -> Self {
+        Self { m, n, k, a, b, c, accumulate: false }
+    }
+}
+
+/// Run `p`: cuBLAS sgemm where it loads, else the hand-written `gemm_strided`.
+pub fn gemm(dev: &Dev, p: &Product) -> Result<()> {
     match &dev.blas {
-        Some(h) => sgemm(h.handle, m, n, k, a, b, c, accumulate),
-        None => gemm_fallback(dev, m, n, k, a, b, c, accumulate),
+        Some(h) => sgemm(h.handle, p),
+        None => gemm_fallback(dev, p),
     }
 }
 
 /// [`gemm`] by the hand-written `gemm_strided` (no cuBLAS; the parity checks call it directly).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_fallback(
-    dev: &Dev,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Operand,
-    b: Operand,
-    c: Ptr<f32>,
-    accumulate: bool,
-) -> Result<()> {
+pub fn gemm_fallback(dev: &Dev, p: &Product) -> Result<()> {
     // op(X)[r][c] = x[r * s_r + c * s_c]: as stored (ld, 1), transposed (1, ld).
     let s = |o: Operand| if o.t { (1u64, o.ld as u64) } else { (o.ld as u64, 1u64) };
-    let ((ar, ac), (br, bc)) = (s(a), s(b));
-    let (m32, n32, k32) = (m as u32, n as u32, k as u32);
-    K::gemm_strided(dev, L::gemm_strided(m, n), m32, n32, k32, a.p, ar, ac, b.p, br, bc, c, accumulate as i32)
+    let ((ar, ac), (br, bc)) = (s(p.a), s(p.b));
+    let (m, n, k) = (p.m as u32, p.n as u32, p.k as u32);
+    let l = L::gemm_strided(p.m, p.n);
+    K::gemm_strided(dev, l, m, n, k, p.a.p, ar, ac, p.b.p, br, bc, p.c, p.accumulate as i32)
 }
 
 /// cuBLAS is column-major: a row-major matrix is its transpose there, so row-major
 /// `C = op(A) op(B)` is column-major `C^T = op(B)^T op(A)^T`, i.e. sgemm with the operands
 /// swapped and each one's transpose flag kept (a row-major operand read as stored is, seen
 /// column-major, already transposed once).
-#[allow(clippy::too_many_arguments)]
-fn sgemm(
-    h: bsys::cublasHandle_t,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Operand,
-    b: Operand,
-    c: Ptr<f32>,
-    accumulate: bool,
-) -> Result<()> {
+fn sgemm(h: bsys::cublasHandle_t, p: &Product) -> Result<()> {
     use bsys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
     let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
-    let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+    let (alpha, beta) = (1.0f32, if p.accumulate { 1.0f32 } else { 0.0 });
+    let Product { m, n, k, a, b, c, .. } = *p;
     let r = unsafe {
         blas::sgemm(
             h,
@@ -157,7 +148,7 @@ pub fn decode(cx: &Ctx, ws: &Ws) -> Result<()> {
     scatter(dev, ws, ws.main.b.val.p(), f)?;
     let z = Operand { p: b.dense.p(), ld: f, t: false };
     let w_dec = Operand { p: cx.w_dec(), ld: d, t: false };
-    gemm(dev, rows, d, f, z, w_dec, b.x_hat.p(), false)?;
+    gemm(dev, &Product::new((rows, d, f), z, w_dec, b.x_hat.p()))?;
     let n = (rows * d) as u64;
     K::add_bias_rows(dev, L::elementwise(n), b.x_hat.p(), cx.b_dec(), d as u32, n)
 }
@@ -172,12 +163,12 @@ pub fn main_grads(cx: &Ctx, ws: &Ws, grads: &GradPtrs, lambda: f32) -> Result<()
     let as_stored = |p: Ptr<f32>, ld: usize| Operand { p, ld, t: false };
     let transposed = |p: Ptr<f32>, ld: usize| Operand { p, ld, t: true };
     // dW_dec (F x d) = Z^T G; relu's code sums are Z's column sums.
-    gemm(dev, f, d, rows, transposed(dense, f), as_stored(b.g.p(), d), grads.w_dec, false)?;
+    gemm(dev, &Product::new((f, d, rows), transposed(dense, f), as_stored(b.g.p(), d), grads.w_dec))?;
     if cx.cfg.sparsifier.has_l1() {
         decode::col_sums_f32(dev, dense, rows, f, &b.col_part, b.l1_sums.p())?;
     }
     // dZ (B x F) = G W_dec^T, read at the kept entries.
-    gemm(dev, rows, f, d, as_stored(b.g.p(), d), transposed(cx.w_dec(), d), dense, false)?;
+    gemm(dev, &Product::new((rows, f, d), as_stored(b.g.p(), d), transposed(cx.w_dec(), d), dense))?;
     let c = &ws.main.b;
     K::gather_codes(dev, L::per_line(rows, 64), c.row_ptr.p(), c.idx.p(), dense, f as u32, c.dpre.p())?;
     if cx.cfg.sparsifier.has_l1() {
@@ -185,6 +176,6 @@ pub fn main_grads(cx: &Ctx, ws: &Ws, grads: &GradPtrs, lambda: f32) -> Result<()
     }
     // dW_enc (F x d) = dP^T xc, db_enc = colsum(dP).
     scatter(dev, ws, c.dpre.p(), f)?;
-    gemm(dev, f, d, rows, transposed(dense, f), as_stored(b.xc.p(), d), grads.w_enc, false)?;
+    gemm(dev, &Product::new((f, d, rows), transposed(dense, f), as_stored(b.xc.p(), d), grads.w_enc))?;
     decode::col_sums_f32(dev, dense, rows, f, &b.col_part, grads.b_enc)
 }

@@ -4,7 +4,7 @@
 //! transposed), through `dense::gemm` (cuBLAS where it loads) and `gemm_strided` itself,
 //! against f64 loops.
 
-use super::super::dense::{self, Operand};
+use super::super::dense::{self, Operand, Product};
 use super::super::device::Dev;
 use super::super::kernels as K;
 use super::super::launch as L;
@@ -69,9 +69,10 @@ pub(super) fn dense_checks(dev: &Dev, inp: &ParityInputs, c: &mut Checks) {
                 let c0: Vec<f32> = (0..m * n).map(|e| if accumulate { (e % 13) as f32 - 6.0 } else { 1e3 }).collect();
                 let (ad, bd, cd) = (dev.upload(a)?, dev.upload(b)?, dev.upload(&c0)?);
                 let (oa, ob) = (Operand { p: ad.p(), ld: lda, t: ta }, Operand { p: bd.p(), ld: ldb, t: tb });
+                let product = Product { m, n, k, a: oa, b: ob, c: cd.p(), accumulate };
                 match fallback {
-                    false => dense::gemm(dev, m, n, k, oa, ob, cd.p(), accumulate)?,
-                    true => dense::gemm_fallback(dev, m, n, k, oa, ob, cd.p(), accumulate)?,
+                    false => dense::gemm(dev, &product)?,
+                    true => dense::gemm_fallback(dev, &product)?,
                 }
                 let mut want = vec![0f32; m * n];
                 for r in 0..m {
