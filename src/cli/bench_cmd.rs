@@ -264,7 +264,7 @@ fn check_sizes(d_in: usize, d_saes: &[usize], batches: &[usize], ks: &[usize]) -
         "invalid --batch {b_max} with --d-sae {f_max}: batch x d_sae must stay below 2^32 entries"
     );
     anyhow::ensure!(
-        (d_in as u128) * (f_max as u128) <= 1u128 << 40,
+        (d_in as u128) * (f_max as u128) <= crate::backend::cuda::memory::MAX_WEIGHTS as u128,
         "invalid --d-in {d_in} with --d-sae {f_max}: d_in x d_sae must stay within 2^40 weights"
     );
     Ok(())

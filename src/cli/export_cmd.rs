@@ -1,6 +1,7 @@
 //! `sae export RUN --format saelens|sparsify|dictionary-learning --out DIR`
 
 use crate::config::TrainConfig;
+use crate::eval::out_dir::{self, RUN_EVAL_DIRS};
 use crate::export::dictionary_learning::{is_dictionary_learning_config, DL_CONFIG_FILE, DL_WEIGHTS_FILE};
 use crate::export::load::{checkpoint_dir, load_sae_with_layout, SPARSIFY_WEIGHTS_FILE};
 use crate::export::saelens::{CFG_FILE, WEIGHTS_FILE};
@@ -125,13 +126,10 @@ fn check_out(run: &Path, out: &Path, overwrite: bool, format: ExportFormat, k: O
     )
 }
 
-/// The folders of a run directory that its trainer and `sae eval` manage: an export inside one
+/// Refuse an `--out` inside one of the folders a run directory's trainer and `sae eval` manage
+/// (`checkpoints/`, `eval/`, `eval-history/`), at any depth, links resolved: an export there
 /// would be taken for (or block) their own contents (`checkpoints/` holds only `step_NNNNNN/`
 /// checkpoints, and `train --overwrite` refuses to replace what it does not know there).
-const RUN_SUBDIRS: [&str; 3] = [crate::train::history::CHECKPOINTS_DIR, "eval", "eval-history"];
-
-/// Refuse an `--out` inside one of a run directory's managed folders ([`RUN_SUBDIRS`]), at any
-/// depth, links resolved.
 fn refuse_run_subdir(out: &Path) -> Result<()> {
     let abs = std::path::absolute(out).unwrap_or_else(|_| out.to_path_buf());
     // Resolve the part that exists (links included); the rest is appended as given.
@@ -148,15 +146,11 @@ fn refuse_run_subdir(out: &Path) -> Result<()> {
     }
     let mut full = std::fs::canonicalize(&real).unwrap_or(real);
     full.extend(rest.iter().rev());
-    for dir in full.ancestors().skip(1) {
-        let is_run =
-            dir.join(CONFIG_FILE).is_file() && (dir.join(STATE_FILE).exists() || dir.join(rundir::LOCK_FILE).exists());
-        if !is_run {
-            continue;
-        }
+    let managed = |sub: &str| sub == crate::train::history::CHECKPOINTS_DIR || RUN_EVAL_DIRS.contains(&sub);
+    for dir in full.ancestors().skip(1).filter(|dir| out_dir::holds_run(dir)) {
         let below = full.strip_prefix(dir).ok().and_then(|r| r.components().next());
         if let Some(sub) = below.map(|c| c.as_os_str().to_string_lossy().into_owned()) {
-            if RUN_SUBDIRS.contains(&sub.as_str()) {
+            if managed(&sub) {
                 bail!(
                     "--out {} is inside the {sub}/ folder of the training run {}, which the run manages itself; choose another --out",
                     out.display(),
@@ -322,7 +316,7 @@ fn write_export(args: &ExportArgs) -> Result<()> {
 /// (only its own SAELens export is written there, and `config.json` is removed only where it is
 /// a dictionary_learning config).
 fn remove_other_layouts(out: &Path, format: ExportFormat) -> Result<Vec<PathBuf>> {
-    if out.join(STATE_FILE).exists() || out.join(rundir::LOCK_FILE).exists() {
+    if out_dir::holds_run(out) {
         return Ok(vec![]);
     }
     let stale: &[&str] = match format {

@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 pub const FILES_KEY: &str = "files";
 
 /// The sub-directories of a run that hold its own evaluations.
-const RUN_EVAL_DIRS: [&str; 2] = ["eval", "eval-history"];
+pub(crate) const RUN_EVAL_DIRS: [&str; 2] = ["eval", "eval-history"];
 
 /// Written while an evaluation writes its files: the names that were in the directory before.
 pub const PENDING_FILE: &str = ".eval-pending.json";
@@ -68,6 +68,11 @@ fn left_by_a_killed_evaluation(dir: &Path, names: &[String]) -> Vec<String> {
         .map(|a| a.iter().filter_map(|n| n.as_str().map(String::from)).collect())
         .unwrap_or_default();
     names.iter().filter(|n| is_eval_file(n) && *n != PENDING_FILE && !before.contains(n)).cloned().collect()
+}
+
+/// An evaluation's file, or a temporary of one.
+fn is_eval_file_or_temporary(name: &str) -> bool {
+    is_eval_file(name) || crate::util::atomic::parse_temporary(name).is_some_and(|(t, _)| is_eval_file(t))
 }
 
 /// Whether `dir` holds a run (its trainer state, lock or config): no file but the run's own
@@ -162,8 +167,7 @@ pub fn only_an_evaluation(dir: &Path) -> bool {
     rd.flatten().all(|e| {
         let n = e.file_name().to_string_lossy().into_owned();
         (n == STAGING_DIR && e.file_type().is_ok_and(|t| t.is_dir()))
-            || (e.file_type().is_ok_and(|t| t.is_file())
-                && (is_eval_file(&n) || crate::util::atomic::parse_temporary(&n).is_some_and(|(t, _)| is_eval_file(t))))
+            || (e.file_type().is_ok_and(|t| t.is_file()) && is_eval_file_or_temporary(&n))
     })
 }
 
@@ -171,8 +175,7 @@ pub fn only_an_evaluation(dir: &Path) -> bool {
 fn remove_staging(dir: &Path) -> Result<()> {
     for e in std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", dir.display()))?.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        let ours = is_eval_file(&n) || crate::util::atomic::parse_temporary(&n).is_some_and(|(t, _)| is_eval_file(t));
-        if !ours || !e.file_type().is_ok_and(|t| t.is_file()) {
+        if !is_eval_file_or_temporary(&n) || !e.file_type().is_ok_and(|t| t.is_file()) {
             bail!("{} holds {n}, which no evaluation writes: remove it by hand", dir.display());
         }
         std::fs::remove_file(e.path()).map_err(|err| anyhow::anyhow!("cannot remove {}: {err}", e.path().display()))?;

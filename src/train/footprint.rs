@@ -38,7 +38,8 @@ pub fn held_out_bytes(d_in: usize, eval_tokens: usize) -> u128 {
 /// memory, naming the options.
 pub fn check(d_in: usize, d_sae: usize, batch: usize, eval_tokens: usize, on_cpu: bool) -> Result<()> {
     let held_out = held_out_bytes(d_in, eval_tokens);
-    let limit = total_memory().unwrap_or(isize::MAX as u128).min(isize::MAX as u128);
+    let have = total_memory();
+    let limit = have.unwrap_or(isize::MAX as u128).min(isize::MAX as u128);
     if held_out > limit {
         bail!(
             "invalid --eval-tokens {eval_tokens}: the held-out set of {eval_tokens} rows of width {d_in} takes {:.1} GiB, \
@@ -48,7 +49,7 @@ pub fn check(d_in: usize, d_sae: usize, batch: usize, eval_tokens: usize, on_cpu
         );
     }
     let need = training_bytes(d_in, d_sae, batch, on_cpu) + held_out;
-    if let Some(have) = total_memory() {
+    if let Some(have) = have {
         check_against(need, have, d_in, d_sae, batch)?;
     }
     // Even where /proc/meminfo is missing, a size past the address space is refused.

@@ -166,15 +166,15 @@ pub fn run_with(cfg: TrainConfig, resume: Option<&Path>, opts: &RunOptions) -> R
     cfg.validate()?;
     // The backend is chosen first: it says whether it takes half-precision batches.
     let chosen = backend::choose(&cfg)?;
+    // The data may not change on a resume (its digest is checked): say where it must be.
+    let where_data = |dir: &Path, data: &Path| {
+        let (dir, cfg_file) = (dir.display(), dir.join(CONFIG_FILE));
+        let cfg_file = cfg_file.display();
+        format!("--resume {dir}: the run reads its data from {} ({cfg_file}); a resumed run reads the same data, so put it back there", data.display())
+    };
     let mut source =
         data::open_source_with(&cfg, chosen.wants_half_input()).map_err(|e| match (resume, &cfg.data) {
-            // The data may not change on a resume (its digest is checked): say where it must be.
-            (Some(dir), Some(data)) => e.context(format!(
-            "--resume {}: the run reads its data from {} ({}); a resumed run reads the same data, so put it back there",
-            dir.display(),
-            data.display(),
-            dir.join(CONFIG_FILE).display()
-        )),
+            (Some(dir), Some(data)) => e.context(where_data(dir, data)),
             _ => e,
         })?;
     let d_in = source.d_in();

@@ -46,6 +46,8 @@ impl MemoryPlan {
 
 /// Entries of the B x F pre-activations the workspace allows (`Ws::new`): 2^32 - 1.
 pub const MAX_PRE_ENTRIES: u64 = (1u64 << 32) - 1;
+/// The most weights (d_in x d_sae) a plan or a bench counts: 2^40, 4 TiB of f32.
+pub const MAX_WEIGHTS: u64 = 1 << 40;
 
 /// The plan for a step at these shapes. `k` is the mean L0 (the code budget per token); the aux
 /// codes are budgeted at d_in/2 per token (aux_k's default).
@@ -79,9 +81,9 @@ pub fn memory_plan(d_in: usize, d_sae: usize, batch: usize, k: usize, precision:
 
 /// The largest d_sae (a multiple of 1024) whose plan fits in `gb` GiB at these shapes.
 /// The search stops at the workspace's own limit, batch x d_sae below [`MAX_PRE_ENTRIES`] (and
-/// d_in x d_sae within 2^40): beyond it no step runs, whatever the memory.
+/// d_in x d_sae within [`MAX_WEIGHTS`]): beyond it no step runs, whatever the memory.
 pub fn largest_d_sae(gb: f64, d_in: usize, batch: usize, k: usize, precision: Precision) -> usize {
-    let limit = ((MAX_PRE_ENTRIES - 1) / batch.max(1) as u64).min((1u64 << 40) / d_in.max(1) as u64) as usize;
+    let limit = ((MAX_PRE_ENTRIES - 1) / batch.max(1) as u64).min(MAX_WEIGHTS / d_in.max(1) as u64) as usize;
     let fits = |f: usize| f <= limit && memory_plan(d_in, f, batch, k, precision).fits(gb);
     if !fits(1024) {
         return 0;
